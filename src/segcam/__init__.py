@@ -1,0 +1,41 @@
+"""segcam: class activation maps for semantic segmentation networks, 2D and 3D.
+
+Seg-HiRes-Grad CAM (Rheude, Wirtz, Kuijper, Wesarg, MELBA 2024) and Seg-Grad CAM (Vinogradova,
+Dibrov, Myers, AAAI 2020) for any PyTorch segmentation network::
+
+    import segcam
+    expl = segcam.explain(model, x, targets=[segcam.Predicted(1)], layer="model.1.submodule")
+    expl.maps  # (N, T, *S)
+"""
+
+from segcam.core import explain
+from segcam.explanation import Explanation, load
+from segcam.methods import list_methods
+from segcam.targets import (
+    AllPixels,
+    Box,
+    Mask,
+    Pixel,
+    Predicted,
+    Probability,
+    Region,
+    Target,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllPixels",
+    "Box",
+    "Explanation",
+    "Mask",
+    "Pixel",
+    "Predicted",
+    "Probability",
+    "Region",
+    "Target",
+    "__version__",
+    "explain",
+    "list_methods",
+    "load",
+]

@@ -1,0 +1,310 @@
+"""``explain``: one forward pass, one backward pass per target to the hooked layers, per-sample maps."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcam.errors import InputError, NonFiniteError, OutputError, SegCamWarning, TargetError
+from segcam.explanation import Explanation
+from segcam.methods import get_method
+from segcam.postprocess import NORMALIZATIONS, Normalization
+from segcam.postprocess import normalize as normalize_maps
+from segcam.postprocess import relu as relu_maps
+from segcam.postprocess import upsample as upsample_maps
+from segcam.recording import LayerRecorder, LayerSpec, resolve_layers
+from segcam.targets import TargetLike, as_pixel_set, check_class_index
+
+__all__ = ["OutputSpec", "explain", "select_logits"]
+
+OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
+
+
+def _describe_output(raw: Any) -> str:
+    if isinstance(raw, torch.Tensor):
+        return f"tensor of shape {tuple(raw.shape)}"
+    if isinstance(raw, Mapping):
+        return f"dict with keys {list(raw)}"
+    if isinstance(raw, tuple | list):
+        return f"{type(raw).__name__} of {len(raw)} items"
+    return type(raw).__name__
+
+
+def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor:
+    """Pick the logits (N, K, *S) out of a model's raw output.
+
+    ``output`` may be a key (dict outputs), an index (tuple/list outputs, or the head of a deep
+    supervision stack of shape (N, H, K, *S)), or a callable applied to the raw output. ``None``
+    accepts a tensor of the input's rank, a dict with an ``"out"`` key (torchvision style) or a
+    single tensor value, and a one-item tuple or list; anything else is ambiguous.
+    """
+    if callable(output):
+        selected = output(raw)
+    elif isinstance(output, str):
+        if not isinstance(raw, Mapping):
+            raise OutputError(f"output={output!r} is a key, but the model returned "
+                              f"{_describe_output(raw)}")
+        if output not in raw:
+            raise OutputError(f"output key {output!r} not in the model's output keys {list(raw)}")
+        selected = raw[output]
+    elif isinstance(output, int) and not isinstance(output, bool):
+        if isinstance(raw, torch.Tensor) and raw.ndim == input_ndim + 1:
+            if not -raw.shape[1] <= output < raw.shape[1]:
+                raise OutputError(f"output={output} is outside the {raw.shape[1]} stacked heads")
+            selected = raw[:, output]
+        elif isinstance(raw, tuple | list):
+            if not -len(raw) <= output < len(raw):
+                raise OutputError(f"output={output} is outside the model's {len(raw)} outputs")
+            selected = raw[output]
+        else:
+            raise OutputError(f"output={output} is an index, but the model returned "
+                              f"{_describe_output(raw)}")
+    elif output is None:
+        selected = _default_logits(raw, input_ndim)
+    else:
+        raise OutputError(f"output must be None, a key, an index or a callable; got {output!r}")
+    if not isinstance(selected, torch.Tensor):
+        raise OutputError(f"the selected output is {_describe_output(selected)}, not a tensor")
+    if selected.ndim != input_ndim:
+        raise OutputError(
+            f"the logits must have shape (N, K, *S) with the input's rank {input_ndim}; got "
+            f"{tuple(selected.shape)} (for a deep supervision stack pass output=0)"
+        )
+    if not selected.is_floating_point():
+        raise OutputError(f"the logits must be floating point; got {selected.dtype}")
+    return selected
+
+
+def _default_logits(raw: Any, input_ndim: int) -> Any:
+    if isinstance(raw, torch.Tensor):
+        if raw.ndim == input_ndim + 1:
+            raise OutputError(
+                f"the model returned a {raw.ndim}-D tensor {tuple(raw.shape)}, one rank more than "
+                f"the input: a deep supervision stack? pass output=0 for the first head"
+            )
+        return raw
+    if isinstance(raw, Mapping):
+        tensors = [key for key, value in raw.items() if isinstance(value, torch.Tensor)]
+        if "out" in raw:
+            return raw["out"]
+        if len(tensors) == 1:
+            return raw[tensors[0]]
+        raise OutputError(
+            f"the model returned a dict with keys {list(raw)}; pass output=KEY to choose the logits"
+        )
+    if isinstance(raw, tuple | list):
+        if len(raw) == 1:
+            return raw[0]
+        raise OutputError(
+            f"the model returned a {type(raw).__name__} of {len(raw)} items; pass output=INDEX "
+            f"(or a callable) to choose the logits"
+        )
+    raise OutputError(
+        f"the model returned {type(raw).__name__}, not a tensor; pass output= (a key, an index, "
+        f"or a callable returning the logits)"
+    )
+
+
+def _check_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, torch.Tensor):
+        raise InputError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.ndim not in (4, 5):
+        raise InputError(
+            f"inputs must have shape (N, C, H, W) or (N, C, D, H, W); got {inputs.ndim}-D "
+            f"{tuple(inputs.shape)} (add a batch axis with x[None] or a channel axis with "
+            f"x[:, None])"
+        )
+    if not inputs.is_floating_point():
+        raise InputError(f"inputs must be floating point; got {inputs.dtype}")
+    if min(inputs.shape) == 0:
+        raise InputError(f"inputs {tuple(inputs.shape)} have an empty axis")
+    if not bool(torch.isfinite(inputs).all()):
+        raise NonFiniteError("inputs hold NaN or Inf values; clean or mask them before explaining")
+
+
+def _as_target_list(targets: TargetLike | Sequence[TargetLike]) -> list[TargetLike]:
+    items = [targets] if isinstance(targets, TargetLike) else list(targets)
+    if not items:
+        raise TargetError("targets is empty: give at least one target, e.g. segcam.Predicted(1)")
+    for item in items:
+        if not isinstance(item, TargetLike):
+            raise TargetError(
+                f"{item!r} is not a target: it needs a class_index and a pixel_set(logits) method "
+                f"(see segcam.targets)"
+            )
+    return items
+
+
+def _grad_output(logits: torch.Tensor, class_index: int, pixel_set: torch.Tensor) -> torch.Tensor:
+    """d y^c_M / d logits: the pixel set in channel c (negated for class 0 of one channel)."""
+    grad = torch.zeros_like(logits)
+    weights = pixel_set.to(logits.dtype)
+    if logits.shape[1] == 1:
+        grad[:, 0] = weights if class_index == 1 else -weights
+    else:
+        grad[:, class_index] = weights
+    return grad
+
+
+def explain(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    method: str = "seg-hires-grad-cam",
+    *,
+    relu: bool = True,
+    upsample: bool = True,
+    normalize: Normalization | None = None,
+    output: OutputSpec = None,
+) -> Explanation:
+    r"""Explain a segmentation network's prediction for each target with a CAM method.
+
+    For every sample n and target t = (c, M), the score is the masked logit sum
+    :math:`y^c_M = \sum_{p \in M} y^c_p` of sample n (raw logits), and the layer's activation
+    channels :math:`A_k` give the raw map
+
+    - ``"seg-hires-grad-cam"`` (Rheude et al., MELBA 2024):
+      :math:`L = \sum_k \frac{\partial y^c_M}{\partial A_k} \odot A_k`
+    - ``"seg-grad-cam"`` (Vinogradova et al., AAAI 2020):
+      :math:`L = \sum_k \operatorname{mean}_p(\frac{\partial y^c_M}{\partial A_k}) A_k`
+
+    (all registered methods: :func:`segcam.list_methods`). The computation is one forward pass
+    for all targets and layers, then one backward pass per non-empty target from the logits to
+    the hooked activations only (``torch.autograd.grad``: no parameter gradients, ``.grad``
+    untouched); the graph is freed at the end. Samples never mix: each gets its own pixel set and
+    map. The model's hooks, training flag and ``requires_grad`` flags are left as they were.
+
+    Args:
+        model: the segmentation network; its output (selected by ``output``) is (N, K, *S).
+            Put it in eval mode first: in training mode BatchNorm mixes the samples of a batch.
+        inputs: (N, C, H, W) or (N, C, D, H, W), on the model's device.
+        targets: one target or a sequence of T targets (:mod:`segcam.targets`).
+        layer: a name from ``model.named_modules()``, a module of the model, or a list of them.
+        method: a registered method name.
+        relu: keep only positive evidence, max(L, 0).
+        upsample: resize to the input's spatial size (bilinear 2D, trilinear 3D).
+        normalize: ``None``, ``"max"`` or ``"minmax"``, per map; a zero map stays zero.
+        output: how to find the logits in the model's output (see :func:`select_logits`).
+
+    Returns:
+        An :class:`Explanation`; ``.maps`` is (N, T, *S) for a single layer, ``.layer_maps``
+        maps each layer name to such a tensor. With ``relu=False, upsample=False,
+        normalize=None`` the maps are the raw signed maps at the layer's resolution.
+
+    Raises:
+        InputError, NonFiniteError: wrong rank or dtype, or NaN/Inf in the input or the logits.
+        LayerNotFoundError, LayerError, LayerNotOnPathError: the layer is unknown, unusable, or
+            the output does not depend on it.
+        OutputError: the logits cannot be found in the model's output.
+        ClassIndexError, MaskShapeError, TargetError: a target does not fit the output.
+        MethodNotFoundError: unknown method.
+    """
+    _check_inputs(inputs)
+    chosen = get_method(method)
+    target_list = _as_target_list(targets)
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be None, 'max' or 'minmax'; got {normalize!r}")
+    layers = resolve_layers(model, layer)
+    training = _training_dependent(model)
+    if training:
+        warnings.warn(
+            f"modules that behave differently in training are in training mode ({training}): "
+            f"BatchNorm mixes the samples of a batch, Dropout makes the maps random; call "
+            f"model.eval() first",
+            SegCamWarning,
+            stacklevel=2,
+        )
+
+    recorder = LayerRecorder(layers)
+    with recorder.record():
+        raw_output = model(inputs)
+    logits = select_logits(raw_output, output, inputs.ndim)
+    del raw_output
+    if logits.shape[0] != inputs.shape[0]:
+        raise OutputError(
+            f"the logits' batch size {logits.shape[0]} differs from the input's {inputs.shape[0]}"
+        )
+    detached = logits.detach()
+    if not bool(torch.isfinite(detached).all()):
+        raise NonFiniteError("the model's logits hold NaN or Inf values for this input")
+    activations = recorder.activations(logits)
+
+    pixel_sets = []
+    for target in target_list:
+        check_class_index(target.class_index, detached)
+        pixel_sets.append(as_pixel_set(target.pixel_set(detached), detached, repr(target)))
+    stacked_sets = torch.stack(pixel_sets, dim=1)
+    nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T)
+    _warn_empty(nonempty, target_list)
+    active = [t for t in range(len(target_list)) if bool(nonempty[:, t].any())]
+
+    per_layer: list[list[torch.Tensor]] = [
+        [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(target_list)
+        for activation in activations
+    ]
+    detached_activations = [activation.detach() for activation in activations]
+    for position, t in enumerate(active):
+        gradients = torch.autograd.grad(
+            logits,
+            activations,
+            grad_outputs=_grad_output(detached, target_list[t].class_index, pixel_sets[t]),
+            retain_graph=position < len(active) - 1,
+        )
+        for index, (activation, gradient) in enumerate(
+            zip(detached_activations, gradients, strict=True)
+        ):
+            per_layer[index][t] = chosen.compute(activation, gradient)
+    layer_shapes = {name: tuple(a.shape) for (name, _), a in zip(layers, activations, strict=True)}
+    del logits, activations
+
+    layer_maps = {}
+    for (name, _), maps in zip(layers, per_layer, strict=True):
+        result = torch.stack(maps, dim=1)
+        if relu:
+            result = relu_maps(result)
+        if upsample:
+            result = upsample_maps(result, inputs.shape[2:])
+        if normalize is not None:
+            result = normalize_maps(result, normalize)
+        layer_maps[name] = result
+    return Explanation(
+        layer_maps=layer_maps,
+        logits=detached,
+        pixel_sets=stacked_sets,
+        targets=tuple(target_list),
+        method=chosen.name,
+        relu=relu,
+        upsampled=upsample,
+        normalize=normalize,
+        layer_shapes=layer_shapes,
+    )
+
+
+_TRAINING_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _training_dependent(model: nn.Module) -> str:
+    """Names (at most three) of modules in training mode whose output depends on it."""
+    names = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, _TRAINING_DEPENDENT)
+    ]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _warn_empty(nonempty: torch.Tensor, targets: list[TargetLike]) -> None:
+    empty = (~nonempty).nonzero().tolist()
+    if empty:
+        listed = ", ".join(f"sample {n} / {targets[t]!r}" for n, t in empty[:8])
+        more = f" and {len(empty) - 8} more" if len(empty) > 8 else ""
+        warnings.warn(
+            f"empty pixel set for {listed}{more}: the score is 0 and the map is all zero",
+            SegCamWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,68 @@
+"""Exceptions and warnings raised by segcam.
+
+Every error names the offending value and, where there is one, the fix. All of them derive from
+:class:`SegCamError`, so ``except segcam.errors.SegCamError`` catches exactly segcam's own errors,
+and each also derives from the built-in type a caller would expect (``ValueError``, ``KeyError``,
+``IndexError``, ``TypeError``).
+"""
+
+from __future__ import annotations
+
+
+class SegCamError(Exception):
+    """Base class of every error segcam raises on purpose."""
+
+
+class InputError(SegCamError, ValueError):
+    """The input tensor has the wrong rank, dtype, or holds NaN/Inf."""
+
+
+class NonFiniteError(SegCamError, ValueError):
+    """The input or the model's logits hold NaN or Inf."""
+
+
+class LayerNotFoundError(SegCamError, KeyError):
+    """A layer name does not exist in the model, or a module is not part of it."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; show the message as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class LayerError(SegCamError, ValueError):
+    """A layer exists but cannot be explained: not called, called twice, or its output unusable."""
+
+
+class LayerNotOnPathError(LayerError):
+    """The model's output does not depend on the layer's output."""
+
+
+class OutputError(SegCamError, TypeError):
+    """The model's output cannot be turned into logits (N, K, *S) without a clearer ``output=``."""
+
+
+class TargetError(SegCamError, ValueError):
+    """A target is invalid for this output: class out of range, mask of the wrong shape, bad index."""
+
+
+class ClassIndexError(TargetError, IndexError):
+    """A target's class index is outside the model's classes."""
+
+
+class MaskShapeError(TargetError):
+    """A pixel set does not have the output's spatial shape."""
+
+
+class MethodNotFoundError(SegCamError, KeyError):
+    """No method is registered under that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ExplanationFileError(SegCamError, OSError):
+    """An explanation file cannot be read or written."""
+
+
+class SegCamWarning(UserWarning):
+    """Soft problems: an empty pixel set, a model left in training mode."""

@@ -1,0 +1,218 @@
+"""The result of :func:`segcam.explain`: maps, logits, pixel sets and how they were made.
+
+Files: ``.npz`` (NumPy, always available) or ``.safetensors`` (the ``[safetensors]`` extra), each
+holding the arrays plus JSON metadata. Neither format pickles, so loading a file runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcam.errors import ExplanationFileError
+from segcam.targets import Target, TargetLike, as_pixel_set
+
+__all__ = ["Explanation", "SavedTarget", "load"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class SavedTarget(Target):
+    """A target read back from a file: its class, its description and the stored pixel set."""
+
+    class_index: int
+    description: Mapping[str, Any]
+    mask: torch.Tensor = field(repr=False)
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return as_pixel_set(self.mask, logits, f"SavedTarget(class {self.class_index})")
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return dict(self.description)
+
+
+def _describe(target: TargetLike) -> dict[str, Any]:
+    describe = getattr(target, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    return {"type": type(target).__name__, "class_index": int(target.class_index)}
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Maps for T targets through one or more layers of one batch of N inputs.
+
+    Attributes:
+        layer_maps: layer name -> maps of shape (N, T, *S), in the order the layers were given.
+            S is the input's spatial size when up-sampled, else the layer's.
+        logits: the model's output (N, K, *S_out), detached.
+        pixel_sets: the pixel set M of every sample and target, (N, T, *S_out) bool.
+        targets: the targets, in order.
+        method: the registered method name.
+        relu, upsampled, normalize: the post-processing applied to the raw maps.
+        layer_shapes: layer name -> activation shape (N, C, *S_layer).
+    """
+
+    layer_maps: Mapping[str, torch.Tensor]
+    logits: torch.Tensor
+    pixel_sets: torch.Tensor
+    targets: tuple[TargetLike, ...]
+    method: str
+    relu: bool
+    upsampled: bool
+    normalize: str | None
+    layer_shapes: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_maps", MappingProxyType(dict(self.layer_maps)))
+        object.__setattr__(self, "layer_shapes", MappingProxyType(dict(self.layer_shapes)))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The explained layers' names, in order."""
+        return tuple(self.layer_maps)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """The maps (N, T, *S) of the single explained layer.
+
+        With several layers the maps may differ in resolution, so there is no single tensor:
+        use :attr:`layer_maps` (or ``explain(..., upsample=True)`` and stack them yourself).
+        """
+        if len(self.layer_maps) != 1:
+            raise ValueError(
+                f"this explanation holds {len(self.layer_maps)} layers ({', '.join(self.layers)}); "
+                f"use .layer_maps[name] for one of them"
+            )
+        return next(iter(self.layer_maps.values()))
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON metadata stored with the arrays."""
+        return {
+            "format": "segcam.explanation",
+            "version": FORMAT_VERSION,
+            "layers": list(self.layers),
+            "layer_shapes": {name: list(shape) for name, shape in self.layer_shapes.items()},
+            "method": self.method,
+            "relu": self.relu,
+            "upsampled": self.upsampled,
+            "normalize": self.normalize,
+            "targets": [_describe(target) for target in self.targets],
+        }
+
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        arrays = {f"map_{i}": maps for i, maps in enumerate(self.layer_maps.values())}
+        arrays["logits"] = self.logits
+        arrays["pixel_sets"] = self.pixel_sets
+        return {key: value.detach().cpu().contiguous() for key, value in arrays.items()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` (``.npz`` or ``.safetensors``) atomically; return the path.
+
+        The file appears complete or not at all: it is written beside the target and renamed.
+        """
+        target = Path(path)
+        suffix = target.suffix.lower()
+        if suffix not in (".npz", ".safetensors"):
+            raise ExplanationFileError(
+                f"cannot save to {target}: use a .npz or .safetensors file name"
+            )
+        if not target.parent.is_dir():
+            raise ExplanationFileError(f"cannot save to {target}: folder {target.parent} missing")
+        arrays, metadata = self._arrays(), json.dumps(self.metadata())
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                if suffix == ".npz":
+                    numpy_arrays = {key: value.numpy() for key, value in arrays.items()}
+                    numpy_arrays["metadata"] = np.array(metadata)
+                    np.savez_compressed(stream, **numpy_arrays)  # type: ignore[arg-type]
+                else:
+                    stream.write(_safetensors_bytes(arrays, metadata))
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def _safetensors_bytes(arrays: dict[str, torch.Tensor], metadata: str) -> bytes:
+    try:
+        from safetensors.torch import save
+    except ImportError as error:
+        raise ExplanationFileError(
+            "saving .safetensors needs the safetensors package: pip install 'segcam[safetensors]'"
+        ) from error
+    return bytes(save(arrays, metadata={"segcam": metadata}))
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            raw = {key: archive[key] for key in archive.files}
+        metadata = json.loads(str(raw.pop("metadata")))
+        return {key: torch.from_numpy(value) for key, value in raw.items()}, metadata
+    if suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+        except ImportError as error:
+            raise ExplanationFileError(
+                "reading .safetensors needs the safetensors package: "
+                "pip install 'segcam[safetensors]'"
+            ) from error
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads(handle.metadata()["segcam"])
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        return arrays, metadata
+    raise ExplanationFileError(f"cannot read {path}: expected a .npz or .safetensors file")
+
+
+def load(path: str | os.PathLike[str]) -> Explanation:
+    """Read an explanation written by :meth:`Explanation.save` (maps and logits on the CPU)."""
+    source = Path(path)
+    if not source.is_file():
+        raise ExplanationFileError(f"cannot read {source}: no such file")
+    try:
+        arrays, metadata = _read(source)
+        if metadata.get("format") != "segcam.explanation":
+            raise ExplanationFileError(f"{source} is not a segcam explanation file")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise ExplanationFileError(
+                f"{source} has format version {metadata.get('version')}; this segcam reads "
+                f"version {FORMAT_VERSION}"
+            )
+        layers = list(metadata["layers"])
+        pixel_sets = arrays["pixel_sets"].bool()
+        targets = tuple(
+            SavedTarget(int(described["class_index"]), described, pixel_sets[:, index])
+            for index, described in enumerate(metadata["targets"])
+        )
+        return Explanation(
+            layer_maps={name: arrays[f"map_{i}"] for i, name in enumerate(layers)},
+            logits=arrays["logits"],
+            pixel_sets=pixel_sets,
+            targets=targets,
+            method=str(metadata["method"]),
+            relu=bool(metadata["relu"]),
+            upsampled=bool(metadata["upsampled"]),
+            normalize=metadata["normalize"],
+            layer_shapes={k: tuple(v) for k, v in metadata["layer_shapes"].items()},
+        )
+    except ExplanationFileError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as error:
+        raise ExplanationFileError(f"cannot read {source}: damaged or not an explanation ({error})") from error
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ExplanationFileError(f"cannot read {source}: {error}") from error

@@ -1,0 +1,59 @@
+"""Post-processing of raw maps: pure functions on (N, T, *S) tensors, 2D and 3D alike.
+
+The raw maps are signed and at the layer's resolution; each step here is optional and separate.
+``explain`` applies them in the order relu -> upsample -> normalise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+__all__ = ["NORMALIZATIONS", "normalize", "relu", "upsample"]
+
+Normalization = Literal["max", "minmax"]
+NORMALIZATIONS: tuple[str, ...] = ("max", "minmax")
+
+
+def relu(maps: torch.Tensor) -> torch.Tensor:
+    """Keep the positive evidence: max(L, 0)."""
+    return maps.clamp_min(0)
+
+
+def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize (N, T, *S) maps to ``size`` (bilinear in 2D, trilinear in 3D; half-pixel centres).
+
+    ``align_corners=False`` matches OpenCV's and scipy-style half-pixel resampling.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[2:]) == size:
+        return maps
+    modes = {1: "linear", 2: "bilinear", 3: "trilinear"}
+    if maps.ndim - 2 not in modes or len(size) != maps.ndim - 2:
+        raise ValueError(f"cannot resize maps of shape {tuple(maps.shape)} to {size}")
+    return F.interpolate(maps, size=size, mode=modes[maps.ndim - 2], align_corners=False)
+
+
+def normalize(maps: torch.Tensor, mode: Normalization) -> torch.Tensor:
+    """Normalise each map (over its spatial axes) on its own.
+
+    ``"max"`` divides by the largest absolute value (signed maps land in [-1, 1], non-negative
+    ones in [0, 1]); ``"minmax"`` maps [min, max] to [0, 1]. A map whose divisor is 0 (all zero,
+    or constant for minmax) becomes all zero, never NaN.
+    """
+    flat = maps.flatten(2)
+    if mode == "max":
+        shifted = flat
+        scale = flat.abs().amax(dim=2, keepdim=True)
+    elif mode == "minmax":
+        low = flat.amin(dim=2, keepdim=True)
+        shifted = flat - low
+        scale = flat.amax(dim=2, keepdim=True) - low
+    else:
+        raise ValueError(f"normalize must be None, 'max' or 'minmax'; got {mode!r}")
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    result = torch.where(scale > 0, shifted / safe, torch.zeros_like(shifted))
+    return result.reshape(maps.shape)

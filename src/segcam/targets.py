@@ -1,0 +1,377 @@
+"""Targets: a class index ``c`` and a pixel set ``M`` over the output grid, per sample.
+
+The score a target explains is the masked logit sum (Vinogradova et al., AAAI 2020; Rheude et al.,
+MELBA 2024)::
+
+    y^c_M = sum_{p in M} y^c_p
+
+on raw logits. For single-channel (sigmoid) models, class 1 is the logit and class 0 its negation,
+so ``c`` ranges over {0, 1}.
+
+Writing your own target
+-----------------------
+Subclass :class:`Target` (or provide any object with the same two members)::
+
+    class Ring(segcam.targets.Target):
+        def __init__(self, class_index: int, inner: float, outer: float) -> None:
+            self.class_index = class_index
+            ...
+
+        def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
+            # logits: detached (N, K, *S) on the model's device; return (N, *S) or (*S), bool or 0/1
+            ...
+
+``explain`` validates what ``pixel_set`` returns (shape, values) and moves nothing off the device.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from segcam.errors import ClassIndexError, MaskShapeError, TargetError
+
+__all__ = [
+    "AllPixels",
+    "Box",
+    "Mask",
+    "Pixel",
+    "Predicted",
+    "Probability",
+    "Region",
+    "Target",
+    "TargetLike",
+    "class_logits",
+    "largest_component",
+    "num_classes",
+]
+
+
+@runtime_checkable
+class TargetLike(Protocol):
+    """What ``explain`` needs of a target: a class index and a pixel set per sample."""
+
+    class_index: int
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return the pixel set M as a (N, *S) or (*S) bool / 0-1 tensor for detached logits."""
+        ...
+
+
+def num_classes(logits: torch.Tensor) -> int:
+    """Number of classes a target may name: K, or 2 for a single-channel (sigmoid) output."""
+    channels = int(logits.shape[1])
+    return 2 if channels == 1 else channels
+
+
+def check_class_index(class_index: int, logits: torch.Tensor) -> None:
+    """Raise :class:`ClassIndexError` unless ``0 <= class_index < num_classes(logits)``."""
+    count = num_classes(logits)
+    if isinstance(class_index, bool) or not isinstance(class_index, int | np.integer):
+        raise ClassIndexError(
+            f"class index must be an int, got {class_index!r} ({type(class_index).__name__})"
+        )
+    if not 0 <= class_index < count:
+        kind = " (single-channel output: 1 = the logit, 0 = its negation)" if count == 2 else ""
+        raise ClassIndexError(
+            f"class index {class_index} is out of range: the output has {count} classes{kind}, "
+            f"so valid indices are 0..{count - 1}"
+        )
+
+
+def class_logits(logits: torch.Tensor, class_index: int) -> torch.Tensor:
+    """The logit map y^c, shape (N, *S); for one-channel outputs class 0 is the negated logit."""
+    if logits.shape[1] == 1:
+        return logits[:, 0] if class_index == 1 else -logits[:, 0]
+    return logits[:, class_index]
+
+
+def class_probabilities(logits: torch.Tensor, class_index: int) -> torch.Tensor:
+    """Softmax over classes (sigmoid for one-channel outputs) for class ``c``, shape (N, *S)."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(class_logits(logits, class_index))
+    return torch.softmax(logits, dim=1)[:, class_index]
+
+
+def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate ``mask`` against the output grid and return a (N, *S) bool tensor on its device.
+
+    Accepts a tensor or array of shape (*S) (broadcast over the batch), (N, *S) or (N, 1, *S),
+    with bool or 0/1 values.
+    """
+    batch, spatial = int(logits.shape[0]), tuple(int(s) for s in logits.shape[2:])
+    if isinstance(mask, torch.Tensor):
+        tensor = mask.detach().to(logits.device)
+    else:
+        try:
+            array = np.asarray(mask)
+        except Exception as error:  # numpy raises many types for ragged input
+            raise TargetError(f"{what}: cannot read the mask as an array ({error})") from error
+        if array.dtype == object:
+            raise TargetError(f"{what}: the mask is not a numeric or bool array")
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(logits.device)
+    shape = tuple(int(s) for s in tensor.shape)
+    if shape == spatial:
+        tensor = tensor.unsqueeze(0).expand(batch, *spatial)
+    elif shape == (batch, 1, *spatial):
+        tensor = tensor[:, 0]
+    elif shape != (batch, *spatial):
+        raise MaskShapeError(
+            f"{what}: mask shape {shape} does not match the output grid: expected {spatial} "
+            f"(one mask for every sample) or {(batch, *spatial)} (one per sample)"
+        )
+    if tensor.dtype != torch.bool:
+        if tensor.is_complex():
+            raise TargetError(f"{what}: complex masks are not supported")
+        if not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise TargetError(
+                f"{what}: mask values must be bool or 0/1; found other values "
+                f"(threshold soft masks first, e.g. mask > 0.5)"
+            )
+        tensor = tensor != 0
+    return tensor
+
+
+class Target(abc.ABC):
+    """A class index and a pixel set; subclasses define :meth:`pixel_set`."""
+
+    class_index: int
+
+    @abc.abstractmethod
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return the pixel set M for detached logits (N, K, *S): (N, *S) or (*S), bool or 0/1."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable description, stored with saved explanations."""
+        return {"type": type(self).__name__, "class_index": int(self.class_index)}
+
+
+@dataclass(frozen=True, eq=False)
+class Mask(Target):
+    """A given pixel set: ``mask`` of shape (*S) for every sample or (N, *S) per sample.
+
+    Args:
+        class_index: the class c whose logits are summed.
+        mask: bool or 0/1 tensor or array over the output grid.
+    """
+
+    class_index: int
+    mask: Any = field(repr=False)
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return as_pixel_set(self.mask, logits, f"Mask(class {self.class_index})")
+
+    def __repr__(self) -> str:
+        shape = tuple(getattr(self.mask, "shape", ()))
+        return f"Mask(class_index={self.class_index}, mask=<{shape}>)"
+
+
+@dataclass(frozen=True)
+class Predicted(Target):
+    """The pixels predicted as class c: argmax over classes == c (logit > 0 for one channel)."""
+
+    class_index: int
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if logits.shape[1] == 1:
+            return (logits[:, 0] > 0) == (self.class_index == 1)
+        return logits.argmax(dim=1) == self.class_index
+
+
+@dataclass(frozen=True)
+class Probability(Target):
+    """The pixels where p(c) > threshold (softmax over classes; sigmoid for one channel)."""
+
+    class_index: int
+    threshold: float = 0.5
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not 0.0 <= self.threshold < 1.0:
+            raise TargetError(f"Probability threshold must lie in [0, 1), got {self.threshold}")
+        return class_probabilities(logits, self.class_index) > self.threshold
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().describe(), "threshold": float(self.threshold)}
+
+
+@dataclass(frozen=True)
+class AllPixels(Target):
+    """Every pixel of the output grid."""
+
+    class_index: int
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.ones(
+            (logits.shape[0], *logits.shape[2:]), dtype=torch.bool, device=logits.device
+        )
+
+
+def _check_spatial_index(index: Sequence[int], spatial: tuple[int, ...], what: str) -> None:
+    if len(index) != len(spatial):
+        raise TargetError(
+            f"{what}: index {tuple(index)} has {len(index)} coordinates, "
+            f"the output grid {spatial} has {len(spatial)}"
+        )
+    for axis, (position, size) in enumerate(zip(index, spatial, strict=True)):
+        if not 0 <= int(position) < size:
+            raise TargetError(
+                f"{what}: coordinate {position} on axis {axis} is outside the output grid "
+                f"{spatial} (valid 0..{size - 1})"
+            )
+
+
+@dataclass(frozen=True)
+class Pixel(Target):
+    """One pixel (voxel): ``index`` = (i, j[, k]) for every sample, or a list of N such tuples."""
+
+    class_index: int
+    index: Sequence[int] | Sequence[Sequence[int]]
+
+    def _per_sample(self, batch: int) -> list[tuple[int, ...]]:
+        first = self.index[0] if len(self.index) else None
+        if isinstance(first, Sequence | np.ndarray | torch.Tensor):
+            rows = [tuple(int(v) for v in row) for row in self.index]  # type: ignore[union-attr]
+            if len(rows) != batch:
+                raise TargetError(
+                    f"Pixel(class {self.class_index}): {len(rows)} indices for a batch of {batch}"
+                )
+            return rows
+        return [tuple(int(v) for v in self.index)] * batch  # type: ignore[arg-type]
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        spatial = tuple(int(s) for s in logits.shape[2:])
+        result = torch.zeros(
+            (logits.shape[0], *spatial), dtype=torch.bool, device=logits.device
+        )
+        for sample, index in enumerate(self._per_sample(int(logits.shape[0]))):
+            _check_spatial_index(index, spatial, f"Pixel(class {self.class_index})")
+            result[(sample, *index)] = True
+        return result
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().describe(), "index": np.asarray(self.index).tolist()}
+
+
+def _as_slice(bound: slice | Sequence[int], size: int, axis: int, what: str) -> slice:
+    if isinstance(bound, slice):
+        if bound.step not in (None, 1):
+            raise TargetError(f"{what}: slices with a step are not supported (axis {axis})")
+        start, stop, _ = bound.indices(size)
+    else:
+        if len(bound) != 2:
+            raise TargetError(f"{what}: axis {axis} bound {bound!r} is not a (start, stop) pair")
+        start, stop = int(bound[0]), int(bound[1])
+        if not (0 <= start <= size and 0 <= stop <= size):
+            raise TargetError(
+                f"{what}: bounds ({start}, {stop}) on axis {axis} lie outside 0..{size}"
+            )
+    return slice(start, stop)
+
+
+@dataclass(frozen=True)
+class Box(Target):
+    """A box: one ``slice`` or ``(start, stop)`` pair per spatial axis, the same for every sample."""
+
+    class_index: int
+    slices: Sequence[slice | Sequence[int]]
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        spatial = tuple(int(s) for s in logits.shape[2:])
+        what = f"Box(class {self.class_index})"
+        if len(self.slices) != len(spatial):
+            raise TargetError(
+                f"{what}: {len(self.slices)} bounds for a {len(spatial)}-D output grid {spatial}"
+            )
+        region = tuple(
+            _as_slice(bound, size, axis, what)
+            for axis, (bound, size) in enumerate(zip(self.slices, spatial, strict=True))
+        )
+        result = torch.zeros(
+            (logits.shape[0], *spatial), dtype=torch.bool, device=logits.device
+        )
+        result[(slice(None), *region)] = True
+        return result
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        bounds = [
+            [b.start, b.stop] if isinstance(b, slice) else [int(v) for v in b] for b in self.slices
+        ]
+        return {**super().describe(), "slices": bounds}
+
+
+def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
+    """Max of each position and its face neighbours (4-connectivity in 2D, 6 in 3D)."""
+    result = labels.clone()
+    for axis in range(1, labels.ndim):
+        size = labels.shape[axis]
+        if size < 2:
+            continue
+        head = labels.narrow(axis, 1, size - 1)
+        tail = labels.narrow(axis, 0, size - 1)
+        result.narrow(axis, 0, size - 1).copy_(torch.maximum(result.narrow(axis, 0, size - 1), head))
+        result.narrow(axis, 1, size - 1).copy_(torch.maximum(result.narrow(axis, 1, size - 1), tail))
+    return result
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """Largest face-connected component of each sample's mask, (N, *S) bool -> (N, *S) bool.
+
+    Connectivity is by shared faces (4 in 2D, 6 in 3D), as ``scipy.ndimage.label``'s default.
+    Runs on the mask's device: every foreground position starts labelled with its own flat index;
+    labels spread to neighbours by max and are shortcut by pointer jumping (label <- label of the
+    label) until nothing changes. Ties between equally large components go to the one that holds
+    the lowest-index maximum label, which is deterministic. Empty masks stay empty.
+    """
+    batch = mask.shape[0]
+    foreground = mask.reshape(batch, -1).bool()
+    positions = foreground.shape[1]
+    flat_index = torch.arange(1, positions + 1, device=mask.device, dtype=torch.int64)
+    labels = torch.where(foreground, flat_index, torch.zeros_like(flat_index))
+    offsets = (torch.arange(batch, device=mask.device) * (positions + 1)).unsqueeze(1)
+    for _ in itertools.count():
+        spread = _neighbour_max(labels.reshape(mask.shape)).reshape(batch, -1)
+        spread = torch.where(foreground, spread, torch.zeros_like(spread))
+        # Pointer jumping: a label is the 1-based flat index of a position in the same component,
+        # whose own label is at least as large, so following it never leaves the component.
+        padded = torch.cat([torch.zeros_like(spread[:, :1]), spread], dim=1)
+        jumped = padded.reshape(-1)[(spread + offsets).reshape(-1)].reshape(batch, -1)
+        if torch.equal(jumped, labels):
+            break
+        labels = jumped
+    result = torch.zeros_like(foreground)
+    for sample in range(batch):
+        values, counts = torch.unique(labels[sample][foreground[sample]], return_counts=True)
+        if values.numel():
+            result[sample] = labels[sample] == values[counts.argmax()]
+    return result.reshape(mask.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Region(Target):
+    """The largest connected component of a mask (face connectivity), per sample.
+
+    Args:
+        class_index: the class c.
+        mask: the mask whose largest component is taken, as for :class:`Mask`; ``None`` takes the
+            predicted region of class c (a lesion among several, say).
+    """
+
+    class_index: int
+    mask: Any = field(default=None, repr=False)
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.mask is None:
+            base = Predicted(self.class_index).pixel_set(logits)
+        else:
+            base = as_pixel_set(self.mask, logits, f"Region(class {self.class_index})")
+        return largest_component(base)
+
+    def __repr__(self) -> str:
+        shape = None if self.mask is None else tuple(getattr(self.mask, "shape", ()))
+        return f"Region(class_index={self.class_index}, mask={'<predicted>' if shape is None else f'<{shape}>'})"

@@ -1,0 +1,91 @@
+"""Shared helpers: the slow reference implementation and peer-library imports."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from segcam.targets import as_pixel_set
+
+settings.register_profile(
+    "segcam", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("segcam")
+
+
+def reference_maps(model, inputs, targets, layer_name, method):
+    """Maps straight from the equations, one sample and one target at a time, with .backward().
+
+    Seg-HiRes-Grad CAM: L = sum_k dy/dA_k * A_k; Seg-Grad CAM: L = sum_k mean_p(dy/dA_k) A_k,
+    with y = sum over M of the class-c logit (one-channel outputs: class 0 = -logit).
+    Runs on a deep copy, so the model under test keeps no .grad.
+    """
+    model = copy.deepcopy(model)
+    module = dict(model.named_modules())[layer_name]
+    with torch.no_grad():
+        logits = model(inputs)
+    maps = []
+    for n in range(inputs.shape[0]):
+        sample_maps = []
+        for target in targets:
+            pixel_set = as_pixel_set(target.pixel_set(logits), logits, "reference")[n]
+            store = {}
+
+            def hook(_module, _inputs, output, store=store):
+                output.retain_grad()
+                store["activation"] = output
+
+            handle = module.register_forward_hook(hook)
+            try:
+                output = model(inputs[n : n + 1])
+            finally:
+                handle.remove()
+            if output.shape[1] == 1:
+                class_map = output[0, 0] if target.class_index == 1 else -output[0, 0]
+            else:
+                class_map = output[0, target.class_index]
+            score = class_map[pixel_set].sum()
+            model.zero_grad(set_to_none=True)
+            score.backward()
+            activation = store["activation"][0].detach()
+            gradient = store["activation"].grad
+            gradient = torch.zeros_like(activation) if gradient is None else gradient[0]
+            if method == "seg-hires-grad-cam":
+                result = sum(gradient[k] * activation[k] for k in range(activation.shape[0]))
+            elif method == "seg-grad-cam":
+                result = sum(gradient[k].mean() * activation[k] for k in range(activation.shape[0]))
+            else:
+                raise ValueError(method)
+            sample_maps.append(result)
+        maps.append(torch.stack(sample_maps))
+    return torch.stack(maps)
+
+
+def assert_close_scaled(actual, expected, tolerance=1e-5):
+    """max |actual - expected| <= tolerance * max |expected| (relative to the map's scale)."""
+    scale = max(float(expected.abs().max()), 1e-12)
+    error = float((actual - expected).abs().max())
+    assert error <= tolerance * scale, f"max abs diff {error:.3e} > {tolerance:g} x scale {scale:.3e}"
+
+
+def import_pytorch_grad_cam():
+    """pytorch-grad-cam imports torchvision, whose PyPI build needs CUDA ops; fake the two it needs."""
+    if not hasattr(torch.ops.torchvision, "nms"):
+        library = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TID251
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define(
+            "qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor"
+        )
+        import_pytorch_grad_cam.library = library  # keep the fragment alive
+    import pytorch_grad_cam
+
+    return pytorch_grad_cam
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
