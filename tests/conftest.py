@@ -84,9 +84,9 @@ def assert_close_scaled(actual, expected, tolerance=1e-5):
 
 
 def import_pytorch_grad_cam():
-    """pytorch-grad-cam imports torchvision, whose PyPI build needs CUDA ops; fake the two it needs."""
+    """Import pytorch-grad-cam; its torchvision import needs two CUDA ops, faked here."""
     if not hasattr(torch.ops.torchvision, "nms"):
-        library = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TID251
+        library = torch.library.Library("torchvision", "FRAGMENT")
         library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         library.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
         import_pytorch_grad_cam.library = library  # keep the fragment alive

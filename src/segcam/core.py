@@ -46,8 +46,9 @@ def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor
         selected = output(raw)
     elif isinstance(output, str):
         if not isinstance(raw, Mapping):
-            raise OutputError(f"output={output!r} is a key, but the model returned "
-                              f"{_describe_output(raw)}")
+            raise OutputError(
+                f"output={output!r} is a key, but the model returned {_describe_output(raw)}"
+            )
         if output not in raw:
             raise OutputError(f"output key {output!r} not in the model's output keys {list(raw)}")
         selected = raw[output]
@@ -61,8 +62,9 @@ def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor
                 raise OutputError(f"output={output} is outside the model's {len(raw)} outputs")
             selected = raw[output]
         else:
-            raise OutputError(f"output={output} is an index, but the model returned "
-                              f"{_describe_output(raw)}")
+            raise OutputError(
+                f"output={output} is an index, but the model returned {_describe_output(raw)}"
+            )
     elif output is None:
         selected = _default_logits(raw, input_ndim)
     else:

@@ -213,6 +213,8 @@ def load(path: str | os.PathLike[str]) -> Explanation:
     except ExplanationFileError:
         raise
     except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as error:
-        raise ExplanationFileError(f"cannot read {source}: damaged or not an explanation ({error})") from error
+        raise ExplanationFileError(
+            f"cannot read {source}: damaged or not an explanation ({error})"
+        ) from error
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ExplanationFileError(f"cannot read {source}: {error}") from error

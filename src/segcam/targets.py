@@ -246,9 +246,7 @@ class Pixel(Target):
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         spatial = tuple(int(s) for s in logits.shape[2:])
-        result = torch.zeros(
-            (logits.shape[0], *spatial), dtype=torch.bool, device=logits.device
-        )
+        result = torch.zeros((logits.shape[0], *spatial), dtype=torch.bool, device=logits.device)
         for sample, index in enumerate(self._per_sample(int(logits.shape[0]))):
             _check_spatial_index(index, spatial, f"Pixel(class {self.class_index})")
             result[(sample, *index)] = True
@@ -292,9 +290,7 @@ class Box(Target):
             _as_slice(bound, size, axis, what)
             for axis, (bound, size) in enumerate(zip(self.slices, spatial, strict=True))
         )
-        result = torch.zeros(
-            (logits.shape[0], *spatial), dtype=torch.bool, device=logits.device
-        )
+        result = torch.zeros((logits.shape[0], *spatial), dtype=torch.bool, device=logits.device)
         result[(slice(None), *region)] = True
         return result
 
@@ -314,8 +310,12 @@ def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
             continue
         head = labels.narrow(axis, 1, size - 1)
         tail = labels.narrow(axis, 0, size - 1)
-        result.narrow(axis, 0, size - 1).copy_(torch.maximum(result.narrow(axis, 0, size - 1), head))
-        result.narrow(axis, 1, size - 1).copy_(torch.maximum(result.narrow(axis, 1, size - 1), tail))
+        result.narrow(axis, 0, size - 1).copy_(
+            torch.maximum(result.narrow(axis, 0, size - 1), head)
+        )
+        result.narrow(axis, 1, size - 1).copy_(
+            torch.maximum(result.narrow(axis, 1, size - 1), tail)
+        )
     return result
 
 

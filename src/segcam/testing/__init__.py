@@ -97,6 +97,7 @@ class HeadNet(nn.Module):
         # 2D weights first; in 3D they become the middle depth slice of each 3x3x3 kernel, so a
         # depth-1 input (zero padded) sees exactly the 2D network.
         generator = torch.Generator().manual_seed(seed)
+        outer_generator = torch.Generator().manual_seed(seed + 1_000_003)
         with torch.no_grad():
             for module in [*self.body, self.head]:
                 if not isinstance(module, nn.Conv2d | nn.Conv3d):
@@ -107,7 +108,8 @@ class HeadNet(nn.Module):
                 plane /= (in_channels * size * size) ** 0.5
                 bias = 0.1 * torch.randn(out_channels, generator=generator)
                 if spatial_dims == 3:
-                    outer = torch.randn(module.weight.shape, generator=generator) / size**1.5
+                    outer = torch.randn(module.weight.shape, generator=outer_generator)
+                    outer /= (in_channels * size**3) ** 0.5
                     outer[:, :, module.weight.shape[2] // 2] = plane
                     module.weight.copy_(outer)
                 else:

@@ -1,0 +1,199 @@
+"""Properties: 3D of depth 1 = 2D, batch permutation, the model left exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from monai.networks.nets import UNet
+from torch import nn
+
+import segcam
+from segcam.testing import HeadNet, tiny_segnet
+
+METHODS = st.sampled_from(segcam.list_methods())
+pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    height=st.integers(2, 9),
+    width=st.integers(2, 9),
+    batch=st.integers(1, 3),
+    method=METHODS,
+    layer=st.sampled_from(["body.0", "body.1", "body", "head", "upsample"]),
+    relu=st.booleans(),
+    normalize=st.sampled_from([None, "max", "minmax"]),
+)
+def test_depth_one_volume_equals_image(seed, height, width, batch, method, layer, relu, normalize):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn((batch, 1, 2 * height, 2 * width), generator=generator)
+    box = [(0, height), (width // 2, 2 * width)]
+    targets = [segcam.Predicted(1), segcam.Box(2, box), segcam.AllPixels(0)]
+    options = {"relu": relu, "normalize": normalize}
+    flat = segcam.explain(tiny_segnet(2, seed=seed), image, targets, layer, method, **options)
+    targets_3d = [segcam.Predicted(1), segcam.Box(2, [(0, 1), *box]), segcam.AllPixels(0)]
+    volume = segcam.explain(
+        tiny_segnet(3, seed=seed), image[:, :, None], targets_3d, layer, method, **options
+    )
+    assert volume.maps.shape == (batch, 3, 1, 2 * height, 2 * width)
+    torch.testing.assert_close(volume.maps[:, :, 0], flat.maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(volume.logits[:, :, 0], flat.logits, rtol=1e-5, atol=1e-6)
+
+
+@given(seed=st.integers(0, 2**16), batch=st.integers(2, 5), method=METHODS, data=st.data())
+def test_permuting_the_batch_permutes_the_maps(seed, batch, method, data):
+    permutation = data.draw(st.permutations(list(range(batch))))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, 1, 8, 8), generator=generator)
+    masks = torch.rand((batch, 8, 8), generator=generator) > 0.5
+    model = tiny_segnet(2, seed=seed)
+    targets = [segcam.Mask(0, masks), segcam.Predicted(2)]
+    base = segcam.explain(model, x, targets, "body.1", method, upsample=False, relu=False)
+    shuffled_targets = [segcam.Mask(0, masks[permutation]), segcam.Predicted(2)]
+    shuffled = segcam.explain(
+        model, x[permutation], shuffled_targets, "body.1", method, upsample=False, relu=False
+    )
+    torch.testing.assert_close(shuffled.maps, base.maps[permutation], rtol=1e-5, atol=1e-6)
+
+
+def _state(model):
+    return {
+        "training": {name: module.training for name, module in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "grad": {name: p.grad for name, p in model.named_parameters()},
+        "values": {name: t.detach().clone() for name, t in model.state_dict().items()},
+        "hooks": {
+            name: (
+                len(module._forward_hooks),
+                len(module._forward_pre_hooks),
+                len(module._backward_hooks),
+                len(getattr(module, "_backward_pre_hooks", {})),
+            )
+            for name, module in model.named_modules()
+        },
+    }
+
+
+def _assert_same_state(before, after):
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["hooks"] == before["hooks"]
+    for name, grad in before["grad"].items():
+        assert after["grad"][name] is grad  # same object (or still None), never written
+    for name, value in before["values"].items():
+        torch.testing.assert_close(after["values"][name], value, rtol=0, atol=0)
+
+
+def _mixed_model():
+    model = UNet(2, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, dropout=0.1)
+    model.eval()
+    model.model[0].train()  # a mixed state must survive as it is
+    for parameter in model.model[1].parameters():
+        parameter.requires_grad_(False)
+    first = next(model.model[2].parameters())
+    first.grad = torch.full_like(first, 3.0)  # a .grad the user left must stay untouched
+    return model
+
+
+def test_model_state_unchanged():
+    model = _mixed_model()
+    before = _state(model)
+    x = torch.randn(2, 1, 16, 16)
+    segcam.explain(model, x, [segcam.Predicted(1), segcam.AllPixels(2)], ["model.1", "model.2"])
+    _assert_same_state(before, _state(model))
+    torch.testing.assert_close(
+        next(model.model[2].parameters()).grad,
+        torch.full_like(next(model.model[2].parameters()), 3.0),
+    )
+
+
+class Exploding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = HeadNet(2)
+
+    def forward(self, x):
+        self.inner(x)
+        raise RuntimeError("boom inside the model")
+
+
+def test_no_hook_survives_an_exception_inside_the_model():
+    model = Exploding().eval()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        segcam.explain(
+            model, torch.randn(1, 1, 4, 4), segcam.AllPixels(0), ["inner.body", "inner.head"]
+        )
+    _assert_same_state(before, _state(model))
+    assert torch.is_grad_enabled()
+
+
+def test_no_hook_survives_a_target_error():
+    model = tiny_segnet(2)
+    before = _state(model)
+    with pytest.raises(segcam.errors.ClassIndexError):
+        segcam.explain(model, torch.randn(1, 1, 4, 4), segcam.AllPixels(7), "body")
+    _assert_same_state(before, _state(model))
+
+
+def test_frozen_parameters_and_outer_no_grad():
+    model = tiny_segnet(2)
+    x = torch.randn(2, 1, 8, 8)
+    expected = segcam.explain(model, x, segcam.Predicted(1), "body.1").maps
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    torch.testing.assert_close(
+        segcam.explain(frozen, x, segcam.Predicted(1), "body.1").maps, expected
+    )
+    with torch.no_grad():
+        inside = segcam.explain(model, x, segcam.Predicted(1), "body.1").maps
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(inside, expected)
+    with torch.inference_mode():
+        x_inference = x.clone()
+        inside_inference = segcam.explain(model, x_inference, segcam.Predicted(1), "body.1").maps
+    torch.testing.assert_close(inside_inference, expected)
+
+
+def test_input_requiring_grad_keeps_no_grad():
+    model = tiny_segnet(2)
+    x = torch.randn(1, 1, 8, 8, requires_grad=True)
+    segcam.explain(model, x, segcam.AllPixels(1), "body")
+    assert x.grad is None
+
+
+def test_inplace_op_after_the_layer():
+    # The recorded activation must be the layer's output, not what an in-place ReLU made of it.
+    conv = nn.Conv2d(1, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1)).eval()
+    reference = nn.Sequential(conv, nn.ReLU(), model[2]).eval()
+    x = torch.randn(2, 1, 6, 6)
+    a = segcam.explain(model, x, segcam.AllPixels(1), "0", relu=False, upsample=False)
+    b = segcam.explain(reference, x, segcam.AllPixels(1), "0", relu=False, upsample=False)
+    torch.testing.assert_close(a.maps, b.maps)
+    assert (a.maps < 0).any()  # pre-ReLU values kept their sign
+
+
+def test_nothing_upstream_of_the_layer_is_saved_for_backward():
+    # Before the first hooked layer runs, no graph is recorded: the first convolution would
+    # otherwise save its input x (for its weight gradient).
+    model = tiny_segnet(2)
+    x = torch.randn(1, 1, 8, 8)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        segcam.explain(model, x, segcam.AllPixels(1), "body.2")
+    assert saved, "the layers after body.2 record a graph"
+    assert x.data_ptr() not in saved
+    upstream_saved = len(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        segcam.explain(model, x, segcam.AllPixels(1), "body.0")
+    assert len(saved) > upstream_saved  # hooking earlier records more
