@@ -1,0 +1,135 @@
+"""Pixel sets of every target kind, and the largest connected component against scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import ndimage
+
+import segcam
+from segcam.targets import largest_component
+from segcam.testing import HandNet
+
+LOGITS = torch.tensor(
+    [
+        [[[2.0, 0.0], [0.0, 1.0]], [[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [5.0, 0.5]]],
+        [[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]], [[0.0, 2.0], [0.0, 0.0]]],
+    ]
+)  # (N=2, K=3, 2, 2)
+
+
+def test_predicted():
+    expected = torch.tensor([[[False, True], [False, False]], [[True, False], [True, True]]])
+    assert torch.equal(segcam.Predicted(1).pixel_set(LOGITS), expected)
+
+
+def test_probability_softmax_and_sigmoid():
+    probabilities = torch.softmax(LOGITS, dim=1)[:, 2]
+    assert torch.equal(segcam.Probability(2, 0.6).pixel_set(LOGITS), probabilities > 0.6)
+    single = torch.tensor([[[[-1.0, 0.2], [3.0, 0.0]]]])
+    assert torch.equal(
+        segcam.Probability(1, 0.5).pixel_set(single), torch.tensor([[[False, True], [True, False]]])
+    )
+    # class 0 of a one-channel output: p = 1 - sigmoid(y)
+    assert torch.equal(
+        segcam.Probability(0, 0.5).pixel_set(single),
+        torch.tensor([[[True, False], [False, False]]]),
+    )
+
+
+def test_pixel_box_all():
+    assert segcam.Pixel(0, (1, 0)).pixel_set(LOGITS).nonzero().tolist() == [[0, 1, 0], [1, 1, 0]]
+    per_sample = segcam.Pixel(0, [(0, 1), (1, 1)]).pixel_set(LOGITS)
+    assert per_sample.nonzero().tolist() == [[0, 0, 1], [1, 1, 1]]
+    box = segcam.Box(0, [slice(0, 1), (0, 2)]).pixel_set(LOGITS)
+    assert box.nonzero().tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1]]
+    assert segcam.AllPixels(2).pixel_set(LOGITS).all()
+
+
+def test_mask_layouts():
+    mask = np.array([[1, 0], [0, 1]])
+    broadcast = segcam.Mask(0, mask)
+    from segcam.targets import as_pixel_set
+
+    as_set = as_pixel_set(broadcast.pixel_set(LOGITS), LOGITS, "m")
+    assert as_set.shape == (2, 2, 2) and torch.equal(as_set[0], as_set[1])
+    per_sample = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    per_sample[1, 0, 1, 0] = True
+    got = as_pixel_set(segcam.Mask(0, per_sample).pixel_set(LOGITS), LOGITS, "m")
+    assert got.nonzero().tolist() == [[1, 1, 0]]
+
+
+def _scipy_largest(mask):
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=range(1, count + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.sampled_from([(1, 7, 9), (3, 12, 12), (2, 5, 6, 7)]),
+    density=st.floats(0.2, 0.8),
+)
+def test_largest_component_matches_scipy(seed, shape, density):
+    mask = np.random.default_rng(seed).random(shape) < density
+    ours = largest_component(torch.from_numpy(mask)).numpy()
+    for n in range(shape[0]):
+        expected = _scipy_largest(mask[n])
+        # Equal sizes can tie: then both must be components of the same, largest size.
+        assert ours[n].sum() == expected.sum()
+        labels, _ = ndimage.label(mask[n])
+        chosen = np.unique(labels[ours[n]])
+        assert len(chosen) == (1 if expected.any() else 0)
+        if expected.any():
+            assert np.array_equal(ours[n], labels == chosen[0])
+
+
+def test_largest_component_serpentine():
+    # One long winding path plus a small island: spreading alone needs ~path-length steps.
+    mask = np.zeros((1, 15, 15), dtype=bool)
+    mask[0, ::2, :-1] = True
+    mask[0, 1::4, -2] = True
+    mask[0, 3::4, 0] = True
+    mask[0, 0, -1] = True  # island in the corner, not touching row 0's path (ends at -2)
+    mask[0, 1, -1] = False
+    mask[0, 0, -2] = False
+    ours = largest_component(torch.from_numpy(mask))[0].numpy()
+    expected = _scipy_largest(mask[0])
+    assert expected.sum() > 100
+    assert np.array_equal(ours, expected)
+
+
+def test_region_default_is_largest_predicted_component():
+    logits = torch.full((1, 2, 5, 5), 0.0)
+    logits[0, 1, 0, 0] = 1.0  # a one-pixel island
+    logits[0, 1, 2:5, 2:5] = 1.0  # a 3x3 block
+    region = segcam.Region(1).pixel_set(logits)
+    assert int(region.sum()) == 9 and bool(region[0, 3, 3])
+    given_mask = torch.zeros(5, 5, dtype=torch.bool)
+    given_mask[0, :2] = True
+    assert int(segcam.Region(0, given_mask).pixel_set(logits).sum()) == 2
+
+
+class RowTarget:
+    """A user target that does not inherit from segcam.Target: the protocol is enough."""
+
+    class_index = 1
+
+    def __init__(self, row):
+        self.row = row
+
+    def pixel_set(self, logits):
+        result = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.bool)
+        result[:, self.row] = True
+        return result
+
+
+def test_user_defined_target():
+    x = torch.tensor([[[[1.0, 2.0], [-1.0, 0.0]]]])
+    expl = segcam.explain(HandNet(), x, RowTarget(0), "act", relu=False, upsample=False)
+    torch.testing.assert_close(expl.maps[0, 0], torch.tensor([[3.0, 6.0], [0.0, 0.0]]))
