@@ -1,4 +1,7 @@
-"""``explain``: one forward pass, one backward pass per target to the hooked layers, per-sample maps."""
+"""``explain``: one forward pass, one backward pass per target to the hooked layers.
+
+Maps are per sample: the samples of a batch never mix.
+"""
 
 from __future__ import annotations
 
@@ -142,7 +145,7 @@ def _as_target_list(targets: TargetLike | Sequence[TargetLike]) -> list[TargetLi
 
 
 def _grad_output(logits: torch.Tensor, class_index: int, pixel_set: torch.Tensor) -> torch.Tensor:
-    """d y^c_M / d logits: the pixel set in channel c (negated for class 0 of one channel)."""
+    """D y^c_M / d logits: the pixel set in channel c (negated for class 0 of one channel)."""
     grad = torch.zeros_like(logits)
     weights = pixel_set.to(logits.dtype)
     if logits.shape[1] == 1:

@@ -42,7 +42,7 @@ class OutputError(SegCamError, TypeError):
 
 
 class TargetError(SegCamError, ValueError):
-    """A target is invalid for this output: class out of range, mask of the wrong shape, bad index."""
+    """A target does not fit this output: class out of range, mask of the wrong shape, bad index."""
 
 
 class ClassIndexError(TargetError, IndexError):

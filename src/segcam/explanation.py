@@ -195,7 +195,7 @@ def load(path: str | os.PathLike[str]) -> Explanation:
             )
         layers = list(metadata["layers"])
         pixel_sets = arrays["pixel_sets"].bool()
-        targets = tuple(
+        targets: tuple[TargetLike, ...] = tuple(
             SavedTarget(int(described["class_index"]), described, pixel_sets[:, index])
             for index, described in enumerate(metadata["targets"])
         )

@@ -1,4 +1,4 @@
-"""Hook a model's layers for one forward pass and take gradients to them, leaving the model as it was.
+"""Hook a model's layers for one forward pass and take gradients to them; leave the model as it was.
 
 Only the hooked activations enter the backward pass: gradients are taken with
 ``torch.autograd.grad(outputs, activations, grad_outputs)``, so no parameter gradient is computed
@@ -54,9 +54,7 @@ def resolve_layers(
     model: nn.Module, layer: LayerSpec | Sequence[LayerSpec]
 ) -> list[tuple[str, nn.Module]]:
     """Turn a name, module, or list of them into (name, module) pairs, in the given order."""
-    specs: list[LayerSpec] = (
-        [layer] if isinstance(layer, str | nn.Module) else list(layer)
-    )
+    specs: list[LayerSpec] = [layer] if isinstance(layer, str | nn.Module) else list(layer)
     if not specs:
         raise LayerNotFoundError("layer is empty: name at least one layer to explain")
     names = dict(model.named_modules(remove_duplicate=False))

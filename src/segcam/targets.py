@@ -57,7 +57,10 @@ __all__ = [
 class TargetLike(Protocol):
     """What ``explain`` needs of a target: a class index and a pixel set per sample."""
 
-    class_index: int
+    @property
+    def class_index(self) -> int:
+        """The class c whose logits are summed over the pixel set."""
+        ...
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
         """Return the pixel set M as a (N, *S) or (*S) bool / 0-1 tensor for detached logits."""
@@ -274,7 +277,7 @@ def _as_slice(bound: slice | Sequence[int], size: int, axis: int, what: str) -> 
 
 @dataclass(frozen=True)
 class Box(Target):
-    """A box: one ``slice`` or ``(start, stop)`` pair per spatial axis, the same for every sample."""
+    """A box: a ``slice`` or ``(start, stop)`` pair per spatial axis, the same for every sample."""
 
     class_index: int
     slices: Sequence[slice | Sequence[int]]
@@ -373,5 +376,7 @@ class Region(Target):
         return largest_component(base)
 
     def __repr__(self) -> str:
-        shape = None if self.mask is None else tuple(getattr(self.mask, "shape", ()))
-        return f"Region(class_index={self.class_index}, mask={'<predicted>' if shape is None else f'<{shape}>'})"
+        if self.mask is None:
+            return f"Region(class_index={self.class_index}, mask=<predicted>)"
+        shape = tuple(getattr(self.mask, "shape", ()))
+        return f"Region(class_index={self.class_index}, mask=<{shape}>)"

@@ -46,10 +46,10 @@ def seg_hires_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torc
     ),
 )
 def seg_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    r"""Seg-Grad CAM: :math:`\alpha_k = \frac{1}{P}\sum_p \frac{\partial y^c_M}{\partial A_{k,p}}`,
-    :math:`L = \sum_k \alpha_k A_k`.
+    r"""Seg-Grad CAM: :math:`L = \sum_k \alpha_k A_k`, channel weights from averaged gradients.
 
-    Vinogradova et al., AAAI 2020; P is the number of positions of the layer's grid. For a layer
+    :math:`\alpha_k = \frac{1}{P}\sum_p \frac{\partial y^c_M}{\partial A_{k,p}}`
+    (Vinogradova et al., AAAI 2020), P the number of positions of the layer's grid. For a layer
     feeding a 1x1 convolution head, L = (|M| / P) * (y^c - b_c).
 
     Args:

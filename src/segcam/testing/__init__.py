@@ -48,9 +48,10 @@ class HandNet(nn.Module):
         head_weight, head_bias = weights[num_classes]
         with torch.no_grad():
             self.conv.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, *ones))
-            self.conv.bias.zero_()
             self.head.weight.copy_(torch.tensor(head_weight).reshape(num_classes, 2, *ones))
-            self.head.bias.copy_(torch.tensor(head_bias))
+            for bias, values in ((self.conv.bias, [0.0, 0.0]), (self.head.bias, head_bias)):
+                assert bias is not None
+                bias.copy_(torch.tensor(values))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(self.act(self.conv(x)))  # type: ignore[no-any-return]
@@ -76,11 +77,10 @@ class HeadNet(nn.Module):
     ) -> None:
         super().__init__()
         conv = _conv(spatial_dims)
-        stride: int | tuple[int, ...] = 1
-        if downsample:
-            stride = 2 if spatial_dims == 2 else (1, 2, 2)
+        # 3D keeps the depth: a depth-1 volume must see exactly the 2D network.
+        stride = (1 if spatial_dims == 3 else 2, 2, 2)[-spatial_dims:] if downsample else 1
         self.body = nn.Sequential(
-            conv(in_channels, features, 3, padding=1, stride=stride),
+            conv(in_channels, features, 3, padding=1, stride=stride),  # type: ignore[arg-type]
             nn.ReLU(),
             conv(features, features, 3, padding=1),
             nn.ReLU(),
@@ -114,6 +114,7 @@ class HeadNet(nn.Module):
                     module.weight.copy_(outer)
                 else:
                     module.weight.copy_(plane)
+                assert module.bias is not None
                 module.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
