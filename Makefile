@@ -22,13 +22,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests scripts benchmarks
-	$(PY) -m ruff format --check src tests scripts benchmarks
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
 	$(PY) -m mypy
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests scripts benchmarks
-	$(PY) -m ruff check --fix src tests scripts benchmarks
+	$(PY) -m ruff format src tests scripts
+	$(PY) -m ruff check --fix src tests scripts
 
 demo: $(STAMP)
 	$(PY) -m segcam.demo --out demo-out
