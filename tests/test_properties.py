@@ -129,7 +129,6 @@ def test_no_hook_survives_an_exception_inside_the_model():
             model, torch.randn(1, 1, 4, 4), segcam.AllPixels(0), ["inner.body", "inner.head"]
         )
     _assert_same_state(before, _state(model))
-    assert torch.is_grad_enabled()
 
 
 def test_no_hook_survives_a_target_error():
@@ -197,3 +196,52 @@ def test_nothing_upstream_of_the_layer_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         segcam.explain(model, x, segcam.AllPixels(1), "body.0")
     assert len(saved) > upstream_saved  # hooking earlier records more
+
+
+class Fault(nn.Module):
+    """Raises during the forward pass when armed; an identity otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("fault inside the model")
+        return x
+
+
+def _faulty_model(position):
+    net = tiny_segnet(2)
+    modules = [*net.body, net.head, net.upsample]
+    modules.insert(position, Fault())
+    return nn.Sequential(*modules).eval()
+
+
+@given(
+    position=st.integers(0, 6),
+    layers=st.sets(st.integers(0, 6), min_size=1, max_size=4),
+    method=METHODS,
+    relu=st.booleans(),
+    outer_no_grad=st.booleans(),
+    fail=st.booleans(),
+)
+def test_model_left_as_it_was_with_or_without_exceptions(
+    position, layers, method, relu, outer_no_grad, fail
+):
+    model = _faulty_model(position)
+    model[position].armed = fail
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 2.0)
+    before = _state(model)
+    names = [str(index) for index in sorted(layers)]
+    x = torch.randn(2, 1, 8, 8)
+    grad_mode = torch.no_grad() if outer_no_grad else torch.enable_grad()
+    with grad_mode:
+        if fail:
+            with pytest.raises(RuntimeError, match="fault inside the model"):
+                segcam.explain(model, x, segcam.AllPixels(1), names, method, relu=relu)
+        else:
+            segcam.explain(model, x, segcam.AllPixels(1), names, method, relu=relu)
+        assert torch.is_grad_enabled() is not outer_no_grad
+    _assert_same_state(before, _state(model))
