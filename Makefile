@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.segcam-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo clean
+.PHONY: install test lint format demo bench clean
 
 install: $(STAMP)
 
@@ -22,16 +22,19 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m ruff check src tests scripts benchmarks
+	$(PY) -m ruff format --check src tests scripts benchmarks
 	$(PY) -m mypy
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests scripts
-	$(PY) -m ruff check --fix src tests scripts
+	$(PY) -m ruff format src tests scripts benchmarks
+	$(PY) -m ruff check --fix src tests scripts benchmarks
 
 demo: $(STAMP)
 	$(PY) -m segcam.demo --out demo-out
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -34,7 +34,9 @@ def seg_hires_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torc
     Returns:
         The raw signed map, shape (N, *S).
     """
-    return torch.einsum("nc...,nc...->n...", gradient, activation)
+    # vecdot is the channel sum of the element-wise product; einsum is ~10x slower here.
+    result: torch.Tensor = torch.linalg.vecdot(gradient, activation, dim=1)
+    return result
 
 
 @register(
