@@ -245,3 +245,45 @@ def test_model_left_as_it_was_with_or_without_exceptions(
             segcam.explain(model, x, segcam.AllPixels(1), names, method, relu=relu)
         assert torch.is_grad_enabled() is not outer_no_grad
     _assert_same_state(before, _state(model))
+
+
+class _Saved:
+    """What the pack hook stores instead of a tensor, so its lifetime can be watched."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def test_graph_is_freed_when_explain_returns():
+    import gc
+    import weakref
+
+    model = tiny_segnet(2)
+    watched = []
+
+    def pack(tensor):
+        saved = _Saved(tensor)
+        watched.append(weakref.ref(saved))
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        expl = segcam.explain(
+            model, torch.randn(2, 1, 8, 8), [segcam.AllPixels(1), segcam.Predicted(0)], "body.1"
+        )
+    gc.collect()
+    assert watched, "the forward after the layer saved tensors for backward"
+    assert all(reference() is None for reference in watched)
+    assert not expl.maps.requires_grad and not expl.logits.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_maps_keep_the_input_dtype(dtype):
+    model = HeadNet(2).eval().to(dtype)
+    x = torch.randn(2, 1, 8, 8, dtype=dtype)
+    expl = segcam.explain(model, x, segcam.AllPixels(1), "body", relu=False, upsample=False)
+    assert expl.maps.dtype == dtype and expl.logits.dtype == dtype
+    bias = model.head.bias[1].detach()
+    expected = (expl.logits[:, 1] - bias).double()  # the closed form, up to the dtype's rounding
+    resolution = 1e-12 if dtype == torch.float64 else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    error = (expl.maps[:, 0].double() - expected).abs().max()
+    assert error <= resolution * expected.abs().max()
