@@ -158,7 +158,10 @@ def test_unknown_method_and_normalization():
 def test_empty_pixel_set_gives_zero_map_and_warns():
     masks = torch.zeros(2, 8, 8, dtype=torch.bool)
     masks[1, 2, 3] = True
-    with pytest.warns(errors.SegCamWarning, match="empty pixel set for sample 0"):
+    with pytest.warns(
+        errors.SegCamWarning,
+        match=r"empty pixel set for target 0 Mask\(class_index=1, mask=<\(2, 8, 8\)>\) in samples \[0\]; target 1 Box.* in all samples",
+    ):
         expl = segcam.explain(
             tiny_segnet(2),
             X,

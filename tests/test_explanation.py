@@ -79,8 +79,12 @@ def test_save_and_load_round_trip(tmp_path, suffix):
         torch.testing.assert_close(again.layer_maps[name], expl.layer_maps[name])
 
 
-def test_explanation_is_frozen():
+def test_explanation_is_frozen_and_prints_briefly():
     expl = segcam.explain(tiny_segnet(2), torch.randn(1, 1, 4, 4), segcam.AllPixels(0), "body")
+    assert repr(expl) == (
+        "Explanation(method='seg-hires-grad-cam', layers={'body': (1, 1, 4, 4)}, "
+        "targets=[AllPixels(class_index=0)], postprocess=['relu', 'upsampled'])"
+    )
     with pytest.raises(AttributeError):
         expl.method = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):

@@ -311,12 +311,16 @@ def _training_dependent(model: nn.Module) -> str:
 
 
 def _warn_empty(nonempty: torch.Tensor, targets: list[TargetLike]) -> None:
-    empty = (~nonempty).nonzero().tolist()
-    if empty:
-        listed = ", ".join(f"sample {n} / {targets[t]!r}" for n, t in empty[:8])
-        more = f" and {len(empty) - 8} more" if len(empty) > 8 else ""
+    empty = ~nonempty  # (N, T)
+    parts = []
+    for t, target in enumerate(targets):
+        samples = empty[:, t].nonzero().flatten().tolist()
+        if samples:
+            which = "all samples" if len(samples) == empty.shape[0] else f"samples {samples}"
+            parts.append(f"target {t} {target!r} in {which}")
+    if parts:
         warnings.warn(
-            f"empty pixel set for {listed}{more}: the score is 0 and the map is all zero",
+            f"empty pixel set for {'; '.join(parts)}: the score is 0 and the map is all zero",
             SegCamWarning,
             stacklevel=3,
         )

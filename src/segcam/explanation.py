@@ -78,6 +78,18 @@ class Explanation:
         object.__setattr__(self, "layer_maps", MappingProxyType(dict(self.layer_maps)))
         object.__setattr__(self, "layer_shapes", MappingProxyType(dict(self.layer_shapes)))
 
+    def __repr__(self) -> str:
+        shapes = ", ".join(
+            f"{name!r}: {tuple(maps.shape)}" for name, maps in self.layer_maps.items()
+        )
+        steps = [s for s, on in (("relu", self.relu), ("upsampled", self.upsampled)) if on]
+        if self.normalize:
+            steps.append(f"normalize={self.normalize}")
+        return (
+            f"Explanation(method={self.method!r}, layers={{{shapes}}}, "
+            f"targets={list(self.targets)!r}, postprocess={steps or 'raw'})"
+        )
+
     @property
     def layers(self) -> tuple[str, ...]:
         """The explained layers' names, in order."""
