@@ -160,7 +160,10 @@ def test_empty_pixel_set_gives_zero_map_and_warns():
     masks[1, 2, 3] = True
     with pytest.warns(
         errors.SegCamWarning,
-        match=r"empty pixel set for target 0 Mask\(class_index=1, mask=<\(2, 8, 8\)>\) in samples \[0\]; target 1 Box.* in all samples",
+        match=(
+            r"empty pixel set for target 0 Mask\(class_index=1, mask=<\(2, 8, 8\)>\) in "
+            r"samples \[0\]; target 1 Box.* in all samples"
+        ),
     ):
         expl = segcam.explain(
             tiny_segnet(2),
