@@ -267,10 +267,10 @@ def explain(
             grad_outputs=_grad_output(detached, target_list[t].class_index, pixel_sets[t]),
             retain_graph=position < len(active) - 1,
         )
-        for index, (activation, gradient) in enumerate(
-            zip(detached_activations, gradients, strict=True)
+        for maps, activation, gradient in zip(
+            per_layer, detached_activations, gradients, strict=True
         ):
-            per_layer[index][t] = chosen.compute(activation, gradient)
+            maps[t] = chosen.compute(activation, gradient)
     layer_shapes = {name: tuple(a.shape) for (name, _), a in zip(layers, activations, strict=True)}
     del logits, activations
 
