@@ -11,7 +11,7 @@ import segcam
 from segcam import errors
 from segcam.testing import HandNet, tiny_segnet
 
-X = torch.randn(2, 1, 8, 8)
+X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 def test_unknown_layer_lists_close_matches():
@@ -169,14 +169,20 @@ def test_empty_pixel_set_gives_zero_map_and_warns():
             tiny_segnet(2),
             X,
             [segcam.Mask(1, masks), segcam.Box(0, [(2, 2), (0, 8)])],
-            ["body.1", "body"],
+            ["body.1", "head"],
             relu=False,
+            upsample=False,
             normalize="max",
         )
     for maps in expl.layer_maps.values():
         assert torch.isfinite(maps).all()
         assert (maps[0, 0] == 0).all() and (maps[:, 1] == 0).all()
-        assert maps[1, 0].abs().sum() > 0
+    # At the head (4x4, up-sampled x2 by nearest), output pixel (2, 3) comes from head pixel
+    # (1, 1): the raw map there is the logit itself, and 0 elsewhere; "max" makes it +-1.
+    head = expl.layer_maps["head"][1, 0]
+    expected = torch.zeros(4, 4)
+    expected[1, 1] = torch.sign(expl.logits[1, 1, 2, 3])
+    torch.testing.assert_close(head, expected)
 
 
 def test_training_mode_warns():

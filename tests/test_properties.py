@@ -26,20 +26,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
     method=METHODS,
     layer=st.sampled_from(["body.0", "body.1", "body", "head", "upsample"]),
     relu=st.booleans(),
-    normalize=st.sampled_from([None, "max", "minmax"]),
+    upsample=st.booleans(),
 )
-def test_depth_one_volume_equals_image(seed, height, width, batch, method, layer, relu, normalize):
+def test_depth_one_volume_equals_image(seed, height, width, batch, method, layer, relu, upsample):
+    # Normalisation is left out: on a nearly constant map it magnifies rounding differences
+    # between 2D and 3D convolutions; it is a pure function tested on its own.
     generator = torch.Generator().manual_seed(seed)
     image = torch.randn((batch, 1, 2 * height, 2 * width), generator=generator)
     box = [(0, height), (width // 2, 2 * width)]
     targets = [segcam.Predicted(1), segcam.Box(2, box), segcam.AllPixels(0)]
-    options = {"relu": relu, "normalize": normalize}
+    options = {"relu": relu, "upsample": upsample}
     flat = segcam.explain(tiny_segnet(2, seed=seed), image, targets, layer, method, **options)
     targets_3d = [segcam.Predicted(1), segcam.Box(2, [(0, 1), *box]), segcam.AllPixels(0)]
     volume = segcam.explain(
         tiny_segnet(3, seed=seed), image[:, :, None], targets_3d, layer, method, **options
     )
-    assert volume.maps.shape == (batch, 3, 1, 2 * height, 2 * width)
+    assert volume.maps.shape[:3] == (batch, 3, 1)
     torch.testing.assert_close(volume.maps[:, :, 0], flat.maps, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(volume.logits[:, :, 0], flat.logits, rtol=1e-5, atol=1e-6)
 
