@@ -8,7 +8,10 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.segcam-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench clean
+DATA_DIR := .cache/segcam-data
+DATA := $(DATA_DIR)/liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl
+
+.PHONY: install data test lint format demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The demo CT ships inside a PyPI wheel; it is downloaded (never installed) into the cache.
+data: $(DATA)
+
+$(DATA): | $(STAMP)
+	SEGCAM_DATA_DIR=$(DATA_DIR) $(PY) -c "from segcam import liver; liver.fetch()"
+
+test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -30,8 +39,8 @@ format: $(STAMP)
 	$(PY) -m ruff format src tests scripts benchmarks
 	$(PY) -m ruff check --fix src tests scripts benchmarks
 
-demo: $(STAMP)
-	$(PY) -m segcam.demo --out demo-out
+demo: $(STAMP) $(DATA)
+	$(VENV)/bin/segcam demo --out demo-out
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcam.demo import HELD_OUT_SEED, build_demo_model
+from segcam.synthetic_demo import HELD_OUT_SEED, build_demo_model
 from segcam.testing.synthetic import shapes_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from torch import nn
 
 from segcam.errors import LayerError, LayerNotFoundError, LayerNotOnPathError
 
-__all__ = ["LayerRecorder", "resolve_layers"]
+__all__ = ["LayerInfo", "LayerRecorder", "describe_layers", "resolve_layers"]
 
 LayerSpec = str | nn.Module
 
@@ -167,3 +167,60 @@ def _depends_on(activation: torch.Tensor, reachable: dict[int, Any]) -> bool:
         return id(activation.grad_fn) in reachable
     # A leaf enters the graph through its gradient-accumulation node, which holds it as .variable.
     return any(getattr(node, "variable", None) is activation for node in reachable.values())
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module of a model as seen in one forward pass."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...] | None  # None when the output is not a tensor
+    calls: int
+    on_path: bool
+
+
+def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+    """Every module's output shape in one forward of ``example``, and whether the output uses it.
+
+    The example input requires grad, so every tensor computed from it has a history; a module's
+    output is on the path when the model's output's history contains it. Hooks are removed on exit.
+    """
+    outputs: dict[str, list[Any]] = {}
+    handles = []
+
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            outputs.setdefault(name, []).append(output)
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        with torch.inference_mode(False), torch.enable_grad():
+            result = model(example.detach().clone().requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    final = result if isinstance(result, torch.Tensor) else None
+    if final is None and isinstance(result, dict | tuple | list):
+        values = list(result.values()) if isinstance(result, dict) else list(result)
+        final = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    reachable = _reachable_nodes(final) if final is not None else {}
+    table = []
+    for name, module in model.named_modules():
+        seen = outputs.get(name, [])
+        first = seen[0] if seen else None
+        tensor = first if isinstance(first, torch.Tensor) else None
+        on_path = tensor is not None and _depends_on(tensor, reachable)
+        table.append(
+            LayerInfo(
+                name=name,
+                type_name=type(module).__name__,
+                shape=tuple(tensor.shape) if tensor is not None else None,
+                calls=len(seen),
+                on_path=on_path,
+            )
+        )
+    return table

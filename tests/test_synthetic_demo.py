@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import segcam
-from segcam.demo import DEMO_LAYERS, HELD_OUT_SEED, load_demo_model, main
+from segcam.synthetic_demo import DEMO_LAYERS, HELD_OUT_SEED, load_demo_model, main
 from segcam.testing.synthetic import shapes_batch, shapes_scene
 
 LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_synthetic_unet.log.json"

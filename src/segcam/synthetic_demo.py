@@ -1,6 +1,6 @@
-"""``make demo``: explain a small trained MONAI UNet on a held-out synthetic scene.
+"""A quick example: explain a small trained MONAI UNet on a held-out synthetic scene.
 
-    python -m segcam.demo --out demo-out
+    python -m segcam.synthetic_demo --out synthetic-out
 
 The network (shipped in ``segcam/data``, trained by ``scripts/train_synthetic_unet.py``) segments
 disks (class 1) and squares (class 2). The demo explains, for a scene it never saw in training,
@@ -39,9 +39,7 @@ def _require(module: str, extra: str) -> Any:
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as error:
-        raise SystemExit(
-            f"the demo needs {module}: pip install 'segcam[{extra}]' (or run `make demo`)"
-        ) from error
+        raise SystemExit(f"this example needs {module}: pip install 'segcam[{extra}]'") from error
 
 
 def build_demo_model() -> nn.Module:
@@ -129,7 +127,9 @@ def _figure(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit code."""
-    parser = argparse.ArgumentParser(prog="segcam-demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m segcam.synthetic_demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED + 8, help="held-out scene seed")
     args = parser.parse_args(argv)

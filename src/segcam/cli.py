@@ -1,0 +1,442 @@
+"""The ``segcam`` command line: explain, layers, methods, demo.
+
+Every command calls the public API only. Errors print one line and exit with status 2 (1 when some
+inputs of a batch failed); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import segcam
+from segcam.errors import SegCamError
+from segcam.io.files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    InputFile,
+    InputFileError,
+    atomic_write,
+    read_input,
+    write_nifti,
+)
+from segcam.methods import REGISTRY
+from segcam.postprocess import NORMALIZATIONS
+from segcam.recording import describe_layers
+from segcam.specs import (
+    SpecError,
+    apply_intensity,
+    file_sha256,
+    load_callable,
+    load_model,
+    parse_target,
+)
+
+__all__ = ["main"]
+
+SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
+
+
+class CliError(Exception):
+    """A problem to report in one line."""
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"spatial_dims\": 2}'")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="package.module:factory or monai:NetName")
+    parser.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments for the factory",
+    )
+    parser.add_argument("--weights", type=Path, help="state_dict (.pt/.pth, or .safetensors)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --weights to be a pickled whole model (runs code from it)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; method choices come from the registry."""
+    parser = argparse.ArgumentParser(prog="segcam", description=segcam.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"segcam {segcam.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    explain = commands.add_parser("explain", help="explain inputs (files or folders)")
+    explain.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    _add_model_options(explain)
+    explain.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="predicted:C, probability:C[:T], all:C, mask:C:FILE, "
+        "region:C[:FILE], pixel:C:I,J[,K], box:C:I0,J0,I1,J1 (repeatable)",
+    )
+    explain.add_argument(
+        "--classes",
+        type=lambda s: s.split(","),
+        default=[],
+        help="class names in order, e.g. background,liver,tumour",
+    )
+    explain.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="layer name (repeatable; see `segcam layers`)",
+    )
+    explain.add_argument(
+        "--method",
+        action="append",
+        choices=list(REGISTRY),
+        metavar="NAME",
+        help=f"one of {', '.join(REGISTRY)} (repeatable; default seg-hires-grad-cam)",
+    )
+    explain.add_argument("--out", type=Path, required=True, help="output folder")
+    explain.add_argument(
+        "--window",
+        type=_pair,
+        metavar="LOW,HIGH",
+        help="clip intensities to [LOW, HIGH] and scale to [0, 1]",
+    )
+    explain.add_argument("--zscore", action="store_true", help="subtract mean, divide by std")
+    explain.add_argument("--minmax", action="store_true", help="scale intensities to [0, 1]")
+    explain.add_argument(
+        "--preprocess",
+        metavar="package.module:function",
+        help="a function (C, *S) array -> array, applied last",
+    )
+    explain.add_argument("--no-relu", action="store_true", help="keep negative evidence")
+    explain.add_argument("--no-upsample", action="store_true", help="maps at layer resolution")
+    explain.add_argument("--normalize", choices=["none", *NORMALIZATIONS], default="none")
+    explain.add_argument("--output", help="key or index of the logits in the model's output")
+    explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    explain.add_argument("--overwrite", action="store_true", help="redo finished inputs")
+
+    layers = commands.add_parser("layers", help="list layers with output shapes")
+    _add_model_options(layers)
+    layers.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="N,C,...",
+        help="example input shape (default 1,1,128,128 or 1,1,64,64,64)",
+    )
+    layers.add_argument("--all", action="store_true", help="also list layers off the path")
+
+    commands.add_parser("methods", help="list the registered methods")
+
+    demo = commands.add_parser("demo", help="the CT liver-tumour demo (report.html, NIfTI)")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--fetch", action="store_true", help="download the demo CT if missing")
+    return parser
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _expand(inputs: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(SUPPORTED) and not p.name.startswith(".")
+            )
+            if not found:
+                raise CliError(f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, .npy) inside")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _output_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", *SUPPORTED):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass
+class _Job:
+    model: torch.nn.Module
+    targets: list[segcam.Target]
+    target_specs: list[str]
+    layers: list[str]
+    methods: list[str]
+    options: dict[str, Any]
+    settings: dict[str, Any]
+    device: torch.device
+    preprocess: Any
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "root"
+
+
+def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
+    from PIL import Image
+
+    from segcam.viz import overlay
+
+    with atomic_write(path) as stream:
+        Image.fromarray(overlay(image, heat)).save(stream, format="PNG")
+
+
+def _explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
+    started = time.perf_counter()
+    data: InputFile = read_input(path)
+    array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
+    x = torch.from_numpy(array)[None].to(job.device)
+    written: list[Path] = []
+    target_dir = out / _output_name(path)
+    for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
+        stale.unlink(missing_ok=True)
+    for method in job.methods:
+        expl = segcam.explain(
+            job.model, x, job.targets, job.layers, method, **job.options["explain"]
+        )
+        written.append(_save(expl, target_dir / f"{method}.npz"))
+        for layer, maps in expl.layer_maps.items():
+            for t, spec in enumerate(job.target_specs):
+                kind, _, rest = spec.partition(":")
+                stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
+                heat = maps[0, t].detach().float().cpu().numpy()
+                if data.spatial_dims == 2:
+                    if heat.shape != array.shape[1:]:
+                        continue  # not up-sampled: the raw maps are in the .npz
+                    written.append(target_dir / f"{stem}.png")
+                    _overlay_png(written[-1], array.mean(axis=0), heat)
+                else:
+                    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
+                    if heat.shape != array.shape[1:]:
+                        continue
+                    written.append(
+                        write_nifti(target_dir / f"{stem}.nii.gz", heat, affine, data.nifti_header)
+                    )
+    manifest = {
+        **job.settings,
+        "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},
+        "outputs": [p.name for p in written],
+        "seconds": round(time.perf_counter() - started, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_write(target_dir / "manifest.json", "w") as stream:
+        json.dump(manifest, stream, indent=1)
+    return written
+
+
+def _save(expl: segcam.Explanation, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return expl.save(path)
+
+
+def _finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
+    manifest = out / _output_name(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same = all(saved.get(key) == value for key, value in settings.items())
+    return same and saved.get("input", {}).get("sha256") == file_sha256(path)
+
+
+def _command_explain(args: argparse.Namespace) -> int:
+    files = _expand(args.inputs)
+    names = [_output_name(p) for p in files]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise CliError(f"several inputs would write to the same folder: {sorted(duplicates)}")
+    for path in files:
+        if not path.is_file():
+            raise CliError(f"{path}: no such file")
+    model = load_model(args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle)
+    device = torch.device(args.device)
+    model.to(device)
+    targets = [parse_target(spec, args.classes) for spec in args.target]
+    methods = args.method or ["seg-hires-grad-cam"]
+    output: Any = args.output
+    if output is not None and output.lstrip("-").isdigit():
+        output = int(output)
+    options = {
+        "intensity": {"window": args.window, "zscore": args.zscore, "minmax": args.minmax},
+        "explain": {
+            "relu": not args.no_relu,
+            "upsample": not args.no_upsample,
+            "normalize": None if args.normalize == "none" else args.normalize,
+            "output": output,
+        },
+    }
+    settings = {
+        "segcam": segcam.__version__,
+        "torch": torch.__version__,
+        "model": args.model,
+        "model_kwargs": args.model_kwargs,
+        "weights": str(args.weights) if args.weights else None,
+        "weights_sha256": file_sha256(args.weights) if args.weights else None,
+        "methods": methods,
+        "layers": args.layer,
+        "targets": args.target,
+        "classes": args.classes,
+        "options": {**options["intensity"], **options["explain"], "preprocess": args.preprocess},
+    }
+    settings = json.loads(json.dumps(settings))  # as the manifest will read back
+    job = _Job(
+        model=model,
+        targets=targets,
+        target_specs=args.target,
+        layers=args.layer,
+        methods=methods,
+        options=options,
+        settings=settings,
+        device=device,
+        preprocess=load_callable(args.preprocess, "--preprocess") if args.preprocess else None,
+    )
+    failures: list[tuple[Path, str]] = []
+    total = len(files)
+    for index, path in enumerate(files, start=1):
+        prefix = f"[{index}/{total}] {path}"
+        if not args.overwrite and _finished(args.out, path, settings):
+            print(f"{prefix}: already done, skipped", file=sys.stderr)
+            continue
+        started = time.perf_counter()
+        try:
+            written = _explain_file(path, job, args.out)
+        except (SegCamError, InputFileError, ValueError) as error:
+            if total == 1:
+                raise
+            failures.append((path, str(error)))
+            print(f"{prefix}: FAILED: {error}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - started
+        print(f"{prefix}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
+    print(f"outputs in {args.out}")
+    if failures:
+        print(f"{len(failures)} of {total} inputs failed:", file=sys.stderr)
+        for path, message in failures:
+            print(f"  {path}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- layers, methods
+
+
+def _command_layers(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle)
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise CliError(
+                f"--input-shape {args.input_shape!r}: expected N,C,H,W or N,C,D,H,W"
+            ) from None
+    else:
+        dims = getattr(model, "dimensions", None) or getattr(model, "spatial_dims", None) or 2
+        in_channels = getattr(model, "in_channels", None) or 1
+        shape = (1, int(in_channels), *([128] * 2 if int(dims) == 2 else [64] * 3))
+    table = describe_layers(model, torch.zeros(shape))
+    print(f"{'layer':60s} {'type':24s} {'output shape':22s} on path")
+    for info in table:
+        if not (info.on_path or args.all):
+            continue
+        shape_text = str(info.shape) if info.shape is not None else "(not a tensor)"
+        calls = f" (runs {info.calls}x)" if info.calls > 1 else ""
+        name = info.name or "(model)"
+        print(
+            f"{name:60s} {info.type_name:24s} {shape_text:22s} {'yes' if info.on_path else 'no'}"
+            f"{calls}"
+        )
+    return 0
+
+
+def _command_methods(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in REGISTRY)
+    for name, method in REGISTRY.items():
+        print(f"{name:{width}s}  {method.summary}")
+        print(f"{'':{width}s}  {method.reference}")
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from segcam.demo_report import run_demo
+
+    return run_demo(args.out, fetch=args.fetch)
+
+
+COMMANDS = {
+    "explain": _command_explain,
+    "layers": _command_layers,
+    "methods": _command_methods,
+    "demo": _command_demo,
+}
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--window -200,300`` -> ``--window=-200,300``: argparse would read -200,300 as an option."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] == "--window" and index + 1 < len(argv):
+            joined.append(f"--window={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    return joined
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``segcam`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("segcam: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, SegCamError, InputFileError, SpecError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"segcam: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Inputs (PNG/JPEG/TIFF, NIfTI, NumPy) and outputs, written atomically.
+
+Images are read with Pillow (``[images]`` extra), NIfTI with nibabel (``[nifti]`` extra); both are
+imported only when such a file is met, with a message naming the extra when missing. NIfTI data are
+used in their stored voxel order (i, j, k) without reorientation, and maps are written back with
+the input's affine and header, so they overlay the input in 3D Slicer or ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "InputFile",
+    "InputFileError",
+    "atomic_write",
+    "input_kind",
+    "read_input",
+    "write_nifti",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class InputFileError(ValueError):
+    """An input file is missing, unreadable, corrupt, or of an unsupported kind."""
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as error:
+        raise InputFileError(
+            f"reading this file needs {module}: pip install 'segcam[{extra}]'"
+        ) from error
+
+
+def input_kind(path: Path) -> str:
+    """'image', 'nifti' or 'npy' from the file name; :class:`InputFileError` otherwise."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(".npy"):
+        return "npy"
+    raise InputFileError(
+        f"{path}: unsupported file type; use PNG/JPEG/TIFF, NIfTI (.nii, .nii.gz) or .npy"
+    )
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An input as channels-first float32 (C, *S), with what is needed to write results back."""
+
+    path: Path
+    kind: str
+    array: np.ndarray
+    nifti_affine: np.ndarray | None = None
+    nifti_header: Any = field(default=None, repr=False)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.array.ndim - 1
+
+
+def read_input(path: str | os.PathLike[str], *, channels_last_rgb: bool = True) -> InputFile:
+    """Read one input file.
+
+    - PNG/JPEG/TIFF: grey images become (1, H, W), RGB(A) images (3, H, W) (alpha dropped);
+      values as stored (0..255 for 8-bit), as float32.
+    - NIfTI: a 3D volume becomes (1, I, J, K); a 4D one with a last axis of channels (C, I, J, K).
+    - .npy: (H, W) or (D, H, W) gain a channel axis; (C, H, W) / (C, D, H, W) are kept. Loaded
+      without pickle.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise InputFileError(f"{source}: no such file")
+    kind = input_kind(source)
+    try:
+        if kind == "image":
+            return InputFile(source, kind, _read_image(source))
+        if kind == "nifti":
+            nibabel = _require("nibabel", "nifti")
+            image = nibabel.load(str(source))
+            data = np.asarray(image.get_fdata(dtype=np.float32))
+            if data.ndim == 3:
+                data = data[None]
+            elif data.ndim == 4:
+                data = np.moveaxis(data, -1, 0)
+            else:
+                raise InputFileError(f"{source}: a {data.ndim}-D NIfTI; expected 3-D or 4-D")
+            return InputFile(source, kind, np.ascontiguousarray(data), image.affine, image.header)
+        data = np.load(source, allow_pickle=False)
+    except InputFileError:
+        raise
+    except Exception as error:  # the readers raise many types for corrupt files
+        raise InputFileError(f"{source}: cannot read ({type(error).__name__}: {error})") from error
+    if data.dtype.kind not in "biuf":
+        raise InputFileError(f"{source}: array of dtype {data.dtype}; expected numbers")
+    if data.ndim == 2:
+        data = data[None]
+    elif data.ndim == 3 and data.shape[0] > 4:
+        data = data[None]  # (D, H, W): a single-channel volume
+    elif data.ndim not in (3, 4):
+        raise InputFileError(f"{source}: array of shape {data.shape}; expected 2-D to 4-D")
+    return InputFile(source, kind, np.ascontiguousarray(data, dtype=np.float32))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image_module = _require("PIL.Image", "images")
+    with image_module.open(path) as image:
+        image.load()
+        if image.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
+            array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+        else:
+            array = np.asarray(image, dtype=np.float32)[None]
+    return np.ascontiguousarray(array)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temporary file beside ``path`` and rename it over ``path`` on success.
+
+    A crash or kill leaves either the old file or the new one, never a half-written one; the
+    temporary is removed on error (a kill can leave a hidden ``.name.*.part`` file, which the next
+    run of the same output ignores and overwrites nothing with).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(handle, mode) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
+    """Write a (I, J, K) volume as NIfTI with the given affine (and header geometry), atomically."""
+    nibabel = _require("nibabel", "nifti")
+    image = nibabel.Nifti1Image(np.asarray(volume, dtype=np.float32), affine, header=header)
+    if header is not None:
+        image.set_data_dtype(np.float32)
+        image.header.set_qform(*header.get_qform(coded=True))
+        image.header.set_sform(*header.get_sform(coded=True))
+    else:
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    with atomic_write(path) as stream:
+        stream.write(image.to_bytes() if not path.name.endswith(".gz") else _gzip(image.to_bytes()))
+    return path
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)

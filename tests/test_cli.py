@@ -1,0 +1,283 @@
+"""The command line end to end: maps equal segcam.explain, files, resume, errors, kills."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import segcam
+from segcam.cli import main
+from segcam.synthetic_demo import build_demo_model, load_demo_model
+from segcam.testing.synthetic import shapes_scene
+
+WEIGHTS = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
+MODEL = ["--model", "segcam.synthetic_demo:build_demo_model", "--weights", str(WEIGHTS)]
+LAYER = "model.1.submodule.2"
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for seed in range(1_000_008, 1_000_011):
+        image, labels = shapes_scene(seed)
+        np.save(folder / f"scene{seed}.npy", image[0] * 100.0)  # raw intensities, windowed below
+        np.save(folder / f"disks{seed}.npy", labels == 1)
+    return folder
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_written_maps_equal_explain(scenes, tmp_path, capsys):
+    out = tmp_path / "out"
+    image = scenes / "scene1000008.npy"
+    code = run(
+        "explain",
+        image,
+        *MODEL,
+        "--window",
+        "-50,250",
+        "--classes",
+        "bg,disk,square",
+        "--target",
+        "predicted:disk",
+        "--target",
+        f"mask:2:{scenes / 'disks1000008.npy'}",
+        "--target",
+        "box:square:10,10,40,50",
+        "--target",
+        "pixel:1:20,21",
+        "--layer",
+        LAYER,
+        "--layer",
+        "model.0",
+        "--method",
+        "seg-grad-cam",
+        "--method",
+        "seg-hires-grad-cam",
+        "--normalize",
+        "max",
+        "--out",
+        out,
+    )
+    assert code == 0
+    raw = np.load(image)
+    x = torch.from_numpy(((np.clip(raw, -50, 250) + 50) / 300).astype(np.float32))[None, None]
+    mask = np.load(scenes / "disks1000008.npy")
+    targets = [
+        segcam.Predicted(1),
+        segcam.Mask(2, mask),
+        segcam.Box(2, [(10, 40), (10, 50)]),
+        segcam.Pixel(1, (20, 21)),
+    ]
+    folder = out / "scene1000008"
+    for method in ("seg-grad-cam", "seg-hires-grad-cam"):
+        expected = segcam.explain(
+            load_demo_model(), x, targets, [LAYER, "model.0"], method, normalize="max"
+        )
+        written = segcam.load(folder / f"{method}.npz")
+        for layer in (LAYER, "model.0"):
+            torch.testing.assert_close(written.layer_maps[layer], expected.layer_maps[layer])
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert len(pngs) == 2 * 2 * 4 and "seg-hires-grad-cam__model.0__t1-mask-2.png" in pngs
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["methods"] == ["seg-grad-cam", "seg-hires-grad-cam"]
+    assert manifest["weights_sha256"] == segcam.specs.file_sha256(WEIGHTS)
+    assert manifest["input"]["path"] == str(image) and manifest["torch"] == torch.__version__
+    assert sorted(manifest["outputs"]) == sorted(
+        p.name for p in folder.iterdir() if p.name != "manifest.json"
+    )
+
+
+def test_folder_resume_and_overwrite(scenes, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["explain", scenes, *MODEL, "--target", "predicted:1", "--layer", LAYER, "--out", out]
+    assert run(*args) == 0
+    first = capsys.readouterr().err
+    assert first.count("files in") == 6  # 3 scenes + 3 masks, all .npy inputs
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert run(*args) == 0
+    second = capsys.readouterr().err
+    assert second.count("already done, skipped") == 6
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    # Other settings are new work, not a finished output.
+    assert run(*args, "--method", "seg-grad-cam") == 0
+    assert capsys.readouterr().err.count("files in") == 6
+
+
+def test_nifti_geometry_kept(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    affine = np.array([[0.8, 0, 0, -10], [0, 0.8, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
+    source = tmp_path / "volume.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume, affine), source)
+    out = tmp_path / "out"
+    code = run(
+        "explain",
+        source,
+        "--model",
+        "monai:UNet",
+        "--model-kwargs",
+        '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, '
+        '"channels": [4, 8], "strides": [2]}',
+        "--target",
+        "all:1",
+        "--layer",
+        "model.0",
+        "--out",
+        out,
+    )
+    assert code == 0
+    heat = nibabel.load(out / "volume" / "seg-hires-grad-cam__model.0__t0-all-1.nii.gz")
+    assert heat.shape == volume.shape
+    np.testing.assert_allclose(heat.affine, affine)
+    assert heat.header.get_zooms() == (0.8, 0.8, 2.5)
+
+
+def test_corrupt_inputs_give_one_line(tmp_path, capsys):
+    bad_png = tmp_path / "broken.png"
+    bad_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    truncated = tmp_path / "cut.nii.gz"
+    full = gzip.compress(b"\x5c\x01\x00\x00" + b"\x00" * 400)
+    truncated.write_bytes(full[: len(full) // 2])
+    for path in (bad_png, truncated):
+        code = run(
+            "explain",
+            path,
+            *MODEL,
+            "--target",
+            "predicted:1",
+            "--layer",
+            LAYER,
+            "--out",
+            tmp_path / "out",
+        )
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert err.startswith(f"segcam: error: {path}: cannot read") and "\n" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.npz"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "predicted:7"], "class index 7 is out of range"),
+        (["--target", "circle:1"], "unknown kind 'circle'"),
+        (["--target", "box:1:1,2,3"], "a box is I0,J0,I1,J1"),
+        (["--target", "predicted:tumour"], "unknown class 'tumour'"),
+        (["--target", "predicted:1", "--layer", "model.9"], "layer 'model.9' does not exist"),
+    ],
+)
+def test_bad_specs_give_one_line(scenes, tmp_path, capsys, extra, message):
+    layer = [] if "--layer" in extra else ["--layer", LAYER]
+    code = run(
+        "explain", scenes / "scene1000008.npy", *MODEL, *extra, *layer, "--out", tmp_path / "out"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(scenes, tmp_path):
+    with pytest.raises(segcam.errors.ClassIndexError):
+        run(
+            "--debug",
+            "explain",
+            scenes / "scene1000008.npy",
+            *MODEL,
+            "--target",
+            "predicted:7",
+            "--layer",
+            LAYER,
+            "--out",
+            tmp_path / "out",
+        )
+
+
+def test_torchscript_and_pickle_are_refused(tmp_path, capsys):
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build_demo_model().eval()), scripted)
+    assert (
+        run("layers", "--model", "segcam.synthetic_demo:build_demo_model", "--weights", scripted)
+        == 2
+    )
+    assert "TorchScript" in capsys.readouterr().err
+    pickled = tmp_path / "whole.pt"
+    torch.save(load_demo_model(), pickled)
+    assert (
+        run("layers", "--model", "segcam.synthetic_demo:build_demo_model", "--weights", pickled)
+        == 2
+    )
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert run("layers", "--weights", pickled, "--trust-pickle", "--input-shape", "1,1,64,64") == 0
+    assert "model.1.submodule.2" in capsys.readouterr().out
+
+
+def test_layers_marks_the_path(capsys):
+    assert run("layers", *MODEL, "--input-shape", "1,1,64,64", "--all") == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith(f"{LAYER} "))
+    assert "(1, 16, 32, 32)" in row and row.rstrip().endswith("yes")
+
+
+def test_methods_lists_the_registry(capsys):
+    assert run("methods") == 0
+    out = capsys.readouterr().out
+    for name in segcam.list_methods():
+        assert name in out
+
+
+def test_killed_run_leaves_no_partial_files_and_completes(scenes, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "segcam.cli",
+        "explain",
+        str(scenes),
+        *MODEL,
+        "--target",
+        "predicted:1",
+        "--target",
+        "all:2",
+        "--layer",
+        LAYER,
+        "--layer",
+        "model.0",
+        "--method",
+        "seg-grad-cam",
+        "--method",
+        "seg-hires-grad-cam",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert process.stderr is not None
+    line = process.stderr.readline()  # the first input is done: kill in the middle of the rest
+    assert "files in" in line, line
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    for path in out.rglob("*"):
+        if path.suffix == ".npz":
+            segcam.load(path)  # every file under its final name is complete
+    done_before = {p.parent.name for p in out.rglob("manifest.json")}
+    assert 1 <= len(done_before) < 6
+    rerun = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert rerun.stderr.count("already done, skipped") == len(done_before)
+    assert rerun.stderr.count("files in") == 6 - len(done_before)
+    assert not list(out.rglob("*.part"))
+    assert len(list(out.rglob("manifest.json"))) == 6
