@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segcam: interrupted", file=sys.stderr)
         return 130
-    except (CliError, SegCamError, InputFileError, SpecError, FileNotFoundError) as error:
+    except (CliError, SegCamError, InputFileError, SpecError, OSError) as error:
         if args.debug:
             raise
         print(f"segcam: error: {error}", file=sys.stderr)

@@ -1,0 +1,105 @@
+"""The demo CT data, the MRC reader, and the shipped liver networks' held-out Dice."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import segcam
+from segcam import liver
+from segcam.cli import main
+from segcam.demo_liver import LIVER_LAYERS, held_out_dice, load_liver_model
+from segcam.io.mrc import MrcError, read_mrc
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _mrc_bytes(array: np.ndarray, mode: int, order: str) -> bytes:
+    nz, ny, nx = array.shape
+    header = bytearray(1024)
+    header[:16] = struct.pack(f"{order}4i", nx, ny, nz, mode)
+    header[212] = 0x44 if order == "<" else 0x11
+    return bytes(header) + array.astype(array.dtype.newbyteorder(order)).tobytes()
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize(("dtype", "mode"), [(np.float32, 2), (np.uint16, 6), (np.int16, 1)])
+def test_mrc_round_trip(order, dtype, mode):
+    array = (np.arange(2 * 3 * 4) * 7 % 11).astype(dtype).reshape(2, 3, 4)
+    read = read_mrc(_mrc_bytes(array, mode, order))
+    assert read.shape == (2, 3, 4) and np.array_equal(read, array)
+
+
+def test_mrc_errors(tmp_path):
+    array = np.zeros((2, 3, 4), dtype=np.float32)
+    with pytest.raises(MrcError, match="truncated"):
+        read_mrc(_mrc_bytes(array, 2, "<")[:-8])
+    with pytest.raises(MrcError, match="shorter than the 1024-byte"):
+        read_mrc(b"\x00" * 100)
+    with pytest.raises(MrcError, match="unsupported MRC mode"):
+        read_mrc(_mrc_bytes(array, 2, "<")[:12] + struct.pack("<i", 9) + b"\x00" * 2000)
+
+
+def test_case_is_the_documented_volume():
+    case = liver.load_case()
+    assert case.image.shape == case.labels.shape == (128, 128, 128)
+    assert case.image.dtype == np.float32 and -1100 < case.image.min() < case.image.max() < 3100
+    assert set(np.unique(case.labels)) == {0, 1, 2}
+    assert not set(liver.HELD_OUT_SLICES) & set(liver.TRAIN_SLICES)
+    assert not set(liver.HELD_OUT_SLICES) & set(liver.GAP_SLICES)
+
+
+@pytest.mark.parametrize("which", ["2d", "3d"])
+def test_shipped_networks_reach_their_logged_dice(which):
+    logged = json.loads((SCRIPTS / f"train_liver_{which}.log.json").read_text())
+    dice = held_out_dice(load_liver_model(which), which, liver.load_case())
+    for name in ("liver", "tumour"):
+        assert dice[name] == pytest.approx(logged["held_out_dice"][name], abs=0.01)
+    assert logged["held_out_slices"] == [56, 79]
+
+
+def test_cli_on_ct_slices_equals_explain(tmp_path):
+    case = liver.load_case()
+    slices = liver.axial_slices(case.image, [60, 72])  # held-out, in HU
+    for z, image in zip((60, 72), slices, strict=True):
+        np.save(tmp_path / f"slice{z}.npy", image)
+    weights = Path(segcam.__file__).parent / "data" / "liver_unet2d.pt"
+    layers = list(LIVER_LAYERS.values())
+    code = main(
+        [
+            "explain",
+            str(tmp_path / "slice60.npy"),
+            str(tmp_path / "slice72.npy"),
+            "--model",
+            "segcam.demo_liver:build_liver_model",
+            "--model-kwargs",
+            '{"which": "2d"}',
+            "--weights",
+            str(weights),
+            "--window",
+            "-200,300",
+            "--classes",
+            "background,liver,tumour",
+            "--target",
+            "predicted:liver",
+            "--target",
+            "predicted:tumour",
+            *[arg for layer in layers for arg in ("--layer", layer)],
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    model = load_liver_model("2d")
+    for z, image in zip((60, 72), slices, strict=True):
+        x = torch.from_numpy(liver.window(image))[None, None]
+        expected = segcam.explain(model, x, [segcam.Predicted(1), segcam.Predicted(2)], layers)
+        written = segcam.load(tmp_path / "out" / f"slice{z}" / "seg-hires-grad-cam.npz")
+        for layer in layers:
+            torch.testing.assert_close(written.layer_maps[layer], expected.layer_maps[layer])
+            assert written.layer_maps[layer].amax() > 0
