@@ -281,3 +281,25 @@ def test_killed_run_leaves_no_partial_files_and_completes(scenes, tmp_path):
     assert rerun.stderr.count("files in") == 6 - len(done_before)
     assert not list(out.rglob("*.part"))
     assert len(list(out.rglob("manifest.json"))) == 6
+
+
+def test_safetensors_weights_give_the_same_maps(scenes, tmp_path):
+    from safetensors.torch import save_file
+
+    converted = tmp_path / "weights.safetensors"
+    save_file(load_demo_model().state_dict(), str(converted))
+    common = [
+        "explain",
+        scenes / "scene1000008.npy",
+        "--model",
+        "segcam.synthetic_demo:build_demo_model",
+        "--target",
+        "predicted:1",
+        "--layer",
+        LAYER,
+    ]
+    assert run(*common, "--weights", WEIGHTS, "--out", tmp_path / "a") == 0
+    assert run(*common, "--weights", converted, "--out", tmp_path / "b") == 0
+    first = segcam.load(tmp_path / "a" / "scene1000008" / "seg-hires-grad-cam.npz")
+    second = segcam.load(tmp_path / "b" / "scene1000008" / "seg-hires-grad-cam.npz")
+    torch.testing.assert_close(first.maps, second.maps, rtol=0, atol=0)
