@@ -1,0 +1,80 @@
+"""Metrics of explanations: pure functions (:mod:`segcam.metrics.functional`) and thin classes.
+
+The classes accumulate a functional metric over batches (``update``) and report the mean and
+count of the defined values (``compute``), in the style of torchmetrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from segcam.metrics.functional import (
+    Curves,
+    MetricError,
+    cascading_randomization,
+    deletion_insertion,
+    energy_inside,
+    pointing_game,
+    relevance_rank_accuracy,
+    spearman,
+)
+
+__all__ = [
+    "Curves",
+    "EnergyInside",
+    "MetricError",
+    "PointingGame",
+    "RelevanceRankAccuracy",
+    "cascading_randomization",
+    "deletion_insertion",
+    "energy_inside",
+    "pointing_game",
+    "relevance_rank_accuracy",
+    "spearman",
+]
+
+
+class _Mean:
+    """Mean of a per-sample metric over all updates; NaN (undefined) values are counted apart."""
+
+    function: Callable[[torch.Tensor, Any], torch.Tensor]
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+        self.undefined = 0
+
+    def update(self, maps: torch.Tensor, region: Any) -> torch.Tensor:
+        """Add a batch; return its per-sample values."""
+        values = type(self).function(maps, region)
+        defined = ~torch.isnan(values)
+        self.total += float(values[defined].sum())
+        self.count += int(defined.sum())
+        self.undefined += int((~defined).sum())
+        return values
+
+    def compute(self) -> float:
+        """Mean over all defined values so far (NaN before any)."""
+        return self.total / self.count if self.count else math.nan
+
+
+class EnergyInside(_Mean):
+    """Running mean of :func:`energy_inside`."""
+
+    function = staticmethod(energy_inside)
+
+
+class PointingGame(_Mean):
+    """Running mean of :func:`pointing_game` (the hit rate)."""
+
+    function = staticmethod(pointing_game)
+
+
+class RelevanceRankAccuracy(_Mean):
+    """Running mean of :func:`relevance_rank_accuracy`."""
+
+    function = staticmethod(relevance_rank_accuracy)
