@@ -48,7 +48,9 @@ class MetricError(SegCamError, ValueError):
 
 def _region(maps: torch.Tensor, region: Any, what: str) -> torch.Tensor:
     if maps.ndim not in (3, 4):
-        raise MetricError(f"{what}: maps must be (N, H, W) or (N, D, H, W), got {tuple(maps.shape)}")
+        raise MetricError(
+            f"{what}: maps must be (N, H, W) or (N, D, H, W), got {tuple(maps.shape)}"
+        )
     mask: torch.Tensor = torch.as_tensor(region, device=maps.device)
     if tuple(mask.shape) == tuple(maps.shape[1:]):
         mask = mask.unsqueeze(0).expand_as(maps)
