@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DATA_DIR := .cache/segcam-data
 DATA := $(DATA_DIR)/liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl
 
-.PHONY: install data test lint format demo bench clean
+.PHONY: install data test lint format demo bench evaluate clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ format: $(STAMP)
 
 demo: $(STAMP) $(DATA)
 	$(VENV)/bin/segcam demo --out demo-out
+
+evaluate: $(STAMP) $(DATA)
+	$(VENV)/bin/segcam evaluate --out reports
+	$(PY) scripts/evaluation_report.py reports
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

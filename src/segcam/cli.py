@@ -157,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the registered methods")
 
+    evaluate = commands.add_parser(
+        "evaluate", help="score the methods on the built-in benchmarks (tables, plots)"
+    )
+    evaluate.add_argument(
+        "--data",
+        action="append",
+        choices=["evidence", "ct", "randomisation"],
+        help="benchmark(s): evidence (known evidence), ct (held-out CT slices), "
+        "randomisation (cascading parameter randomisation)",
+    )
+    evaluate.add_argument("--methods", nargs="+", choices=list(REGISTRY), default=list(REGISTRY))
+    evaluate.add_argument("--count", type=int, default=100, help="evidence scenes (default 100)")
+    evaluate.add_argument("--out", type=Path, default=Path("reports"))
+
     demo = commands.add_parser("demo", help="the CT liver-tumour demo (report.html, NIfTI)")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--fetch", action="store_true", help="download the demo CT if missing")
@@ -394,6 +408,17 @@ def _command_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from segcam.evaluation import run_evaluation
+
+    data = args.data or ["evidence", "ct", "randomisation"]
+    written = run_evaluation(data, args.methods, args.out, args.count)
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
 def _command_demo(args: argparse.Namespace) -> int:
     from segcam.demo_report import run_demo
 
@@ -405,6 +430,7 @@ COMMANDS = {
     "layers": _command_layers,
     "methods": _command_methods,
     "demo": _command_demo,
+    "evaluate": _command_evaluate,
 }
 
 

@@ -1,0 +1,64 @@
+"""The evidence benchmark, its trained network, the bootstrap, and `segcam evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segcam.cli import main
+from segcam.evaluation import bootstrap_interval, evidence_accuracy, load_evidence_model
+from segcam.testing.evidence import evidence_scene
+
+LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_evidence_unet.log.json"
+
+
+def test_scenes_are_seeded_and_consistent():
+    first, again = evidence_scene(11), evidence_scene(11)
+    assert np.array_equal(first.image, again.image)
+    for scene in (evidence_scene(seed) for seed in range(30)):
+        assert not (scene.disk & scene.marker).any() and not (scene.square & scene.marker).any()
+        assert not (scene.disk & scene.square).any()
+        assert (scene.labels[scene.disk] == scene.disk_class).all()
+        assert (scene.labels[scene.marker] == 0).all()
+        # the marker's sign carries the disk's class; the disk itself does not
+        marker_mean = scene.image[0][scene.marker].mean()
+        assert (marker_mean > 0.5) == (scene.disk_class == 1)
+
+
+def test_shipped_network_uses_the_cue():
+    logged = json.loads(LOG.read_text())["held_out"]
+    measured = evidence_accuracy(load_evidence_model(), count=100)
+    assert measured["pixel_accuracy"] >= 0.95 and logged["pixel_accuracy"] >= 0.95
+    # A network blind to the marker could only guess the disk's class (about 0.5).
+    assert measured["cue_disk_class_accuracy"] >= 0.95
+    assert measured["textured_square_class_accuracy"] >= 0.95
+
+
+def test_bootstrap_interval():
+    mean, low, high = bootstrap_interval(np.full(50, 0.3))
+    assert mean == low == high == pytest.approx(0.3)
+    values = np.random.default_rng(0).normal(1.0, 1.0, size=400)
+    mean, low, high = bootstrap_interval(np.append(values, np.nan))
+    assert low < mean < high and mean == pytest.approx(values.mean())
+    assert high - low == pytest.approx(2 * 1.96 / 20, rel=0.15)  # about 2 x 1.96 sigma / sqrt(n)
+    assert all(np.isnan(v) for v in bootstrap_interval(np.array([np.nan])))
+
+
+def test_evaluate_writes_tables_and_plots(tmp_path):
+    out = tmp_path / "reports"
+    assert main(["evaluate", "--data", "evidence", "--count", "4", "--out", str(out)]) == 0
+    with (out / "evidence.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    # 2 targets x (3 metrics + the chance level) x 3 layers x 2 methods
+    assert len(rows) == 2 * 4 * 3 * 2
+    assert all(
+        int(row["n"]) == 4 and float(row["low"]) <= float(row["mean"]) <= float(row["high"])
+        for row in rows
+    )
+    assert (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
+    records = json.loads((out / "evidence_records.json").read_text())
+    assert len(records) == 4 * 2 * 3 * 2
