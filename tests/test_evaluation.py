@@ -55,10 +55,9 @@ def test_evaluate_writes_tables_and_plots(tmp_path):
         rows = list(csv.DictReader(stream))
     # 2 targets x (3 metrics + the chance level) x 3 layers x 2 methods
     assert len(rows) == 2 * 4 * 3 * 2
-    assert all(
-        int(row["n"]) == 4 and float(row["low"]) <= float(row["mean"]) <= float(row["high"])
-        for row in rows
-    )
+    for row in rows:  # n < 4 where a map had no positive mass (energy undefined)
+        low, mean, high = (float(row[key]) for key in ("low", "mean", "high"))
+        assert 1 <= int(row["n"]) <= 4 and low - 1e-12 <= mean <= high + 1e-12, row
     assert (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
     records = json.loads((out / "evidence_records.json").read_text())
     assert len(records) == 4 * 2 * 3 * 2
