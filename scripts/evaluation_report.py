@@ -59,6 +59,8 @@ def main() -> None:
             f"![{title}]({stem}.png)",
             "",
         ]
+        if (folder / f"{stem}_curves.png").is_file():
+            lines += [f"![{title}: mean curves]({stem}_curves.png)", ""]
     output = folder / "evaluation.md"
     output.write_text("\n".join(lines))
     print(f"wrote {output}")

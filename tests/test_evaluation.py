@@ -61,3 +61,55 @@ def test_evaluate_writes_tables_and_plots(tmp_path):
     assert (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
     records = json.loads((out / "evidence_records.json").read_text())
     assert len(records) == 4 * 2 * 3 * 2
+
+
+def test_evaluate_a_folder_against_labels(tmp_path):
+    import torch
+
+    import segcam
+    from segcam.metrics import energy_inside
+    from segcam.synthetic_demo import load_demo_model
+    from segcam.testing.synthetic import shapes_scene
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for seed in (1_000_008, 1_000_009):
+        image, label = shapes_scene(seed)
+        np.save(images / f"s{seed}.npy", image[0])
+        np.save(labels / f"s{seed}.npy", label)
+    weights = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
+    out = tmp_path / "out"
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(images),
+            "--labels",
+            str(labels),
+            "--model",
+            "segcam.synthetic_demo:build_demo_model",
+            "--weights",
+            str(weights),
+            "--layer",
+            "model.1.submodule.2",
+            "--classes",
+            "bg,disk,square",
+            "--methods",
+            "seg-hires-grad-cam",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    records = json.loads((out / "images_records.json").read_text())
+    assert {r["target"] for r in records} == {"disk", "square"}
+    record = next(r for r in records if r["sample"] == "s1000008.npy" and r["target"] == "disk")
+    image, label = shapes_scene(1_000_008)
+    maps = segcam.explain(
+        load_demo_model(), torch.from_numpy(image)[None], segcam.Predicted(1), "model.1.submodule.2"
+    ).maps[:, 0]
+    expected = float(energy_inside(maps, torch.from_numpy(label == 1)[None]))
+    assert record["energy in ground truth"] == pytest.approx(expected, rel=1e-5)
+    assert (out / "images.md").is_file() and (out / "images.png").is_file()
+    assert main(["evaluate", "--data", str(images), "--out", str(out)]) == 2  # no labels/model

@@ -163,10 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data",
         action="append",
-        choices=["evidence", "ct", "randomisation"],
-        help="benchmark(s): evidence (known evidence), ct (held-out CT slices), "
-        "randomisation (cascading parameter randomisation)",
+        metavar="NAME|FOLDER",
+        help="built-in benchmark: evidence (known evidence), ct (held-out CT "
+        "slices), randomisation (cascading parameter randomisation); or a "
+        "folder of inputs scored against --labels",
     )
+    evaluate.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FOLDER",
+        help="ground-truth label maps, same file names as the --data inputs",
+    )
+    _add_model_options(evaluate)
+    evaluate.add_argument("--layer", action="append", metavar="NAME", help="(folder mode)")
+    evaluate.add_argument(
+        "--classes",
+        type=lambda s: s.split(","),
+        default=[],
+        help="class names in order (folder mode; classes 1.. are scored)",
+    )
+    evaluate.add_argument("--window", type=_pair, metavar="LOW,HIGH")
+    evaluate.add_argument("--zscore", action="store_true")
+    evaluate.add_argument("--minmax", action="store_true")
     evaluate.add_argument("--methods", nargs="+", choices=list(REGISTRY), default=list(REGISTRY))
     evaluate.add_argument("--count", type=int, default=100, help="evidence scenes (default 100)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))
@@ -409,10 +427,44 @@ def _command_methods(args: argparse.Namespace) -> int:
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
-    from segcam.evaluation import run_evaluation
+    from segcam.evaluation import run_evaluation, score_against_truth, write_outputs
 
-    data = args.data or ["evidence", "ct", "randomisation"]
-    written = run_evaluation(data, args.methods, args.out, args.count)
+    built_in = {"evidence", "ct", "randomisation"}
+    data = args.data or sorted(built_in)
+    written = run_evaluation([d for d in data if d in built_in], args.methods, args.out, args.count)
+    for folder in (Path(d) for d in data if d not in built_in):
+        if not folder.is_dir():
+            raise CliError(f"--data {folder}: neither a built-in benchmark nor a folder")
+        if args.labels is None or args.model is None or not args.layer:
+            raise CliError("--data FOLDER needs --labels FOLDER, --model and --layer")
+        model = load_model(
+            args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle
+        )
+        intensity = {"window": args.window, "zscore": args.zscore, "minmax": args.minmax}
+        records: list[dict[str, Any]] = []
+        files = _expand([folder])
+        for index, path in enumerate(files, start=1):
+            label_path = args.labels / path.name
+            if not label_path.is_file():
+                raise CliError(f"{path}: no label map {label_path}")
+            image = apply_intensity(read_input(path).array, **intensity)
+            truth = torch.from_numpy(read_input(label_path).array[0].round().astype(np.int64))
+            classes = {
+                (args.classes[c] if c < len(args.classes) else str(c)): c
+                for c in range(1, int(truth.max()) + 1)
+            }
+            records += score_against_truth(
+                model,
+                torch.from_numpy(image)[None],
+                truth[None],
+                args.methods,
+                {name: name for name in args.layer},
+                classes,
+                dataset=folder.name,
+                sample_names=[path.name],
+            )
+            print(f"[{index}/{len(files)}] {path}", file=sys.stderr)
+        written += write_outputs(folder.name, records, args.out)
     print("wrote:")
     for path in written:
         print(f"  {path}")

@@ -168,52 +168,64 @@ def evaluate_evidence(
     return records
 
 
-def evaluate_ct(methods: Sequence[str], layers: dict[str, str], steps: int = 16) -> list[Record]:
-    """Score the CT held-out slices per method, layer and class.
+Curve = dict[str, list[float]]
 
-    Localisation against the ground truth, and deletion/insertion AUC of the predicted region's
-    score (divided by its unperturbed value).
+
+def score_against_truth(
+    model: nn.Module,
+    images: torch.Tensor,
+    truth: torch.Tensor,
+    methods: Sequence[str],
+    layers: dict[str, str],
+    classes: dict[str, int],
+    *,
+    dataset: str,
+    sample_names: Sequence[object],
+    steps: int = 16,
+    curves: dict[tuple[str, str, str, str], Curve] | None = None,
+) -> list[Record]:
+    """Score maps of each class's predicted region against the ground truth ``truth`` (N, *S).
+
+    Per sample, method, layer and class (samples where the class is neither present nor
+    predicted are left out): energy in the ground truth, pointing game, relevance rank accuracy,
+    and deletion/insertion AUC of the target score divided by its unperturbed value.
     """
-    from segcam import liver
-    from segcam.demo_liver import load_liver_model
-
-    model = load_liver_model("2d")
-    case = liver.load_case()
-    slices = list(liver.HELD_OUT_SLICES)
-    images = torch.from_numpy(liver.axial_slices(liver.window(case.image), slices))[:, None]
-    truth = torch.from_numpy(liver.axial_slices(case.labels, slices))
     records: list[Record] = []
-    total = len(methods) * len(layers) * 2
-    done = 0
+    targets = [segcam.Predicted(c) for c in classes.values()]
     for method in methods:
-        expl = segcam.explain(
-            model, images, [segcam.Predicted(1), segcam.Predicted(2)], list(layers.values()), method
-        )
+        expl = segcam.explain(model, images, targets, list(layers.values()), method)
         for depth, layer in layers.items():
-            for t, (name, c) in enumerate((("liver", 1), ("tumour", 2))):
+            for t, (name, c) in enumerate(classes.items()):
                 maps = expl.layer_maps[layer][:, t]
                 present = (truth == c).flatten(1).any(1) & expl.pixel_sets[:, t].flatten(1).any(1)
                 keep = present.nonzero().flatten()
+                if keep.numel() == 0:
+                    continue
                 region = (truth == c)[keep]
                 heat = maps[keep]
-                target = segcam.Predicted(c)
-                deletion = deletion_insertion(model, images[keep], heat, target, steps=steps)
+                deletion = deletion_insertion(model, images[keep], heat, targets[t], steps=steps)
                 insertion = deletion_insertion(
-                    model, images[keep], heat, target, mode="insertion", steps=steps
+                    model, images[keep], heat, targets[t], mode="insertion", steps=steps
                 )
                 start = deletion.scores[:, :1].clamp_min(1e-6)
-                energy = energy_inside(heat, region)
-                pointing = pointing_game(heat, region)
-                rank = relevance_rank_accuracy(heat, region)
+                if curves is not None:
+                    for mode, result in (("deletion", deletion), ("insertion", insertion)):
+                        curves[(name, depth, method, mode)] = {
+                            "fractions": result.fractions.tolist(),
+                            "scores": (result.scores / start).mean(dim=0).tolist(),
+                        }
                 deletion_auc = torch.trapezoid(deletion.scores / start, deletion.fractions, dim=1)
                 insertion_auc = torch.trapezoid(
                     insertion.scores / start, insertion.fractions, dim=1
                 )
+                energy = energy_inside(heat, region)
+                pointing = pointing_game(heat, region)
+                rank = relevance_rank_accuracy(heat, region)
                 for row, n in enumerate(keep.tolist()):
                     records.append(
                         {
-                            "dataset": "ct",
-                            "sample": slices[n],
+                            "dataset": dataset,
+                            "sample": sample_names[n],
                             "method": method,
                             "layer": depth,
                             "target": name,
@@ -224,9 +236,36 @@ def evaluate_ct(methods: Sequence[str], layers: dict[str, str], steps: int = 16)
                             "insertion AUC": float(insertion_auc[row]),
                         }
                     )
-                done += 1
-                _progress(done, total, "CT held-out slices")
     return records
+
+
+def evaluate_ct(
+    methods: Sequence[str],
+    layers: dict[str, str],
+    steps: int = 16,
+    curves: dict[tuple[str, str, str, str], Curve] | None = None,
+) -> list[Record]:
+    """The CT held-out slices (56..79) with the 2D network; see :func:`score_against_truth`."""
+    from segcam import liver
+    from segcam.demo_liver import load_liver_model
+
+    case = liver.load_case()
+    slices = list(liver.HELD_OUT_SLICES)
+    images = torch.from_numpy(liver.axial_slices(liver.window(case.image), slices))[:, None]
+    truth = torch.from_numpy(liver.axial_slices(case.labels, slices))
+    print("scoring the CT held-out slices ...", file=sys.stderr, flush=True)
+    return score_against_truth(
+        load_liver_model("2d"),
+        images,
+        truth,
+        methods,
+        layers,
+        {"liver": 1, "tumour": 2},
+        dataset="ct",
+        sample_names=slices,
+        steps=steps,
+        curves=curves,
+    )
 
 
 def evaluate_randomization(
@@ -389,12 +428,56 @@ def plot_summary(rows: list[Record], out: Path, stem: str) -> Path:
     return path
 
 
+def plot_curves(curves: dict[tuple[str, str, str, str], Curve], path: Path) -> Path:
+    """Mean deletion and insertion curves: a panel per class x mode, a line per method x layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(dict.fromkeys(key[0] for key in curves))
+    modes = ["deletion", "insertion"]
+    figure, axes = plt.subplots(
+        len(classes), 2, figsize=(10, 3.2 * len(classes)), squeeze=False, layout="constrained"
+    )
+    styles = {"bottleneck": ":", "middle decoder": "--", "last decoder": "-"}
+    for (name, depth, method, mode), curve in curves.items():
+        axis = axes[classes.index(name), modes.index(mode)]
+        colour = "tab:blue" if method == "seg-hires-grad-cam" else "tab:orange"
+        axis.plot(
+            curve["fractions"],
+            curve["scores"],
+            styles.get(depth, "-"),
+            color=colour,
+            label=f"{method}, {depth}",
+        )
+        axis.set_title(f"{name}: {mode} (score / unperturbed score)", fontsize=9)
+        axis.set_xlabel("fraction of pixels changed, highest map values first", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def write_outputs(name: str, records: list[Record], out: Path) -> list[Path]:
+    """Tables (CSV, markdown), bar charts and the raw per-sample records of one dataset."""
+    from segcam.io.files import atomic_write
+
+    if not records:
+        raise ValueError(f"{name}: nothing to score (no sample had a class present and predicted)")
+    rows = summarise(records)
+    written = [*write_tables(rows, out, name), plot_summary(rows, out, name)]
+    with atomic_write(out / f"{name}_records.json", "w") as stream:
+        json.dump(records, stream)
+    return [*written, out / f"{name}_records.json"]
+
+
 def run_evaluation(
     data: Sequence[str], methods: Sequence[str], out: Path, count: int = 100
 ) -> list[Path]:
-    """Evaluate the built-in datasets (``evidence``, ``ct``); write tables, plots, raw records."""
+    """Evaluate the built-in datasets (``evidence``, ``ct``, ``randomisation``) into ``out``."""
     from segcam.demo_liver import LIVER_LAYERS
-    from segcam.io.files import atomic_write
 
     written: list[Path] = []
     for name in data:
@@ -403,13 +486,10 @@ def run_evaluation(
         elif name == "randomisation":
             records = evaluate_randomization(methods, EVIDENCE_LAYERS)
         elif name == "ct":
-            records = evaluate_ct(methods, LIVER_LAYERS)
+            curves: dict[tuple[str, str, str, str], Curve] = {}
+            records = evaluate_ct(methods, LIVER_LAYERS, curves=curves)
+            written.append(plot_curves(curves, out / "ct_curves.png"))
         else:
             raise ValueError(f"unknown dataset {name!r}: use evidence, ct or randomisation")
-        rows = summarise(records)
-        written.extend(write_tables(rows, out, name))
-        written.append(plot_summary(rows, out, name))
-        with atomic_write(out / f"{name}_records.json", "w") as stream:
-            json.dump(records, stream)
-        written.append(out / f"{name}_records.json")
+        written.extend(write_outputs(name, records, out))
     return written
