@@ -12,6 +12,7 @@ from torch import nn
 
 import segcam
 from segcam.metrics import (
+    DeletionInsertionAUC,
     EnergyInside,
     MetricError,
     cascading_randomization,
@@ -195,3 +196,15 @@ def test_agreement_with_quantus():
             np.testing.assert_allclose(
                 mine.numpy(), np.asarray(theirs, dtype=np.float64), rtol=1e-5, atol=1e-6
             )
+
+
+def test_deletion_auc_class_accumulates():
+    x = torch.tensor([[[[4.0, 3.0, 2.0, 1.0]]]])
+    metric = DeletionInsertionAUC(Linear(), steps=4, baseline=0.0)
+    first = metric.update(x, 2 * x[:, 0], segcam.AllPixels(1))
+    metric.update(x, -2 * x[:, 0], segcam.AllPixels(1))
+    assert first.item() == pytest.approx(11.5)
+    reverse = deletion_insertion(
+        Linear(), x, -2 * x[:, 0], segcam.AllPixels(1), steps=4, baseline=0.0
+    ).auc.item()
+    assert metric.compute() == pytest.approx((11.5 + reverse) / 2) and metric.count == 2

@@ -25,6 +25,7 @@ from segcam.metrics.functional import (
 
 __all__ = [
     "Curves",
+    "DeletionInsertionAUC",
     "EnergyInside",
     "MetricError",
     "PointingGame",
@@ -78,3 +79,35 @@ class RelevanceRankAccuracy(_Mean):
     """Running mean of :func:`relevance_rank_accuracy`."""
 
     function = staticmethod(relevance_rank_accuracy)
+
+
+class DeletionInsertionAUC:
+    """Running mean of the deletion or insertion AUC (:func:`deletion_insertion`) of one model.
+
+    ``update(inputs, maps, target)`` scores a batch and returns its per-sample AUCs;
+    ``compute()`` is the mean over all samples so far.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str = "deletion", **options: Any) -> None:
+        self.model, self.mode, self.options = model, mode, options
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, inputs: torch.Tensor, maps: torch.Tensor, target: Any) -> torch.Tensor:
+        """Add a batch; return its per-sample AUCs."""
+        curves = deletion_insertion(
+            self.model,
+            inputs,
+            maps,
+            target,
+            mode=self.mode,  # type: ignore[arg-type]
+            **self.options,
+        )
+        values = curves.auc
+        self.total += float(values.sum())
+        self.count += int(values.numel())
+        return values
+
+    def compute(self) -> float:
+        """Mean AUC over all samples so far (NaN before any)."""
+        return self.total / self.count if self.count else math.nan
