@@ -9,6 +9,7 @@ Dibrov, Myers, AAAI 2020) for any PyTorch segmentation network::
 """
 
 from segcam.core import explain
+from segcam.explainer import Explainer
 from segcam.explanation import Explanation, load
 from segcam.methods import list_methods
 from segcam.targets import (
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllPixels",
     "Box",
+    "Explainer",
     "Explanation",
     "Mask",
     "Pixel",

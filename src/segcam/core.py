@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from segcam.postprocess import upsample as upsample_maps
 from segcam.recording import LayerRecorder, LayerSpec, resolve_layers
 from segcam.targets import TargetLike, as_pixel_set, check_class_index
 
-__all__ = ["OutputSpec", "explain", "select_logits"]
+__all__ = ["OutputSpec", "RecordedForward", "explain", "record_forward", "select_logits"]
 
 OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
 
@@ -216,11 +217,129 @@ def explain(
         ClassIndexError, MaskShapeError, TargetError: a target does not fit the output.
         MethodNotFoundError: unknown method.
     """
-    _check_inputs(inputs)
     chosen = get_method(method)
     target_list = _as_target_list(targets)
+    _check_normalize(normalize)
+    recorded = record_forward(model, inputs, layer, output)
+    try:
+        return recorded.explain(
+            target_list,
+            chosen.name,
+            relu=relu,
+            upsample=upsample,
+            normalize=normalize,
+            keep_graph=False,
+        )
+    finally:
+        recorded.release()
+
+
+def _check_normalize(normalize: Any) -> None:
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be None, 'max' or 'minmax'; got {normalize!r}")
+
+
+@dataclass
+class RecordedForward:
+    """One forward pass with its graph from the hooked layers to the logits kept alive.
+
+    Made by :func:`record_forward`; :meth:`explain` takes one backward pass per target from it.
+    :meth:`release` drops every reference to the graph, which frees it.
+    """
+
+    layer_names: list[str]
+    input_size: tuple[int, ...]
+    logits: torch.Tensor | None
+    activations: list[torch.Tensor]
+    layer_shapes: dict[str, tuple[int, ...]]
+    detached_logits: torch.Tensor
+
+    def release(self) -> None:
+        """Drop the graph (logits and activations that hold it); explaining afterwards fails."""
+        self.logits = None
+        self.activations = []
+
+    def explain(
+        self,
+        targets: list[TargetLike],
+        method: str,
+        *,
+        relu: bool,
+        upsample: bool,
+        normalize: Normalization | None,
+        keep_graph: bool,
+    ) -> Explanation:
+        """Maps of ``targets``: one ``autograd.grad`` per non-empty target.
+
+        With ``keep_graph`` the graph survives the last target, for later calls.
+        """
+        if self.logits is None:
+            raise RuntimeError("this forward pass was released; run a new forward first")
+        chosen = get_method(method)
+        detached = self.detached_logits
+        pixel_sets = []
+        for target in targets:
+            check_class_index(target.class_index, detached)
+            pixel_sets.append(as_pixel_set(target.pixel_set(detached), detached, repr(target)))
+        stacked_sets = torch.stack(pixel_sets, dim=1)
+        nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T)
+        _warn_empty(nonempty, targets)
+        active = [t for t in range(len(targets)) if bool(nonempty[:, t].any())]
+
+        per_layer: list[list[torch.Tensor]] = [
+            [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(targets)
+            for activation in self.activations
+        ]
+        detached_activations = [activation.detach() for activation in self.activations]
+        for position, t in enumerate(active):
+            gradients = torch.autograd.grad(
+                self.logits,
+                self.activations,
+                grad_outputs=_grad_output(detached, targets[t].class_index, pixel_sets[t]),
+                retain_graph=keep_graph or position < len(active) - 1,
+            )
+            for maps, activation, gradient in zip(
+                per_layer, detached_activations, gradients, strict=True
+            ):
+                maps[t] = chosen.compute(activation, gradient)
+        if not keep_graph:
+            self.release()
+
+        layer_maps = {}
+        for name, maps in zip(self.layer_names, per_layer, strict=True):
+            result = torch.stack(maps, dim=1)
+            if relu:
+                result = relu_maps(result)
+            if upsample:
+                result = upsample_maps(result, self.input_size)
+            if normalize is not None:
+                result = normalize_maps(result, normalize)
+            layer_maps[name] = result
+        return Explanation(
+            layer_maps=layer_maps,
+            logits=detached,
+            pixel_sets=stacked_sets,
+            targets=tuple(targets),
+            method=chosen.name,
+            relu=relu,
+            upsampled=upsample,
+            normalize=normalize,
+            layer_shapes=self.layer_shapes,
+        )
+
+
+def record_forward(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: LayerSpec | Sequence[LayerSpec],
+    output: OutputSpec = None,
+) -> RecordedForward:
+    """Run the model once with the layers hooked; keep the graph from them to the logits.
+
+    Checks the input and the logits, warns about training-mode BatchNorm/Dropout, and raises
+    when a layer did not run or the output does not depend on it. Hooks are removed on exit.
+    """
+    _check_inputs(inputs)
     layers = resolve_layers(model, layer)
     training = _training_dependent(model)
     if training:
@@ -229,9 +348,8 @@ def explain(
             f"BatchNorm mixes the samples of a batch, Dropout makes the maps random; call "
             f"model.eval() first",
             SegCamWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-
     recorder = LayerRecorder(layers)
     with recorder.record():
         raw_output = model(inputs)
@@ -245,55 +363,15 @@ def explain(
     if not _all_finite(detached):
         raise NonFiniteError("the model's logits hold NaN or Inf values for this input")
     activations = recorder.activations(logits)
-
-    pixel_sets = []
-    for target in target_list:
-        check_class_index(target.class_index, detached)
-        pixel_sets.append(as_pixel_set(target.pixel_set(detached), detached, repr(target)))
-    stacked_sets = torch.stack(pixel_sets, dim=1)
-    nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T)
-    _warn_empty(nonempty, target_list)
-    active = [t for t in range(len(target_list)) if bool(nonempty[:, t].any())]
-
-    per_layer: list[list[torch.Tensor]] = [
-        [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(target_list)
-        for activation in activations
-    ]
-    detached_activations = [activation.detach() for activation in activations]
-    for position, t in enumerate(active):
-        gradients = torch.autograd.grad(
-            logits,
-            activations,
-            grad_outputs=_grad_output(detached, target_list[t].class_index, pixel_sets[t]),
-            retain_graph=position < len(active) - 1,
-        )
-        for maps, activation, gradient in zip(
-            per_layer, detached_activations, gradients, strict=True
-        ):
-            maps[t] = chosen.compute(activation, gradient)
-    layer_shapes = {name: tuple(a.shape) for (name, _), a in zip(layers, activations, strict=True)}
-    del logits, activations
-
-    layer_maps = {}
-    for (name, _), maps in zip(layers, per_layer, strict=True):
-        result = torch.stack(maps, dim=1)
-        if relu:
-            result = relu_maps(result)
-        if upsample:
-            result = upsample_maps(result, inputs.shape[2:])
-        if normalize is not None:
-            result = normalize_maps(result, normalize)
-        layer_maps[name] = result
-    return Explanation(
-        layer_maps=layer_maps,
-        logits=detached,
-        pixel_sets=stacked_sets,
-        targets=tuple(target_list),
-        method=chosen.name,
-        relu=relu,
-        upsampled=upsample,
-        normalize=normalize,
-        layer_shapes=layer_shapes,
+    return RecordedForward(
+        layer_names=[name for name, _ in layers],
+        input_size=tuple(int(s) for s in inputs.shape[2:]),
+        logits=logits,
+        activations=activations,
+        layer_shapes={
+            name: tuple(a.shape) for (name, _), a in zip(layers, activations, strict=True)
+        },
+        detached_logits=detached,
     )
 
 
@@ -322,5 +400,5 @@ def _warn_empty(nonempty: torch.Tensor, targets: list[TargetLike]) -> None:
         warnings.warn(
             f"empty pixel set for {'; '.join(parts)}: the score is 0 and the map is all zero",
             SegCamWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's call of explain() or Explainer.explain()
         )

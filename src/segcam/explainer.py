@@ -1,0 +1,152 @@
+"""Re-targeting without a new forward pass: one forward, then a partial backward per request.
+
+An interactive user changes the pixel set M again and again on the same input. ``explain`` would
+run the forward pass each time; an :class:`Explainer` keeps the graph from the hooked layers to
+the logits, so a new target costs only its backward pass from the logits to the layer::
+
+    with segcam.Explainer(model, "model.1.submodule") as explainer:
+        explainer.forward(x)
+        first = explainer.explain(segcam.Predicted(1))
+        second = explainer.explain(segcam.Box(2, [(10, 40), (20, 60)]))
+    # the graph is freed here
+
+Memory: one forward's graph at a time, from the first hooked layer on (nothing upstream is
+kept). ``forward`` on a new input frees the previous graph first; ``max_graph_bytes`` refuses a
+graph larger than a budget; ``close`` (or leaving the ``with`` block) frees it explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcam.core import (
+    OutputSpec,
+    RecordedForward,
+    _as_target_list,
+    _check_normalize,
+    record_forward,
+)
+from segcam.errors import SegCamError
+from segcam.explanation import Explanation
+from segcam.methods import get_method
+from segcam.postprocess import Normalization
+from segcam.recording import LayerSpec
+from segcam.targets import TargetLike
+
+__all__ = ["Explainer", "GraphTooLargeError"]
+
+
+class GraphTooLargeError(SegCamError, MemoryError):
+    """The kept forward graph would exceed ``max_graph_bytes``."""
+
+
+class Explainer:
+    """Explain one input for many targets: a forward once, a partial backward per target.
+
+    Args:
+        model, layer, output: as for :func:`segcam.explain`.
+        method, relu, upsample, normalize: defaults for :meth:`explain` (each call may override).
+        max_graph_bytes: refuse (and free) a forward whose tensors saved for backward exceed this.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec | Sequence[LayerSpec],
+        method: str = "seg-hires-grad-cam",
+        *,
+        relu: bool = True,
+        upsample: bool = True,
+        normalize: Normalization | None = None,
+        output: OutputSpec = None,
+        max_graph_bytes: int | None = None,
+    ) -> None:
+        get_method(method)
+        _check_normalize(normalize)
+        self.model = model
+        self.layer = layer
+        self.method = method
+        self.relu, self.upsample, self.normalize = relu, upsample, normalize
+        self.output = output
+        self.max_graph_bytes = max_graph_bytes
+        self._recorded: RecordedForward | None = None
+        self.graph_bytes = 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``inputs`` (freeing any earlier graph); return the detached logits."""
+        self.close()
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            recorded = record_forward(self.model, inputs, self.layer, self.output)
+        self.graph_bytes = sum(storages.values())
+        if self.max_graph_bytes is not None and self.graph_bytes > self.max_graph_bytes:
+            recorded.release()
+            raise GraphTooLargeError(
+                f"the forward graph holds {self.graph_bytes / 2**20:.1f} MiB of saved tensors, "
+                f"over max_graph_bytes={self.max_graph_bytes / 2**20:.1f} MiB; explain a deeper "
+                f"layer, a smaller input, or use segcam.explain"
+            )
+        self._recorded = recorded
+        return recorded.detached_logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The detached logits of the current forward pass."""
+        return self._current().detached_logits
+
+    def _current(self) -> RecordedForward:
+        if self._recorded is None:
+            raise RuntimeError("no forward pass is kept: call forward(x) first (or it was closed)")
+        return self._recorded
+
+    def explain(
+        self,
+        targets: TargetLike | Sequence[TargetLike],
+        method: str | None = None,
+        *,
+        relu: bool | None = None,
+        upsample: bool | None = None,
+        normalize: Normalization | str | None = "default",
+    ) -> Explanation:
+        """Maps for ``targets`` from the kept forward pass: one backward pass per target."""
+        chosen = method or self.method
+        get_method(chosen)
+        norm: Any = self.normalize if normalize == "default" else normalize
+        _check_normalize(norm)
+        return self._current().explain(
+            _as_target_list(targets),
+            chosen,
+            relu=self.relu if relu is None else relu,
+            upsample=self.upsample if upsample is None else upsample,
+            normalize=norm,
+            keep_graph=True,
+        )
+
+    def close(self) -> None:
+        """Free the kept graph; the explainer can run a new forward afterwards."""
+        if self._recorded is not None:
+            self._recorded.release()
+            self._recorded = None
+        self.graph_bytes = 0
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
