@@ -1,11 +1,12 @@
 """Speed and peak memory of segcam vs the physical limit and vs peers, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_core.py [--quick] [--repeats 5]
+    .venv/bin/python benchmarks/bench_core.py [--quick] [--only NAME...] [--repeats 9]
 
-The limit: one forward with a hook, one torch.autograd.grad per target to the layer, the map in
+The limit: one forward with hooks, one torch.autograd.grad per target to the layers, the map in
 one line (gradient recording on for the whole forward, as a user would write it). Each
-(configuration, implementation) runs in a fresh subprocess, so peak memory (resident set, CPU) is
-its own; time is the median of --repeats calls after one warm-up. Writes
+(configuration, implementation) runs in a fresh subprocess, so peak memory (resident set growth,
+CPU) is its own; time is the median of --repeats calls after warm-up. Also measures the
+re-targeting Explainer: a new target's time over a full explain. Writes
 benchmarks/results/core.json and prints ratios: segcam / limit and peer / segcam.
 """
 
@@ -29,20 +30,57 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {
     "unet2d-256-K1": {"dims": 2, "size": 256, "batch": 1, "targets": 1},
     "unet2d-256-K4": {"dims": 2, "size": 256, "batch": 1, "targets": 4},
-    "unet2d-256-K4-B4": {"dims": 2, "size": 256, "batch": 4, "targets": 4},
+    "unet2d-256-K19": {"dims": 2, "size": 256, "batch": 1, "targets": 19},
+    "unet2d-256-K4-L3": {"dims": 2, "size": 256, "batch": 1, "targets": 4, "layers": 3},
+    "unet2d-256-K4-B8": {"dims": 2, "size": 256, "batch": 8, "targets": 4},
     "unet3d-64-K1": {"dims": 3, "size": 64, "batch": 1, "targets": 1},
-    "unet3d-64-K3": {"dims": 3, "size": 64, "batch": 1, "targets": 3},
+    "unet3d-96-K1": {"dims": 3, "size": 96, "batch": 1, "targets": 1},
+    "unet3d-96-K3": {"dims": 3, "size": 96, "batch": 1, "targets": 3},
+    "segresnet3d-64-K3": {"dims": 3, "size": 64, "batch": 1, "targets": 3, "net": "segresnet"},
 }
-IMPLEMENTATIONS = ["limit", "segcam-hires", "segcam-grad", "pytorch-grad-cam", "captum"]
+IMPLEMENTATIONS = [
+    "limit",
+    "segcam-hires",
+    "segcam-grad",
+    "pytorch-grad-cam",
+    "pytorch-grad-cam-gradcam",
+    "captum",
+    "captum-gradcam",
+    "monai-gradcam",
+]
+# Which segcam method each peer is compared with.
+PEER_OF = {
+    "pytorch-grad-cam": "segcam-hires",
+    "captum": "segcam-hires",
+    "pytorch-grad-cam-gradcam": "segcam-grad",
+    "captum-gradcam": "segcam-grad",
+    "monai-gradcam": "segcam-grad",
+}
 LAYER = "model.1.submodule"
+THREE_LAYERS = [
+    "model.1.submodule.1.submodule.1.submodule",
+    "model.1.submodule.1.submodule.2",
+    "model.1.submodule",
+]
+
+
+def layers_of(config):
+    if config.get("net") == "segresnet":
+        return ["up_layers.1"]
+    return THREE_LAYERS if config.get("layers", 1) == 3 else [LAYER]
 
 
 def build(config):
-    from monai.networks.nets import UNet
+    from monai.networks.nets import SegResNet, UNet
 
     torch.manual_seed(0)
     dims, size = config["dims"], config["size"]
-    model = UNet(dims, 1, 4, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1).eval()
+    if config.get("net") == "segresnet":
+        model = SegResNet(dims, init_filters=16, in_channels=1, out_channels=4).eval()
+    else:
+        model = UNet(
+            dims, 1, 4, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1
+        ).eval()
     x = torch.randn(config["batch"], 1, *([size] * dims))
     masks = [
         (torch.rand(config["batch"], *([size] * dims)) > 0.5) for _ in range(config["targets"])
@@ -51,52 +89,58 @@ def build(config):
     return model, x, list(zip(classes, masks, strict=True))
 
 
-def limit(model, x, targets):
+def limit(model, x, targets, layers):
     store = {}
-    handle = model.get_submodule(LAYER).register_forward_hook(
-        lambda m, i, o: store.setdefault("a", o)
-    )
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: store.setdefault(name, o)
+        )
+        for name in layers
+    ]
     try:
         logits = model(x)
     finally:
-        handle.remove()
-    activation = store["a"]
+        for handle in handles:
+            handle.remove()
+    activations = [store[name] for name in layers]
     maps = []
     for k, (c, mask) in enumerate(targets):
         score = (logits[:, c] * mask).sum()
-        (gradient,) = torch.autograd.grad(score, activation, retain_graph=k < len(targets) - 1)
-        maps.append((gradient * activation).sum(1).detach())
+        gradients = torch.autograd.grad(score, activations, retain_graph=k < len(targets) - 1)
+        maps.append([(g * a).sum(1).detach() for g, a in zip(gradients, activations, strict=True)])
     return maps
 
 
 def segcam_runner(method):
     import segcam
 
-    def run(model, x, targets):
+    def run(model, x, targets, layers):
         return segcam.explain(
             model,
             x,
             [segcam.Mask(c, m) for c, m in targets],
-            LAYER,
+            layers,
             method,
             relu=False,
             upsample=False,
-        ).maps
+        ).layer_maps
 
     return run
 
 
-def pytorch_grad_cam(model, x, targets):
+def pytorch_grad_cam(model, x, targets, layers, kind="HiResCAM"):
     # One call per target (its targets are one per sample); ReLU + min-max + resize are built in.
     library = torch.library.Library("torchvision", "FRAGMENT")
     library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-    from pytorch_grad_cam import HiResCAM
+    import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
     if x.ndim != 4:
         raise NotImplementedError("SemanticSegmentationTarget indexes (K, H, W): 2D only")
-    cam = HiResCAM(model=model, target_layers=[model.get_submodule(LAYER)])
+    cam = getattr(pytorch_grad_cam, kind)(
+        model=model, target_layers=[model.get_submodule(name) for name in layers]
+    )
     return [
         cam(
             input_tensor=x,
@@ -108,17 +152,41 @@ def pytorch_grad_cam(model, x, targets):
     ]
 
 
-def captum(model, x, targets):
-    from captum.attr import LayerGradientXActivation
+def captum(model, x, targets, layers, kind="LayerGradientXActivation"):
+    import captum.attr
 
     maps = []
-    for c, mask in targets:  # one forward and backward per target
+    for c, mask in targets:  # one forward and backward per target (and per layer)
 
         def score(inputs, c=c, mask=mask):
             return (model(inputs)[:, c] * mask).flatten(1).sum(1)
 
-        maps.append(LayerGradientXActivation(score, model.get_submodule(LAYER)).attribute(x).sum(1))
+        for name in layers:
+            maps.append(getattr(captum.attr, kind)(score, model.get_submodule(name)).attribute(x))
     return maps
+
+
+def monai_gradcam(model, x, targets, layers):
+    # MONAI's GradCAM explains class indices of an (N, classes) output: wrap the model so that
+    # each target's masked logit sum is one "class". One forward and backward per target and
+    # per layer (a call hooks one layer).
+    from monai.visualize import GradCAM
+
+    class Scores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            logits = self.net(inputs)
+            return torch.stack([(logits[:, c] * m).flatten(1).sum(1) for c, m in targets], 1)
+
+    wrapper = Scores().eval()
+    return [
+        GradCAM(wrapper, target_layers=f"net.{name}")(x, class_idx=t)
+        for t in range(len(targets))
+        for name in layers
+    ]
 
 
 RUNNERS = {
@@ -126,39 +194,69 @@ RUNNERS = {
     "segcam-hires": lambda: segcam_runner("seg-hires-grad-cam"),
     "segcam-grad": lambda: segcam_runner("seg-grad-cam"),
     "pytorch-grad-cam": lambda: pytorch_grad_cam,
+    "pytorch-grad-cam-gradcam": lambda: lambda *a: pytorch_grad_cam(*a, kind="GradCAM"),
     "captum": lambda: captum,
+    "captum-gradcam": lambda: lambda *a: captum(*a, kind="LayerGradCam"),
+    "monai-gradcam": lambda: monai_gradcam,
 }
 
 
 def child(config_name, implementation, repeats):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     config = CONFIGS[config_name]
+    layers = layers_of(config)
     run = RUNNERS[implementation]()
-    # Warm up code paths (lazy imports, kernels) on a tiny input, so that the peak resident set
+    # Warm up code paths (lazy imports, kernels) on a small input, so that the peak resident set
     # measured after the baseline is the real input's working memory.
-    run(*build({**config, "size": 16, "batch": 1}))
+    run(*build({**config, "size": 32, "batch": 1}), layers)
     model, x, targets = build(config)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run(model, x, targets)  # warm-up at full size (allocator caches)
+    run(model, x, targets, layers)  # warm-up at full size (allocator caches)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(model, x, targets)
+        run(model, x, targets, layers)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"times": times, "peak_extra_mib": (peak - baseline) / 1024}))
 
 
+def measure_retarget(repeats=9):
+    """Median time of Explainer.explain (new target, kept forward) over segcam.explain."""
+    import segcam
+
+    model, x, targets = build(CONFIGS["unet2d-256-K1"])
+    target = segcam.Mask(*targets[0])
+    ratios = {}
+    for layer in ("model.1.submodule.1.submodule.1.submodule", "model.1.submodule", "model.2"):
+        explainer = segcam.Explainer(model, layer, relu=False, upsample=False)
+        explainer.forward(x)
+        full, partial = [], []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            segcam.explain(model, x, target, layer, relu=False, upsample=False)
+            full.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            explainer.explain(target)
+            partial.append(time.perf_counter() - start)
+        explainer.close()
+        ratios[layer] = statistics.median(partial[1:]) / statistics.median(full[1:])
+    return ratios
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="first two configurations only")
+    parser.add_argument("--only", nargs="+", help="configurations whose name contains these")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPLEMENTATION"))
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.repeats)
         return
     configs = list(CONFIGS)[:2] if args.quick else list(CONFIGS)
+    if args.only:
+        configs = [name for name in configs if any(part in name for part in args.only)]
     results = {}
     for name in configs:
         results[name] = {}
@@ -180,37 +278,40 @@ def main():
             if process.returncode != 0:
                 reason = process.stderr.strip().splitlines()[-1] if process.stderr else "failed"
                 results[name][implementation] = {"error": reason}
-                print(f"{name:18s} {implementation:17s} n/a ({reason})", flush=True)
+                print(f"{name:18s} {implementation:25s} n/a ({reason[:90]})", flush=True)
                 continue
-            measured = json.loads(process.stdout.strip().splitlines()[-1])
-            times = measured["times"]
+            times = json.loads(process.stdout.strip().splitlines()[-1])
             entry = {
-                "median_s": statistics.median(times),
-                "min_s": min(times),
-                "max_s": max(times),
-                "peak_extra_mib": measured["peak_extra_mib"],
+                "median_s": statistics.median(times["times"]),
+                "min_s": min(times["times"]),
+                "max_s": max(times["times"]),
+                "peak_extra_mib": times["peak_extra_mib"],
             }
             results[name][implementation] = entry
             print(
-                f"{name:18s} {implementation:17s} median {entry['median_s'] * 1e3:8.1f} ms "
+                f"{name:18s} {implementation:25s} median {entry['median_s'] * 1e3:8.1f} ms "
                 f"[{entry['min_s'] * 1e3:.1f}, {entry['max_s'] * 1e3:.1f}]  "
                 f"peak +{entry['peak_extra_mib']:.0f} MiB",
                 flush=True,
             )
     print("\nratios (median time; peak memory):")
     for name, row in results.items():
-        ours = row.get("segcam-hires", {})
-        base = row.get("limit", {})
+        ours, base = row.get("segcam-hires", {}), row.get("limit", {})
         if "median_s" not in ours or "median_s" not in base:
             continue
         line = [
             f"segcam/limit {ours['median_s'] / base['median_s']:.2f}x time, "
             f"{ours['peak_extra_mib'] / max(base['peak_extra_mib'], 1):.2f}x memory"
         ]
-        for peer in ("pytorch-grad-cam", "captum"):
-            if "median_s" in row.get(peer, {}):
-                line.append(f"{peer}/segcam {row[peer]['median_s'] / ours['median_s']:.2f}x")
-        print(f"  {name:18s} " + "; ".join(line))
+        for peer, mine in PEER_OF.items():
+            if "median_s" in row.get(peer, {}) and "median_s" in row.get(mine, {}):
+                line.append(f"{peer}/segcam {row[peer]['median_s'] / row[mine]['median_s']:.2f}x")
+        print(f"  {name:18s} " + "; ".join(line), flush=True)
+    retarget = measure_retarget()
+    print(
+        "\nre-target (Explainer, one new target) / full explain (one target), UNet 2D 256^2: "
+        + ", ".join(f"{layer}: {ratio:.2f}" for layer, ratio in retarget.items())
+    )
     RESULTS.mkdir(exist_ok=True)
     output = RESULTS / "core.json"
     output.write_text(
@@ -222,9 +323,9 @@ def main():
                     "cpus": os.cpu_count(),
                     "torch": torch.__version__,
                 },
-                "layer": LAYER,
                 "repeats": args.repeats,
                 "results": results,
+                "retarget_over_full_explain": retarget,
             },
             indent=1,
         )
