@@ -221,6 +221,23 @@ def child(config_name, implementation, repeats):
     print(json.dumps({"times": times, "peak_extra_mib": (peak - baseline) / 1024}))
 
 
+def interleaved(config_name, repeats):
+    """segcam and the limit timed alternately in one process: machine drift hits both alike."""
+    config = CONFIGS[config_name]
+    layers = layers_of(config)
+    model, x, targets = build(config)
+    runners = {name: RUNNERS[name]() for name in ("limit", "segcam-hires", "segcam-grad")}
+    for run in runners.values():
+        run(model, x, targets, layers)
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(model, x, targets, layers)
+            times[name].append(time.perf_counter() - start)
+    print(json.dumps({name: statistics.median(values) for name, values in times.items()}))
+
+
 def measure_retarget(repeats=9):
     """Median time of Explainer.explain (new target, kept forward) over segcam.explain."""
     import segcam
@@ -250,13 +267,42 @@ def main():
     parser.add_argument("--quick", action="store_true", help="first two configurations only")
     parser.add_argument("--only", nargs="+", help="configurations whose name contains these")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPLEMENTATION"))
+    parser.add_argument("--interleaved", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleaved-only",
+        action="store_true",
+        help="only the in-process segcam/limit time ratios",
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.repeats)
         return
+    if args.interleaved:
+        interleaved(args.interleaved, args.repeats)
+        return
     configs = list(CONFIGS)[:2] if args.quick else list(CONFIGS)
     if args.only:
         configs = [name for name in configs if any(part in name for part in args.only)]
+    ratios = {}
+    print("segcam / limit, timed alternately in one process per configuration:")
+    for name in configs:
+        process = subprocess.run(
+            [sys.executable, __file__, "--interleaved", name, "--repeats", str(args.repeats)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        medians = json.loads(process.stdout.strip().splitlines()[-1])
+        ratios[name] = {key: medians[key] / medians["limit"] for key in medians}
+        print(
+            f"  {name:18s} seg-hires {ratios[name]['segcam-hires']:.2f}x, "
+            f"seg-grad {ratios[name]['segcam-grad']:.2f}x (limit {medians['limit'] * 1e3:.0f} ms)",
+            flush=True,
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "core_interleaved.json").write_text(json.dumps(ratios, indent=1))
+    if args.interleaved_only:
+        return
     results = {}
     for name in configs:
         results[name] = {}
@@ -324,6 +370,7 @@ def main():
                     "torch": torch.__version__,
                 },
                 "repeats": args.repeats,
+                "interleaved_ratios": ratios,
                 "results": results,
                 "retarget_over_full_explain": retarget,
             },
