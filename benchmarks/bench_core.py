@@ -36,6 +36,8 @@ CONFIGS = {
     "unet3d-64-K1": {"dims": 3, "size": 64, "batch": 1, "targets": 1},
     "unet3d-96-K1": {"dims": 3, "size": 96, "batch": 1, "targets": 1},
     "unet3d-96-K3": {"dims": 3, "size": 96, "batch": 1, "targets": 3},
+    "unet3d-128-K1": {"dims": 3, "size": 128, "batch": 1, "targets": 1},
+    "unet3d-128-K3": {"dims": 3, "size": 128, "batch": 1, "targets": 3},
     "segresnet3d-64-K3": {"dims": 3, "size": 64, "batch": 1, "targets": 3, "net": "segresnet"},
 }
 IMPLEMENTATIONS = [
@@ -261,6 +263,35 @@ def measure_retarget(repeats=9):
     return ratios
 
 
+def plot(results, path):
+    """Time and peak memory against the number of targets (UNet 2D 256^2), one line per library."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {"unet2d-256-K1": 1, "unet2d-256-K4": 4, "unet2d-256-K19": 19}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for implementation in IMPLEMENTATIONS:
+        points = [
+            (k, results[name][implementation])
+            for name, k in series.items()
+            if name in results and "median_s" in results[name].get(implementation, {})
+        ]
+        if not points:
+            continue
+        ks = [k for k, _ in points]
+        style = "-o" if implementation.startswith(("segcam", "limit")) else "--s"
+        axes[0].plot(ks, [e["median_s"] * 1e3 for _, e in points], style, label=implementation)
+        axes[1].plot(ks, [e["peak_extra_mib"] for _, e in points], style, label=implementation)
+    axes[0].set(xlabel="targets", ylabel="median time (ms)", title="time, UNet 2D 256^2")
+    axes[1].set(xlabel="targets", ylabel="peak memory growth (MiB)", title="peak memory")
+    if axes[0].lines:
+        axes[0].legend(fontsize=7)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
@@ -377,7 +408,8 @@ def main():
             indent=1,
         )
     )
-    print(f"wrote {output}")
+    plot(results, RESULTS / "core.png")
+    print(f"wrote {output} and {RESULTS / 'core.png'}")
 
 
 if __name__ == "__main__":
