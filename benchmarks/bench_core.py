@@ -49,6 +49,7 @@ IMPLEMENTATIONS = [
     "captum",
     "captum-gradcam",
     "monai-gradcam",
+    "torchcam-gradcam",
 ]
 # Which segcam method each peer is compared with.
 PEER_OF = {
@@ -57,6 +58,7 @@ PEER_OF = {
     "pytorch-grad-cam-gradcam": "segcam-grad",
     "captum-gradcam": "segcam-grad",
     "monai-gradcam": "segcam-grad",
+    "torchcam-gradcam": "segcam-grad",
 }
 LAYER = "model.1.submodule"
 THREE_LAYERS = [
@@ -191,6 +193,24 @@ def monai_gradcam(model, x, targets, layers):
     ]
 
 
+def torchcam_gradcam(model, x, targets, layers):
+    # torchcam 0.5: the user runs the forward with the extractor's hooks on, then asks per target
+    # with one callable per sample; retain_graph keeps the forward for the next target.
+    from torchcam.methods import GradCAM
+
+    with GradCAM(
+        model, target_layer=[model.get_submodule(n) for n in layers], input_shape=tuple(x.shape[1:])
+    ) as extractor:
+        scores = model(x)
+        maps = []
+        for k, (c, mask) in enumerate(targets):
+            per_sample = [lambda s, n=n, c=c, m=mask: (s[c] * m[n]).sum() for n in range(len(x))]
+            maps.append(
+                extractor(scores=scores, targets=per_sample, retain_graph=k < len(targets) - 1)
+            )
+    return maps
+
+
 RUNNERS = {
     "limit": lambda: limit,
     "segcam-hires": lambda: segcam_runner("seg-hires-grad-cam"),
@@ -200,6 +220,7 @@ RUNNERS = {
     "captum": lambda: captum,
     "captum-gradcam": lambda: lambda *a: captum(*a, kind="LayerGradCam"),
     "monai-gradcam": lambda: monai_gradcam,
+    "torchcam-gradcam": lambda: torchcam_gradcam,
 }
 
 
@@ -297,6 +318,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="first two configurations only")
     parser.add_argument("--only", nargs="+", help="configurations whose name contains these")
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=IMPLEMENTATIONS,
+        help="which to run in fresh processes",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPLEMENTATION"))
     parser.add_argument("--interleaved", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -337,7 +365,7 @@ def main():
     results = {}
     for name in configs:
         results[name] = {}
-        for implementation in IMPLEMENTATIONS:
+        for implementation in args.implementations:
             process = subprocess.run(
                 [
                     sys.executable,
