@@ -86,6 +86,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_intensity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--window",
+        type=_pair,
+        metavar="LOW,HIGH",
+        help="clip intensities to [LOW, HIGH] and scale to [0, 1]",
+    )
+    parser.add_argument("--zscore", action="store_true", help="subtract mean, divide by std")
+    parser.add_argument("--minmax", action="store_true", help="scale intensities to [0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; method choices come from the registry."""
     parser = argparse.ArgumentParser(prog="segcam", description=segcam.__doc__.splitlines()[0])
@@ -125,14 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(REGISTRY)} (repeatable; default seg-hires-grad-cam)",
     )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
-    explain.add_argument(
-        "--window",
-        type=_pair,
-        metavar="LOW,HIGH",
-        help="clip intensities to [LOW, HIGH] and scale to [0, 1]",
-    )
-    explain.add_argument("--zscore", action="store_true", help="subtract mean, divide by std")
-    explain.add_argument("--minmax", action="store_true", help="scale intensities to [0, 1]")
+    _add_intensity_options(explain)
     explain.add_argument(
         "--preprocess",
         metavar="package.module:function",
@@ -182,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="class names in order (folder mode; classes 1.. are scored)",
     )
-    evaluate.add_argument("--window", type=_pair, metavar="LOW,HIGH")
-    evaluate.add_argument("--zscore", action="store_true")
-    evaluate.add_argument("--minmax", action="store_true")
+    _add_intensity_options(evaluate)
     evaluate.add_argument("--methods", nargs="+", choices=list(REGISTRY), default=list(REGISTRY))
     evaluate.add_argument("--count", type=int, default=100, help="evidence scenes (default 100)")
     evaluate.add_argument("--out", type=Path, default=Path("reports"))

@@ -100,19 +100,24 @@ def _map_columns(explanations: dict[str, segcam.Explanation], index: Any) -> dic
     return columns
 
 
+def _explain_both(model: torch.nn.Module, x: torch.Tensor, stem: Path) -> dict[str, Any]:
+    """Both methods at the three depths, max-normalised; each saved as ``<stem>_<method>.npz``."""
+    explanations = {}
+    for method in METHODS:
+        explanation = segcam.explain(
+            model, x, TARGETS, list(LIVER_LAYERS.values()), method, normalize="max"
+        )
+        explanation.save(stem.parent / f"{stem.name}_{method}.npz")
+        explanations[method] = explanation
+    return explanations
+
+
 def _section_2d(case: liver.LiverCase, out: Path) -> tuple[list[bytes], dict[str, float]]:
     model = load_liver_model("2d")
     slices = list(DEMO_SLICES)
     x = torch.from_numpy(liver.axial_slices(liver.window(case.image), slices))[:, None]
     truth = liver.axial_slices(case.labels, slices)
-    explanations = {
-        method: segcam.explain(
-            model, x, TARGETS, list(LIVER_LAYERS.values()), method, normalize="max"
-        )
-        for method in METHODS
-    }
-    for method, expl in explanations.items():
-        expl.save(out / f"maps_2d_{method}.npz")
+    explanations = _explain_both(model, x, out / "maps_2d")
     prediction = explanations[METHODS[0]].logits.argmax(1).numpy()
     figures = []
     for n, z in enumerate(slices):
@@ -141,14 +146,7 @@ def _section_3d(
     model = load_liver_model("3d")
     volume_hu, labels = case.image, case.labels  # NIfTI voxel order as stored, axial axis last
     x = torch.from_numpy(liver.window(volume_hu))[None, None]
-    explanations = {
-        method: segcam.explain(
-            model, x, TARGETS, list(LIVER_LAYERS.values()), method, normalize="max"
-        )
-        for method in METHODS
-    }
-    for method, expl in explanations.items():
-        expl.save(out / f"maps_3d_{method}.npz")
+    explanations = _explain_both(model, x, out / "maps_3d")
     prediction = explanations[METHODS[0]].logits.argmax(1)[0].numpy()
     affine = case.affine
     written = [
