@@ -68,13 +68,29 @@ def reference_maps(model, inputs, targets, layer_names):
                 channels = range(activation.shape[0])
                 hires = sum(gradient[k] * activation[k] for k in channels)
                 grad = sum(gradient[k].mean() * activation[k] for k in channels)
-                for method, value in (("seg-hires-grad-cam", hires), ("seg-grad-cam", grad)):
+                layer = sum(gradient[k].clamp_min(0) * activation[k] for k in channels)
+                xgrad = sum(
+                    (
+                        (gradient[k] * activation[k]).sum() / activation[k].sum()
+                        if activation[k].sum() != 0
+                        else 0.0
+                    )
+                    * activation[k]
+                    for k in channels
+                )
+                for method, value in (
+                    ("seg-hires-grad-cam", hires),
+                    ("seg-grad-cam", grad),
+                    ("seg-layer-cam", layer),
+                    ("seg-xgrad-cam", xgrad),
+                ):
                     key = (method, name)
                     if key not in maps:
                         maps[key] = torch.zeros(
-                            (inputs.shape[0], len(targets), *activation.shape[1:])
+                            (inputs.shape[0], len(targets), *activation.shape[1:]),
+                            dtype=activation.dtype,
                         )
-                    maps[key][n, t] = value
+                    maps[key][n, t] = value.to(maps[key].dtype) if torch.is_tensor(value) else value
     return maps
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import segcam
 from segcam.cli import main
 from segcam.evaluation import bootstrap_interval, evidence_accuracy, load_evidence_model
 from segcam.testing.evidence import evidence_scene
@@ -53,14 +54,15 @@ def test_evaluate_writes_tables_and_plots(tmp_path):
     assert main(["evaluate", "--data", "evidence", "--count", "4", "--out", str(out)]) == 0
     with (out / "evidence.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    # 2 targets x (3 metrics + the chance level) x 3 layers x 2 methods
-    assert len(rows) == 2 * 4 * 3 * 2
+    methods = len(segcam.list_methods())
+    # 2 targets x (3 metrics + the chance level) x 3 layers x every registered method
+    assert len(rows) == 2 * 4 * 3 * methods
     for row in rows:  # n < 4 where a map had no positive mass (energy undefined)
         low, mean, high = (float(row[key]) for key in ("low", "mean", "high"))
         assert 1 <= int(row["n"]) <= 4 and low - 1e-12 <= mean <= high + 1e-12, row
     assert (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
     records = json.loads((out / "evidence_records.json").read_text())
-    assert len(records) == 4 * 2 * 3 * 2
+    assert len(records) == 4 * 2 * 3 * methods
 
 
 def test_evaluate_a_folder_against_labels(tmp_path):

@@ -122,7 +122,8 @@ def test_bad_files(tmp_path):
 def test_list_methods_is_the_registry():
     from segcam.methods import REGISTRY
 
-    assert segcam.list_methods() == list(REGISTRY) == ["seg-hires-grad-cam", "seg-grad-cam"]
+    assert segcam.list_methods() == list(REGISTRY)
+    assert segcam.list_methods()[:2] == ["seg-hires-grad-cam", "seg-grad-cam"]
     for method in REGISTRY.values():
-        assert method.compute.__doc__
-        assert "MELBA 2024" in method.reference or "AAAI 2020" in method.reference
+        assert method.compute.__doc__ and "L =" in method.compute.__doc__
+        assert any(venue in method.reference for venue in ("MELBA", "AAAI", "TIP", "BMVC"))

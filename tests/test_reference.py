@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, UNet
@@ -13,7 +15,7 @@ from conftest import assert_close_scaled, reference_maps
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 
 RAW = {"relu": False, "upsample": False, "normalize": None}
-METHODS = ["seg-hires-grad-cam", "seg-grad-cam"]
+METHODS = segcam.list_methods()
 
 
 def unet(dims):
@@ -78,10 +80,17 @@ def test_fast_equals_reference(name, spatial_dims, seed):
     x = torch.randn((batch, 1, *spatial), generator=generator)
     targets = _targets(batch, spatial, generator)
     reference = reference_maps(model, x, targets, layers)
+    # XGrad-CAM divides by sum_p A_k, which is near 0 for signed (normalised) activations: the
+    # ratio magnifies float32 rounding, so it is compared in float64, where it is well posed.
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    reference64 = reference_maps(model64, x64, targets, layers)
     for method in METHODS:
-        expl = segcam.explain(model, x, targets, layers, method, **RAW)
+        precise = method == "seg-xgrad-cam"
+        expl = segcam.explain(
+            model64 if precise else model, x64 if precise else x, targets, layers, method, **RAW
+        )
         for layer in layers:
-            expected = reference[method, layer]
+            expected = (reference64 if precise else reference)[method, layer]
             assert expl.layer_maps[layer].shape == expected.shape
             assert_close_scaled(expl.layer_maps[layer], expected)
 
