@@ -303,3 +303,26 @@ def test_safetensors_weights_give_the_same_maps(scenes, tmp_path):
     first = segcam.load(tmp_path / "a" / "scene1000008" / "seg-hires-grad-cam.npz")
     second = segcam.load(tmp_path / "b" / "scene1000008" / "seg-hires-grad-cam.npz")
     torch.testing.assert_close(first.maps, second.maps, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("default::segcam.errors.SegCamWarning")
+def test_empty_mask_warns_in_one_line(scenes, tmp_path, capsys):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((64, 64), dtype=bool))
+    code = run(
+        "explain",
+        scenes / "scene1000008.npy",
+        *MODEL,
+        "--target",
+        f"mask:1:{empty}",
+        "--layer",
+        LAYER,
+        "--out",
+        tmp_path / "out",
+    )
+    err = capsys.readouterr().err
+    assert code == 0
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == [warning[0]] and warning[0].startswith("segcam: warning: empty pixel set")
+    maps = segcam.load(tmp_path / "out" / "scene1000008" / "seg-hires-grad-cam.npz").maps
+    assert torch.equal(maps, torch.zeros_like(maps))

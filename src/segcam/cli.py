@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -488,6 +489,18 @@ COMMANDS = {
 }
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """One line per warning on the command line, without Python's file and source line."""
+    print(f"segcam: warning: {message}", file=sys.stderr)
+
+
 def _join_negative_values(argv: list[str]) -> list[str]:
     """``--window -200,300`` -> ``--window=-200,300``: argparse would read -200,300 as an option."""
     joined: list[str] = []
@@ -506,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segcam`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -516,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"segcam: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":
