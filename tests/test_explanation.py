@@ -126,4 +126,7 @@ def test_list_methods_is_the_registry():
     assert segcam.list_methods()[:2] == ["seg-hires-grad-cam", "seg-grad-cam"]
     for method in REGISTRY.values():
         assert method.compute.__doc__ and "L =" in method.compute.__doc__
-        assert any(venue in method.reference for venue in ("MELBA", "AAAI", "TIP", "BMVC"))
+        assert any(
+            venue in method.reference
+            for venue in ("MELBA", "AAAI", "TIP", "BMVC", "WACV", "CVPR", "IJCNN")
+        )

@@ -11,6 +11,7 @@ Dibrov, Myers, AAAI 2020) for any PyTorch segmentation network::
 from segcam.core import explain
 from segcam.explainer import Explainer
 from segcam.explanation import Explanation, load
+from segcam.fusion import fuse_layers
 from segcam.methods import list_methods
 from segcam.targets import (
     AllPixels,
@@ -22,6 +23,7 @@ from segcam.targets import (
     Region,
     Target,
 )
+from segcam.tokens import TokenLayer
 
 __version__ = "0.1.0"
 
@@ -36,8 +38,10 @@ __all__ = [
     "Probability",
     "Region",
     "Target",
+    "TokenLayer",
     "__version__",
     "explain",
+    "fuse_layers",
     "list_methods",
     "load",
 ]

@@ -15,13 +15,14 @@ from torch import nn
 
 from segcam.errors import InputError, NonFiniteError, OutputError, SegCamWarning, TargetError
 from segcam.explanation import Explanation
-from segcam.methods import get_method
+from segcam.methods import Method, MethodContext, get_method, resolve_options
 from segcam.postprocess import NORMALIZATIONS, Normalization
 from segcam.postprocess import normalize as normalize_maps
 from segcam.postprocess import relu as relu_maps
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import LayerRecorder, LayerSpec, resolve_layers
+from segcam.recording import LayerRecorder, LayerSpec, layer_list, resolve_layers
 from segcam.targets import TargetLike, as_pixel_set, check_class_index
+from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
 
 __all__ = ["OutputSpec", "RecordedForward", "explain", "record_forward", "select_logits"]
 
@@ -174,6 +175,7 @@ def explain(
     upsample: bool = True,
     normalize: Normalization | None = None,
     output: OutputSpec = None,
+    method_options: Mapping[str, Any] | None = None,
 ) -> Explanation:
     r"""Explain a segmentation network's prediction for each target with a CAM method.
 
@@ -187,22 +189,27 @@ def explain(
       :math:`L = \sum_k \operatorname{mean}_p(\frac{\partial y^c_M}{\partial A_k}) A_k`
 
     (all registered methods: :func:`segcam.list_methods`). The computation is one forward pass
-    for all targets and layers, then one backward pass per non-empty target from the logits to
-    the hooked activations only (``torch.autograd.grad``: no parameter gradients, ``.grad``
-    untouched); the graph is freed at the end. Samples never mix: each gets its own pixel set and
-    map. The model's hooks, training flag and ``requires_grad`` flags are left as they were.
+    for all targets and layers, then for a gradient method one backward pass per non-empty
+    target from the logits to the hooked activations only (``torch.autograd.grad``: no
+    parameter gradients, ``.grad`` untouched); the graph is freed at the end. Gradient-free
+    methods take no backward pass (seg-score-cam runs further forwards on masked inputs).
+    Samples never mix: each gets its own pixel set and map. The model's hooks, training flag
+    and ``requires_grad`` flags are left as they were.
 
     Args:
         model: the segmentation network; its output (selected by ``output``) is (N, K, *S).
             Put it in eval mode first: in training mode BatchNorm mixes the samples of a batch.
         inputs: (N, C, H, W) or (N, C, D, H, W), on the model's device.
         targets: one target or a sequence of T targets (:mod:`segcam.targets`).
-        layer: a name from ``model.named_modules()``, a module of the model, or a list of them.
+        layer: a name from ``model.named_modules()``, a module of the model, a
+            :class:`segcam.TokenLayer` (transformer tokens), or a list of them.
         method: a registered method name.
         relu: keep only positive evidence, max(L, 0).
         upsample: resize to the input's spatial size (bilinear 2D, trilinear 3D).
         normalize: ``None``, ``"max"`` or ``"minmax"``, per map; a zero map stays zero.
         output: how to find the logits in the model's output (see :func:`select_logits`).
+        method_options: the method's options (e.g. ``{"pool_size": 4}`` for seg-xres-cam);
+            ``segcam methods`` lists them.
 
     Returns:
         An :class:`Explanation`; ``.maps`` is (N, T, *S) for a single layer, ``.layer_maps``
@@ -218,6 +225,7 @@ def explain(
         MethodNotFoundError: unknown method.
     """
     chosen = get_method(method)
+    resolve_options(chosen, method_options)
     target_list = _as_target_list(targets)
     _check_normalize(normalize)
     recorded = record_forward(model, inputs, layer, output)
@@ -229,6 +237,7 @@ def explain(
             upsample=upsample,
             normalize=normalize,
             keep_graph=False,
+            method_options=method_options,
         )
     finally:
         recorded.release()
@@ -253,11 +262,48 @@ class RecordedForward:
     activations: list[torch.Tensor]
     layer_shapes: dict[str, tuple[int, ...]]
     detached_logits: torch.Tensor
+    layouts: list[Layout]
+    model: nn.Module | None = None
+    inputs: torch.Tensor | None = None
+    output: OutputSpec = None
+    grid_activations: list[torch.Tensor] | None = None
 
     def release(self) -> None:
         """Drop the graph (logits and activations that hold it); explaining afterwards fails."""
         self.logits = None
         self.activations = []
+        self.grid_activations = None
+        self.model = None
+        self.inputs = None
+
+    def _grid_activations(self) -> list[torch.Tensor]:
+        """The detached activations as (N, C, *grid), made once per forward."""
+        if self.grid_activations is None:
+            self.grid_activations = [
+                to_channels_first(activation.detach(), layout)
+                for activation, layout in zip(self.activations, self.layouts, strict=True)
+            ]
+        return self.grid_activations
+
+    def _scorer(self, targets: list[TargetLike], pixel_sets: list[torch.Tensor]) -> Any:
+        """``score(n, batch) -> (B, T)``: target scores of sample n for modified inputs."""
+        model, output = self.model, self.output
+        detached = self.detached_logits
+        weights = torch.stack(
+            [
+                _grad_output(detached, target.class_index, pixel_set)
+                for target, pixel_set in zip(targets, pixel_sets, strict=True)
+            ],
+            dim=1,
+        )  # (N, T, K, *S): y^c_M = <weights, logits>
+
+        def score(n: int, batch: torch.Tensor) -> torch.Tensor:
+            assert model is not None
+            with torch.inference_mode(False), torch.no_grad():
+                logits = select_logits(model(batch), output, batch.ndim)
+            return torch.einsum("bk...,tk...->bt", logits, weights[n].to(logits.dtype))
+
+        return score
 
     def explain(
         self,
@@ -268,14 +314,16 @@ class RecordedForward:
         upsample: bool,
         normalize: Normalization | None,
         keep_graph: bool,
+        method_options: Mapping[str, Any] | None = None,
     ) -> Explanation:
-        """Maps of ``targets``: one ``autograd.grad`` per non-empty target.
+        """Maps of ``targets``: one ``autograd.grad`` per non-empty target (gradient methods).
 
         With ``keep_graph`` the graph survives the last target, for later calls.
         """
         if self.logits is None:
             raise RuntimeError("this forward pass was released; run a new forward first")
         chosen = get_method(method)
+        options = resolve_options(chosen, method_options)
         detached = self.detached_logits
         pixel_sets = []
         for target in targets:
@@ -286,28 +334,20 @@ class RecordedForward:
         _warn_empty(nonempty, targets)
         active = [t for t in range(len(targets)) if bool(nonempty[:, t].any())]
 
-        per_layer: list[list[torch.Tensor]] = [
-            [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(targets)
-            for activation in self.activations
-        ]
-        detached_activations = [activation.detach() for activation in self.activations]
-        for position, t in enumerate(active):
-            gradients = torch.autograd.grad(
-                self.logits,
-                self.activations,
-                grad_outputs=_grad_output(detached, targets[t].class_index, pixel_sets[t]),
-                retain_graph=keep_graph or position < len(active) - 1,
+        grid_activations = self._grid_activations()
+        if chosen.needs_gradient:
+            stacked_maps = self._gradient_maps(
+                chosen, options, targets, pixel_sets, active, keep_graph
             )
-            for maps, activation, gradient in zip(
-                per_layer, detached_activations, gradients, strict=True
-            ):
-                maps[t] = chosen.compute(activation, gradient)
+        else:
+            stacked_maps = self._gradient_free_maps(
+                chosen, options, targets, pixel_sets, stacked_sets, nonempty, grid_activations
+            )
         if not keep_graph:
             self.release()
 
         layer_maps = {}
-        for name, maps in zip(self.layer_names, per_layer, strict=True):
-            result = torch.stack(maps, dim=1)
+        for name, result in zip(self.layer_names, stacked_maps, strict=True):
             if relu:
                 result = relu_maps(result)
             if upsample:
@@ -325,7 +365,59 @@ class RecordedForward:
             upsampled=upsample,
             normalize=normalize,
             layer_shapes=self.layer_shapes,
+            method_options=options,
         )
+
+    def _gradient_maps(
+        self,
+        chosen: Method,
+        options: dict[str, Any],
+        targets: list[TargetLike],
+        pixel_sets: list[torch.Tensor],
+        active: list[int],
+        keep_graph: bool,
+    ) -> list[torch.Tensor]:
+        """(N, T, *grid) per layer: one ``autograd.grad`` per active target, to the layers only."""
+        assert self.logits is not None
+        grid_activations = self._grid_activations()
+        per_layer: list[list[torch.Tensor]] = [
+            [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(targets)
+            for activation in grid_activations
+        ]
+        for position, t in enumerate(active):
+            gradients = torch.autograd.grad(
+                self.logits,
+                self.activations,
+                grad_outputs=_grad_output(
+                    self.detached_logits, targets[t].class_index, pixel_sets[t]
+                ),
+                retain_graph=keep_graph or position < len(active) - 1,
+            )
+            for maps, activation, gradient, layout in zip(
+                per_layer, grid_activations, gradients, self.layouts, strict=True
+            ):
+                maps[t] = chosen.compute(activation, to_channels_first(gradient, layout), **options)
+        return [torch.stack(maps, dim=1) for maps in per_layer]
+
+    def _gradient_free_maps(
+        self,
+        chosen: Method,
+        options: dict[str, Any],
+        targets: list[TargetLike],
+        pixel_sets: list[torch.Tensor],
+        stacked_sets: torch.Tensor,
+        nonempty: torch.Tensor,
+        grid_activations: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """(N, T, *grid) per layer from a gradient-free method, all targets at once."""
+        assert self.inputs is not None
+        context = MethodContext(
+            pixel_sets=stacked_sets,
+            nonempty=nonempty,
+            inputs=self.inputs,
+            score=self._scorer(targets, pixel_sets) if chosen.kind == "model" else None,
+        )
+        return [chosen.compute(activation, context, **options) for activation in grid_activations]
 
 
 def record_forward(
@@ -363,16 +455,31 @@ def record_forward(
     if not _all_finite(detached):
         raise NonFiniteError("the model's logits hold NaN or Inf values for this input")
     activations = recorder.activations(logits)
+    input_size = tuple(int(s) for s in inputs.shape[2:])
+    specs = [spec if isinstance(spec, TokenLayer) else None for spec in layer_list(layer)]
+    layouts = [
+        infer_layout(name, tuple(activation.shape), input_size, spec)
+        for (name, _), activation, spec in zip(layers, activations, specs, strict=True)
+    ]
     return RecordedForward(
         layer_names=[name for name, _ in layers],
-        input_size=tuple(int(s) for s in inputs.shape[2:]),
+        input_size=input_size,
         logits=logits,
         activations=activations,
         layer_shapes={
-            name: tuple(a.shape) for (name, _), a in zip(layers, activations, strict=True)
+            name: (int(a.shape[0]), _channels(a, layout), *layout.grid)
+            for (name, _), a, layout in zip(layers, activations, layouts, strict=True)
         },
         detached_logits=detached,
+        layouts=layouts,
+        model=model,
+        inputs=inputs,
+        output=output,
     )
+
+
+def _channels(activation: torch.Tensor, layout: Layout) -> int:
+    return int(activation.shape[1] if layout.kind == "channels_first" else activation.shape[-1])
 
 
 _TRAINING_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)

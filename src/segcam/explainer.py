@@ -17,7 +17,7 @@ graph larger than a budget; ``close`` (or leaving the ``with`` block) frees it e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -118,8 +118,14 @@ class Explainer:
         relu: bool | None = None,
         upsample: bool | None = None,
         normalize: Normalization | str | None = "default",
+        method_options: Mapping[str, Any] | None = None,
     ) -> Explanation:
-        """Maps for ``targets`` from the kept forward pass: one backward pass per target."""
+        """Maps for ``targets`` from the kept forward pass: one backward pass per target.
+
+        ``method_options`` are the method's options, as for :func:`segcam.explain`. A
+        gradient-free method runs on the kept activations (seg-score-cam also runs the model on
+        masked inputs).
+        """
         chosen = method or self.method
         get_method(chosen)
         norm: Any = self.normalize if normalize == "default" else normalize
@@ -131,6 +137,7 @@ class Explainer:
             upsample=self.upsample if upsample is None else upsample,
             normalize=norm,
             keep_graph=True,
+            method_options=method_options,
         )
 
     def close(self) -> None:

@@ -61,7 +61,9 @@ class Explanation:
         targets: the targets, in order.
         method: the registered method name.
         relu, upsampled, normalize: the post-processing applied to the raw maps.
-        layer_shapes: layer name -> activation shape (N, C, *S_layer).
+        layer_shapes: layer name -> activation shape (N, C, *S_layer) (token layers: as laid
+            on their grid).
+        method_options: the method's options as used (defaults included).
     """
 
     layer_maps: Mapping[str, torch.Tensor]
@@ -73,10 +75,12 @@ class Explanation:
     upsampled: bool
     normalize: str | None
     layer_shapes: Mapping[str, tuple[int, ...]]
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_maps", MappingProxyType(dict(self.layer_maps)))
         object.__setattr__(self, "layer_shapes", MappingProxyType(dict(self.layer_shapes)))
+        object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
 
     def __repr__(self) -> str:
         shapes = ", ".join(
@@ -109,6 +113,12 @@ class Explanation:
             )
         return next(iter(self.layer_maps.values()))
 
+    def fused(self, rule: str = "layercam", *, gamma: float = 2.0) -> torch.Tensor:
+        """The layers' maps combined into one (N, T, *S_in) map: see :func:`segcam.fuse_layers`."""
+        from segcam.fusion import fuse_layers
+
+        return fuse_layers(self, rule, gamma=gamma)
+
     def metadata(self) -> dict[str, Any]:
         """The JSON metadata stored with the arrays."""
         return {
@@ -117,6 +127,7 @@ class Explanation:
             "layers": list(self.layers),
             "layer_shapes": {name: list(shape) for name, shape in self.layer_shapes.items()},
             "method": self.method,
+            "method_options": dict(self.method_options),
             "relu": self.relu,
             "upsampled": self.upsampled,
             "normalize": self.normalize,
@@ -221,6 +232,7 @@ def load(path: str | os.PathLike[str]) -> Explanation:
             upsampled=bool(metadata["upsampled"]),
             normalize=metadata["normalize"],
             layer_shapes={k: tuple(v) for k, v in metadata["layer_shapes"].items()},
+            method_options=dict(metadata.get("method_options", {})),
         )
     except ExplanationFileError:
         raise

@@ -19,13 +19,21 @@ import torch
 from torch import nn
 
 from segcam.errors import LayerError, LayerNotFoundError, LayerNotOnPathError
+from segcam.tokens import TokenLayer
 
-__all__ = ["LayerInfo", "LayerRecorder", "describe_layers", "resolve_layers"]
+__all__ = ["LayerInfo", "LayerRecorder", "describe_layers", "layer_list", "resolve_layers"]
 
-LayerSpec = str | nn.Module
+LayerSpec = str | nn.Module | TokenLayer
+
+
+def layer_list(layer: LayerSpec | Sequence[LayerSpec]) -> list[LayerSpec]:
+    """One layer spec or a sequence of them, as a list."""
+    return [layer] if isinstance(layer, str | nn.Module | TokenLayer) else list(layer)
 
 
 def _resolve_one(model: nn.Module, spec: LayerSpec, names: dict[str, nn.Module]) -> str:
+    if isinstance(spec, TokenLayer):
+        spec = spec.layer
     if isinstance(spec, nn.Module):
         for name, module in names.items():
             if module is spec:
@@ -54,7 +62,7 @@ def resolve_layers(
     model: nn.Module, layer: LayerSpec | Sequence[LayerSpec]
 ) -> list[tuple[str, nn.Module]]:
     """Turn a name, module, or list of them into (name, module) pairs, in the given order."""
-    specs: list[LayerSpec] = [layer] if isinstance(layer, str | nn.Module) else list(layer)
+    specs = layer_list(layer)
     if not specs:
         raise LayerNotFoundError("layer is empty: name at least one layer to explain")
     names = dict(model.named_modules(remove_duplicate=False))

@@ -6,11 +6,21 @@ activation channels A_k, from the gradient G_k = dy^c_M/dA_k taken per sample.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from segcam.methods import register
 
-__all__ = ["seg_grad_cam", "seg_hires_grad_cam", "seg_layer_cam", "seg_xgrad_cam"]
+__all__ = [
+    "seg_grad_cam",
+    "seg_grad_cam_plus_plus",
+    "seg_hires_grad_cam",
+    "seg_layer_cam",
+    "seg_xgrad_cam",
+    "seg_xres_cam",
+]
 
 
 @register(
@@ -120,3 +130,112 @@ def seg_xgrad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Ten
     safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     weights = torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
     return torch.einsum("nc,nc...->n...", weights, activation)
+
+
+@register(
+    "seg-grad-cam++",
+    summary="weights = sum_p a_kp ReLU(G_kp), a = G^2 / (2 G^2 + G^3 sum_p A_k); L = sum_k w_k A_k",
+    reference=(
+        "Chattopadhay, Sarkar, Howlader, Balasubramanian, 'Grad-CAM++: Generalized Gradient-"
+        "Based Visual Explanations for Deep Convolutional Networks', WACV 2018"
+    ),
+)
+def seg_grad_cam_plus_plus(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    r"""Seg-Grad-CAM++: Grad-CAM++ weights with the segmentation score y^c_M.
+
+    With the exponential score :math:`S = \exp(y^c_M)` and a piecewise-linear network (second
+    derivatives of y vanish), the paper's closed form (Chattopadhay et al., WACV 2018, Eq. 19) is
+
+    .. math::
+        a_{kp} = \frac{G_{kp}^2}{2 G_{kp}^2 + G_{kp}^3 \sum_q A_{kq}}, \qquad
+        w_k = \sum_p a_{kp} \operatorname{ReLU}(G_{kp}), \qquad L = \sum_k w_k A_k,
+
+    G = dy^c_M/dA. The positive factor exp(y^c_M) of dS/dA is left out, as in the reference
+    implementations: it only scales the map, and it overflows for large pixel sets. Where the
+    denominator is 0 (G = 0, or 2 G^2 = -G^3 sum A), a_kp = 0.
+
+    Args:
+        activation: A, shape (N, C, *S).
+        gradient: dy^c_M/dA, shape (N, C, *S).
+
+    Returns:
+        The raw signed map, shape (N, *S).
+    """
+    flat_gradient = gradient.flatten(2)
+    squared = flat_gradient * flat_gradient
+    activation_sum = activation.flatten(2).sum(dim=2, keepdim=True)
+    denominator = 2 * squared + squared * flat_gradient * activation_sum
+    nonzero = denominator != 0
+    alpha = torch.where(
+        nonzero, squared / torch.where(nonzero, denominator, 1.0), torch.zeros_like(squared)
+    )
+    weights = (alpha * flat_gradient.clamp_min(0)).sum(dim=2)
+    return torch.einsum("nc,nc...->n...", weights, activation)
+
+
+def _pool_size(pool_size: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    sizes = (pool_size,) * dims if isinstance(pool_size, int) else tuple(pool_size)
+    if len(sizes) != dims or any(not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(
+            f"pool_size must be a positive int or {dims} positive ints; got {pool_size!r}"
+        )
+    return sizes
+
+
+@register(
+    "seg-xres-cam",
+    summary="gradients pooled in blocks (max or mean) and spread back, L = sum_k pool(G_k) * A_k",
+    reference=(
+        "Hasany, Petitjean, Mériaudeau, 'Seg-XRes-CAM: Explaining Spatially Local Regions in "
+        "Image Segmentation', CVPR Workshops 2023"
+    ),
+    options={"pool_size": 2, "pool": "max"},
+)
+def seg_xres_cam(
+    activation: torch.Tensor,
+    gradient: torch.Tensor,
+    pool_size: int | Sequence[int] = 2,
+    pool: str = "max",
+) -> torch.Tensor:
+    r"""Seg-XRes-CAM: :math:`L = \sum_k \operatorname{up}(\operatorname{pool}(G_k)) \odot A_k`.
+
+    Hasany et al., CVPRW 2023: the gradient G = dy^c_M/dA of each channel is pooled over blocks
+    of ``pool_size`` positions per axis (``pool`` = ``"max"`` or ``"mean"``, stride = block),
+    every position of a block takes its block's value (nearest-neighbour up-sampling back to the
+    layer's grid, as the authors' order-0 resize), and the result multiplies A element-wise,
+    summed over channels. ``pool_size=1`` is Seg-HiRes-Grad CAM; a block as large as the grid
+    with ``pool="mean"`` is Seg-Grad CAM. Where the grid is not a multiple of the block, the last
+    block of an axis is smaller and pools only its own positions (the authors' code pads it with
+    zeros instead, which biases edge blocks).
+
+    Args:
+        activation: A, shape (N, C, *S).
+        gradient: dy^c_M/dA, shape (N, C, *S).
+        pool_size: block size, one int for every axis or one per axis.
+        pool: ``"max"`` or ``"mean"``.
+
+    Returns:
+        The raw signed map, shape (N, *S).
+    """
+    dims = gradient.ndim - 2
+    sizes = _pool_size(pool_size, dims)
+    if pool not in ("max", "mean"):
+        raise ValueError(f"pool must be 'max' or 'mean'; got {pool!r}")
+    grid = tuple(gradient.shape[2:])
+    if all(s == 1 for s in sizes):
+        return seg_hires_grad_cam(activation, gradient)
+    flat = gradient.reshape(-1, 1, *grid)
+    if pool == "max":
+        pooled = F.max_pool3d if dims == 3 else F.max_pool2d
+        reduced = pooled(flat, sizes, sizes, ceil_mode=True)
+    else:
+        pooled_avg = F.avg_pool3d if dims == 3 else F.avg_pool2d
+        # count_include_pad=False and ceil_mode: a partial edge block averages its own positions.
+        reduced = pooled_avg(flat, sizes, sizes, ceil_mode=True, count_include_pad=False)
+    spread = reduced
+    for axis, size in enumerate(sizes):
+        spread = spread.repeat_interleave(size, dim=2 + axis)
+    for axis, size in enumerate(grid):
+        spread = spread.narrow(2 + axis, 0, size)
+    spread = spread.reshape(gradient.shape)
+    return seg_hires_grad_cam(activation, spread)

@@ -1,0 +1,147 @@
+"""Layers whose output is not channels-first: transformer tokens and channels-last grids.
+
+CAM methods work on activations (N, C, *S). A transformer layer of a hybrid segmenter returns
+tokens instead:
+
+- ``(N, L, C)`` sequences (MONAI UNETR's ``vit.blocks.i``): L = q + prod(grid) with q leading
+  extra tokens (a class token: q = 1) and the patch tokens in row-major order of the patch grid
+  (the order of ``Conv(patch).flatten(2).transpose(1, 2)``), grid = input size / patch size.
+- ``(N, *grid, C)`` channels-last grids (MONAI SwinUNETR's ``SwinTransformerBlock``).
+
+Both the activation and its gradient are viewed as ``(N, C, *grid)`` before the method runs; the
+extra tokens are dropped (they have no place on the grid). With a plain layer name the layout is
+inferred: a 3D output of a 2D/3D input is a token sequence, the patch size the one isotropic
+integer p with L - q = prod(S / p) for q in {0, 1}; an output with the input's rank is
+channels-first, unless its trailing spatial axes do not follow the input's proportions while the
+channels-last reading does. :class:`TokenLayer` states the layout where inference cannot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from segcam.errors import LayerError
+
+__all__ = ["Layout", "TokenLayer", "infer_layout", "to_channels_first"]
+
+
+@dataclass(frozen=True)
+class TokenLayer:
+    """A layer whose output is tokens, with how to lay them on the spatial grid.
+
+    Args:
+        layer: a name from ``model.named_modules()`` or a module of the model.
+        grid: the token grid (e.g. (14, 14) or (6, 6, 6)); ``None`` infers it from the input.
+        prefix_tokens: extra tokens before the patch tokens (class/register tokens); ``None``
+            infers 0 or 1.
+        layout: ``"tokens"`` for (N, L, C), ``"channels_last"`` for (N, *grid, C), or
+            ``"auto"``.
+    """
+
+    layer: str | nn.Module
+    grid: tuple[int, ...] | None = None
+    prefix_tokens: int | None = None
+    layout: Literal["auto", "tokens", "channels_last"] = "auto"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a recorded output maps to (N, C, *grid)."""
+
+    kind: Literal["channels_first", "tokens", "channels_last"]
+    grid: tuple[int, ...]
+    prefix_tokens: int = 0
+
+
+def _proportional(grid: tuple[int, ...], input_size: tuple[int, ...]) -> bool:
+    """Whether ``grid`` is the input grid scaled by one factor (within rounding of odd sizes)."""
+    if len(grid) != len(input_size) or any(g < 1 for g in grid):
+        return False
+    ratios = [s / g for s, g in zip(input_size, grid, strict=True)]
+    return max(ratios) / min(ratios) < 1.25
+
+
+def _token_grid(
+    name: str, length: int, input_size: tuple[int, ...], prefix: int | None
+) -> tuple[tuple[int, ...], int]:
+    fits = []
+    for q in (0, 1) if prefix is None else (prefix,):
+        count = length - q
+        if count < 1:
+            continue
+        patch = round((math.prod(input_size) / count) ** (1 / len(input_size)))
+        if patch >= 1 and all(s % patch == 0 for s in input_size):
+            grid = tuple(s // patch for s in input_size)
+            if math.prod(grid) == count:
+                fits.append((grid, q))
+    if len(fits) != 1:
+        found = "no" if not fits else "more than one"
+        raise LayerError(
+            f"layer {name!r} returns {length} tokens and {found} patch grid of the input "
+            f"{input_size} fits them; pass segcam.TokenLayer({name!r}, grid=..., "
+            f"prefix_tokens=...) to say how they lie"
+        )
+    return fits[0]
+
+
+def infer_layout(
+    name: str, shape: tuple[int, ...], input_size: tuple[int, ...], spec: TokenLayer | None
+) -> Layout:
+    """The layout of a layer output of ``shape`` for an input of spatial size ``input_size``."""
+    dims = len(input_size)
+    rank = len(shape)
+    layout = spec.layout if spec is not None else "auto"
+    if layout == "auto":
+        if rank == 3 and dims in (2, 3):
+            layout = "tokens"
+        elif rank == dims + 2:
+            first, last = tuple(shape[2:]), tuple(shape[1:-1])
+            if spec is not None and spec.grid is not None:
+                layout = "channels_last" if last == tuple(spec.grid) else "auto"
+            elif not _proportional(first, input_size) and _proportional(last, input_size):
+                layout = "channels_last"
+        if layout == "auto":
+            if rank != dims + 2:
+                raise LayerError(
+                    f"layer {name!r} returns a tensor of shape {shape}, which cannot be laid on "
+                    f"the {dims}D grid of the input: expected (N, C, *S), tokens (N, L, C), "
+                    f"or channels-last (N, *S, C) (see segcam.TokenLayer)"
+                )
+            return Layout("channels_first", tuple(shape[2:]))
+    if layout == "tokens":
+        if rank != 3:
+            raise LayerError(f"layer {name!r} returns shape {shape}, not tokens (N, L, C)")
+        if spec is not None and spec.grid is not None:
+            grid = tuple(int(g) for g in spec.grid)
+            prefix = (
+                shape[1] - math.prod(grid) if spec.prefix_tokens is None else spec.prefix_tokens
+            )
+            if prefix < 0 or prefix + math.prod(grid) != shape[1]:
+                raise LayerError(
+                    f"layer {name!r} returns {shape[1]} tokens; the grid {grid} with "
+                    f"{prefix} extra tokens does not account for them"
+                )
+            return Layout("tokens", grid, prefix)
+        prefix_given = None if spec is None else spec.prefix_tokens
+        grid, prefix = _token_grid(name, shape[1], input_size, prefix_given)
+        return Layout("tokens", grid, prefix)
+    if rank != dims + 2:
+        raise LayerError(
+            f"layer {name!r} returns shape {shape}, not a channels-last {dims}D grid (N, *S, C)"
+        )
+    return Layout("channels_last", tuple(shape[1:-1]))
+
+
+def to_channels_first(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """View an activation (or its gradient) as (N, C, *grid)."""
+    if layout.kind == "channels_first":
+        return tensor
+    if layout.kind == "channels_last":
+        return tensor.movedim(-1, 1)
+    patches = tensor[:, layout.prefix_tokens :, :]
+    return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], *layout.grid)
