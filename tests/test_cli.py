@@ -332,3 +332,58 @@ def test_empty_mask_warns_in_one_line(scenes, tmp_path, capsys):
     assert warning == [warning[0]] and warning[0].startswith("segcam: warning: empty pixel set")
     maps = segcam.load(tmp_path / "out" / "scene1000008" / "seg-hires-grad-cam.npz").maps
     assert torch.equal(maps, torch.zeros_like(maps))
+
+
+def test_method_options_reach_the_maps(scenes, tmp_path, capsys):
+    image = scenes / "scene1000008.npy"
+    common = ["explain", image, *MODEL, "--target", "predicted:1", "--layer", LAYER]
+    out = tmp_path / "out"
+    code = run(
+        *common,
+        "--method",
+        "seg-xres-cam",
+        "--method-option",
+        "seg-xres-cam:pool_size=4",
+        "--method-option",
+        "seg-xres-cam:pool=mean",
+        "--no-upsample",
+        "--no-relu",
+        "--out",
+        out,
+    )
+    assert code == 0
+    saved = segcam.load(out / "scene1000008" / "seg-xres-cam.npz")
+    assert dict(saved.method_options) == {"pool_size": 4, "pool": "mean"}
+    x = torch.from_numpy(np.load(image))[None, None].float()
+    expected = segcam.explain(
+        load_demo_model(),
+        x,
+        segcam.Predicted(1),
+        LAYER,
+        "seg-xres-cam",
+        relu=False,
+        upsample=False,
+        method_options={"pool_size": 4, "pool": "mean"},
+    )
+    torch.testing.assert_close(saved.maps, expected.maps)
+    manifest = json.loads((out / "scene1000008" / "manifest.json").read_text())
+    assert manifest["method_options"] == {"seg-xres-cam": {"pool_size": 4, "pool": "mean"}}
+    capsys.readouterr()
+    bad = run(*common, "--method-option", "seg-xres-cam:pool_size=4", "--out", tmp_path / "b")
+    assert bad == 2 and "not among --method" in capsys.readouterr().err
+    bad = run(
+        *common,
+        "--method",
+        "seg-score-cam",
+        "--method-option",
+        "seg-score-cam:channels=4",
+        "--out",
+        tmp_path / "c",
+    )
+    assert bad == 2
+    assert "has no option 'channels'; its options: batch_size, max_channels" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert run("methods") == 0
+    assert "options: pool_size=2, pool='max'" in capsys.readouterr().out

@@ -31,7 +31,7 @@ from segcam.io.files import (
     read_input,
     write_nifti,
 )
-from segcam.methods import REGISTRY
+from segcam.methods import REGISTRY, get_method, resolve_options
 from segcam.postprocess import NORMALIZATIONS
 from segcam.recording import describe_layers
 from segcam.specs import (
@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"one of {', '.join(REGISTRY)} (repeatable; default seg-hires-grad-cam)",
     )
+    explain.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="a method's option, e.g. seg-xres-cam:pool_size=4 or seg-score-cam:max_channels=64 "
+        "(repeatable; `segcam methods` lists them)",
+    )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     _add_intensity_options(explain)
     explain.add_argument(
@@ -234,6 +242,7 @@ class _Job:
     layers: list[str]
     methods: list[str]
     options: dict[str, Any]
+    method_options: dict[str, dict[str, Any]]
     settings: dict[str, Any]
     device: torch.device
     preprocess: Any
@@ -263,7 +272,13 @@ def _explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
         stale.unlink(missing_ok=True)
     for method in job.methods:
         expl = segcam.explain(
-            job.model, x, job.targets, job.layers, method, **job.options["explain"]
+            job.model,
+            x,
+            job.targets,
+            job.layers,
+            method,
+            **job.options["explain"],
+            method_options=job.method_options.get(method),
         )
         written.append(_save(expl, target_dir / f"{method}.npz"))
         for layer, maps in expl.layer_maps.items():
@@ -326,6 +341,7 @@ def _command_explain(args: argparse.Namespace) -> int:
     model.to(device)
     targets = [parse_target(spec, args.classes) for spec in args.target]
     methods = args.method or ["seg-hires-grad-cam"]
+    method_options = parse_method_options(args.method_option, methods)
     output: Any = args.output
     if output is not None and output.lstrip("-").isdigit():
         output = int(output)
@@ -346,6 +362,7 @@ def _command_explain(args: argparse.Namespace) -> int:
         "weights": str(args.weights) if args.weights else None,
         "weights_sha256": file_sha256(args.weights) if args.weights else None,
         "methods": methods,
+        "method_options": method_options,
         "layers": args.layer,
         "targets": args.target,
         "classes": args.classes,
@@ -359,6 +376,7 @@ def _command_explain(args: argparse.Namespace) -> int:
         layers=args.layer,
         methods=methods,
         options=options,
+        method_options=method_options,
         settings=settings,
         device=device,
         preprocess=load_callable(args.preprocess, "--preprocess") if args.preprocess else None,
@@ -426,7 +444,53 @@ def _command_methods(args: argparse.Namespace) -> int:
     for name, method in REGISTRY.items():
         print(f"{name:{width}s}  {method.summary}")
         print(f"{'':{width}s}  {method.reference}")
+        kind = {
+            "gradient": "gradient: one backward pass per target",
+            "activation": "gradient-free: activations only",
+            "model": "gradient-free: forward passes on masked inputs",
+        }[method.kind]
+        options = ", ".join(f"{key}={value!r}" for key, value in method.options.items())
+        print(f"{'':{width}s}  {kind}" + (f"; options: {options}" if options else ""))
     return 0
+
+
+def _option_value(text: str) -> Any:
+    """An option's value: none, an int, a float, ints separated by commas, or the text."""
+    if text.lower() == "none":
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if "," in text:
+        try:
+            return [int(part) for part in text.split(",")]
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_options(specs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD:KEY=VALUE`` strings as {method: {key: value}}, checked against the registry."""
+    result: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        method, colon, assignment = spec.partition(":")
+        key, equals, value = assignment.partition("=")
+        if not colon or not equals or not key:
+            raise CliError(f"--method-option {spec!r}: expected METHOD:KEY=VALUE")
+        if method not in methods:
+            raise CliError(
+                f"--method-option {spec!r}: method {method!r} is not among --method "
+                f"({', '.join(methods)})"
+            )
+        result.setdefault(method, {})[key] = _option_value(value)
+    for method, options in result.items():
+        try:
+            resolve_options(get_method(method), options)
+        except ValueError as error:
+            raise CliError(f"--method-option: {error}") from None
+    return result
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:
