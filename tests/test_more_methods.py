@@ -1,4 +1,4 @@
-"""Closed forms and equivalences of the further gradient CAMs (issue 6, first part)."""
+"""Closed forms, equivalences, loops and peers of the further CAMs (issue 6)."""
 
 from __future__ import annotations
 
