@@ -403,3 +403,24 @@ def test_fusion_of_layers_at_different_resolutions():
     assert fused.shape == (2, 1, 8, 8)
     up = segcam.explain(net, x, segcam.Predicted(1), ["body.1", "body"], normalize="max")
     torch.testing.assert_close(fused, torch.maximum(*up.layer_maps.values()))
+
+
+def test_grad_cam_plus_plus_weights_agree_with_pytorch_grad_cam():
+    # Their denominator has + 1e-6; with gradients of order 1 that is far below rounding.
+    from conftest import import_pytorch_grad_cam
+
+    import_pytorch_grad_cam()
+    from pytorch_grad_cam import GradCAMPlusPlus
+
+    from segcam.methods.gradient import seg_grad_cam_plus_plus
+
+    generator = torch.Generator().manual_seed(11)
+    activation = torch.rand((2, 5, 6, 7), generator=generator, dtype=torch.float64)
+    gradient = torch.randn((2, 5, 6, 7), generator=generator, dtype=torch.float64)
+    weights = GradCAMPlusPlus.get_cam_weights(
+        None, None, None, None, activation.numpy(), gradient.numpy()
+    )
+    expected = torch.einsum("nc,nc...->n...", torch.from_numpy(weights), activation)
+    torch.testing.assert_close(
+        seg_grad_cam_plus_plus(activation, gradient), expected, rtol=1e-5, atol=1e-8
+    )

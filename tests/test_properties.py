@@ -101,11 +101,14 @@ def _mixed_model():
     return model
 
 
-def test_model_state_unchanged():
+@pytest.mark.parametrize("method", segcam.list_methods())
+def test_model_state_unchanged(method):
     model = _mixed_model()
     before = _state(model)
     x = torch.randn(2, 1, 16, 16)
-    segcam.explain(model, x, [segcam.Predicted(1), segcam.AllPixels(2)], ["model.1", "model.2"])
+    segcam.explain(
+        model, x, [segcam.Predicted(1), segcam.AllPixels(2)], ["model.1", "model.2"], method
+    )
     _assert_same_state(before, _state(model))
     torch.testing.assert_close(
         next(model.model[2].parameters()).grad,
