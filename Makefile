@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DATA_DIR := .cache/segcam-data
 DATA := $(DATA_DIR)/liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl
 
-.PHONY: install data test lint format demo bench evaluate clean
+.PHONY: install data browser test lint format demo bench evaluate view clean
 
 install: $(STAMP)
 
@@ -27,7 +27,14 @@ data: $(DATA)
 $(DATA): | $(STAMP)
 	SEGCAM_DATA_DIR=$(DATA_DIR) $(PY) -c "from segcam import liver; liver.fetch()"
 
-test: $(STAMP) $(DATA)
+# The viewer's browser tests drive Debian's Chromium (Playwright's own download does not work here).
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: $(STAMP) $(DATA) browser
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -49,6 +56,9 @@ evaluate: $(STAMP) $(DATA)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_methods.py
+
+view: $(STAMP) $(DATA)
+	$(VENV)/bin/segcam view
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -132,3 +132,27 @@ def test_graph_budget():
     assert 1000 < roomy.graph_bytes < 10**8
     roomy.close()
     assert roomy.graph_bytes == 0
+
+
+def test_explain_methods_shares_one_backward_per_target(monkeypatch):
+    model = _model().double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    targets = [segcam.Predicted(1), segcam.Box(2, [(2, 20), (4, 30)])]
+    methods = ["seg-grad-cam", "seg-hires-grad-cam", "seg-grad-cam++", "seg-eigen-cam"]
+    with segcam.Explainer(model, LAYERS, relu=False, upsample=False) as explainer:
+        explainer.forward(x)
+        calls = []
+        original = torch.autograd.grad
+        monkeypatch.setattr(
+            torch.autograd, "grad", lambda *a, **k: calls.append(1) or original(*a, **k)
+        )
+        together = explainer.explain_methods(targets, methods)
+        assert len(calls) == len(targets)  # not one per method and target
+        monkeypatch.setattr(torch.autograd, "grad", original)
+        for method in methods:
+            alone = explainer.explain(targets, method)
+            assert together[method].method == method
+            for layer in LAYERS:
+                torch.testing.assert_close(
+                    together[method].layer_maps[layer], alone.layer_maps[layer]
+                )

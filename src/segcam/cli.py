@@ -170,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the registered methods")
 
+    view = commands.add_parser(
+        "view",
+        help="a local web viewer: paint the pixel set, see the maps (no input: the demo CT)",
+    )
+    view.add_argument("input", nargs="?", type=Path, metavar="INPUT", help="an image or volume")
+    _add_model_options(view)
+    _add_intensity_options(view)
+    view.add_argument("--classes", type=lambda s: s.split(","), default=[], help="class names")
+    view.add_argument(
+        "--layer", action="append", default=[], metavar="NAME", help="layers offered (repeatable)"
+    )
+    view.add_argument("--output", help="key or index of the logits in the model's output")
+    view.add_argument("--demo", choices=["3d", "2d"], default="3d", help="which demo network")
+    view.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    view.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    view.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
     evaluate = commands.add_parser(
         "evaluate", help="score the methods on the built-in benchmarks (tables, plots)"
     )
@@ -454,6 +471,46 @@ def _command_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_view(args: argparse.Namespace) -> int:
+    try:
+        from segcam.viewer.serve import demo_session, file_session, serve
+    except ImportError as error:  # pragma: no cover - the extra is part of dev
+        raise CliError(
+            f"the viewer needs the 'viewer' extra: pip install 'segcam[viewer]' ({error})"
+        ) from None
+    if args.input is None:
+        if args.model:
+            raise CliError("--model needs an INPUT to view (without both: the demo CT)")
+        session = demo_session(args.demo)
+    else:
+        if not args.input.is_file():
+            raise CliError(f"{args.input}: no such file")
+        model = load_model(
+            args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle
+        )
+        data = read_input(args.input)
+        array = apply_intensity(
+            data.array, window=args.window, zscore=args.zscore, minmax=args.minmax
+        )
+        output: Any = args.output
+        if output is not None and output.lstrip("-").isdigit():
+            output = int(output)
+        try:
+            session = file_session(
+                model,
+                array,
+                class_names=args.classes,
+                layers=args.layer,
+                affine=data.nifti_affine,
+                title=args.input.name,
+                output=output,
+            )
+        except ValueError as error:
+            raise CliError(str(error)) from None
+    serve(session, host=args.host, port=args.port, browser=not args.no_browser)
+    return 0
+
+
 def _option_value(text: str) -> Any:
     """An option's value: none, an int, a float, ints separated by commas, or the text."""
     if text.lower() == "none":
@@ -548,6 +605,7 @@ COMMANDS = {
     "explain": _command_explain,
     "layers": _command_layers,
     "methods": _command_methods,
+    "view": _command_view,
     "demo": _command_demo,
     "evaluate": _command_evaluate,
 }

@@ -320,10 +320,39 @@ class RecordedForward:
 
         With ``keep_graph`` the graph survives the last target, for later calls.
         """
+        return self.explain_methods(
+            targets,
+            [method],
+            relu=relu,
+            upsample=upsample,
+            normalize=normalize,
+            keep_graph=keep_graph,
+            method_options={method: method_options} if method_options else None,
+        )[method]
+
+    def explain_methods(
+        self,
+        targets: list[TargetLike],
+        methods: Sequence[str],
+        *,
+        relu: bool,
+        upsample: bool,
+        normalize: Normalization | None,
+        keep_graph: bool,
+        method_options: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ) -> dict[str, Explanation]:
+        """Maps of ``targets`` for several methods; gradient methods share each target's gradient.
+
+        ``method_options`` maps a method name to its options. One ``autograd.grad`` per non-empty
+        target serves every gradient method; gradient-free methods take none.
+        """
         if self.logits is None:
             raise RuntimeError("this forward pass was released; run a new forward first")
-        chosen = get_method(method)
-        options = resolve_options(chosen, method_options)
+        chosen = [get_method(method) for method in dict.fromkeys(methods)]
+        given = method_options or {}
+        options = {
+            method.name: resolve_options(method, given.get(method.name)) for method in chosen
+        }
         detached = self.detached_logits
         pixel_sets = []
         for target in targets:
@@ -335,55 +364,75 @@ class RecordedForward:
         active = [t for t in range(len(targets)) if bool(nonempty[:, t].any())]
 
         grid_activations = self._grid_activations()
-        if chosen.needs_gradient:
-            stacked_maps = self._gradient_maps(
-                chosen, options, targets, pixel_sets, active, keep_graph
+        gradient_methods = [method for method in chosen if method.needs_gradient]
+        raw: dict[str, list[torch.Tensor]] = {}
+        if gradient_methods:
+            raw.update(
+                self._gradient_maps(
+                    gradient_methods, options, targets, pixel_sets, active, keep_graph
+                )
             )
-        else:
-            stacked_maps = self._gradient_free_maps(
-                chosen, options, targets, pixel_sets, stacked_sets, nonempty, grid_activations
-            )
+        for method in chosen:
+            if not method.needs_gradient:
+                raw[method.name] = self._gradient_free_maps(
+                    method,
+                    options[method.name],
+                    targets,
+                    pixel_sets,
+                    stacked_sets,
+                    nonempty,
+                    grid_activations,
+                )
         if not keep_graph:
             self.release()
 
-        layer_maps = {}
-        for name, result in zip(self.layer_names, stacked_maps, strict=True):
-            if relu:
-                result = relu_maps(result)
-            if upsample:
-                result = upsample_maps(result, self.input_size)
-            if normalize is not None:
-                result = normalize_maps(result, normalize)
-            layer_maps[name] = result
-        return Explanation(
-            layer_maps=layer_maps,
-            logits=detached,
-            pixel_sets=stacked_sets,
-            targets=tuple(targets),
-            method=chosen.name,
-            relu=relu,
-            upsampled=upsample,
-            normalize=normalize,
-            layer_shapes=self.layer_shapes,
-            method_options=options,
-        )
+        result = {}
+        for method in chosen:
+            layer_maps = {}
+            for name, maps in zip(self.layer_names, raw[method.name], strict=True):
+                if relu:
+                    maps = relu_maps(maps)
+                if upsample:
+                    maps = upsample_maps(maps, self.input_size)
+                if normalize is not None:
+                    maps = normalize_maps(maps, normalize)
+                layer_maps[name] = maps
+            result[method.name] = Explanation(
+                layer_maps=layer_maps,
+                logits=detached,
+                pixel_sets=stacked_sets,
+                targets=tuple(targets),
+                method=method.name,
+                relu=relu,
+                upsampled=upsample,
+                normalize=normalize,
+                layer_shapes=self.layer_shapes,
+                method_options=options[method.name],
+            )
+        return result
 
     def _gradient_maps(
         self,
-        chosen: Method,
-        options: dict[str, Any],
+        methods: list[Method],
+        options: dict[str, dict[str, Any]],
         targets: list[TargetLike],
         pixel_sets: list[torch.Tensor],
         active: list[int],
         keep_graph: bool,
-    ) -> list[torch.Tensor]:
-        """(N, T, *grid) per layer: one ``autograd.grad`` per active target, to the layers only."""
+    ) -> dict[str, list[torch.Tensor]]:
+        """Per method, (N, T, *grid) per layer, from one ``autograd.grad`` per active target.
+
+        The gradient (to the layers only) is shared by all methods.
+        """
         assert self.logits is not None
         grid_activations = self._grid_activations()
-        per_layer: list[list[torch.Tensor]] = [
-            [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(targets)
-            for activation in grid_activations
-        ]
+        per_method: dict[str, list[list[torch.Tensor]]] = {
+            method.name: [
+                [activation.new_zeros((activation.shape[0], *activation.shape[2:]))] * len(targets)
+                for activation in grid_activations
+            ]
+            for method in methods
+        }
         for position, t in enumerate(active):
             gradients = torch.autograd.grad(
                 self.logits,
@@ -393,11 +442,18 @@ class RecordedForward:
                 ),
                 retain_graph=keep_graph or position < len(active) - 1,
             )
-            for maps, activation, gradient, layout in zip(
-                per_layer, grid_activations, gradients, self.layouts, strict=True
+            for index, (activation, gradient, layout) in enumerate(
+                zip(grid_activations, gradients, self.layouts, strict=True)
             ):
-                maps[t] = chosen.compute(activation, to_channels_first(gradient, layout), **options)
-        return [torch.stack(maps, dim=1) for maps in per_layer]
+                laid = to_channels_first(gradient, layout)
+                for method in methods:
+                    per_method[method.name][index][t] = method.compute(
+                        activation, laid, **options[method.name]
+                    )
+        return {
+            name: [torch.stack(maps, dim=1) for maps in per_layer]
+            for name, per_layer in per_method.items()
+        }
 
     def _gradient_free_maps(
         self,

@@ -140,6 +140,35 @@ class Explainer:
             method_options=method_options,
         )
 
+    def explain_methods(
+        self,
+        targets: TargetLike | Sequence[TargetLike],
+        methods: Sequence[str],
+        *,
+        relu: bool | None = None,
+        upsample: bool | None = None,
+        normalize: Normalization | str | None = "default",
+        method_options: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ) -> dict[str, Explanation]:
+        """Maps for ``targets`` by several methods at once: method name -> explanation.
+
+        The gradient methods share one backward pass per target (side-by-side views cost one
+        backward, not one per method); ``method_options`` maps a method to its options.
+        """
+        for name in methods:
+            get_method(name)
+        norm: Any = self.normalize if normalize == "default" else normalize
+        _check_normalize(norm)
+        return self._current().explain_methods(
+            _as_target_list(targets),
+            list(methods),
+            relu=self.relu if relu is None else relu,
+            upsample=self.upsample if upsample is None else upsample,
+            normalize=norm,
+            keep_graph=True,
+            method_options=method_options,
+        )
+
     def close(self) -> None:
         """Free the kept graph; the explainer can run a new forward afterwards."""
         if self._recorded is not None:

@@ -150,6 +150,16 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def nifti_bytes(volume: np.ndarray, affine: np.ndarray, header: Any = None) -> bytes:
+    """A (I, J, K) volume as the bytes of an uncompressed NIfTI-1 file (float32)."""
+    nibabel = _require("nibabel", "nifti")
+    image = nibabel.Nifti1Image(np.asarray(volume, dtype=np.float32), affine, header=header)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    data: bytes = image.to_bytes()
+    return data
+
+
 def write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
     """Write a (I, J, K) volume as NIfTI with the given affine (and header geometry), atomically."""
     nibabel = _require("nibabel", "nifti")

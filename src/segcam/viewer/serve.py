@@ -1,0 +1,110 @@
+"""Start the viewer: build a session from command-line options (or the demo CT) and serve it."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import webbrowser
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcam.viewer.session import ViewerSession
+
+__all__ = ["demo_session", "file_session", "free_port", "serve"]
+
+LOCAL = "127.0.0.1"
+
+
+def demo_session(which: str = "3d") -> ViewerSession:
+    """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network."""
+    from segcam import liver
+    from segcam.demo_liver import LIVER_LAYERS, load_liver_model
+
+    case = liver.load_case()
+    windowed = liver.window(case.image)
+    model = load_liver_model(which)
+    if which == "2d":
+        image = windowed[:, :, 68]
+        inputs = torch.from_numpy(np.ascontiguousarray(image))[None]
+        title = "demo CT, axial slice 68 (held out), 2D UNet"
+    else:
+        inputs = torch.from_numpy(windowed)[None]
+        title = "demo CT volume, 3D UNet"
+    return ViewerSession(
+        model=model,
+        inputs=inputs,
+        display=inputs[0].numpy(),
+        class_names=list(liver.CLASS_NAMES),
+        layers=list(LIVER_LAYERS.values()),
+        default_layer=LIVER_LAYERS["last decoder"],
+        affine=case.affine,
+        title=title,
+    )
+
+
+def file_session(
+    model: torch.nn.Module,
+    array: np.ndarray,
+    *,
+    class_names: list[str],
+    layers: list[str],
+    affine: np.ndarray | None,
+    title: str,
+    output: Any = None,
+) -> ViewerSession:
+    """A session for one input array (C, *S) read and intensity-processed by the CLI."""
+    inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return ViewerSession(
+        model=model.eval(),
+        inputs=inputs,
+        class_names=class_names,
+        layers=layers,
+        default_layer=layers[-1] if layers else None,
+        affine=affine,
+        title=title,
+        output=output,
+    )
+
+
+def free_port(host: str = LOCAL) -> int:
+    """A port the operating system reports free on ``host`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(
+    session: ViewerSession,
+    *,
+    host: str = LOCAL,
+    port: int = 0,
+    browser: bool = True,
+    ready: threading.Event | None = None,
+) -> None:
+    """Serve ``session`` until interrupted; print the address and open it unless told not to."""
+    import uvicorn
+
+    from segcam.viewer.app import create_app
+
+    if host not in (LOCAL, "localhost", "::1"):
+        print(
+            f"segcam: warning: serving on {host}: anyone who can reach this machine can use the "
+            f"viewer and its model; the default is {LOCAL}",
+            file=sys.stderr,
+        )
+    port = port or free_port(host)
+    address = f"http://{host}:{port}/"
+    config = uvicorn.Config(create_app(session), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    print(f"segcam viewer: {address}  (Ctrl+C stops it)", flush=True)
+    if browser:
+        threading.Timer(0.8, webbrowser.open, args=(address,)).start()
+    if ready is not None:
+        ready.set()
+    try:
+        server.run()
+    finally:
+        session.close()

@@ -1,0 +1,381 @@
+"""The viewer's state and every request it answers, validated; no web framework here.
+
+Arrays travel as base64 of little-endian bytes (float32 maps, uint8 images and masks), row-major,
+with their shape alongside. A 3D input is viewed one slice at a time along ``axis`` (0, 1 or 2 of
+its spatial axes, in stored voxel order); a slice keeps the order of the two remaining axes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import segcam
+from segcam.core import select_logits
+from segcam.explainer import Explainer
+from segcam.methods import REGISTRY
+from segcam.recording import describe_layers
+from segcam.viz import grey, overlay
+
+__all__ = ["DEFAULT_METHODS", "RequestError", "ViewerSession"]
+
+DEFAULT_METHODS = ("seg-grad-cam", "seg-hires-grad-cam")
+AXIS_NAMES = {0: "sagittal (axis 0)", 1: "coronal (axis 1)", 2: "axial (axis 2)"}
+MAX_EXPLAINERS = 3  # kept forwards (one per recently used layer)
+
+
+class RequestError(ValueError):
+    """A request the viewer refuses; its message is shown in the page (HTTP 400)."""
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _int(payload: Mapping[str, Any], key: str, low: int, high: int, what: str) -> int:
+    value = payload.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{what} must be an integer; got {value!r}")
+    if not low <= value < high:
+        raise RequestError(f"{what} {value} is out of range [0, {high})")
+    return value
+
+
+def _index_list(value: Any, sizes: Sequence[int], what: str, *, end: bool = False) -> list[int]:
+    if not isinstance(value, list) or len(value) != len(sizes):
+        raise RequestError(f"{what} must be a list of {len(sizes)} integers; got {value!r}")
+    result = []
+    for axis, (item, size) in enumerate(zip(value, sizes, strict=True)):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise RequestError(f"{what}[{axis}] must be an integer; got {item!r}")
+        if not (0 <= item <= size if end else 0 <= item < size):
+            raise RequestError(
+                f"{what}[{axis}] = {item} is outside the image (axis {axis} has {size} pixels)"
+            )
+        result.append(item)
+    return result
+
+
+@dataclass
+class ViewerSession:
+    """One input and one model, explained on request.
+
+    Args:
+        model: the segmentation network (eval mode).
+        inputs: the model's input for one sample, (C, *S) (after intensity processing).
+        display: what the page shows, (*S) in [0, 1]; by default the input's channel mean,
+            min-max scaled.
+        class_names: one name per output class (default ``class 0``, ...).
+        layers: the layers offered (default: every module on the path whose output has the
+            input's rank, deepest-first order kept as in the model).
+        default_layer: the layer selected at start (default: the middle of ``layers``).
+        affine: voxel-to-world matrix for NIfTI export (default identity).
+        output: how to find the logits (as for :func:`segcam.explain`).
+    """
+
+    model: nn.Module
+    inputs: torch.Tensor
+    display: np.ndarray | None = None
+    class_names: Sequence[str] = ()
+    layers: Sequence[str] = ()
+    default_layer: str | None = None
+    affine: np.ndarray | None = None
+    output: Any = None
+    title: str = "segcam"
+    max_upload_bytes: int = 16 * 2**20
+    _explainers: OrderedDict[str, Explainer] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _uploaded: np.ndarray | None = field(default=None, repr=False)
+    _cache: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    last: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim not in (3, 4):
+            raise ValueError(
+                f"inputs must be (C, H, W) or (C, D, H, W); got {tuple(self.inputs.shape)}"
+            )
+        self.spatial = tuple(int(s) for s in self.inputs.shape[1:])
+        with torch.no_grad():
+            logits = select_logits(self.model(self.inputs[None]), self.output, self.inputs.ndim + 1)
+        self.classes = int(logits.shape[1])
+        self.prediction = (
+            (logits.argmax(1)[0] if self.classes > 1 else (logits[:, 0] > 0).long()[0])
+            .numpy()
+            .astype(np.uint8)
+        )
+        if not self.class_names:
+            self.class_names = [f"class {c}" for c in range(max(self.classes, 2))]
+        if len(self.class_names) != max(self.classes, 2):
+            raise ValueError(
+                f"{len(self.class_names)} class names for a model with {self.classes} classes"
+            )
+        if self.display is None:
+            self.display = grey(self.inputs.float().mean(0).numpy())
+        self.display = np.asarray(self.display, dtype=np.float32)
+        table = describe_layers(self.model, self.inputs[None])
+        self._layer_shapes = {
+            info.name: info.shape
+            for info in table
+            if info.on_path and info.shape is not None and info.calls == 1 and info.name
+        }
+        if not self.layers:
+            rank = self.inputs.ndim + 1
+            self.layers = [
+                n for n, s in self._layer_shapes.items() if len(s) == rank and s[1] > self.classes
+            ] or list(self._layer_shapes)
+        unknown = [name for name in self.layers if name not in self._layer_shapes]
+        if unknown:
+            raise ValueError(f"layers not on the model's path (or unknown): {unknown}")
+        self.layers = list(self.layers)
+        if self.default_layer is None:
+            self.default_layer = self.layers[len(self.layers) // 2]
+        if self.default_layer not in self.layers:
+            raise ValueError(f"default layer {self.default_layer!r} is not among the layers")
+
+    # ------------------------------------------------------------------ info and slices
+
+    def info(self) -> dict[str, Any]:
+        """Everything the page needs to build its controls."""
+        return {
+            "title": self.title,
+            "dims": len(self.spatial),
+            "shape": list(self.spatial),
+            "classes": list(self.class_names),
+            "layers": [
+                {"name": name, "shape": list(self._layer_shapes[name])} for name in self.layers
+            ],
+            "default_layer": self.default_layer,
+            "methods": [
+                {"name": name, "summary": method.summary} for name, method in REGISTRY.items()
+            ],
+            "default_methods": list(DEFAULT_METHODS),
+            "axes": [AXIS_NAMES[a] for a in range(len(self.spatial))]
+            if len(self.spatial) == 3
+            else [],
+            "max_upload_bytes": self.max_upload_bytes,
+        }
+
+    def _view(self, payload: Mapping[str, Any]) -> tuple[int, int]:
+        if len(self.spatial) == 2:
+            return -1, -1
+        axis = _int(payload, "axis", 0, 3, "axis")
+        index = _int(payload, "index", 0, self.spatial[axis], f"slice index on axis {axis}")
+        return axis, index
+
+    def _cut(self, array: np.ndarray, view: tuple[int, int]) -> np.ndarray:
+        axis, index = view
+        return array if axis < 0 else np.take(array, index, axis=axis)
+
+    def slice(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The displayed image and the prediction on one slice (the whole image in 2D)."""
+        view = self._view(payload)
+        assert self.display is not None
+        image = self._cut(self.display, view)
+        return {
+            "shape": list(image.shape),
+            "image": _b64((np.clip(image, 0, 1) * 255).round().astype(np.uint8)),
+            "prediction": _b64(self._cut(self.prediction, view)),
+        }
+
+    # ------------------------------------------------------------------ targets
+
+    def upload_mask(self, data: bytes) -> dict[str, Any]:
+        """Keep an uploaded mask (.npy or PNG of the input's spatial shape) as a pixel set."""
+        if len(data) > self.max_upload_bytes:
+            raise RequestError(
+                f"upload of {len(data)} bytes is over the limit of {self.max_upload_bytes}"
+            )
+        if data.startswith(b"\x93NUMPY"):
+            try:
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError) as error:
+                raise RequestError(f"cannot read the .npy upload: {error}") from None
+        elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+            try:
+                from PIL import Image
+
+                array = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+            except Exception as error:  # Pillow raises many types for damaged files
+                raise RequestError(f"cannot read the PNG upload: {error}") from None
+        else:
+            raise RequestError("the upload must be a .npy array or a PNG image")
+        if tuple(array.shape) != self.spatial:
+            raise RequestError(
+                f"the uploaded mask has shape {tuple(array.shape)}; the image has {self.spatial}"
+            )
+        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+            raise RequestError(f"the uploaded mask has dtype {array.dtype}, not numbers")
+        self._uploaded = np.asarray(array) != 0
+        return {"pixels": int(self._uploaded.sum())}
+
+    def _target(self, payload: Mapping[str, Any]) -> tuple[segcam.Target, Any]:
+        """The target of a request and a hashable key of it."""
+        c = _int(payload, "class", 0, max(self.classes, 2), "class")
+        spec = payload.get("target") or {"kind": "predicted"}
+        if not isinstance(spec, Mapping):
+            raise RequestError(f"target must be an object; got {spec!r}")
+        kind = spec.get("kind")
+        if kind == "predicted":
+            return segcam.Predicted(c), ("predicted", c)
+        if kind == "pixel":
+            index = _index_list(spec.get("index"), self.spatial, "pixel index")
+            return segcam.Pixel(c, tuple(index)), ("pixel", c, tuple(index))
+        if kind == "box":
+            start = _index_list(spec.get("start"), self.spatial, "box start")
+            stop = _index_list(spec.get("stop"), self.spatial, "box stop", end=True)
+            if any(a >= b for a, b in zip(start, stop, strict=True)):
+                raise RequestError(f"the box is empty: start {start}, stop {stop}")
+            box = [(a, b) for a, b in zip(start, stop, strict=True)]
+            return segcam.Box(c, box), ("box", c, tuple(box))
+        if kind == "mask":
+            mask = self._mask(spec)
+            return segcam.Mask(c, torch.from_numpy(mask)), ("mask", c, mask.tobytes())
+        if kind == "uploaded":
+            if self._uploaded is None:
+                raise RequestError("no mask was uploaded")
+            return segcam.Mask(c, torch.from_numpy(self._uploaded)), (
+                "uploaded",
+                c,
+                id(self._uploaded),
+            )
+        raise RequestError(f"unknown target kind {kind!r}: predicted, pixel, box, mask or uploaded")
+
+    def _mask(self, spec: Mapping[str, Any]) -> np.ndarray:
+        """A painted mask: the whole image (2D) or one slice (3D), as base64 bytes 0/1."""
+        view = self._view(spec) if len(self.spatial) == 3 else (-1, -1)
+        plane = self._cut(np.zeros(self.spatial, dtype=np.uint8), view).shape
+        try:
+            raw = base64.b64decode(str(spec.get("data", "")), validate=True)
+        except ValueError:
+            raise RequestError("the painted mask is not valid base64") from None
+        if len(raw) != int(np.prod(plane)):
+            raise RequestError(
+                f"the painted mask has {len(raw)} pixels; the slice has {int(np.prod(plane))}"
+            )
+        painted = np.frombuffer(raw, dtype=np.uint8).reshape(plane) != 0
+        mask = np.zeros(self.spatial, dtype=bool)
+        if view[0] < 0:
+            mask[...] = painted
+        else:
+            where: list[Any] = [slice(None)] * 3
+            where[view[0]] = view[1]
+            mask[tuple(where)] = painted
+        return mask
+
+    # ------------------------------------------------------------------ explain
+
+    def _explainer(self, layer: str) -> Explainer:
+        if layer in self._explainers:
+            self._explainers.move_to_end(layer)
+            return self._explainers[layer]
+        explainer = Explainer(self.model, layer, relu=True, upsample=True, output=self.output)
+        explainer.forward(self.inputs[None])
+        self._explainers[layer] = explainer
+        while len(self._explainers) > MAX_EXPLAINERS:
+            _, old = self._explainers.popitem(last=False)
+            old.close()
+        return explainer
+
+    def explain(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Maps of the requested target for each requested method, cut to the current view.
+
+        The maps are ReLU'd and up-sampled to the input grid, not normalised (the page scales
+        them for display); ``max`` is over the whole map, so the colour bar does not change when
+        the slice does.
+        """
+        started = time.perf_counter()
+        layer = payload.get("layer", self.default_layer)
+        if layer not in self.layers:
+            raise RequestError(f"unknown layer {layer!r}; choose one of the listed layers")
+        methods = payload.get("methods", list(DEFAULT_METHODS))
+        if not isinstance(methods, list) or not 1 <= len(methods) <= 4:
+            raise RequestError("methods must be a list of 1 to 4 method names")
+        for method in methods:
+            if method not in REGISTRY:
+                raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
+        target, key = self._target(payload)
+        view = self._view(payload)
+        with self._lock:
+            explainer = self._explainer(layer)
+            self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
+            missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
+            if missing:
+                for method, expl in explainer.explain_methods([target], missing).items():
+                    self._cache[layer, key, method] = {
+                        "map": expl.maps[0, 0].float().cpu().numpy(),
+                        "pixel_set": expl.pixel_sets[0, 0].cpu().numpy(),
+                    }
+            maps = {method: self._cache[layer, key, method] for method in methods}
+        pixel_set = next(iter(maps.values()))["pixel_set"]
+        self.last = {
+            "layer": layer,
+            "target": key,
+            "maps": {m: v["map"] for m, v in maps.items()},
+            "pixel_set": pixel_set,
+        }
+        cut_set = self._cut(pixel_set, view)
+        result = {
+            "layer": layer,
+            "shape": list(cut_set.shape),
+            "pixels": int(pixel_set.sum()),
+            "pixel_set": _b64(cut_set.astype(np.uint8)),
+            "maps": [
+                {
+                    "method": method,
+                    "data": _b64(self._cut(value["map"], view).astype("<f4")),
+                    "max": float(value["map"].max()),
+                }
+                for method, value in maps.items()
+            ],
+        }
+        result["milliseconds"] = round((time.perf_counter() - started) * 1e3, 1)
+        return result
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, kind: str, method: str) -> tuple[bytes, str, str]:
+        """The last maps of ``method`` as (content, media type, file name)."""
+        if not self.last:
+            raise RequestError("nothing to export yet: explain a target first")
+        if method not in self.last["maps"]:
+            raise RequestError(f"method {method!r} is not among the shown maps")
+        heat = self.last["maps"][method]
+        stem = f"segcam_{method}"
+        if kind == "npz":
+            stream = io.BytesIO()
+            np.savez_compressed(stream, map=heat, pixel_set=self.last["pixel_set"])
+            return stream.getvalue(), "application/octet-stream", f"{stem}.npz"
+        if kind == "png":
+            if len(self.spatial) != 2:
+                raise RequestError("PNG export is for 2D images; export 3D maps as NIfTI")
+            from PIL import Image
+
+            assert self.display is not None
+            stream = io.BytesIO()
+            Image.fromarray(overlay(self.display, heat)).save(stream, format="PNG")
+            return stream.getvalue(), "image/png", f"{stem}.png"
+        if kind == "nifti":
+            if len(self.spatial) != 3:
+                raise RequestError("NIfTI export is for 3D volumes; export 2D maps as PNG")
+            from segcam.io.files import nifti_bytes
+
+            affine = np.eye(4) if self.affine is None else self.affine
+            return nifti_bytes(heat, affine), "application/octet-stream", f"{stem}.nii"
+        raise RequestError(f"unknown export format {kind!r}: png, nifti or npz")
+
+    def close(self) -> None:
+        """Free every kept forward graph."""
+        for explainer in self._explainers.values():
+            explainer.close()
+        self._explainers.clear()
