@@ -1,0 +1,257 @@
+"""The viewer's JSON API: maps equal segcam.explain, bad requests refused, server unharmed."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+import segcam
+from segcam.synthetic_demo import load_demo_model
+from segcam.testing import tiny_segnet
+from segcam.testing.synthetic import shapes_scene
+from segcam.viewer import ViewerSession
+from segcam.viewer.app import create_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+LAYER = "model.1.submodule.2"
+
+
+def session_2d():
+    image, _ = shapes_scene(1_000_009)
+    inputs = torch.from_numpy(image.astype(np.float32))
+    return ViewerSession(
+        model=load_demo_model(),
+        inputs=inputs,
+        class_names=["background", "disk", "square"],
+        layers=["model.1.submodule", LAYER],
+        default_layer=LAYER,
+    )
+
+
+def session_3d():
+    generator = torch.Generator().manual_seed(0)
+    return ViewerSession(
+        model=tiny_segnet(3), inputs=torch.randn((1, 6, 12, 10), generator=generator)
+    )
+
+
+@pytest.fixture
+def client_2d():
+    session = session_2d()
+    with TestClient(create_app(session)) as client:
+        yield client, session
+
+
+def maps_of(response):
+    shape = response["shape"]
+    return {
+        entry["method"]: np.frombuffer(base64.b64decode(entry["data"]), "<f4").reshape(shape)
+        for entry in response["maps"]
+    }
+
+
+def test_page_and_info(client_2d):
+    client, _ = client_2d
+    page = client.get("/")
+    assert page.status_code == 200 and "segcam" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
+    info = client.get("/api/info").json()
+    assert info["dims"] == 2 and info["shape"] == [64, 64]
+    assert info["classes"] == ["background", "disk", "square"]
+    assert [layer["name"] for layer in info["layers"]] == ["model.1.submodule", LAYER]
+    assert info["default_methods"] == ["seg-grad-cam", "seg-hires-grad-cam"]
+    assert {m["name"] for m in info["methods"]} == set(segcam.list_methods())
+
+
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        ({"kind": "predicted"}, segcam.Predicted(2)),
+        ({"kind": "box", "start": [10, 20], "stop": [30, 41]}, segcam.Box(2, [(10, 30), (20, 41)])),
+        ({"kind": "pixel", "index": [33, 7]}, segcam.Pixel(2, (33, 7))),
+    ],
+)
+def test_maps_equal_explain(client_2d, spec, target):
+    client, session = client_2d
+    body = {
+        "class": 2,
+        "target": spec,
+        "layer": LAYER,
+        "methods": ["seg-grad-cam", "seg-hires-grad-cam"],
+    }
+    response = client.post("/api/explain", json=body)
+    assert response.status_code == 200, response.text
+    shown = maps_of(response.json())
+    for method in body["methods"]:
+        expected = segcam.explain(session.model, session.inputs[None], target, LAYER, method)
+        np.testing.assert_allclose(shown[method], expected.maps[0, 0].numpy(), rtol=1e-5, atol=1e-6)
+        entry = next(e for e in response.json()["maps"] if e["method"] == method)
+        assert entry["max"] == pytest.approx(float(expected.maps.max()), rel=1e-6)
+
+
+def test_painted_mask_and_upload(client_2d):
+    client, session = client_2d
+    painted = np.zeros((64, 64), dtype=np.uint8)
+    painted[5:15, 40:60] = 1
+    data = base64.b64encode(painted.tobytes()).decode()
+    shown = client.post(
+        "/api/explain", json={"class": 1, "target": {"kind": "mask", "data": data}}
+    ).json()
+    expected = segcam.explain(
+        session.model,
+        session.inputs[None],
+        segcam.Mask(1, painted.astype(bool)),
+        LAYER,
+        "seg-hires-grad-cam",
+    )
+    np.testing.assert_allclose(
+        maps_of(shown)["seg-hires-grad-cam"], expected.maps[0, 0], rtol=1e-5, atol=1e-6
+    )
+    assert shown["pixels"] == 200
+    stream = io.BytesIO()
+    np.save(stream, painted)
+    assert client.post("/api/upload", content=stream.getvalue()).json() == {"pixels": 200}
+    uploaded = client.post("/api/explain", json={"class": 1, "target": {"kind": "uploaded"}}).json()
+    np.testing.assert_array_equal(
+        maps_of(uploaded)["seg-hires-grad-cam"], maps_of(shown)["seg-hires-grad-cam"]
+    )
+
+
+def test_bad_requests_are_refused_and_the_server_goes_on(client_2d):
+    client, session = client_2d
+    bad = [
+        ({"class": 3}, "class 3 is out of range"),
+        ({"class": -1}, "class -1 is out of range"),
+        ({"class": "1"}, "class must be an integer"),
+        ({"class": 1, "layer": "model.9"}, "unknown layer 'model.9'"),
+        ({"class": 1, "methods": ["grad-cam"]}, "unknown method 'grad-cam'"),
+        ({"class": 1, "target": {"kind": "pixel", "index": [64, 0]}}, "outside the image"),
+        ({"class": 1, "target": {"kind": "pixel", "index": [1]}}, "list of 2 integers"),
+        (
+            {"class": 1, "target": {"kind": "box", "start": [0, 0], "stop": [65, 3]}},
+            "outside the image",
+        ),
+        (
+            {"class": 1, "target": {"kind": "box", "start": [5, 5], "stop": [5, 9]}},
+            "the box is empty",
+        ),
+        ({"class": 1, "target": {"kind": "mask", "data": "AAAA"}}, "the painted mask has 3 pixels"),
+        ({"class": 1, "target": {"kind": "uploaded"}}, "no mask was uploaded"),
+        ({"class": 1, "target": {"kind": "lasso"}}, "unknown target kind 'lasso'"),
+    ]
+    for body, message in bad:
+        response = client.post("/api/explain", json=body)
+        assert response.status_code == 400, body
+        assert message in response.json()["error"], (body, response.json())
+    assert client.post("/api/explain", content=b"{not json").status_code == 400
+    assert client.post("/api/explain", content=b"[1, 2]").json()["error"].startswith("the request")
+    assert "nothing to export" in client.get("/api/export?format=png&method=x").json()["error"]
+    # oversized and wrong-type uploads
+    session.max_upload_bytes = 1000
+    response = client.post("/api/upload", content=b"\x93NUMPY" + b"0" * 2000)
+    assert response.status_code == 413 and "over the limit of 1000" in response.json()["error"]
+    assert (
+        "a .npy array or a PNG" in client.post("/api/upload", content=b"GIF89a...").json()["error"]
+    )
+    stream = io.BytesIO()
+    np.save(stream, np.zeros((3, 3)))
+    assert (
+        "has shape (3, 3)" in client.post("/api/upload", content=stream.getvalue()).json()["error"]
+    )
+    # still serving
+    assert client.post("/api/explain", json={"class": 1}).status_code == 200
+
+
+def test_export_formats(client_2d):
+    client, session = client_2d
+    client.post("/api/explain", json={"class": 2, "target": {"kind": "predicted"}})
+    png = client.get("/api/export?format=png&method=seg-hires-grad-cam")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    arrays = np.load(io.BytesIO(client.get("/api/export?format=npz&method=seg-grad-cam").content))
+    expected = segcam.explain(
+        session.model, session.inputs[None], segcam.Predicted(2), LAYER, "seg-grad-cam"
+    )
+    np.testing.assert_allclose(arrays["map"], expected.maps[0, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(arrays["pixel_set"], expected.pixel_sets[0, 0])
+    assert (
+        "3D volumes" in client.get("/api/export?format=nifti&method=seg-grad-cam").json()["error"]
+    )
+
+
+def test_3d_slices_and_nifti():
+    session = session_3d()
+    with TestClient(create_app(session)) as client:
+        info = client.get("/api/info").json()
+        assert info["dims"] == 3 and len(info["axes"]) == 3
+        for axis, size in enumerate((6, 12, 10)):
+            cut = client.post("/api/slice", json={"axis": axis, "index": size - 1}).json()
+            assert cut["shape"] == [s for a, s in enumerate((6, 12, 10)) if a != axis]
+        assert (
+            "out of range"
+            in client.post("/api/slice", json={"axis": 1, "index": 12}).json()["error"]
+        )
+        assert (
+            "axis 3 is out of range"
+            in client.post("/api/slice", json={"axis": 3, "index": 0}).json()["error"]
+        )
+        box = {"kind": "box", "start": [1, 2, 3], "stop": [4, 9, 8]}
+        full = (
+            segcam.explain(
+                session.model,
+                session.inputs[None],
+                segcam.Box(1, [(1, 4), (2, 9), (3, 8)]),
+                session.default_layer,
+                "seg-hires-grad-cam",
+            )
+            .maps[0, 0]
+            .numpy()
+        )
+        for axis in range(3):
+            response = client.post(
+                "/api/explain", json={"class": 1, "target": box, "axis": axis, "index": 2}
+            ).json()
+            np.testing.assert_allclose(
+                maps_of(response)["seg-hires-grad-cam"],
+                np.take(full, 2, axis=axis),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        nifti = client.get("/api/export?format=nifti&method=seg-hires-grad-cam").content
+        import nibabel
+
+        image = nibabel.Nifti1Image.from_bytes(nifti)
+        np.testing.assert_allclose(np.asarray(image.dataobj), full, rtol=1e-6)
+        # a brush stroke on a slice
+        painted = np.zeros((6, 10), dtype=np.uint8)
+        painted[2:4, 3:7] = 1
+        data = base64.b64encode(painted.tobytes()).decode()
+        response = client.post(
+            "/api/explain",
+            json={
+                "class": 2,
+                "axis": 1,
+                "index": 5,
+                "target": {"kind": "mask", "data": data, "axis": 1, "index": 5},
+            },
+        ).json()
+        mask = np.zeros((6, 12, 10), dtype=bool)
+        mask[:, 5, :] = painted.astype(bool)
+        expected = segcam.explain(
+            session.model,
+            session.inputs[None],
+            segcam.Mask(2, mask),
+            session.default_layer,
+            "seg-grad-cam",
+        )
+        np.testing.assert_allclose(
+            maps_of(response)["seg-grad-cam"],
+            expected.maps[0, 0, :, 5].numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        assert response["pixels"] == 8

@@ -1,0 +1,179 @@
+"""The viewer in a real browser: Playwright driving Debian's Chromium, headless (make browser)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+
+import segcam
+from segcam.viewer.app import create_app
+from segcam.viewer.serve import free_port
+from test_viewer_api import LAYER, session_2d, session_3d
+
+pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+
+def _serve(session):
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the viewer did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "Chromium is missing: run `make browser` (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 900})
+        outside = []
+        page.on(
+            "request",
+            lambda request: (
+                outside.append(request.url)
+                if not request.url.startswith("http://127.0.0.1")
+                else None
+            ),
+        )
+        yield page
+        browser.close()
+        assert outside == []  # the page never reaches beyond its own server
+
+
+def _updates(page):
+    return page.evaluate("() => segcamViewer.timings.length")
+
+
+def _wait(page, before):
+    page.wait_for_function("n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before)
+
+
+def _shown(page):
+    return page.evaluate(
+        """() => ({request: segcamViewer.request, zoom: segcamViewer.zoom,
+                   shape: segcamViewer.result.shape,
+                   status: document.getElementById('status').textContent,
+                   maps: Object.fromEntries(Object.entries(segcamViewer.maps)
+                         .map(([k, v]) => [k, Array.from(v)]))})"""
+    )
+
+
+def _explained(session, target, layer, method):
+    return segcam.explain(session.model, session.inputs[None], target, layer, method).maps[0, 0]
+
+
+def test_2d_box_layer_and_method(browser_page, tmp_path):
+    session = session_2d()
+    server, thread, url = _serve(session)
+    page = browser_page
+    try:
+        page.goto(url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        assert "pixels in the set" in page.text_content("#status")
+        before = _updates(page)
+        page.select_option("#class", "2")
+        _wait(page, before)
+        page.select_option("#mode", "box")
+        box = page.locator("#view0").bounding_box()
+        zoom = page.evaluate("() => segcamViewer.zoom")
+        # drag from pixel (row 10, col 20) to (row 29, col 40)
+        before = _updates(page)
+        page.mouse.move(box["x"] + 20.5 * zoom, box["y"] + 10.5 * zoom)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 30 * zoom, box["y"] + 20 * zoom, steps=4)
+        page.mouse.move(box["x"] + 40.5 * zoom, box["y"] + 29.5 * zoom, steps=4)
+        page.mouse.up()
+        _wait(page, before)
+        shown = _shown(page)
+        assert shown["request"]["target"] == {"kind": "box", "start": [10, 20], "stop": [30, 41]}
+        assert shown["request"]["class"] == 2
+        target = segcam.Box(2, [(10, 30), (20, 41)])
+        for method in ("seg-grad-cam", "seg-hires-grad-cam"):
+            expected = _explained(session, target, LAYER, method).numpy()
+            np.testing.assert_allclose(
+                np.reshape(shown["maps"][method], (64, 64)), expected, rtol=1e-5, atol=1e-6
+            )
+        # another layer, another method on the right
+        before = _updates(page)
+        page.select_option("#layer", "model.1.submodule")
+        _wait(page, before)
+        before = _updates(page)
+        page.select_option("#method1", "seg-layer-cam")
+        _wait(page, before)
+        shown = _shown(page)
+        assert shown["request"]["layer"] == "model.1.submodule"
+        assert shown["request"]["methods"] == ["seg-grad-cam", "seg-layer-cam"]
+        for method in shown["request"]["methods"]:
+            expected = _explained(session, target, "model.1.submodule", method).numpy()
+            np.testing.assert_allclose(
+                np.reshape(shown["maps"][method], (64, 64)), expected, rtol=1e-5, atol=1e-6
+            )
+        # an unreadable upload: the error is shown in the page, and the page goes on
+        bad = tmp_path / "mask.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        page.set_input_files("#upload", str(bad))
+        page.wait_for_function("() => document.getElementById('status').className === 'error'")
+        assert "cannot read the PNG upload" in page.text_content("#status")
+        before = _updates(page)
+        page.select_option("#mode", "predicted")
+        _wait(page, before)
+        assert page.get_attribute("#status", "class") == ""
+        page.screenshot(path=str(tmp_path / "viewer.png"))
+        assert (tmp_path / "viewer.png").stat().st_size > 10_000
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_3d_slice_slider_and_axis(browser_page):
+    session = session_3d()
+    server, thread, url = _serve(session)
+    page = browser_page
+    try:
+        page.goto(url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        assert page.is_visible("#slice")
+        full = _explained(session, segcam.Predicted(1), session.default_layer, "seg-hires-grad-cam")
+        for index in (0, 4, 9):
+            before = _updates(page)
+            page.locator("#slice").fill(str(index))
+            _wait(page, before)
+            shown = _shown(page)
+            assert shown["request"]["axis"] == 2 and shown["request"]["index"] == index
+            np.testing.assert_allclose(
+                np.reshape(shown["maps"]["seg-hires-grad-cam"], shown["shape"]),
+                full[:, :, index].numpy(),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        before = _updates(page)
+        page.select_option("#axis", "0")
+        _wait(page, before)
+        shown = _shown(page)
+        assert shown["shape"] == [12, 10] and shown["request"]["index"] == 3
+        np.testing.assert_allclose(
+            np.reshape(shown["maps"]["seg-hires-grad-cam"], (12, 10)),
+            full[3].numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        assert page.text_content("#sliceLabel") == "3 / 5"
+    finally:
+        server.should_exit = True
+        thread.join(10)
