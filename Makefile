@@ -53,9 +53,10 @@ evaluate: $(STAMP) $(DATA)
 	$(VENV)/bin/segcam evaluate --out reports
 	$(PY) scripts/evaluation_report.py reports
 
-bench: $(STAMP)
+bench: $(STAMP) $(DATA) browser
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_methods.py
+	$(PY) benchmarks/bench_viewer.py
 
 view: $(STAMP) $(DATA)
 	$(VENV)/bin/segcam view

@@ -255,3 +255,62 @@ def test_3d_slices_and_nifti():
             atol=1e-6,
         )
         assert response["pixels"] == 8
+
+
+def test_segcam_view_serves_a_file_and_stops(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    image, _ = shapes_scene(1_000_008)
+    path = tmp_path / "scene.npy"
+    np.save(path, image[0])
+    weights = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "segcam.cli",
+        "view",
+        str(path),
+        "--model",
+        "segcam.synthetic_demo:build_demo_model",
+        "--weights",
+        str(weights),
+        "--classes",
+        "bg,disk,square",
+        "--layer",
+        LAYER,
+        "--no-browser",
+        "--host",
+        "localhost",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("segcam viewer: http://localhost:"), line
+        address = line.split()[2]
+        with urllib.request.urlopen(address + "api/info", timeout=30) as response:
+            info = json.loads(response.read())
+        assert info["classes"] == ["bg", "disk", "square"] and info["shape"] == [64, 64]
+        assert info["title"] == "scene.npy"
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    # a missing input is one clear line
+    run = subprocess.run(
+        [sys.executable, "-m", "segcam.cli", "view", str(tmp_path / "nope.npy"), "--no-browser"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "nope.npy: no such file" in run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 import webbrowser
 from typing import Any
 
@@ -99,11 +100,18 @@ def serve(
     address = f"http://{host}:{port}/"
     config = uvicorn.Config(create_app(session), host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
-    print(f"segcam viewer: {address}  (Ctrl+C stops it)", flush=True)
-    if browser:
-        threading.Timer(0.8, webbrowser.open, args=(address,)).start()
-    if ready is not None:
-        ready.set()
+
+    def announce() -> None:  # once the socket listens
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            print(f"segcam viewer: {address}  (Ctrl+C stops it)", flush=True)
+            if browser:
+                webbrowser.open(address)
+            if ready is not None:
+                ready.set()
+
+    threading.Thread(target=announce, daemon=True).start()
     try:
         server.run()
     finally:

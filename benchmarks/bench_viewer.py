@@ -1,0 +1,137 @@
+"""How long a new pixel set takes to reach the screen in the viewer, on the demo CT.
+
+    .venv/bin/python benchmarks/bench_viewer.py [--count 40]
+
+Starts the viewer (2D: held-out axial slice 68, 128 x 128, 2D UNet; 3D: the 128^3 volume, 3D
+UNet), drives it in headless Chromium, and draws random boxes of the tumour/liver classes at
+the default layer (last decoder) with the two default methods side by side. The time of an
+update is the page's own: from sending the request to the end of drawing both maps (fetch,
+decode, colour, draw), as ``segcamViewer.timings`` records it; the server's share is reported
+too. Also the first update after switching the layer (a new forward pass). Writes
+benchmarks/results/viewer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from segcam.demo_liver import LIVER_LAYERS
+from segcam.viewer.app import create_app
+from segcam.viewer.serve import demo_session, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure(which, count, page_factory):
+    session = demo_session(which)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    page = page_factory()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("() => segcamViewer.timings.length > 0", timeout=120_000)
+        page.select_option("#mode", "box")
+        rng = random.Random(0)
+        shape = session.spatial
+        screen, server_ms = [], []
+        for k in range(count):
+            start = [rng.randrange(0, s - 16) for s in shape]
+            stop = [a + rng.randrange(4, 16) for a in start]
+            if which == "3d":  # a box on the shown axial slice
+                index = int(page.evaluate("() => Number(document.getElementById('slice').value)"))
+                start[2], stop[2] = index, index + 1
+            before = page.evaluate("() => segcamViewer.timings.length")
+            page.evaluate(
+                "([box, c]) => { segcamViewer.box = box; "
+                "document.getElementById('class').value = c; explain(); }",
+                [[start, stop], 1 + k % 2],
+            )
+            page.wait_for_function(
+                "n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before
+            )
+            screen.append(page.evaluate("() => segcamViewer.timings.at(-1)"))
+            server_ms.append(page.evaluate("() => segcamViewer.result.milliseconds"))
+        before = page.evaluate("() => segcamViewer.timings.length")
+        page.select_option("#layer", LIVER_LAYERS["middle decoder"])
+        page.wait_for_function(
+            "n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before
+        )
+        switch = page.evaluate("() => segcamViewer.timings.at(-1)")
+    finally:
+        page.close()
+        server.should_exit = True
+        thread.join(10)
+        session.close()
+    row = {
+        "case": f"demo {which}: {'x'.join(map(str, session.spatial))}",
+        "updates": count,
+        "screen_ms_p50": statistics.median(screen),
+        "screen_ms_p95": percentile(screen, 0.95),
+        "server_ms_p50": statistics.median(server_ms),
+        "server_ms_p95": percentile(server_ms, 0.95),
+        "layer_switch_ms": switch,
+    }
+    print(
+        f"{row['case']:26s} new pixel set on screen: p50 {row['screen_ms_p50']:7.1f} ms, "
+        f"p95 {row['screen_ms_p95']:7.1f} ms (server p50 {row['server_ms_p50']:.1f} ms); "
+        f"layer switch (new forward) {switch:.0f} ms",
+        flush=True,
+    )
+    return row
+
+
+def main():
+    from playwright.sync_api import sync_playwright
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=40)
+    args = parser.parse_args()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
+
+        def page_factory():
+            return browser.new_page(viewport={"width": 1500, "height": 900})
+
+        rows = [
+            measure("2d", args.count, page_factory),
+            measure("3d", args.count // 2, page_factory),
+        ]
+        browser.close()
+    RESULTS.mkdir(exist_ok=True)
+    result = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "rows": rows,
+    }
+    (RESULTS / "viewer.json").write_text(json.dumps(result, indent=1))
+    print(f"written {RESULTS / 'viewer.json'}")
+
+
+if __name__ == "__main__":
+    main()
