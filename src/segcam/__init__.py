@@ -13,6 +13,7 @@ from segcam.explainer import Explainer
 from segcam.explanation import Explanation, load
 from segcam.fusion import fuse_layers
 from segcam.methods import list_methods
+from segcam.sliding import explain_sliding_window
 from segcam.targets import (
     AllPixels,
     Box,
@@ -41,6 +42,7 @@ __all__ = [
     "TokenLayer",
     "__version__",
     "explain",
+    "explain_sliding_window",
     "fuse_layers",
     "list_methods",
     "load",

@@ -64,6 +64,8 @@ class Explanation:
         layer_shapes: layer name -> activation shape (N, C, *S_layer) (token layers: as laid
             on their grid).
         method_options: the method's options as used (defaults included).
+        info: further facts about how the maps were made (JSON-like), e.g. the windows of
+            :func:`segcam.explain_sliding_window`.
     """
 
     layer_maps: Mapping[str, torch.Tensor]
@@ -76,6 +78,7 @@ class Explanation:
     normalize: str | None
     layer_shapes: Mapping[str, tuple[int, ...]]
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_maps", MappingProxyType(dict(self.layer_maps)))
@@ -128,6 +131,7 @@ class Explanation:
             "layer_shapes": {name: list(shape) for name, shape in self.layer_shapes.items()},
             "method": self.method,
             "method_options": dict(self.method_options),
+            "info": dict(self.info),
             "relu": self.relu,
             "upsampled": self.upsampled,
             "normalize": self.normalize,
@@ -233,6 +237,7 @@ def load(path: str | os.PathLike[str]) -> Explanation:
             normalize=metadata["normalize"],
             layer_shapes={k: tuple(v) for k, v in metadata["layer_shapes"].items()},
             method_options=dict(metadata.get("method_options", {})),
+            info=dict(metadata.get("info", {})),
         )
     except ExplanationFileError:
         raise
