@@ -387,3 +387,27 @@ def test_method_options_reach_the_maps(scenes, tmp_path, capsys):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert run("methods") == 0
     assert "options: pool_size=2, pool='max'" in capsys.readouterr().out
+
+
+def test_sliding_window_option(scenes, tmp_path, capsys):
+    image = scenes / "scene1000009.npy"
+    out = tmp_path / "out"
+    common = ["explain", image, *MODEL, "--target", "predicted:1", "--layer", LAYER]
+    assert run(*common, "--sliding-window", "32x48,0.5", "--no-relu", "--out", out) == 0
+    saved = segcam.load(out / "scene1000009" / "seg-hires-grad-cam.npz")
+    x = torch.from_numpy(np.load(image))[None, None].float()
+    expected = segcam.explain_sliding_window(
+        load_demo_model(), x, segcam.Predicted(1), LAYER, (32, 48), overlap=0.5, relu=False
+    )
+    torch.testing.assert_close(saved.maps, expected.maps)
+    assert saved.info["sliding_window"]["windows"] == expected.info["sliding_window"]["windows"]
+    manifest = json.loads((out / "scene1000009" / "manifest.json").read_text())
+    assert manifest["options"]["sliding_window"] == {"roi_size": [32, 48], "overlap": 0.5}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(*common, "--sliding-window", "32x,0.5", "--out", tmp_path / "b")
+    assert "expected ROI[,OVERLAP]" in capsys.readouterr().err
+    code = run(
+        *common, "--sliding-window", "32", "--method", "seg-eigen-cam", "--out", tmp_path / "c"
+    )
+    assert code == 2 and "gradient methods only" in capsys.readouterr().err

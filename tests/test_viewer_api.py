@@ -314,3 +314,29 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "nope.npy: no such file" in run.stderr
+
+
+def test_sliding_window_session():
+    image, _ = shapes_scene(1_000_010)
+    inputs = torch.from_numpy(image.astype(np.float32))
+    window = {"roi_size": 32, "overlap": 0.5}
+    session = ViewerSession(
+        model=load_demo_model(), inputs=inputs, layers=[LAYER], sliding_window=window
+    )
+    with TestClient(create_app(session)) as client:
+        info = client.get("/api/info").json()
+        assert info["sliding_window"] == window and info["layers"][0]["shape"] == [1, 16, 16, 16]
+        body = {"class": 1, "target": {"kind": "box", "start": [3, 5], "stop": [20, 30]}}
+        shown = maps_of(client.post("/api/explain", json=body).json())
+        for method in ("seg-grad-cam", "seg-hires-grad-cam"):
+            expected = segcam.explain_sliding_window(
+                session.model,
+                inputs[None],
+                segcam.Box(1, [(3, 20), (5, 30)]),
+                LAYER,
+                method=method,
+                **window,
+            )
+            np.testing.assert_allclose(shown[method], expected.maps[0, 0], rtol=1e-5, atol=1e-6)
+        refused = client.post("/api/explain", json={**body, "methods": ["seg-score-cam"]})
+        assert refused.status_code == 400 and "gradient-free" in refused.json()["error"]

@@ -70,6 +70,23 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _sliding_window(text: str) -> dict[str, Any]:
+    """``ROI[,OVERLAP]``: 96, 96x96x64, 96,0.5 -> {"roi_size": ..., "overlap": ...}."""
+    roi_text, _, overlap_text = text.partition(",")
+    try:
+        sizes = [int(part) for part in roi_text.lower().split("x")]
+        overlap = float(overlap_text) if overlap_text else 0.25
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ROI[,OVERLAP], e.g. 96 or 96x96x64,0.5"
+        ) from None
+    if any(size < 1 for size in sizes) or not 0 <= overlap < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: window sizes must be positive and the overlap in [0, 1)"
+        )
+    return {"roi_size": sizes[0] if len(sizes) == 1 else sizes, "overlap": overlap}
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="package.module:factory or monai:NetName")
     parser.add_argument(
@@ -157,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--output", help="key or index of the logits in the model's output")
     explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     explain.add_argument("--overwrite", action="store_true", help="redo finished inputs")
+    explain.add_argument(
+        "--sliding-window",
+        type=_sliding_window,
+        metavar="ROI[,OVERLAP]",
+        help="explain the sliding-window prediction (MONAI-style Gaussian blending): window "
+        "size 96 or 96x96x64, optional overlap (default 0.25), e.g. 96x96x64,0.5",
+    )
 
     layers = commands.add_parser("layers", help="list layers with output shapes")
     _add_model_options(layers)
@@ -183,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     view.add_argument("--output", help="key or index of the logits in the model's output")
     view.add_argument("--demo", choices=["3d", "2d"], default="3d", help="which demo network")
+    view.add_argument(
+        "--sliding-window",
+        type=_sliding_window,
+        metavar="ROI[,OVERLAP]",
+        help="explain the sliding-window prediction (inputs larger than the model's window)",
+    )
     view.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     view.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     view.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -288,15 +318,28 @@ def _explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
     for method in job.methods:
-        expl = segcam.explain(
-            job.model,
-            x,
-            job.targets,
-            job.layers,
-            method,
-            **job.options["explain"],
-            method_options=job.method_options.get(method),
-        )
+        sliding = job.options["sliding_window"]
+        if sliding:
+            expl = segcam.explain_sliding_window(
+                job.model,
+                x,
+                job.targets,
+                job.layers,
+                method=method,
+                **sliding,
+                **job.options["explain"],
+                method_options=job.method_options.get(method),
+            )
+        else:
+            expl = segcam.explain(
+                job.model,
+                x,
+                job.targets,
+                job.layers,
+                method,
+                **job.options["explain"],
+                method_options=job.method_options.get(method),
+            )
         written.append(_save(expl, target_dir / f"{method}.npz"))
         for layer, maps in expl.layer_maps.items():
             for t, spec in enumerate(job.target_specs):
@@ -370,7 +413,15 @@ def _command_explain(args: argparse.Namespace) -> int:
             "normalize": None if args.normalize == "none" else args.normalize,
             "output": output,
         },
+        "sliding_window": args.sliding_window,
     }
+    if args.sliding_window:
+        free = [m for m in methods if not get_method(m).needs_gradient]
+        if free:
+            raise CliError(
+                f"--sliding-window explains gradient methods only; {', '.join(free)} is "
+                f"gradient-free"
+            )
     settings = {
         "segcam": segcam.__version__,
         "torch": torch.__version__,
@@ -383,7 +434,12 @@ def _command_explain(args: argparse.Namespace) -> int:
         "layers": args.layer,
         "targets": args.target,
         "classes": args.classes,
-        "options": {**options["intensity"], **options["explain"], "preprocess": args.preprocess},
+        "options": {
+            **options["intensity"],
+            **options["explain"],
+            "preprocess": args.preprocess,
+            "sliding_window": args.sliding_window,
+        },
     }
     settings = json.loads(json.dumps(settings))  # as the manifest will read back
     job = _Job(
@@ -481,7 +537,7 @@ def _command_view(args: argparse.Namespace) -> int:
     if args.input is None:
         if args.model:
             raise CliError("--model needs an INPUT to view (without both: the demo CT)")
-        session = demo_session(args.demo)
+        session = demo_session(args.demo, args.sliding_window)
     else:
         if not args.input.is_file():
             raise CliError(f"{args.input}: no such file")
@@ -504,6 +560,7 @@ def _command_view(args: argparse.Namespace) -> int:
                 affine=data.nifti_affine,
                 title=args.input.name,
                 output=output,
+                sliding_window=args.sliding_window,
             )
         except ValueError as error:
             raise CliError(str(error)) from None

@@ -66,7 +66,7 @@ from segcam.targets import (
 )
 from segcam.tokens import to_channels_first
 
-__all__ = ["explain_sliding_window", "window_slices"]
+__all__ = ["blended_logits", "explain_sliding_window", "window_slices"]
 
 
 def _scan_interval(size: Sequence[int], roi: Sequence[int], overlap: Sequence[float]) -> list[int]:
@@ -116,6 +116,41 @@ def importance_map(
         weight = weight.unsqueeze(-1) * profile[(None,) * axis] if axis else profile
     floor = max(float(weight.min()), 1e-3)
     return weight.clamp_min(floor).to(dtype)
+
+
+def blended_logits(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    roi_size: int | Sequence[int],
+    *,
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_batch_size: int = 1,
+    output: OutputSpec = None,
+) -> torch.Tensor:
+    """Sliding-window inference without gradients: the blended logits (N, K, *S).
+
+    The same windows and weights as :func:`explain_sliding_window` (and MONAI's
+    ``sliding_window_inference``).
+    """
+    _check_inputs(inputs)
+    spatial = tuple(int(s) for s in inputs.shape[2:])
+    roi = _roi(roi_size, spatial)
+    windows = window_slices(spatial, roi, overlap)
+    weight = importance_map(roi, mode, sigma_scale, inputs.dtype, inputs.device)
+    count = torch.zeros(spatial, dtype=inputs.dtype, device=inputs.device)
+    blended: torch.Tensor | None = None
+    with torch.inference_mode(False), torch.no_grad():
+        for start in range(0, len(windows), sw_batch_size):
+            group = windows[start : start + sw_batch_size]
+            batch = torch.cat([inputs[(slice(None), slice(None), *w)] for w in group])
+            logits = select_logits(model(batch), output, inputs.ndim)
+            blended = _blend(blended, logits, group, weight, inputs.shape[0], spatial)
+            for window in group:
+                count[window] += weight
+    assert blended is not None
+    return blended / count
 
 
 def _static(target: TargetLike) -> bool:

@@ -19,7 +19,7 @@ __all__ = ["demo_session", "file_session", "free_port", "serve"]
 LOCAL = "127.0.0.1"
 
 
-def demo_session(which: str = "3d") -> ViewerSession:
+def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None) -> ViewerSession:
     """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network."""
     from segcam import liver
     from segcam.demo_liver import LIVER_LAYERS, load_liver_model
@@ -43,6 +43,7 @@ def demo_session(which: str = "3d") -> ViewerSession:
         default_layer=LIVER_LAYERS["last decoder"],
         affine=case.affine,
         title=title,
+        sliding_window=sliding_window,
     )
 
 
@@ -55,6 +56,7 @@ def file_session(
     affine: np.ndarray | None,
     title: str,
     output: Any = None,
+    sliding_window: dict[str, Any] | None = None,
 ) -> ViewerSession:
     """A session for one input array (C, *S) read and intensity-processed by the CLI."""
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -67,6 +69,7 @@ def file_session(
         affine=affine,
         title=title,
         output=output,
+        sliding_window=sliding_window,
     )
 
 

@@ -25,6 +25,7 @@ from segcam.core import select_logits
 from segcam.explainer import Explainer
 from segcam.methods import REGISTRY
 from segcam.recording import describe_layers
+from segcam.sliding import blended_logits, explain_sliding_window
 from segcam.viz import grey, overlay
 
 __all__ = ["DEFAULT_METHODS", "RequestError", "ViewerSession"]
@@ -93,6 +94,7 @@ class ViewerSession:
     output: Any = None
     title: str = "segcam"
     max_upload_bytes: int = 16 * 2**20
+    sliding_window: Mapping[str, Any] | None = None
     _explainers: OrderedDict[str, Explainer] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -106,8 +108,15 @@ class ViewerSession:
                 f"inputs must be (C, H, W) or (C, D, H, W); got {tuple(self.inputs.shape)}"
             )
         self.spatial = tuple(int(s) for s in self.inputs.shape[1:])
-        with torch.no_grad():
-            logits = select_logits(self.model(self.inputs[None]), self.output, self.inputs.ndim + 1)
+        example = self.inputs[None]
+        if self.sliding_window:  # the model may not take the whole input: describe a window
+            logits = blended_logits(self.model, example, output=self.output, **self.sliding_window)
+            roi = self.sliding_window["roi_size"]
+            roi = [roi] * len(self.spatial) if isinstance(roi, int) else list(roi)
+            example = example[(slice(None), slice(None), *(slice(0, r) for r in roi))]
+        else:
+            with torch.no_grad():
+                logits = select_logits(self.model(example), self.output, self.inputs.ndim + 1)
         self.classes = int(logits.shape[1])
         self.prediction = (
             (logits.argmax(1)[0] if self.classes > 1 else (logits[:, 0] > 0).long()[0])
@@ -123,7 +132,7 @@ class ViewerSession:
         if self.display is None:
             self.display = grey(self.inputs.float().mean(0).numpy())
         self.display = np.asarray(self.display, dtype=np.float32)
-        table = describe_layers(self.model, self.inputs[None])
+        table = describe_layers(self.model, example)
         self._layer_shapes = {
             info.name: info.shape
             for info in table
@@ -164,6 +173,7 @@ class ViewerSession:
             if len(self.spatial) == 3
             else [],
             "max_upload_bytes": self.max_upload_bytes,
+            "sliding_window": dict(self.sliding_window) if self.sliding_window else None,
         }
 
     def _view(self, payload: Mapping[str, Any]) -> tuple[int, int]:
@@ -275,7 +285,36 @@ class ViewerSession:
 
     # ------------------------------------------------------------------ explain
 
-    def _explainer(self, layer: str) -> Explainer:
+    def _explain_missing(
+        self, explainer: Explainer | None, layer: str, target: segcam.Target, methods: list[str]
+    ) -> list[tuple[str, segcam.Explanation]]:
+        if explainer is not None:
+            return list(explainer.explain_methods([target], methods).items())
+        assert self.sliding_window is not None
+        for method in methods:
+            if not REGISTRY[method].needs_gradient:
+                raise RequestError(
+                    f"{method} is gradient-free: sliding-window explanations take gradient methods"
+                )
+        return [
+            (
+                method,
+                explain_sliding_window(
+                    self.model,
+                    self.inputs[None],
+                    target,
+                    layer,
+                    method=method,
+                    output=self.output,
+                    **self.sliding_window,
+                ),
+            )
+            for method in methods
+        ]
+
+    def _explainer(self, layer: str) -> Explainer | None:
+        if self.sliding_window:
+            return None  # every request runs the windows that meet its pixel set
         if layer in self._explainers:
             self._explainers.move_to_end(layer)
             return self._explainers[layer]
@@ -311,7 +350,7 @@ class ViewerSession:
             self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
             missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
             if missing:
-                for method, expl in explainer.explain_methods([target], missing).items():
+                for method, expl in self._explain_missing(explainer, layer, target, missing):
                     self._cache[layer, key, method] = {
                         "map": expl.maps[0, 0].float().cpu().numpy(),
                         "pixel_set": expl.pixel_sets[0, 0].cpu().numpy(),
