@@ -150,7 +150,7 @@ def blended_logits(
             for window in group:
                 count[window] += weight
     assert blended is not None
-    return blended / count
+    return blended.div_(count)
 
 
 def _static(target: TargetLike) -> bool:
@@ -260,7 +260,7 @@ def explain_sliding_window(
                 logits = select_logits(model(crops(group)), output, inputs.ndim)
                 blended = _blend(blended, logits, group, weight, batch, spatial)
         assert blended is not None
-        blended = blended / count
+        blended = blended.div_(count)  # in place: no second output-sized array
 
     state: dict[str, Any] = {"pixel_sets": None, "maps": None, "grids": None}
 
@@ -296,7 +296,8 @@ def explain_sliding_window(
                 blended = _blend(blended, window_logits, group, weight, batch, spatial)
                 if state["pixel_sets"] is None:
                     shape = (batch, window_logits.shape[1], *spatial)
-                    pixel_sets_for(window_logits.new_zeros(shape))
+                    # a zero-stride stand-in: these targets read only its shape and device
+                    pixel_sets_for(window_logits.new_zeros(()).expand(shape))
             else:
                 assert blended is not None
                 pixel_sets_for(blended)
@@ -341,7 +342,7 @@ def explain_sliding_window(
 
     assert blended is not None and state["pixel_sets"] is not None and state["maps"] is not None
     if static:
-        blended = blended / count
+        blended = blended.div_(count)  # in place: no second output-sized array
     stacked_sets = torch.stack(state["pixel_sets"], dim=1)
     nonempty = stacked_sets.flatten(2).any(dim=2)
     _warn_empty(nonempty, target_list)
