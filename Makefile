@@ -57,6 +57,7 @@ bench: $(STAMP) $(DATA) browser
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_methods.py
 	$(PY) benchmarks/bench_viewer.py
+	$(PY) benchmarks/bench_sliding.py
 
 view: $(STAMP) $(DATA)
 	$(VENV)/bin/segcam view
