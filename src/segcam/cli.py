@@ -12,8 +12,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +19,20 @@ import numpy as np
 import torch
 
 import segcam
+from segcam.batch import (
+    BACKENDS,
+    BatchJob,
+    expand_inputs,
+    explain_file,
+    explain_files,
+    finished,
+)
 from segcam.errors import SegCamError
 from segcam.io.files import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
-    InputFile,
     InputFileError,
-    atomic_write,
     read_input,
-    write_nifti,
 )
 from segcam.methods import REGISTRY, get_method, resolve_options
 from segcam.postprocess import NORMALIZATIONS
@@ -37,8 +40,6 @@ from segcam.recording import describe_layers
 from segcam.specs import (
     SpecError,
     apply_intensity,
-    file_sha256,
-    load_callable,
     load_model,
     parse_target,
 )
@@ -175,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     explain.add_argument("--overwrite", action="store_true", help="redo finished inputs")
     explain.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local (this machine) or ray (a Ray cluster; pip install 'segcam[ray]')",
+    )
+    explain.add_argument(
+        "--num-workers", type=int, default=1, help="processes (local) or Ray actors (default 1)"
+    )
+    explain.add_argument(
+        "--address", default=None, help="Ray cluster: auto, ray://host:10001 (default: start one)"
+    )
+    explain.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (e.g. 0.5)"
+    )
+    explain.add_argument(
         "--sliding-window",
         type=_sliding_window,
         metavar="ROI[,OVERLAP]",
@@ -273,148 +289,9 @@ def _expand(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _output_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", *SUPPORTED):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-@dataclass
-class _Job:
-    model: torch.nn.Module
-    targets: list[segcam.Target]
-    target_specs: list[str]
-    layers: list[str]
-    methods: list[str]
-    options: dict[str, Any]
-    method_options: dict[str, dict[str, Any]]
-    settings: dict[str, Any]
-    device: torch.device
-    preprocess: Any
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "root"
-
-
-def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
-    from PIL import Image
-
-    from segcam.viz import overlay
-
-    with atomic_write(path) as stream:
-        Image.fromarray(overlay(image, heat)).save(stream, format="PNG")
-
-
-def _explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
-    started = time.perf_counter()
-    data: InputFile = read_input(path)
-    array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
-    x = torch.from_numpy(array)[None].to(job.device)
-    written: list[Path] = []
-    target_dir = out / _output_name(path)
-    for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
-        stale.unlink(missing_ok=True)
-    for method in job.methods:
-        sliding = job.options["sliding_window"]
-        if sliding:
-            expl = segcam.explain_sliding_window(
-                job.model,
-                x,
-                job.targets,
-                job.layers,
-                method=method,
-                **sliding,
-                **job.options["explain"],
-                method_options=job.method_options.get(method),
-            )
-        else:
-            expl = segcam.explain(
-                job.model,
-                x,
-                job.targets,
-                job.layers,
-                method,
-                **job.options["explain"],
-                method_options=job.method_options.get(method),
-            )
-        written.append(_save(expl, target_dir / f"{method}.npz"))
-        for layer, maps in expl.layer_maps.items():
-            for t, spec in enumerate(job.target_specs):
-                kind, _, rest = spec.partition(":")
-                stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
-                heat = maps[0, t].detach().float().cpu().numpy()
-                if data.spatial_dims == 2:
-                    if heat.shape != array.shape[1:]:
-                        continue  # not up-sampled: the raw maps are in the .npz
-                    written.append(target_dir / f"{stem}.png")
-                    _overlay_png(written[-1], array.mean(axis=0), heat)
-                else:
-                    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
-                    if heat.shape != array.shape[1:]:
-                        continue
-                    written.append(
-                        write_nifti(target_dir / f"{stem}.nii.gz", heat, affine, data.nifti_header)
-                    )
-    manifest = {
-        **job.settings,
-        "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},
-        "outputs": [p.name for p in written],
-        "seconds": round(time.perf_counter() - started, 3),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    with atomic_write(target_dir / "manifest.json", "w") as stream:
-        json.dump(manifest, stream, indent=1)
-    return written
-
-
-def _save(expl: segcam.Explanation, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return expl.save(path)
-
-
-def _finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
-    manifest = out / _output_name(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        saved = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    same = all(saved.get(key) == value for key, value in settings.items())
-    return same and saved.get("input", {}).get("sha256") == file_sha256(path)
-
-
 def _command_explain(args: argparse.Namespace) -> int:
-    files = _expand(args.inputs)
-    names = [_output_name(p) for p in files]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise CliError(f"several inputs would write to the same folder: {sorted(duplicates)}")
-    for path in files:
-        if not path.is_file():
-            raise CliError(f"{path}: no such file")
-    model = load_model(args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle)
-    device = torch.device(args.device)
-    model.to(device)
-    targets = [parse_target(spec, args.classes) for spec in args.target]
     methods = args.method or ["seg-hires-grad-cam"]
     method_options = parse_method_options(args.method_option, methods)
-    output: Any = args.output
-    if output is not None and output.lstrip("-").isdigit():
-        output = int(output)
-    options = {
-        "intensity": {"window": args.window, "zscore": args.zscore, "minmax": args.minmax},
-        "explain": {
-            "relu": not args.no_relu,
-            "upsample": not args.no_upsample,
-            "normalize": None if args.normalize == "none" else args.normalize,
-            "output": output,
-        },
-        "sliding_window": args.sliding_window,
-    }
     if args.sliding_window:
         free = [m for m in methods if not get_method(m).needs_gradient]
         if free:
@@ -422,60 +299,61 @@ def _command_explain(args: argparse.Namespace) -> int:
                 f"--sliding-window explains gradient methods only; {', '.join(free)} is "
                 f"gradient-free"
             )
-    settings = {
-        "segcam": segcam.__version__,
-        "torch": torch.__version__,
-        "model": args.model,
-        "model_kwargs": args.model_kwargs,
-        "weights": str(args.weights) if args.weights else None,
-        "weights_sha256": file_sha256(args.weights) if args.weights else None,
-        "methods": methods,
-        "method_options": method_options,
-        "layers": args.layer,
-        "targets": args.target,
-        "classes": args.classes,
-        "options": {
-            **options["intensity"],
-            **options["explain"],
-            "preprocess": args.preprocess,
-            "sliding_window": args.sliding_window,
-        },
-    }
-    settings = json.loads(json.dumps(settings))  # as the manifest will read back
-    job = _Job(
-        model=model,
-        targets=targets,
-        target_specs=args.target,
-        layers=args.layer,
-        methods=methods,
-        options=options,
+    output: Any = args.output
+    if output is not None and output.lstrip("-").isdigit():
+        output = int(output)
+    for spec in args.target:  # parse once here: a bad target is one clear line, before any work
+        parse_target(spec, args.classes)
+    job = BatchJob(
+        model=args.model,
+        weights=str(args.weights) if args.weights else None,
+        targets=tuple(args.target),
+        layers=tuple(args.layer),
+        methods=tuple(methods),
+        classes=tuple(args.classes),
+        model_kwargs=args.model_kwargs,
+        trust_pickle=args.trust_pickle,
         method_options=method_options,
-        settings=settings,
-        device=device,
-        preprocess=load_callable(args.preprocess, "--preprocess") if args.preprocess else None,
+        intensity={"window": args.window, "zscore": args.zscore, "minmax": args.minmax},
+        explain={
+            "relu": not args.no_relu,
+            "upsample": not args.no_upsample,
+            "normalize": None if args.normalize == "none" else args.normalize,
+            "output": output,
+        },
+        sliding_window=args.sliding_window,
+        preprocess=args.preprocess,
+        device=args.device,
     )
-    failures: list[tuple[Path, str]] = []
-    total = len(files)
-    for index, path in enumerate(files, start=1):
-        prefix = f"[{index}/{total}] {path}"
-        if not args.overwrite and _finished(args.out, path, settings):
-            print(f"{prefix}: already done, skipped", file=sys.stderr)
-            continue
-        started = time.perf_counter()
-        try:
-            written = _explain_file(path, job, args.out)
-        except (SegCamError, InputFileError, ValueError) as error:
-            if total == 1:
-                raise
-            failures.append((path, str(error)))
-            print(f"{prefix}: FAILED: {error}", file=sys.stderr)
-            continue
-        seconds = time.perf_counter() - started
-        print(f"{prefix}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
+    files = expand_inputs(args.inputs)
+    if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
+        job.settings()
+        built = job.build()
+        if args.overwrite or not finished(args.out, files[0], job.settings()):
+            started = time.perf_counter()
+            written = explain_file(files[0], built, args.out)
+            seconds = time.perf_counter() - started
+            print(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
+        else:
+            print(f"[1/1] {files[0]}: already done, skipped", file=sys.stderr)
+        print(f"outputs in {args.out}")
+        return 0
+    result = explain_files(
+        files,
+        job,
+        args.out,
+        backend=args.backend,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(f"outputs in {args.out}")
-    if failures:
-        print(f"{len(failures)} of {total} inputs failed:", file=sys.stderr)
-        for path, message in failures:
+    if result.failed:
+        total = len(result.done) + len(result.skipped) + len(result.failed)
+        print(f"{len(result.failed)} of {total} inputs failed:", file=sys.stderr)
+        for path, message in result.failed:
             print(f"  {path}: {message}", file=sys.stderr)
         return 1
     return 0

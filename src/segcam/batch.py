@@ -1,0 +1,469 @@
+"""Explain many files: one job, local processes or a Ray cluster, resumable and atomic.
+
+A :class:`BatchJob` is plain data (model spec, weights path, targets, layers, methods, options),
+so it travels to worker processes and Ray actors; each worker builds the model once
+(:meth:`BatchJob.build`) and explains its inputs with :func:`explain_file`, which writes every
+file under a temporary name and renames it, ``manifest.json`` last. An input whose manifest
+matches the job's settings and the input's SHA-256 is skipped. Backends:
+
+- ``"local"``: this process (``num_workers=1``) or a pool of ``num_workers`` processes;
+- ``"ray"``: an actor pool of ``num_workers`` actors on a Ray cluster (``address``: ``None``
+  starts a local one, ``"auto"`` joins a running one, ``"ray://host:10001"`` a remote one),
+  ``gpus_per_worker`` GPUs each. Workers write the outputs, so ``out`` must be on a file system
+  every node sees.
+
+One failing input never stops the others: it is reported with its error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import segcam
+from segcam.errors import SegCamError
+from segcam.io.files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    InputFile,
+    InputFileError,
+    atomic_write,
+    read_input,
+    write_nifti,
+)
+from segcam.methods import get_method
+from segcam.specs import (
+    SpecError,
+    apply_intensity,
+    file_sha256,
+    load_callable,
+    load_model,
+    parse_target,
+)
+
+__all__ = ["BACKENDS", "BatchJob", "BatchResult", "explain_file", "explain_files", "output_name"]
+
+SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
+BACKENDS = ("local", "ray")
+INPUT_ERRORS = (SegCamError, InputFileError, SpecError, ValueError, OSError)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What to explain, as plain data (it is sent to worker processes and Ray actors).
+
+    Attributes:
+        model: ``package.module:factory`` or ``monai:NetName`` (see ``segcam explain``).
+        weights: a state_dict file (or ``None``).
+        targets: target specifications (``predicted:1``, ``box:liver:...``, ...).
+        layers: layer names.
+        methods: registered method names.
+        classes: class names for the targets and outputs.
+        model_kwargs, trust_pickle: as for ``--model-kwargs`` and ``--trust-pickle``.
+        method_options: method name -> options.
+        intensity: ``window``, ``zscore``, ``minmax``.
+        explain: ``relu``, ``upsample``, ``normalize``, ``output``.
+        sliding_window: ``{"roi_size", "overlap"}`` or ``None``.
+        preprocess: ``package.module:function`` or ``None``.
+        device: where the model runs (``cpu``, ``cuda``, ...).
+    """
+
+    model: str | None
+    weights: str | None
+    targets: tuple[str, ...]
+    layers: tuple[str, ...]
+    methods: tuple[str, ...] = ("seg-hires-grad-cam",)
+    classes: tuple[str, ...] = ()
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intensity: dict[str, Any] = field(default_factory=dict)
+    explain: dict[str, Any] = field(default_factory=dict)
+    sliding_window: dict[str, Any] | None = None
+    preprocess: str | None = None
+    device: str = "cpu"
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records, and what a rerun must match to skip an input."""
+        weights = Path(self.weights) if self.weights else None
+        settings = {
+            "segcam": segcam.__version__,
+            "torch": torch.__version__,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "weights": str(weights) if weights else None,
+            "weights_sha256": file_sha256(weights) if weights else None,
+            "methods": list(self.methods),
+            "method_options": self.method_options,
+            "layers": list(self.layers),
+            "targets": list(self.targets),
+            "classes": list(self.classes),
+            "options": {
+                **self.intensity,
+                **self.explain,
+                "preprocess": self.preprocess,
+                "sliding_window": self.sliding_window,
+            },
+        }
+        result: dict[str, Any] = json.loads(json.dumps(settings))  # as the manifest reads back
+        return result
+
+    def build(self) -> _Job:
+        """Load the model and parse the targets: what a worker needs, built once per worker."""
+        model = load_model(
+            self.model,
+            Path(self.weights) if self.weights else None,
+            self.model_kwargs,
+            trust_pickle=self.trust_pickle,
+        )
+        device = torch.device(self.device)
+        model.to(device)
+        return _Job(
+            model=model,
+            targets=[parse_target(spec, list(self.classes)) for spec in self.targets],
+            target_specs=list(self.targets),
+            layers=list(self.layers),
+            methods=list(self.methods),
+            options={
+                "intensity": dict(self.intensity),
+                "explain": dict(self.explain),
+                "sliding_window": self.sliding_window,
+            },
+            method_options=self.method_options,
+            settings=self.settings(),
+            device=device,
+            preprocess=load_callable(self.preprocess, "--preprocess") if self.preprocess else None,
+        )
+
+
+def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Files, and the supported files inside folders (recursively, sorted)."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(SUPPORTED) and not p.name.startswith(".")
+            )
+            if not found:
+                raise InputFileError(
+                    f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, .npy) inside"
+                )
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def output_name(path: Path) -> str:
+    """The output folder name of an input: its file name without the suffix."""
+    name = path.name
+    for suffix in (".nii.gz", *SUPPORTED):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass
+class _Job:
+    model: torch.nn.Module
+    targets: list[segcam.Target]
+    target_specs: list[str]
+    layers: list[str]
+    methods: list[str]
+    options: dict[str, Any]
+    method_options: dict[str, dict[str, Any]]
+    settings: dict[str, Any]
+    device: torch.device
+    preprocess: Any
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "root"
+
+
+def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
+    from PIL import Image
+
+    from segcam.viz import overlay
+
+    with atomic_write(path) as stream:
+        Image.fromarray(overlay(image, heat)).save(stream, format="PNG")
+
+
+def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
+    """Explain one input with a built job; write its maps, images and manifest (last)."""
+    started = time.perf_counter()
+    data: InputFile = read_input(path)
+    array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
+    x = torch.from_numpy(array)[None].to(job.device)
+    written: list[Path] = []
+    target_dir = out / output_name(path)
+    for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
+        stale.unlink(missing_ok=True)
+    for method in job.methods:
+        sliding = job.options["sliding_window"]
+        if sliding:
+            expl = segcam.explain_sliding_window(
+                job.model,
+                x,
+                job.targets,
+                job.layers,
+                method=method,
+                **sliding,
+                **job.options["explain"],
+                method_options=job.method_options.get(method),
+            )
+        else:
+            expl = segcam.explain(
+                job.model,
+                x,
+                job.targets,
+                job.layers,
+                method,
+                **job.options["explain"],
+                method_options=job.method_options.get(method),
+            )
+        written.append(_save(expl, target_dir / f"{method}.npz"))
+        for layer, maps in expl.layer_maps.items():
+            for t, spec in enumerate(job.target_specs):
+                kind, _, rest = spec.partition(":")
+                stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
+                heat = maps[0, t].detach().float().cpu().numpy()
+                if data.spatial_dims == 2:
+                    if heat.shape != array.shape[1:]:
+                        continue  # not up-sampled: the raw maps are in the .npz
+                    written.append(target_dir / f"{stem}.png")
+                    _overlay_png(written[-1], array.mean(axis=0), heat)
+                else:
+                    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
+                    if heat.shape != array.shape[1:]:
+                        continue
+                    written.append(
+                        write_nifti(target_dir / f"{stem}.nii.gz", heat, affine, data.nifti_header)
+                    )
+    manifest = {
+        **job.settings,
+        "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},
+        "outputs": [p.name for p in written],
+        "seconds": round(time.perf_counter() - started, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_write(target_dir / "manifest.json", "w") as stream:
+        json.dump(manifest, stream, indent=1)
+    return written
+
+
+def _save(expl: segcam.Explanation, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return expl.save(path)
+
+
+def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a manifest of ``path`` made with these settings."""
+    manifest = out / output_name(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same = all(saved.get(key) == value for key, value in settings.items())
+    return same and saved.get("input", {}).get("sha256") == file_sha256(path)
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: inputs done, skipped (already finished) and failed (with the error)."""
+
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+
+
+def _run_one(job: _Job, path: Path, out: Path) -> tuple[bool, str, int, float]:
+    started = time.perf_counter()
+    try:
+        written = explain_file(path, job, out)
+    except INPUT_ERRORS as error:
+        return False, str(error), 0, time.perf_counter() - started
+    return True, "", len(written), time.perf_counter() - started
+
+
+def explain_files(
+    inputs: Sequence[Path | str],
+    job: BatchJob,
+    out: Path | str,
+    *,
+    backend: str = "local",
+    num_workers: int = 1,
+    overwrite: bool = False,
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
+    progress: Progress | None = None,
+) -> BatchResult:
+    """Explain every input (files or folders) into ``out/<input name>/``.
+
+    Args:
+        inputs: files and folders (searched recursively for PNG/JPEG/TIFF, NIfTI, .npy).
+        job: what to explain.
+        out: the output folder (shared by all workers).
+        backend: ``"local"`` or ``"ray"`` (needs the ``ray`` extra).
+        num_workers: processes (local) or actors (Ray).
+        overwrite: redo inputs that are already finished.
+        address: the Ray cluster (``None``: a local one; ``"auto"``; ``"ray://host:port"``).
+        gpus_per_worker: GPUs per Ray actor (fractions share a GPU).
+        progress: called with one line per input (default: nothing).
+
+    Returns:
+        The inputs done, skipped and failed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive int; got {num_workers!r}")
+    files = expand_inputs([Path(p) for p in inputs])
+    names = [output_name(p) for p in files]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputFileError(f"several inputs would write to the same folder: {duplicates}")
+    for path in files:
+        if not path.is_file():
+            raise InputFileError(f"{path}: no such file")
+    for method in job.methods:
+        get_method(method)
+    out = Path(out)
+    say = progress or (lambda line: None)
+    settings = job.settings()
+    result = BatchResult()
+    todo = []
+    total = len(files)
+    for index, path in enumerate(files, start=1):
+        if not overwrite and finished(out, path, settings):
+            say(f"[{index}/{total}] {path}: already done, skipped")
+            result.skipped.append(path)
+        else:
+            todo.append((index, path))
+    if not todo:
+        return result
+    if backend == "ray":
+        outcomes = _run_ray(job, todo, out, num_workers, address, gpus_per_worker)
+    elif num_workers > 1:
+        outcomes = _run_processes(job, todo, out, num_workers)
+    else:
+        built = job.build()
+        outcomes = ((index, path, *_run_one(built, path, out)) for index, path in todo)
+    for index, path, ok, message, count, seconds in outcomes:
+        prefix = f"[{index}/{total}] {path}"
+        if ok:
+            result.done.append(path)
+            say(f"{prefix}: {count} files in {seconds:.1f}s")
+        else:
+            result.failed.append((path, message))
+            say(f"{prefix}: FAILED: {message}")
+    return result
+
+
+Outcome = tuple[int, Path, bool, str, int, float]
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: BatchJob) -> None:
+    global _WORKER_JOB
+    torch.set_num_threads(1)
+    _WORKER_JOB = job.build()
+
+
+def _work(path: str, out: str) -> tuple[bool, str, int, float]:
+    assert _WORKER_JOB is not None
+    return _run_one(_WORKER_JOB, Path(path), Path(out))
+
+
+def _run_processes(
+    job: BatchJob, todo: list[tuple[int, Path]], out: Path, workers: int
+) -> Iterator[Outcome]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(job,)
+    ) as pool:
+        futures = {pool.submit(_work, str(path), str(out)): (index, path) for index, path in todo}
+        for future in as_completed(futures):
+            index, path = futures[future]
+            try:
+                ok, message, count, seconds = future.result()
+            except Exception as error:  # a worker that died: reported, the others go on
+                ok, message, count, seconds = False, f"worker failed: {error}", 0, 0.0
+            yield index, path, ok, message, count, seconds
+
+
+def _run_ray(
+    job: BatchJob,
+    todo: list[tuple[int, Path]],
+    out: Path,
+    workers: int,
+    address: str | None,
+    gpus: float,
+) -> Iterator[Outcome]:
+    try:
+        import ray
+    except ImportError:
+        raise SegCamError("the ray backend needs Ray: pip install 'segcam[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    try:
+
+        @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+        class Worker:
+            def __init__(self, spec: BatchJob) -> None:
+                torch.set_num_threads(1)
+                self.job = spec.build()
+
+            def run(self, index: int, path: str, where: str) -> Outcome:
+                return (index, Path(path), *_run_one(self.job, Path(path), Path(where)))
+
+        remote: Any = Worker
+        actors = [remote.remote(job) for _ in range(min(workers, len(todo)))]
+        queue = list(todo)
+        running: dict[Any, tuple[Any, int, Path]] = {}
+
+        def submit(actor: Any) -> None:
+            if queue:
+                index, path = queue.pop(0)
+                running[actor.run.remote(index, str(path), str(out))] = (actor, index, path)
+
+        for actor in actors:
+            submit(actor)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, index, path = running.pop(ref)
+            try:
+                outcome: Outcome = ray.get(ref)
+            except ray.exceptions.RayError as error:  # failed even after its retries
+                outcome = (index, path, False, f"worker failed: {type(error).__name__}", 0, 0.0)
+            yield outcome
+            submit(actor)
+    finally:
+        if started_here:
+            ray.shutdown()
