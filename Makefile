@@ -58,6 +58,7 @@ bench: $(STAMP) $(DATA) browser
 	$(PY) benchmarks/bench_methods.py
 	$(PY) benchmarks/bench_viewer.py
 	$(PY) benchmarks/bench_sliding.py
+	$(PY) benchmarks/bench_batch.py
 
 view: $(STAMP) $(DATA)
 	$(VENV)/bin/segcam view
