@@ -19,16 +19,12 @@ import platform
 import random
 import shutil
 import statistics
-import threading
-import time
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from segcam.demo_liver import LIVER_LAYERS
-from segcam.viewer.app import create_app
-from segcam.viewer.serve import demo_session, free_port
+from segcam.viewer.serve import demo_session, serve_in_thread
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
@@ -41,17 +37,10 @@ def percentile(values, q):
 
 def measure(which, count, page_factory):
     session = demo_session(which)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    viewer = serve_in_thread(session)
     page = page_factory()
     try:
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(viewer.url)
         page.wait_for_function("() => segcamViewer.timings.length > 0", timeout=120_000)
         page.select_option("#mode", "box")
         rng = random.Random(0)
@@ -82,8 +71,7 @@ def measure(which, count, page_factory):
         switch = page.evaluate("() => segcamViewer.timings.at(-1)")
     finally:
         page.close()
-        server.should_exit = True
-        thread.join(10)
+        viewer.stop()
         session.close()
     row = {
         "case": f"demo {which}: {'x'.join(map(str, session.spatial))}",

@@ -7,33 +7,22 @@ from __future__ import annotations
 
 import shutil
 import sys
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from playwright.sync_api import sync_playwright
 
-from segcam.viewer.app import create_app
-from segcam.viewer.serve import demo_session, free_port
+from segcam.viewer.serve import demo_session, serve_in_thread
 
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/viewer.png")
     session = demo_session("2d")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    viewer = serve_in_thread(session)
     args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=args)
         page = browser.new_page(viewport={"width": 1360, "height": 560})
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(viewer.url)
         page.wait_for_function("() => segcamViewer.timings.length > 0")
         before = page.evaluate("() => segcamViewer.timings.length")
         page.select_option("#class", "2")
@@ -43,8 +32,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out), full_page=True)
         browser.close()
-    server.should_exit = True
-    thread.join(10)
+    viewer.stop()
     print(f"written {out}")
 
 

@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import numpy as np
 import pytest
-import uvicorn
 
 import segcam
-from segcam.viewer.app import create_app
-from segcam.viewer.serve import free_port
+from segcam.viewer.serve import serve_in_thread
 from test_viewer_api import LAYER, session_2d, session_3d
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
-
-
-def _serve(session):
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the viewer did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture
@@ -80,10 +62,10 @@ def _explained(session, target, layer, method):
 
 def test_2d_box_layer_and_method(browser_page, tmp_path):
     session = session_2d()
-    server, thread, url = _serve(session)
+    viewer = serve_in_thread(session)
     page = browser_page
     try:
-        page.goto(url)
+        page.goto(viewer.url)
         page.wait_for_function("() => segcamViewer.timings.length > 0")
         assert "pixels in the set" in page.text_content("#status")
         before = _updates(page)
@@ -137,16 +119,15 @@ def test_2d_box_layer_and_method(browser_page, tmp_path):
         page.screenshot(path=str(tmp_path / "viewer.png"))
         assert (tmp_path / "viewer.png").stat().st_size > 10_000
     finally:
-        server.should_exit = True
-        thread.join(10)
+        viewer.stop()
 
 
 def test_3d_slice_slider_and_axis(browser_page):
     session = session_3d()
-    server, thread, url = _serve(session)
+    viewer = serve_in_thread(session)
     page = browser_page
     try:
-        page.goto(url)
+        page.goto(viewer.url)
         page.wait_for_function("() => segcamViewer.timings.length > 0")
         assert page.is_visible("#slice")
         full = _explained(session, segcam.Predicted(1), session.default_layer, "seg-hires-grad-cam")
@@ -175,5 +156,4 @@ def test_3d_slice_slider_and_axis(browser_page):
         )
         assert page.text_content("#sliceLabel") == "3 / 5"
     finally:
-        server.should_exit = True
-        thread.join(10)
+        viewer.stop()

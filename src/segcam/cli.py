@@ -29,8 +29,6 @@ from segcam.batch import (
 )
 from segcam.errors import SegCamError
 from segcam.io.files import (
-    IMAGE_SUFFIXES,
-    NIFTI_SUFFIXES,
     InputFileError,
     read_input,
 )
@@ -45,8 +43,6 @@ from segcam.specs import (
 )
 
 __all__ = ["main"]
-
-SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
 
 
 class CliError(Exception):
@@ -272,23 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- explain
 
 
-def _expand(inputs: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in inputs:
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.name.lower().endswith(SUPPORTED) and not p.name.startswith(".")
-            )
-            if not found:
-                raise CliError(f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, .npy) inside")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
 def _command_explain(args: argparse.Namespace) -> int:
     methods = args.method or ["seg-hires-grad-cam"]
     method_options = parse_method_options(args.method_option, methods)
@@ -501,7 +480,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         )
         intensity = {"window": args.window, "zscore": args.zscore, "minmax": args.minmax}
         records: list[dict[str, Any]] = []
-        files = _expand([folder])
+        files = expand_inputs([folder])
         for index, path in enumerate(files, start=1):
             label_path = args.labels / path.name
             if not label_path.is_file():

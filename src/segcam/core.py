@@ -16,10 +16,7 @@ from torch import nn
 from segcam.errors import InputError, NonFiniteError, OutputError, SegCamWarning, TargetError
 from segcam.explanation import Explanation
 from segcam.methods import Method, MethodContext, get_method, resolve_options
-from segcam.postprocess import NORMALIZATIONS, Normalization
-from segcam.postprocess import normalize as normalize_maps
-from segcam.postprocess import relu as relu_maps
-from segcam.postprocess import upsample as upsample_maps
+from segcam.postprocess import NORMALIZATIONS, Normalization, postprocess
 from segcam.recording import LayerRecorder, LayerSpec, layer_list, resolve_layers
 from segcam.targets import TargetLike, as_pixel_set, check_class_index
 from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
@@ -390,12 +387,12 @@ class RecordedForward:
         for method in chosen:
             layer_maps = {}
             for name, maps in zip(self.layer_names, raw[method.name], strict=True):
-                if relu:
-                    maps = relu_maps(maps)
-                if upsample:
-                    maps = upsample_maps(maps, self.input_size)
-                if normalize is not None:
-                    maps = normalize_maps(maps, normalize)
+                maps = postprocess(
+                    maps,
+                    relu_maps=relu,
+                    size=self.input_size if upsample else None,
+                    normalization=normalize,
+                )
                 layer_maps[name] = maps
             result[method.name] = Explanation(
                 layer_maps=layer_maps,

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-__all__ = ["NORMALIZATIONS", "normalize", "relu", "upsample"]
+__all__ = ["NORMALIZATIONS", "normalize", "postprocess", "relu", "upsample"]
 
 Normalization = Literal["max", "minmax"]
 NORMALIZATIONS: tuple[str, ...] = ("max", "minmax")
@@ -57,3 +57,23 @@ def normalize(maps: torch.Tensor, mode: Normalization) -> torch.Tensor:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     result = torch.where(scale > 0, shifted / safe, torch.zeros_like(shifted))
     return result.reshape(maps.shape)
+
+
+def postprocess(
+    maps: torch.Tensor,
+    *,
+    relu_maps: bool,
+    size: Sequence[int] | None,
+    normalization: Normalization | None,
+) -> torch.Tensor:
+    """The steps ``explain`` applies, in its order: relu, then upsample to ``size``, then normalise.
+
+    ``size=None`` skips the up-sampling, ``normalization=None`` the normalisation.
+    """
+    if relu_maps:
+        maps = relu(maps)
+    if size is not None:
+        maps = upsample(maps, size)
+    if normalization is not None:
+        maps = normalize(maps, normalization)
+    return maps

@@ -49,9 +49,7 @@ from segcam.core import (
 from segcam.errors import InputError
 from segcam.explanation import Explanation
 from segcam.methods import get_method, resolve_options
-from segcam.postprocess import Normalization
-from segcam.postprocess import normalize as normalize_maps
-from segcam.postprocess import relu as relu_maps
+from segcam.postprocess import Normalization, postprocess
 from segcam.postprocess import upsample as upsample_maps
 from segcam.recording import LayerSpec
 from segcam.targets import (
@@ -353,13 +351,9 @@ def explain_sliding_window(
         maps = accumulator["maps"]
         placements.append(accumulator["placement"])
         layer_shapes[name] = (batch, -1, *maps.shape[2:])
-        if relu:
-            maps = relu_maps(maps)
-        if upsample:
-            maps = upsample_maps(maps, spatial)
-        if normalize is not None:
-            maps = normalize_maps(maps, normalize)
-        layer_maps[name] = maps
+        layer_maps[name] = postprocess(
+            maps, relu_maps=relu, size=spatial if upsample else None, normalization=normalize
+        )
     return Explanation(
         layer_maps=layer_maps,
         logits=blended,

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import webbrowser
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,14 @@ import torch
 
 from segcam.viewer.session import ViewerSession
 
-__all__ = ["demo_session", "file_session", "free_port", "serve"]
+__all__ = [
+    "RunningViewer",
+    "demo_session",
+    "file_session",
+    "free_port",
+    "serve",
+    "serve_in_thread",
+]
 
 LOCAL = "127.0.0.1"
 
@@ -119,3 +127,40 @@ def serve(
         server.run()
     finally:
         session.close()
+
+
+@dataclass
+class RunningViewer:
+    """A viewer served from a daemon thread: its address, and :meth:`stop`."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the server to exit and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def serve_in_thread(session: ViewerSession, timeout: float = 20.0) -> RunningViewer:
+    """Serve ``session`` on a free loopback port from a daemon thread (tests, scripts).
+
+    Returns once the socket listens.
+    """
+    import uvicorn
+
+    from segcam.viewer.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(session), host=LOCAL, port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the viewer did not start")
+        time.sleep(0.02)
+    return RunningViewer(f"http://{LOCAL}:{port}/", server, thread)
