@@ -150,6 +150,15 @@ def _as_target_list(targets: TargetLike | Sequence[TargetLike]) -> list[TargetLi
     return items
 
 
+def target_pixel_sets(targets: Sequence[TargetLike], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Each target's pixel set (N, *S) bool on ``logits``, its class index checked first."""
+    result = []
+    for target in targets:
+        check_class_index(target.class_index, logits)
+        result.append(as_pixel_set(target.pixel_set(logits), logits, repr(target)))
+    return result
+
+
 def _grad_output(logits: torch.Tensor, class_index: int, pixel_set: torch.Tensor) -> torch.Tensor:
     """D y^c_M / d logits: the pixel set in channel c (negated for class 0 of one channel)."""
     grad = torch.zeros_like(logits)
@@ -351,10 +360,7 @@ class RecordedForward:
             method.name: resolve_options(method, given.get(method.name)) for method in chosen
         }
         detached = self.detached_logits
-        pixel_sets = []
-        for target in targets:
-            check_class_index(target.class_index, detached)
-            pixel_sets.append(as_pixel_set(target.pixel_set(detached), detached, repr(target)))
+        pixel_sets = target_pixel_sets(targets, detached)
         stacked_sets = torch.stack(pixel_sets, dim=1)
         nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T)
         _warn_empty(nonempty, targets)

@@ -45,6 +45,7 @@ from segcam.core import (
     _warn_empty,
     record_forward,
     select_logits,
+    target_pixel_sets,
 )
 from segcam.errors import InputError
 from segcam.explanation import Explanation
@@ -59,8 +60,6 @@ from segcam.targets import (
     Pixel,
     Region,
     TargetLike,
-    as_pixel_set,
-    check_class_index,
 )
 from segcam.tokens import to_channels_first
 
@@ -253,22 +252,22 @@ def explain_sliding_window(
     blended: torch.Tensor | None = None
     static = all(_static(t) for t in target_list)
     if not static:  # the prediction first: one pass without gradients
-        with torch.inference_mode(False), torch.no_grad():
-            for group in groups:
-                logits = select_logits(model(crops(group)), output, inputs.ndim)
-                blended = _blend(blended, logits, group, weight, batch, spatial)
-        assert blended is not None
-        blended = blended.div_(count)  # in place: no second output-sized array
+        blended = blended_logits(
+            model,
+            inputs,
+            roi,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            sw_batch_size=sw_batch_size,
+            output=output,
+        )
 
     state: dict[str, Any] = {"pixel_sets": None, "maps": None, "grids": None}
 
     def pixel_sets_for(reference: torch.Tensor) -> list[torch.Tensor]:
         if state["pixel_sets"] is None:
-            sets = []
-            for target in target_list:
-                check_class_index(target.class_index, reference)
-                sets.append(as_pixel_set(target.pixel_set(reference), reference, repr(target)))
-            state["pixel_sets"] = sets
+            state["pixel_sets"] = target_pixel_sets(target_list, reference)
         result: list[torch.Tensor] = state["pixel_sets"]
         return result
 
