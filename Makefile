@@ -8,10 +8,7 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.segcam-installed
 PYTEST_ARGS ?=
 
-DATA_DIR := .cache/segcam-data
-DATA := $(DATA_DIR)/liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl
-
-.PHONY: install data browser test lint format demo bench evaluate view clean
+.PHONY: install data browser test lint format docs demo bench evaluate view clean
 
 install: $(STAMP)
 
@@ -21,11 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The demo CT ships inside a PyPI wheel; it is downloaded (never installed) into the cache.
-data: $(DATA)
-
-$(DATA): | $(STAMP)
-	SEGCAM_DATA_DIR=$(DATA_DIR) $(PY) -c "from segcam import liver; liver.fetch()"
+# The demo CT ships inside a PyPI wheel; it is downloaded (never installed) into the user's cache
+# folder ($$SEGCAM_DATA_DIR wins) on first use. This target only does it ahead of time.
+data: $(STAMP)
+	$(PY) -c "from segcam.apps.demo import data; data.fetch()"
 
 # The viewer's browser tests drive Debian's Chromium (Playwright's own download does not work here).
 browser:
@@ -34,33 +30,34 @@ browser:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
-test: $(STAMP) $(DATA) browser
+test: $(STAMP) data browser
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests scripts benchmarks
 	$(PY) -m ruff format --check src tests scripts benchmarks
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(PY) -m ruff format src tests scripts benchmarks
 	$(PY) -m ruff check --fix src tests scripts benchmarks
 
-demo: $(STAMP) $(DATA)
+demo: $(STAMP)
 	$(VENV)/bin/segcam demo --out demo-out
 
-evaluate: $(STAMP) $(DATA)
+evaluate: $(STAMP) data
 	$(VENV)/bin/segcam evaluate --out reports
 	$(PY) scripts/evaluation_report.py reports
 
-bench: $(STAMP) $(DATA) browser
+bench: $(STAMP) data browser
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_methods.py
 	$(PY) benchmarks/bench_viewer.py
 	$(PY) benchmarks/bench_sliding.py
 	$(PY) benchmarks/bench_batch.py
 
-view: $(STAMP) $(DATA)
+view: $(STAMP) data
 	$(VENV)/bin/segcam view
 
 clean:

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import segcam
-from segcam.batch import BatchJob, explain_files
+from segcam.apps.batch import BatchJob, explain_files
+from segcam.apps.demo.models import WEIGHTS_DIR
 from segcam.testing.synthetic import shapes_scene
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JOB = BatchJob(
-    model="segcam.synthetic_demo:build_demo_model",
-    weights=str(Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"),
+    model="segcam.apps.demo.models:build_demo_model",
+    weights=str(WEIGHTS_DIR / "synthetic_unet2d.pt"),
     targets=("predicted:1", "box:2:4,4,40,50"),
     layers=("model.1.submodule.2", "model.1.submodule"),
     methods=("seg-grad-cam", "seg-hires-grad-cam"),

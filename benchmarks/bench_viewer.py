@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from segcam.demo_liver import LIVER_LAYERS
-from segcam.viewer.serve import demo_session, serve_in_thread
+from segcam.apps.demo.models import DEMO_LAYERS
+from segcam.apps.viewer.serve import demo_session, serve_in_thread
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
@@ -64,7 +64,7 @@ def measure(which, count, page_factory):
             screen.append(page.evaluate("() => segcamViewer.timings.at(-1)"))
             server_ms.append(page.evaluate("() => segcamViewer.result.milliseconds"))
         before = page.evaluate("() => segcamViewer.timings.length")
-        page.select_option("#layer", LIVER_LAYERS["middle decoder"])
+        page.select_option("#layer", DEMO_LAYERS["middle decoder"])
         page.wait_for_function(
             "n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before
         )

@@ -1,13 +1,16 @@
 """Train the evidence benchmark's network (segcam.testing.evidence): a small MONAI UNet.
 
-    .venv/bin/python scripts/train_evidence_unet.py
+    .venv/bin/python scripts/train_evidence_unet.py \
+        --weights src/segcam/apps/demo/weights/evidence_unet2d.pt \
+        --log scripts/train_evidence_unet.log.json
 
-Training scenes: seeds 0..3999; held-out: seeds from 2_000_000 (never trained on). Writes
-src/segcam/data/evidence_unet2d.pt (tensors only) and the log beside this script.
+Training scenes: seeds 0..3999; held-out: seeds from 2_000_000 (never trained on). Writes the
+weights (tensors only) and the log where the command line says.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -15,20 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcam.evaluation import EVIDENCE_HELD_OUT_SEED, build_evidence_model, evidence_accuracy
+from segcam.apps.demo.models import build_demo_model
+from segcam.apps.evaluation.benchmarks import EVIDENCE_HELD_OUT_SEED, evidence_accuracy
 from segcam.testing.evidence import evidence_batch
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "src" / "segcam" / "data" / "evidence_unet2d.pt"
-LOG = ROOT / "scripts" / "train_evidence_unet.log.json"
 TRAIN, STEPS, BATCH = 4000, 2500, 16
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, required=True, help="where to write the weights")
+    parser.add_argument("--log", type=Path, required=True, help="where to write the training log")
+    args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     images, labels = evidence_batch(range(TRAIN))
-    model = build_evidence_model()
+    model = build_demo_model("evidence-2d")
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=STEPS)
     # Background dominates the pixels: weigh the object classes up so the cue is learnt.
@@ -49,8 +54,10 @@ def main() -> None:
     model.eval()
     scores = evidence_accuracy(model)
     print("held-out:", json.dumps(scores))
-    torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, WEIGHTS)
-    LOG.write_text(
+    torch.save(
+        {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, args.weights
+    )
+    args.log.write_text(
         json.dumps(
             {
                 "steps": STEPS,
@@ -66,7 +73,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {WEIGHTS.relative_to(ROOT)}, {LOG.name}")
+    print(f"wrote {args.weights}, {args.log}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Train the demo's liver/tumour networks on the real CT volume (segcam.liver), 2D and 3D.
+"""Train the demo's liver/tumour networks on the real CT volume (segcam.apps.demo.data), 2D and 3D.
 
-    .venv/bin/python scripts/train_liver.py [--which 2d|3d|both]
+    .venv/bin/python scripts/train_liver.py --out src/segcam/apps/demo/weights --log-dir scripts \
+        [--which 2d|3d|both]
 
 Data: case 117 (LiTS-derived) from the cached wheel (`make data`). CT window -200..300 HU mapped
-to [0, 1]. Split by axial slices (segcam.liver): 56..79 held out, 48..55 and 80..87 unused gaps,
+to [0, 1]. Split by axial slices (segcam.apps.demo.data): 56..79 held out, 48..55 and 80..87
+unused gaps,
 0..47 and 88..127 train.
 - 2D: MONAI UNet (16..128 channels) on axial slices, random shifts and intensity jitter.
 - 3D: MONAI UNet (8..64 channels) on random (64, 64, 32) patches lying wholly inside one
   training slab; tested on the whole volume, Dice over the held-out slices.
-Loss: Dice + cross-entropy. Fixed seeds. Writes src/segcam/data/liver_unet{2d,3d}.pt (state_dict,
-tensors only) and scripts/train_liver_{2d,3d}.log.json with held-out Dice.
+Loss: Dice + cross-entropy. Fixed seeds. Writes OUT/liver_unet{2d,3d}.pt (state_dict,
+tensors only) and LOG_DIR/train_liver_{2d,3d}.log.json with held-out Dice.
 """
 
 from __future__ import annotations
@@ -22,11 +24,8 @@ from pathlib import Path
 import torch
 from monai.losses import DiceCELoss
 
-from segcam import liver
-from segcam.demo_liver import build_liver_model, held_out_dice
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "src" / "segcam" / "data"
+from segcam.apps.demo import data as liver
+from segcam.apps.demo.models import build_liver_model, held_out_dice
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +62,7 @@ def batches_3d(image, labels, batch, generator, patch=(64, 64, 32)):
         yield augment(torch.stack(xs)[:, None], generator), torch.stack(ys)
 
 
-def train(which: str, steps: int, batch: int) -> None:
+def train(which: str, steps: int, batch: int, out: Path, log_dir: Path) -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     case = liver.load_case()
@@ -97,9 +96,9 @@ def train(which: str, steps: int, batch: int) -> None:
     model.eval()
     dice = held_out_dice(model, which, case)
     print(f"[{which}] held-out Dice: liver {dice['liver']:.4f}, tumour {dice['tumour']:.4f}")
-    weights = DATA / f"liver_unet{which}.pt"
+    weights = out / f"liver_unet{which}.pt"
     torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, weights)
-    log = ROOT / "scripts" / f"train_liver_{which}.log.json"
+    log = log_dir / f"train_liver_{which}.log.json"
     log.write_text(
         json.dumps(
             {
@@ -119,20 +118,22 @@ def train(which: str, steps: int, batch: int) -> None:
         )
         + "\n"
     )
-    print(f"wrote {weights.relative_to(ROOT)} ({weights.stat().st_size // 1024} KiB), {log.name}")
+    print(f"wrote {weights} ({weights.stat().st_size // 1024} KiB), {log}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the weights")
+    parser.add_argument("--log-dir", type=Path, required=True, help="folder for the logs")
     parser.add_argument("--which", choices=["2d", "3d", "both"], default="both")
     parser.add_argument("--steps-2d", type=int, default=1500)
     parser.add_argument("--steps-3d", type=int, default=1200)
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.which in ("2d", "both"):
-        train("2d", args.steps_2d, batch=8)
+        train("2d", args.steps_2d, batch=8, out=args.out, log_dir=args.log_dir)
     if args.which in ("3d", "both"):
-        train("3d", args.steps_3d, batch=2)
+        train("3d", args.steps_3d, batch=2, out=args.out, log_dir=args.log_dir)
 
 
 if __name__ == "__main__":

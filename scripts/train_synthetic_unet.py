@@ -1,14 +1,17 @@
 """Train the demo's small MONAI UNet on synthetic disks (class 1) and squares (class 2).
 
-    .venv/bin/python scripts/train_synthetic_unet.py
+    .venv/bin/python scripts/train_synthetic_unet.py \
+        --weights src/segcam/apps/demo/weights/synthetic_unet2d.pt \
+        --log scripts/train_synthetic_unet.log.json
 
 Fixed seeds throughout: training scenes use seeds 0..TRAIN_SCENES-1, held-out scenes use seeds
-from 1_000_000 on (never trained on). Writes src/segcam/data/synthetic_unet2d.pt (a state_dict of
-tensors only, loadable with torch.load(weights_only=True)) and the log beside this script.
+from 1_000_000 on (never trained on). Writes the weights (a state_dict of
+tensors only, loadable with torch.load(weights_only=True)) and the log where the command line says.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -16,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcam.synthetic_demo import HELD_OUT_SEED, build_demo_model
+from segcam.apps.demo.models import build_demo_model
+from segcam.apps.demo.synthetic import HELD_OUT_SEED
 from segcam.testing.synthetic import shapes_batch
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "src" / "segcam" / "data" / "synthetic_unet2d.pt"
-LOG = ROOT / "scripts" / "train_synthetic_unet.log.json"
 TRAIN_SCENES, HELD_OUT_SCENES, STEPS, BATCH, SIZE = 2000, 200, 600, 16, 64
 
 
@@ -34,6 +35,10 @@ def dice_per_class(prediction: np.ndarray, labels: np.ndarray, classes: int) -> 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, required=True, help="where to write the weights")
+    parser.add_argument("--log", type=Path, required=True, help="where to write the training log")
+    args = parser.parse_args()
     torch.manual_seed(0)
     np.random.seed(0)
     torch.set_num_threads(2)
@@ -67,8 +72,8 @@ def main() -> None:
     accuracy = float((prediction == held_labels).mean())
     print(f"held-out Dice: disk {dice[0]:.4f}, square {dice[1]:.4f}; pixel accuracy {accuracy:.4f}")
     state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
-    torch.save(state, WEIGHTS)
-    LOG.write_text(
+    torch.save(state, args.weights)
+    args.log.write_text(
         json.dumps(
             {
                 "steps": STEPS,
@@ -86,8 +91,8 @@ def main() -> None:
         )
         + "\n"
     )
-    size = WEIGHTS.stat().st_size // 1024
-    print(f"wrote {WEIGHTS.relative_to(ROOT)} ({size} KiB) and {LOG.relative_to(ROOT)}")
+    size = args.weights.stat().st_size // 1024
+    print(f"wrote {args.weights} ({size} KiB), {args.log}")
 
 
 if __name__ == "__main__":

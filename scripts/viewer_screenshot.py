@@ -11,7 +11,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from segcam.viewer.serve import demo_session, serve_in_thread
+from segcam.apps.viewer.serve import demo_session, serve_in_thread
 
 
 def main() -> None:

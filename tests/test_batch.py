@@ -6,17 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import segcam
-from segcam.batch import BatchJob, explain_files
+from segcam.apps.batch import BatchJob, explain_files
+from segcam.apps.demo.models import WEIGHTS_DIR
 from segcam.testing.synthetic import shapes_scene
 
-WEIGHTS = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
-MODEL = "segcam.synthetic_demo:build_demo_model"
+WEIGHTS = WEIGHTS_DIR / "synthetic_unet2d.pt"
+MODEL = "segcam.apps.demo.models:build_demo_model"
 LAYER = "model.1.submodule.2"
 JOB = BatchJob(
     model=MODEL,
@@ -100,7 +100,7 @@ def test_killed_ray_worker_still_completes_every_input_once(dataset, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "segcam.cli",
+        "segcam.apps.cli",
         "explain",
         str(dataset),
         "--model",

@@ -8,19 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import segcam
-from segcam.cli import main
-from segcam.synthetic_demo import build_demo_model, load_demo_model
+from segcam.apps.cli import main
+from segcam.apps.demo.models import WEIGHTS_DIR, build_demo_model, load_demo_model
 from segcam.testing.synthetic import shapes_scene
 
-WEIGHTS = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
-MODEL = ["--model", "segcam.synthetic_demo:build_demo_model", "--weights", str(WEIGHTS)]
+WEIGHTS = WEIGHTS_DIR / "synthetic_unet2d.pt"
+MODEL = ["--model", "segcam.apps.demo.models:build_demo_model", "--weights", str(WEIGHTS)]
 LAYER = "model.1.submodule.2"
 
 
@@ -93,7 +92,7 @@ def test_written_maps_equal_explain(scenes, tmp_path, capsys):
     assert len(pngs) == 2 * 2 * 4 and "seg-hires-grad-cam__model.0__t1-mask-2.png" in pngs
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["methods"] == ["seg-grad-cam", "seg-hires-grad-cam"]
-    assert manifest["weights_sha256"] == segcam.specs.file_sha256(WEIGHTS)
+    assert manifest["weights_sha256"] == segcam.apps.specs.file_sha256(WEIGHTS)
     assert manifest["input"]["path"] == str(image) and manifest["torch"] == torch.__version__
     assert sorted(manifest["outputs"]) == sorted(
         p.name for p in folder.iterdir() if p.name != "manifest.json"
@@ -208,14 +207,14 @@ def test_torchscript_and_pickle_are_refused(tmp_path, capsys):
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(build_demo_model().eval()), scripted)
     assert (
-        run("layers", "--model", "segcam.synthetic_demo:build_demo_model", "--weights", scripted)
+        run("layers", "--model", "segcam.apps.demo.models:build_demo_model", "--weights", scripted)
         == 2
     )
     assert "TorchScript" in capsys.readouterr().err
     pickled = tmp_path / "whole.pt"
     torch.save(load_demo_model(), pickled)
     assert (
-        run("layers", "--model", "segcam.synthetic_demo:build_demo_model", "--weights", pickled)
+        run("layers", "--model", "segcam.apps.demo.models:build_demo_model", "--weights", pickled)
         == 2
     )
     assert "--trust-pickle" in capsys.readouterr().err
@@ -250,7 +249,7 @@ def test_killed_run_leaves_no_partial_files_and_completes(scenes, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "segcam.cli",
+        "segcam.apps.cli",
         "explain",
         str(many),
         *MODEL,
@@ -298,7 +297,7 @@ def test_safetensors_weights_give_the_same_maps(scenes, tmp_path):
         "explain",
         scenes / "scene1000008.npy",
         "--model",
-        "segcam.synthetic_demo:build_demo_model",
+        "segcam.apps.demo.models:build_demo_model",
         "--target",
         "predicted:1",
         "--layer",

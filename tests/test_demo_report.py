@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from segcam.cli import main
+from segcam.apps.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import segcam
-from segcam.cli import main
-from segcam.evaluation import bootstrap_interval, evidence_accuracy, load_evidence_model
+from segcam.apps.cli import main
+from segcam.apps.demo.models import WEIGHTS_DIR, load_demo_model
+from segcam.apps.evaluation import bootstrap_interval, evidence_accuracy
 from segcam.testing.evidence import evidence_scene
 
 LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_evidence_unet.log.json"
@@ -32,7 +33,7 @@ def test_scenes_are_seeded_and_consistent():
 
 def test_shipped_network_uses_the_cue():
     logged = json.loads(LOG.read_text())["held_out"]
-    measured = evidence_accuracy(load_evidence_model(), count=100)
+    measured = evidence_accuracy(load_demo_model("evidence-2d"), count=100)
     assert measured["pixel_accuracy"] >= 0.95 and logged["pixel_accuracy"] >= 0.95
     # A network blind to the marker could only guess the disk's class (about 0.5).
     assert measured["cue_disk_class_accuracy"] >= 0.95
@@ -69,8 +70,8 @@ def test_evaluate_a_folder_against_labels(tmp_path):
     import torch
 
     import segcam
+    from segcam.apps.demo.models import load_demo_model
     from segcam.metrics import energy_inside
-    from segcam.synthetic_demo import load_demo_model
     from segcam.testing.synthetic import shapes_scene
 
     images, labels = tmp_path / "images", tmp_path / "labels"
@@ -80,7 +81,7 @@ def test_evaluate_a_folder_against_labels(tmp_path):
         image, label = shapes_scene(seed)
         np.save(images / f"s{seed}.npy", image[0])
         np.save(labels / f"s{seed}.npy", label)
-    weights = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
+    weights = WEIGHTS_DIR / "synthetic_unet2d.pt"
     out = tmp_path / "out"
     code = main(
         [
@@ -90,7 +91,7 @@ def test_evaluate_a_folder_against_labels(tmp_path):
             "--labels",
             str(labels),
             "--model",
-            "segcam.synthetic_demo:build_demo_model",
+            "segcam.apps.demo.models:build_demo_model",
             "--weights",
             str(weights),
             "--layer",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segcam.apps.specs import apply_intensity, load_callable
 from segcam.io.files import InputFileError, read_input
-from segcam.specs import apply_intensity, load_callable
 
 
 def test_grey_and_rgb_images(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import segcam
-from segcam import liver
-from segcam.cli import main
-from segcam.demo_liver import LIVER_LAYERS, held_out_dice, load_liver_model
+from segcam.apps.cli import main
+from segcam.apps.demo import data as liver
+from segcam.apps.demo.models import DEMO_LAYERS, WEIGHTS_DIR, held_out_dice, load_liver_model
 from segcam.io.mrc import MrcError, read_mrc
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -68,15 +68,15 @@ def test_cli_on_ct_slices_equals_explain(tmp_path):
     slices = liver.axial_slices(case.image, [60, 72])  # held-out, in HU
     for z, image in zip((60, 72), slices, strict=True):
         np.save(tmp_path / f"slice{z}.npy", image)
-    weights = Path(segcam.__file__).parent / "data" / "liver_unet2d.pt"
-    layers = list(LIVER_LAYERS.values())
+    weights = WEIGHTS_DIR / "liver_unet2d.pt"
+    layers = list(DEMO_LAYERS.values())
     code = main(
         [
             "explain",
             str(tmp_path / "slice60.npy"),
             str(tmp_path / "slice72.npy"),
             "--model",
-            "segcam.demo_liver:build_liver_model",
+            "segcam.apps.demo.models:build_liver_model",
             "--model-kwargs",
             '{"which": "2d"}',
             "--weights",

@@ -77,7 +77,7 @@ def test_xgrad_cam_zero_channel_gets_zero_weight():
 
 
 def test_cli_and_registry_list_the_new_methods(capsys):
-    from segcam.cli import main
+    from segcam.apps.cli import main
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

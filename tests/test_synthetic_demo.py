@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 import segcam
-from segcam.synthetic_demo import DEMO_LAYERS, HELD_OUT_SEED, load_demo_model, main
+from segcam.apps.demo.models import DEMO_LAYERS, load_demo_model
+from segcam.apps.demo.synthetic import HELD_OUT_SEED, main
 from segcam.testing.synthetic import shapes_batch, shapes_scene
 
 LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_synthetic_unet.log.json"

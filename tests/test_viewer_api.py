@@ -11,11 +11,11 @@ import torch
 from starlette.testclient import TestClient
 
 import segcam
-from segcam.synthetic_demo import load_demo_model
+from segcam.apps.demo.models import WEIGHTS_DIR, load_demo_model
+from segcam.apps.viewer import ViewerSession
+from segcam.apps.viewer.app import create_app
 from segcam.testing import tiny_segnet
 from segcam.testing.synthetic import shapes_scene
-from segcam.viewer import ViewerSession
-from segcam.viewer.app import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 LAYER = "model.1.submodule.2"
@@ -264,20 +264,19 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
     import subprocess
     import sys
     import urllib.request
-    from pathlib import Path
 
     image, _ = shapes_scene(1_000_008)
     path = tmp_path / "scene.npy"
     np.save(path, image[0])
-    weights = Path(segcam.__file__).parent / "data" / "synthetic_unet2d.pt"
+    weights = WEIGHTS_DIR / "synthetic_unet2d.pt"
     command = [
         sys.executable,
         "-m",
-        "segcam.cli",
+        "segcam.apps.cli",
         "view",
         str(path),
         "--model",
-        "segcam.synthetic_demo:build_demo_model",
+        "segcam.apps.demo.models:build_demo_model",
         "--weights",
         str(weights),
         "--classes",
@@ -309,7 +308,14 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
         process.wait(timeout=30)
     # a missing input is one clear line
     run = subprocess.run(
-        [sys.executable, "-m", "segcam.cli", "view", str(tmp_path / "nope.npy"), "--no-browser"],
+        [
+            sys.executable,
+            "-m",
+            "segcam.apps.cli",
+            "view",
+            str(tmp_path / "nope.npy"),
+            "--no-browser",
+        ],
         capture_output=True,
         text=True,
     )

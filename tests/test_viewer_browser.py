@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import segcam
-from segcam.viewer.serve import serve_in_thread
+from segcam.apps.viewer.serve import serve_in_thread
 from test_viewer_api import LAYER, session_2d, session_3d
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")

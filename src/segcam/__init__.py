@@ -8,12 +8,12 @@ Dibrov, Myers, AAAI 2020) for any PyTorch segmentation network::
     expl.maps  # (N, T, *S)
 """
 
-from segcam.core import explain
+from segcam.core import explain, explain_methods
 from segcam.explainer import Explainer
 from segcam.explanation import Explanation, load
 from segcam.fusion import fuse_layers
 from segcam.methods import list_methods
-from segcam.sliding import explain_sliding_window
+from segcam.sliding import explain_sliding_window, explain_sliding_window_methods
 from segcam.targets import (
     AllPixels,
     Box,
@@ -42,7 +42,9 @@ __all__ = [
     "TokenLayer",
     "__version__",
     "explain",
+    "explain_methods",
     "explain_sliding_window",
+    "explain_sliding_window_methods",
     "fuse_layers",
     "list_methods",
     "load",

@@ -8,6 +8,33 @@ and each also derives from the built-in type a caller would expect (``ValueError
 
 from __future__ import annotations
 
+import sys
+
+__all__ = [
+    "ClassIndexError",
+    "ExplanationFileError",
+    "ForwardReleasedError",
+    "GraphTooLargeError",
+    "InputError",
+    "InputFileError",
+    "LayerError",
+    "LayerNotFoundError",
+    "LayerNotOnPathError",
+    "MaskShapeError",
+    "MethodNotFoundError",
+    "MethodNotSupportedError",
+    "MethodRegistrationError",
+    "MissingExtraError",
+    "MrcError",
+    "NonFiniteError",
+    "OptionError",
+    "OutputError",
+    "SegCamError",
+    "SegCamWarning",
+    "TargetError",
+    "user_stacklevel",
+]
+
 
 class SegCamError(Exception):
     """Base class of every error segcam raises on purpose."""
@@ -60,9 +87,58 @@ class MethodNotFoundError(SegCamError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MethodRegistrationError(SegCamError, ValueError):
+    """A method cannot be registered: a taken name, an unknown kind, an option without default."""
+
+
+class MethodNotSupportedError(SegCamError, ValueError):
+    """The method cannot do what was asked (a gradient-free method with sliding windows)."""
+
+
+class OptionError(SegCamError, ValueError):
+    """An option has an unknown name or a value out of its range.
+
+    A method's option, ``normalize``, a sliding window's ``overlap``; raised before any forward
+    pass.
+    """
+
+
+class ForwardReleasedError(SegCamError, RuntimeError):
+    """The recorded forward pass was released (or never run): run a new forward first."""
+
+
+class GraphTooLargeError(SegCamError, MemoryError):
+    """The kept forward graph would exceed ``max_graph_bytes``."""
+
+
 class ExplanationFileError(SegCamError, OSError):
     """An explanation file cannot be read or written."""
 
 
+class InputFileError(SegCamError, ValueError):
+    """An input file is missing, unreadable, corrupt, or of an unsupported kind."""
+
+
+class MrcError(InputFileError):
+    """The bytes are not a readable MRC volume."""
+
+
+class MissingExtraError(SegCamError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
 class SegCamWarning(UserWarning):
     """Soft problems: an empty pixel set, a model left in training mode."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` that points at the caller outside segcam.
+
+    Call it from the function that warns: the count starts at that function's frame.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("segcam."):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

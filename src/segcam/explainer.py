@@ -24,25 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.core import (
-    OutputSpec,
-    RecordedForward,
-    _as_target_list,
-    _check_normalize,
-    record_forward,
-)
-from segcam.errors import SegCamError
+from segcam.core import MethodOptions, check_postprocess, explain_recorded, resolve_methods
+from segcam.errors import ForwardReleasedError, GraphTooLargeError, OptionError
 from segcam.explanation import Explanation
 from segcam.methods import get_method
 from segcam.postprocess import Normalization
-from segcam.recording import LayerSpec
-from segcam.targets import TargetLike
+from segcam.recording import LayerSpec, OutputSpec, RecordedForward, record_forward
+from segcam.targets import TargetLike, as_target_list
 
 __all__ = ["Explainer", "GraphTooLargeError"]
-
-
-class GraphTooLargeError(SegCamError, MemoryError):
-    """The kept forward graph would exceed ``max_graph_bytes``."""
 
 
 class Explainer:
@@ -67,7 +57,16 @@ class Explainer:
         max_graph_bytes: int | None = None,
     ) -> None:
         get_method(method)
-        _check_normalize(normalize)
+        check_postprocess(normalize)
+        if max_graph_bytes is not None and (
+            isinstance(max_graph_bytes, bool)
+            or not isinstance(max_graph_bytes, int)
+            or max_graph_bytes < 0
+        ):
+            raise OptionError(
+                f"max_graph_bytes must be None or a number of bytes (int >= 0); got "
+                f"{max_graph_bytes!r}"
+            )
         self.model = model
         self.layer = layer
         self.method = method
@@ -98,16 +97,18 @@ class Explainer:
                 f"layer, a smaller input, or use segcam.explain"
             )
         self._recorded = recorded
-        return recorded.detached_logits
+        return recorded.logits
 
     @property
     def logits(self) -> torch.Tensor:
         """The detached logits of the current forward pass."""
-        return self._current().detached_logits
+        return self._current().logits
 
     def _current(self) -> RecordedForward:
         if self._recorded is None:
-            raise RuntimeError("no forward pass is kept: call forward(x) first (or it was closed)")
+            raise ForwardReleasedError(
+                "no forward pass is kept: call forward(x) first (or it was closed)"
+            )
         return self._recorded
 
     def explain(
@@ -127,18 +128,15 @@ class Explainer:
         masked inputs).
         """
         chosen = method or self.method
-        get_method(chosen)
-        norm: Any = self.normalize if normalize == "default" else normalize
-        _check_normalize(norm)
-        return self._current().explain(
-            _as_target_list(targets),
-            chosen,
-            relu=self.relu if relu is None else relu,
-            upsample=self.upsample if upsample is None else upsample,
-            normalize=norm,
-            keep_graph=True,
-            method_options=method_options,
-        )
+        options = {chosen: method_options} if method_options is not None else None
+        return self.explain_methods(
+            targets,
+            [chosen],
+            relu=relu,
+            upsample=upsample,
+            normalize=normalize,
+            method_options=options,
+        )[chosen]
 
     def explain_methods(
         self,
@@ -148,25 +146,25 @@ class Explainer:
         relu: bool | None = None,
         upsample: bool | None = None,
         normalize: Normalization | str | None = "default",
-        method_options: Mapping[str, Mapping[str, Any] | None] | None = None,
+        method_options: MethodOptions | None = None,
     ) -> dict[str, Explanation]:
         """Maps for ``targets`` by several methods at once: method name -> explanation.
 
         The gradient methods share one backward pass per target (side-by-side views cost one
         backward, not one per method); ``method_options`` maps a method to its options.
         """
-        for name in methods:
-            get_method(name)
+        chosen = resolve_methods(methods, method_options)
         norm: Any = self.normalize if normalize == "default" else normalize
-        _check_normalize(norm)
-        return self._current().explain_methods(
-            _as_target_list(targets),
-            list(methods),
+        check_postprocess(norm)
+        target_list = as_target_list(targets)
+        return explain_recorded(
+            self._current(),
+            target_list,
+            chosen,
             relu=self.relu if relu is None else relu,
             upsample=self.upsample if upsample is None else upsample,
             normalize=norm,
             keep_graph=True,
-            method_options=method_options,
         )
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcam.errors import ExplanationFileError
+from segcam.errors import ExplanationFileError, LayerError
 from segcam.targets import Target, TargetLike, as_pixel_set
 
 __all__ = ["Explanation", "SavedTarget", "load"]
@@ -110,7 +110,7 @@ class Explanation:
         use :attr:`layer_maps` (or ``explain(..., upsample=True)`` and stack them yourself).
         """
         if len(self.layer_maps) != 1:
-            raise ValueError(
+            raise LayerError(
                 f"this explanation holds {len(self.layer_maps)} layers ({', '.join(self.layers)}); "
                 f"use .layer_maps[name] for one of them"
             )

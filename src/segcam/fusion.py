@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from segcam.errors import OptionError
 from segcam.postprocess import normalize, relu, upsample
 
 if TYPE_CHECKING:
@@ -46,9 +47,9 @@ def fuse_layers(
         The fused maps, (N, T, *S), values in [0, 1].
     """
     if rule not in FUSION_RULES:
-        raise ValueError(f"rule must be one of {', '.join(FUSION_RULES)}; got {rule!r}")
+        raise OptionError(f"rule must be one of {', '.join(FUSION_RULES)}; got {rule!r}")
     if not gamma > 0:
-        raise ValueError(f"gamma must be positive; got {gamma!r}")
+        raise OptionError(f"gamma must be positive; got {gamma!r}")
     size = tuple(explanation.pixel_sets.shape[2:])
     scaled = []
     for maps in explanation.layer_maps.values():

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from segcam.errors import InputError, OptionError
+
 __all__ = ["NORMALIZATIONS", "normalize", "postprocess", "relu", "upsample"]
 
 Normalization = Literal["max", "minmax"]
@@ -33,7 +35,7 @@ def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return maps
     modes = {1: "linear", 2: "bilinear", 3: "trilinear"}
     if maps.ndim - 2 not in modes or len(size) != maps.ndim - 2:
-        raise ValueError(f"cannot resize maps of shape {tuple(maps.shape)} to {size}")
+        raise InputError(f"cannot resize maps of shape {tuple(maps.shape)} to {size}")
     return F.interpolate(maps, size=size, mode=modes[maps.ndim - 2], align_corners=False)
 
 
@@ -53,7 +55,7 @@ def normalize(maps: torch.Tensor, mode: Normalization) -> torch.Tensor:
         shifted = flat - low
         scale = flat.amax(dim=2, keepdim=True) - low
     else:
-        raise ValueError(f"normalize must be None, 'max' or 'minmax'; got {mode!r}")
+        raise OptionError(f"normalize must be None, 'max' or 'minmax'; got {mode!r}")
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     result = torch.where(scale > 0, shifted / safe, torch.zeros_like(shifted))
     return result.reshape(maps.shape)

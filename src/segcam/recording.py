@@ -1,29 +1,64 @@
-"""Hook a model's layers for one forward pass and take gradients to them; leave the model as it was.
+"""Recording: hook a model's layers for one forward pass and take gradients to them.
+
+This module is the single gradient path of segcam: :func:`record_forward` runs the model once
+with the layers hooked and returns a :class:`RecordedForward`, whose
+:meth:`~RecordedForward.layer_gradients` takes one ``torch.autograd.grad`` per score (given as the
+score's gradient with respect to the logits) and yields the gradients at every hooked layer in
+channels-first layout (N, C, *grid). ``explain``, ``Explainer``, sliding windows and the
+applications all go through it.
 
 Only the hooked activations enter the backward pass: gradients are taken with
 ``torch.autograd.grad(outputs, activations, grad_outputs)``, so no parameter gradient is computed
 or stored and ``.grad`` is never touched. The forward runs under ``torch.no_grad()`` until the
 first hooked layer has run; its hook switches gradient recording on for the rest of the forward.
-Nothing upstream of the hooked layers is recorded, since no gradient is ever needed there.
+Nothing upstream of the hooked layers is recorded, since no gradient is ever needed there. The
+model is left as it was: hooks are removed on exit, exceptions included; training flags and
+``requires_grad`` are never changed.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from segcam.errors import LayerError, LayerNotFoundError, LayerNotOnPathError
-from segcam.tokens import TokenLayer
+from segcam.errors import (
+    ForwardReleasedError,
+    InputError,
+    LayerError,
+    LayerNotFoundError,
+    LayerNotOnPathError,
+    NonFiniteError,
+    OutputError,
+    SegCamWarning,
+    user_stacklevel,
+)
+from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
 
-__all__ = ["LayerInfo", "LayerRecorder", "describe_layers", "layer_list", "resolve_layers"]
+__all__ = [
+    "LayerInfo",
+    "LayerRecorder",
+    "LayerSpec",
+    "OutputSpec",
+    "RecordedForward",
+    "all_finite",
+    "check_inputs",
+    "describe_layers",
+    "layer_list",
+    "record_forward",
+    "resolve_layers",
+    "select_logits",
+]
 
 LayerSpec = str | nn.Module | TokenLayer
+OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
 
 
 def layer_list(layer: LayerSpec | Sequence[LayerSpec]) -> list[LayerSpec]:
@@ -232,3 +267,309 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
             )
         )
     return table
+
+
+# ---------------------------------------------------------------- inputs and outputs
+
+
+def _describe_output(raw: Any) -> str:
+    if isinstance(raw, torch.Tensor):
+        return f"tensor of shape {tuple(raw.shape)}"
+    if isinstance(raw, Mapping):
+        return f"dict with keys {list(raw)}"
+    if isinstance(raw, tuple | list):
+        return f"{type(raw).__name__} of {len(raw)} items"
+    return type(raw).__name__
+
+
+def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor:
+    """Pick the logits (N, K, *S) out of a model's raw output.
+
+    ``output`` may be a key (dict outputs), an index (tuple/list outputs, or the head of a deep
+    supervision stack of shape (N, H, K, *S)), or a callable applied to the raw output. ``None``
+    accepts a tensor of the input's rank, a dict with an ``"out"`` key (torchvision style) or a
+    single tensor value, and a one-item tuple or list; anything else is ambiguous.
+    """
+    if callable(output):
+        selected = output(raw)
+    elif isinstance(output, str):
+        if not isinstance(raw, Mapping):
+            raise OutputError(
+                f"output={output!r} is a key, but the model returned {_describe_output(raw)}"
+            )
+        if output not in raw:
+            raise OutputError(f"output key {output!r} not in the model's output keys {list(raw)}")
+        selected = raw[output]
+    elif isinstance(output, int) and not isinstance(output, bool):
+        if isinstance(raw, torch.Tensor) and raw.ndim == input_ndim + 1:
+            if not -raw.shape[1] <= output < raw.shape[1]:
+                raise OutputError(f"output={output} is outside the {raw.shape[1]} stacked heads")
+            selected = raw[:, output]
+        elif isinstance(raw, tuple | list):
+            if not -len(raw) <= output < len(raw):
+                raise OutputError(f"output={output} is outside the model's {len(raw)} outputs")
+            selected = raw[output]
+        else:
+            raise OutputError(
+                f"output={output} is an index, but the model returned {_describe_output(raw)}"
+            )
+    elif output is None:
+        selected = _default_logits(raw, input_ndim)
+    else:
+        raise OutputError(f"output must be None, a key, an index or a callable; got {output!r}")
+    if not isinstance(selected, torch.Tensor):
+        raise OutputError(f"the selected output is {_describe_output(selected)}, not a tensor")
+    if selected.ndim != input_ndim:
+        raise OutputError(
+            f"the logits must have shape (N, K, *S) with the input's rank {input_ndim}; got "
+            f"{tuple(selected.shape)} (for a deep supervision stack pass output=0)"
+        )
+    if not selected.is_floating_point():
+        raise OutputError(f"the logits must be floating point; got {selected.dtype}")
+    return selected
+
+
+def _default_logits(raw: Any, input_ndim: int) -> Any:
+    if isinstance(raw, torch.Tensor):
+        if raw.ndim == input_ndim + 1:
+            raise OutputError(
+                f"the model returned a {raw.ndim}-D tensor {tuple(raw.shape)}, one rank more than "
+                f"the input: a deep supervision stack? pass output=0 for the first head"
+            )
+        return raw
+    if isinstance(raw, Mapping):
+        tensors = [key for key, value in raw.items() if isinstance(value, torch.Tensor)]
+        if "out" in raw:
+            return raw["out"]
+        if len(tensors) == 1:
+            return raw[tensors[0]]
+        raise OutputError(
+            f"the model returned a dict with keys {list(raw)}; pass output=KEY to choose the logits"
+        )
+    if isinstance(raw, tuple | list):
+        if len(raw) == 1:
+            return raw[0]
+        raise OutputError(
+            f"the model returned a {type(raw).__name__} of {len(raw)} items; pass output=INDEX "
+            f"(or a callable) to choose the logits"
+        )
+    raise OutputError(
+        f"the model returned {type(raw).__name__}, not a tensor; pass output= (a key, an index, "
+        f"or a callable returning the logits)"
+    )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf."""
+    # A NaN or Inf makes the sum non-finite, so one reduction without a mask allocation settles
+    # the common case; only an overflowing sum of finite values needs the element-wise check.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def check_inputs(inputs: Any) -> None:
+    """Raise :class:`InputError` unless ``inputs`` is a finite float (N, C, *S) tensor, S 2D/3D."""
+    if not isinstance(inputs, torch.Tensor):
+        raise InputError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.ndim not in (4, 5):
+        raise InputError(
+            f"inputs must have shape (N, C, H, W) or (N, C, D, H, W); got {inputs.ndim}-D "
+            f"{tuple(inputs.shape)} (add a batch axis with x[None] or a channel axis with "
+            f"x[:, None])"
+        )
+    if not inputs.is_floating_point():
+        raise InputError(f"inputs must be floating point; got {inputs.dtype}")
+    if min(inputs.shape) == 0:
+        raise InputError(f"inputs {tuple(inputs.shape)} have an empty axis")
+    if not all_finite(inputs):
+        raise NonFiniteError("inputs hold NaN or Inf values; clean or mask them before explaining")
+
+
+# ---------------------------------------------------------------- the recorded forward pass
+
+
+@dataclass
+class _Graph:
+    """The one mutable part of a recorded forward: the tensors that hold its graph alive."""
+
+    logits: torch.Tensor | None
+    activations: tuple[torch.Tensor, ...]
+    layouts: tuple[Layout, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class RecordedForward:
+    """One forward pass with its graph from the hooked layers to the logits kept alive.
+
+    Made by :func:`record_forward`. Everything but the graph is immutable and stays readable
+    after :meth:`release`: the detached ``logits`` (N, K, *S) and the detached ``activations``
+    in channels-first layout (N, C, *grid), one per layer. Use it as a context manager; leaving
+    the ``with`` block releases the graph (exceptions included)::
+
+        with record_forward(model, x, ["enc", "dec"]) as recorded:
+            for gradients in recorded.layer_gradients(score_gradients):
+                ...  # gradients[i]: d score / d layer i, (N, C, *grid)
+
+    Attributes:
+        layer_names: the hooked layers, in the order given.
+        input_size: the input's spatial size S_in.
+        logits: the detached logits.
+        activations: the detached layer activations, channels-first.
+        layer_shapes: layer name -> (N, C, *grid).
+        model, inputs, output: what was run (gradient-free methods run the model again).
+    """
+
+    layer_names: tuple[str, ...]
+    input_size: tuple[int, ...]
+    logits: torch.Tensor
+    activations: tuple[torch.Tensor, ...]
+    layer_shapes: Mapping[str, tuple[int, ...]]
+    model: nn.Module = field(repr=False)
+    inputs: torch.Tensor = field(repr=False)
+    output: OutputSpec = field(default=None, repr=False)
+    _graph: _Graph = field(default_factory=lambda: _Graph(None, (), ()), repr=False)
+
+    @property
+    def released(self) -> bool:
+        """Whether the graph was released (no more gradients can be taken)."""
+        return self._graph.logits is None
+
+    def layer_gradients(
+        self, score_gradients: Iterable[torch.Tensor], *, keep_graph: bool = False
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """For each score, its gradient at every hooked layer, channels-first (N, C, *grid).
+
+        Each item of ``score_gradients`` is d score / d logits (the logits' shape); each takes
+        one ``torch.autograd.grad`` from the logits to the hooked activations only. The graph is
+        freed after the last one unless ``keep_graph``. Items are read one ahead (to know which
+        is the last), so at most two are alive at a time.
+        """
+        graph = self._graph
+        if graph.logits is None:
+            raise ForwardReleasedError("this forward pass was released; run a new forward first")
+        iterator = iter(score_gradients)
+        upcoming = next(iterator, None)
+        while upcoming is not None:
+            current, upcoming = upcoming, next(iterator, None)
+            last = upcoming is None
+            if graph.logits is None:
+                raise ForwardReleasedError("the forward pass was released while iterating")
+            gradients = torch.autograd.grad(
+                graph.logits,
+                graph.activations,
+                grad_outputs=current,
+                retain_graph=keep_graph or not last,
+            )
+            yield tuple(
+                to_channels_first(gradient, layout)
+                for gradient, layout in zip(gradients, graph.layouts, strict=True)
+            )
+        if not keep_graph:
+            self.release()
+
+    def scores(self, weights: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``score(n, batch) -> (B, T)``: sample n's T target scores for modified inputs.
+
+        ``weights`` (N, T, K, *S) are the targets' score gradients with respect to the logits,
+        so that y^c_M = <weights[n, t], logits>. One forward without gradients per call.
+        """
+        model, output = self.model, self.output
+
+        def score(n: int, batch: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(False), torch.no_grad():
+                logits = select_logits(model(batch), output, batch.ndim)
+            return torch.einsum("bk...,tk...->bt", logits, weights[n].to(logits.dtype))
+
+        return score
+
+    def release(self) -> None:
+        """Drop the graph (the tensors that hold it), which frees it; idempotent."""
+        self._graph.logits = None
+        self._graph.activations = ()
+
+    def __enter__(self) -> RecordedForward:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def record_forward(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: LayerSpec | Sequence[LayerSpec],
+    output: OutputSpec = None,
+) -> RecordedForward:
+    """Run the model once with the layers hooked; keep the graph from them to the logits.
+
+    Checks the input and the logits, warns about training-mode BatchNorm/Dropout, and raises
+    when a layer did not run or the output does not depend on it. Hooks are removed on exit.
+    """
+    check_inputs(inputs)
+    layers = resolve_layers(model, layer)
+    training = _training_dependent(model)
+    if training:
+        warnings.warn(
+            f"modules that behave differently in training are in training mode ({training}): "
+            f"BatchNorm mixes the samples of a batch, Dropout makes the maps random; call "
+            f"model.eval() first",
+            SegCamWarning,
+            stacklevel=user_stacklevel(),
+        )
+    recorder = LayerRecorder(layers)
+    with recorder.record():
+        raw_output = model(inputs)
+    logits = select_logits(raw_output, output, inputs.ndim)
+    del raw_output
+    if logits.shape[0] != inputs.shape[0]:
+        raise OutputError(
+            f"the logits' batch size {logits.shape[0]} differs from the input's {inputs.shape[0]}"
+        )
+    detached = logits.detach()
+    if not all_finite(detached):
+        raise NonFiniteError("the model's logits hold NaN or Inf values for this input")
+    activations = recorder.activations(logits)
+    input_size = tuple(int(s) for s in inputs.shape[2:])
+    specs = [spec if isinstance(spec, TokenLayer) else None for spec in layer_list(layer)]
+    layouts = tuple(
+        infer_layout(name, tuple(activation.shape), input_size, spec)
+        for (name, _), activation, spec in zip(layers, activations, specs, strict=True)
+    )
+    return RecordedForward(
+        layer_names=tuple(name for name, _ in layers),
+        input_size=input_size,
+        logits=detached,
+        activations=tuple(
+            to_channels_first(activation.detach(), layout)
+            for activation, layout in zip(activations, layouts, strict=True)
+        ),
+        layer_shapes={
+            name: (int(a.shape[0]), _channels(a, layout), *layout.grid)
+            for (name, _), a, layout in zip(layers, activations, layouts, strict=True)
+        },
+        model=model,
+        inputs=inputs,
+        output=output,
+        _graph=_Graph(logits, tuple(activations), layouts),
+    )
+
+
+def _channels(activation: torch.Tensor, layout: Layout) -> int:
+    return int(activation.shape[1] if layout.kind == "channels_first" else activation.shape[-1])
+
+
+_TRAINING_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _training_dependent(model: nn.Module) -> str:
+    """Names (at most three) of modules in training mode whose output depends on it."""
+    names = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, _TRAINING_DEPENDENT)
+    ]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

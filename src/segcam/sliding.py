@@ -24,46 +24,56 @@ Placement: at the layer's resolution when every window starts on a multiple of t
 stride (roi / window grid) and the volume is a multiple of it; otherwise each window map is
 up-sampled to its window's input extent (bilinear/trilinear, as the post-processing does) and
 added on the input grid. Memory holds one batch of windows' graph at a time plus the output
-arrays (blended logits, count map, one map per target and layer).
+arrays (blended logits, count map, one map per target, layer and method).
+
+The computation is a plan (:func:`plan_windows`: windows, blending weights, groups), a run over
+the groups of windows (each recorded through :func:`segcam.recording.record_forward` and its
+gradients taken by :func:`segcam.core.method_maps`, the same path as :func:`segcam.explain`), and
+a finish that divides the blended logits and post-processes the accumulated maps. Several gradient
+methods share each window's backward pass (:func:`explain_sliding_window_methods`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from segcam.core import (
-    OutputSpec,
-    _as_target_list,
-    _check_inputs,
-    _check_normalize,
-    _grad_output,
-    _warn_empty,
-    record_forward,
-    select_logits,
-    target_pixel_sets,
+    MethodOptions,
+    check_postprocess,
+    method_maps,
+    resolve_methods,
 )
-from segcam.errors import InputError
+from segcam.errors import InputError, OptionError
 from segcam.explanation import Explanation
-from segcam.methods import get_method, resolve_options
+from segcam.methods import Method
 from segcam.postprocess import Normalization, postprocess
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import LayerSpec
+from segcam.recording import LayerSpec, OutputSpec, check_inputs, record_forward, select_logits
 from segcam.targets import (
-    AllPixels,
-    Box,
-    Mask,
-    Pixel,
-    Region,
     TargetLike,
+    as_target_list,
+    score_gradient,
+    target_pixel_sets,
+    uses_logits,
+    warn_empty_pixel_sets,
 )
-from segcam.tokens import to_channels_first
 
-__all__ = ["blended_logits", "explain_sliding_window", "window_slices"]
+__all__ = [
+    "SlidingWindowPlan",
+    "blended_logits",
+    "explain_sliding_window",
+    "explain_sliding_window_methods",
+    "plan_windows",
+    "window_slices",
+]
+
+Window = tuple[slice, ...]
 
 
 def _scan_interval(size: Sequence[int], roi: Sequence[int], overlap: Sequence[float]) -> list[int]:
@@ -104,8 +114,6 @@ def importance_map(
     """
     if mode == "constant":
         return torch.ones(tuple(roi), dtype=dtype, device=device)
-    if mode != "gaussian":
-        raise ValueError(f"mode must be 'constant' or 'gaussian'; got {mode!r}")
     weight = torch.ones((), dtype=torch.float32, device=device)
     for axis, r in enumerate(roi):
         x = torch.arange(-(r - 1) / 2.0, (r - 1) / 2.0 + 1, dtype=torch.float32, device=device)
@@ -113,6 +121,117 @@ def importance_map(
         weight = weight.unsqueeze(-1) * profile[(None,) * axis] if axis else profile
     floor = max(float(weight.min()), 1e-3)
     return weight.clamp_min(floor).to(dtype)
+
+
+def _roi(roi_size: int | Sequence[int], spatial: tuple[int, ...]) -> tuple[int, ...]:
+    roi = (roi_size,) * len(spatial) if isinstance(roi_size, int) else tuple(roi_size)
+    if len(roi) != len(spatial) or any(
+        isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi
+    ):
+        raise InputError(
+            f"roi_size must be a positive int or {len(spatial)} positive ints; got {roi_size!r}"
+        )
+    if any(r > s for r, s in zip(roi, spatial, strict=True)):
+        raise InputError(
+            f"roi_size {roi} is larger than the input {spatial}: explain the whole input with "
+            f"segcam.explain, or pad it to the window size"
+        )
+    return roi
+
+
+def _overlaps(overlap: float | Sequence[float], dims: int) -> list[float]:
+    values = [overlap] * dims if isinstance(overlap, int | float) else list(overlap)
+    if len(values) != dims or any(
+        isinstance(o, bool) or not isinstance(o, int | float) or not 0 <= o < 1 for o in values
+    ):
+        raise OptionError(
+            f"overlap must be a number in [0, 1) or {dims} of them (one per axis); got {overlap!r}"
+        )
+    return [float(o) for o in values]
+
+
+@dataclass(frozen=True)
+class SlidingWindowPlan:
+    """The windows of a sliding-window pass and how their logits blend.
+
+    Attributes:
+        spatial: the input's spatial size.
+        roi: the window size.
+        overlap: the overlap per axis.
+        mode: ``"gaussian"`` or ``"constant"`` blending.
+        windows: every window, in MONAI's order.
+        groups: the windows in batches of ``sw_batch_size``.
+        weight: the importance map g of a window (roi).
+        count: the sum of the weights of every window over the whole grid (spatial).
+    """
+
+    spatial: tuple[int, ...]
+    roi: tuple[int, ...]
+    overlap: tuple[float, ...]
+    mode: str
+    windows: list[Window]
+    groups: list[list[Window]]
+    weight: torch.Tensor = field(repr=False)
+    count: torch.Tensor = field(repr=False)
+
+    def crops(self, inputs: torch.Tensor, group: Sequence[Window]) -> torch.Tensor:
+        """The group's windows of ``inputs``, stacked on the batch axis (window-major)."""
+        return torch.cat([inputs[(slice(None), slice(None), *w)] for w in group])
+
+    def blend(
+        self, blended: torch.Tensor | None, logits: torch.Tensor, group: Sequence[Window]
+    ) -> torch.Tensor:
+        """Add g_w * y_w of each window of the group (logits (len(group)*N, K, *roi))."""
+        batch = logits.shape[0] // len(group)
+        if blended is None:
+            blended = logits.new_zeros((batch, logits.shape[1], *self.spatial))
+        for k, window in enumerate(group):
+            part = logits[k * batch : (k + 1) * batch]
+            blended[(slice(None), slice(None), *window)] += self.weight * part
+        return blended
+
+    def gradient_scale(self, group: Sequence[Window], batch: int) -> torch.Tensor:
+        """D Y / d y_w = g_w / sum of g over the windows, per window of the group (B*N, *roi)."""
+        return torch.cat([(self.weight / self.count[w]).expand(batch, *self.roi) for w in group])
+
+
+def plan_windows(
+    inputs: torch.Tensor,
+    roi_size: int | Sequence[int],
+    *,
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_batch_size: int = 1,
+) -> SlidingWindowPlan:
+    """Check the options and lay out the windows and blending weights for ``inputs``.
+
+    Raises:
+        InputError: a bad input or ``roi_size``.
+        OptionError: ``overlap`` outside [0, 1), an unknown ``mode``, a non-positive
+            ``sigma_scale`` or ``sw_batch_size``.
+    """
+    check_inputs(inputs)
+    spatial = tuple(int(s) for s in inputs.shape[2:])
+    roi = _roi(roi_size, spatial)
+    overlaps = _overlaps(overlap, len(spatial))
+    if mode not in ("constant", "gaussian"):
+        raise OptionError(f"mode must be 'constant' or 'gaussian'; got {mode!r}")
+    if (
+        isinstance(sigma_scale, bool)
+        or not isinstance(sigma_scale, int | float)
+        or not 0 < sigma_scale < math.inf
+    ):
+        raise OptionError(f"sigma_scale must be a positive number; got {sigma_scale!r}")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise OptionError(f"sw_batch_size must be a positive int; got {sw_batch_size!r}")
+    windows = window_slices(spatial, roi, overlaps)
+    weight = importance_map(roi, mode, sigma_scale, inputs.dtype, inputs.device)
+    count = torch.zeros(spatial, dtype=inputs.dtype, device=inputs.device)
+    for window in windows:
+        count[window] += weight
+    groups = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
+    return SlidingWindowPlan(spatial, roi, tuple(overlaps), mode, windows, groups, weight, count)
 
 
 def blended_logits(
@@ -131,47 +250,274 @@ def blended_logits(
     The same windows and weights as :func:`explain_sliding_window` (and MONAI's
     ``sliding_window_inference``).
     """
-    _check_inputs(inputs)
-    spatial = tuple(int(s) for s in inputs.shape[2:])
-    roi = _roi(roi_size, spatial)
-    windows = window_slices(spatial, roi, overlap)
-    weight = importance_map(roi, mode, sigma_scale, inputs.dtype, inputs.device)
-    count = torch.zeros(spatial, dtype=inputs.dtype, device=inputs.device)
+    plan = plan_windows(
+        inputs,
+        roi_size,
+        overlap=overlap,
+        mode=mode,
+        sigma_scale=sigma_scale,
+        sw_batch_size=sw_batch_size,
+    )
+    return _predict(model, inputs, plan, output)
+
+
+def _predict(
+    model: nn.Module, inputs: torch.Tensor, plan: SlidingWindowPlan, output: OutputSpec
+) -> torch.Tensor:
     blended: torch.Tensor | None = None
     with torch.inference_mode(False), torch.no_grad():
-        for start in range(0, len(windows), sw_batch_size):
-            group = windows[start : start + sw_batch_size]
-            batch = torch.cat([inputs[(slice(None), slice(None), *w)] for w in group])
-            logits = select_logits(model(batch), output, inputs.ndim)
-            blended = _blend(blended, logits, group, weight, inputs.shape[0], spatial)
-            for window in group:
-                count[window] += weight
-    assert blended is not None
-    return blended.div_(count)
+        for group in plan.groups:
+            logits = select_logits(model(plan.crops(inputs, group)), output, inputs.ndim)
+            blended = plan.blend(blended, logits, group)
+    assert blended is not None  # a plan has at least one window
+    return blended.div_(plan.count)
 
 
-def _static(target: TargetLike) -> bool:
-    """Whether the pixel set is known without the prediction (no first inference pass)."""
-    declared = getattr(target, "uses_logits", None)
-    if declared is not None:
-        return not bool(declared)
-    if isinstance(target, Region):
-        return target.mask is not None
-    return isinstance(target, Mask | Box | Pixel | AllPixels)
+@dataclass
+class _LayerAccumulator:
+    """One layer's whole-volume maps (one per method) and where window maps go."""
+
+    placement: Literal["layer", "input"]
+    factors: tuple[int, ...]  # window grid -> layer grid (placement "layer"); empty otherwise
+    maps: dict[str, torch.Tensor]  # method -> (N, T, *grid)
+
+    def add(
+        self,
+        method: str,
+        window_maps: torch.Tensor,
+        group: Sequence[Window],
+        t: int,
+        batch: int,
+        roi: tuple[int, ...],
+    ) -> None:
+        """Add each window's (N, *grid) maps of target t at its place on the whole grid."""
+        maps = self.maps[method]
+        for k, window in enumerate(group):
+            part = window_maps[k * batch : (k + 1) * batch]
+            where: tuple[slice, ...]
+            if self.placement == "layer":
+                where = tuple(
+                    slice(w.start // f, w.stop // f)
+                    for w, f in zip(window, self.factors, strict=True)
+                )
+            else:
+                part = upsample_maps(part[:, None], roi)[:, 0]
+                where = window
+            index: tuple[slice | int, ...] = (slice(None), t, *where)
+            maps[index] += part
 
 
-def _roi(roi_size: int | Sequence[int], spatial: tuple[int, ...]) -> tuple[int, ...]:
-    roi = (roi_size,) * len(spatial) if isinstance(roi_size, int) else tuple(roi_size)
-    if len(roi) != len(spatial) or any(not isinstance(r, int) or r < 1 for r in roi):
-        raise InputError(
-            f"roi_size must be a positive int or {len(spatial)} positive ints; got {roi_size!r}"
+def _accumulator(
+    grid: tuple[int, ...],
+    plan: SlidingWindowPlan,
+    shape: tuple[int, int],
+    methods: Sequence[Method],
+    like: torch.Tensor,
+) -> _LayerAccumulator:
+    """The layer grid when every window starts on a multiple of the layer's stride, else input."""
+    factors = tuple(r // g if g and r % g == 0 else 0 for r, g in zip(plan.roi, grid, strict=True))
+    aligned = all(f > 0 for f in factors) and all(
+        s % f == 0 for s, f in zip(plan.spatial, factors, strict=True)
+    )
+    aligned = aligned and all(
+        w.start % f == 0 for window in plan.windows for w, f in zip(window, factors, strict=True)
+    )
+    size = (
+        tuple(s // f for s, f in zip(plan.spatial, factors, strict=True))
+        if aligned
+        else plan.spatial
+    )
+    return _LayerAccumulator(
+        placement="layer" if aligned else "input",
+        factors=factors if aligned else (),
+        maps={method.name: like.new_zeros((*shape, *size)) for method in methods},
+    )
+
+
+@dataclass
+class _SlidingRun:
+    """The state of one explanation run over the windows of a plan."""
+
+    plan: SlidingWindowPlan
+    targets: list[TargetLike]
+    methods: list[tuple[Method, dict[str, Any]]]
+    static: bool  # no target reads the logits' values: no first prediction pass
+    blended: torch.Tensor | None = None
+    pixel_sets: list[torch.Tensor] | None = None
+    layers: list[_LayerAccumulator] = field(default_factory=list)
+    layer_names: tuple[str, ...] = ()
+    windows_run: int = 0
+    windows_backward: int = 0
+
+    def touched(self, group: Sequence[Window]) -> bool:
+        """Whether some window of the group meets some target's pixel set (or M is unknown)."""
+        if self.pixel_sets is None:
+            return True
+        return any(bool(p[(slice(None), *w)].any()) for p in self.pixel_sets for w in group)
+
+
+def _run_group(
+    run: _SlidingRun,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    group: list[Window],
+    layer: LayerSpec | Sequence[LayerSpec],
+    output: OutputSpec,
+) -> None:
+    """Forward one group of windows; take the backward passes of the targets it meets."""
+    plan, batch = run.plan, inputs.shape[0]
+    run.windows_run += len(group)
+    if not run.touched(group):
+        if run.static:  # the blended logits still need this window's prediction
+            with torch.inference_mode(False), torch.no_grad():
+                logits = select_logits(model(plan.crops(inputs, group)), output, inputs.ndim)
+            run.blended = plan.blend(run.blended, logits, group)
+        return
+    with record_forward(model, plan.crops(inputs, group), layer, output) as recorded:
+        window_logits = recorded.logits
+        if run.static:
+            run.blended = plan.blend(run.blended, window_logits, group)
+        if run.pixel_sets is None:
+            # static targets read only the shape and device: a zero-stride stand-in will do
+            reference = (
+                window_logits.new_zeros(()).expand(batch, window_logits.shape[1], *plan.spatial)
+                if run.static
+                else run.blended
+            )
+            assert reference is not None  # a non-static run predicted first
+            run.pixel_sets = target_pixel_sets(run.targets, reference)
+        if not run.layers:
+            run.layer_names = recorded.layer_names
+            run.layers = [
+                _accumulator(
+                    tuple(recorded.layer_shapes[name][2:]),
+                    plan,
+                    (batch, len(run.targets)),
+                    [m for m, _ in run.methods],
+                    inputs,
+                )
+                for name in recorded.layer_names
+            ]
+        scale = plan.gradient_scale(group, batch)
+        active = []
+        for t, target in enumerate(run.targets):
+            window_sets = torch.cat([run.pixel_sets[t][(slice(None), *w)] for w in group])
+            if bool(window_sets.any()):
+                active.append(
+                    (
+                        t,
+                        score_gradient(
+                            window_logits, target.class_index, window_sets.to(scale.dtype) * scale
+                        ),
+                    )
+                )
+        if active:
+            run.windows_backward += len(group)
+        maps_per_target = method_maps(recorded, (g for _, g in active), run.methods)
+        for (t, _), maps in zip(active, maps_per_target, strict=True):
+            for name, per_layer in maps.items():
+                for accumulator, window_maps in zip(run.layers, per_layer, strict=True):
+                    accumulator.add(name, window_maps, group, t, batch, plan.roi)
+
+
+def _finish(
+    run: _SlidingRun, relu: bool, upsample: bool, normalize: Normalization | None
+) -> dict[str, Explanation]:
+    """Divide the blended logits, warn about empty pixel sets, post-process the maps."""
+    plan = run.plan
+    assert run.blended is not None and run.pixel_sets is not None and run.layers
+    blended = run.blended.div_(plan.count) if run.static else run.blended  # in place
+    stacked_sets = torch.stack(run.pixel_sets, dim=1)
+    warn_empty_pixel_sets(stacked_sets.flatten(2).any(dim=2), run.targets)
+    info = {
+        "sliding_window": {
+            "roi_size": list(plan.roi),
+            "overlap": plan.overlap[0] if len(set(plan.overlap)) == 1 else list(plan.overlap),
+            "mode": plan.mode,
+            "windows": len(plan.windows),
+            "windows_run": run.windows_run,
+            "windows_backward": run.windows_backward,
+            "windows_skipped": len(plan.windows) - run.windows_backward,
+            "placement": {
+                name: layer.placement
+                for name, layer in zip(run.layer_names, run.layers, strict=True)
+            },
+        }
+    }
+    layer_shapes = {
+        name: (blended.shape[0], -1, *layer.maps[run.methods[0][0].name].shape[2:])
+        for name, layer in zip(run.layer_names, run.layers, strict=True)
+    }
+    return {
+        method.name: Explanation(
+            layer_maps={
+                name: postprocess(
+                    layer.maps[method.name],
+                    relu_maps=relu,
+                    size=plan.spatial if upsample else None,
+                    normalization=normalize,
+                )
+                for name, layer in zip(run.layer_names, run.layers, strict=True)
+            },
+            logits=blended,
+            pixel_sets=stacked_sets,
+            targets=tuple(run.targets),
+            method=method.name,
+            relu=relu,
+            upsampled=upsample,
+            normalize=normalize,
+            layer_shapes=layer_shapes,
+            method_options=options,
+            info=info,
         )
-    if any(r > s for r, s in zip(roi, spatial, strict=True)):
-        raise InputError(
-            f"roi_size {roi} is larger than the input {spatial}: explain the whole input with "
-            f"segcam.explain, or pad it to the window size"
-        )
-    return roi
+        for method, options in run.methods
+    }
+
+
+def explain_sliding_window_methods(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    roi_size: int | Sequence[int],
+    methods: Sequence[str],
+    *,
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_batch_size: int = 1,
+    relu: bool = True,
+    upsample: bool = True,
+    normalize: Normalization | None = None,
+    output: OutputSpec = None,
+    method_options: MethodOptions | None = None,
+) -> dict[str, Explanation]:
+    """:func:`explain_sliding_window` for several gradient methods: method name -> explanation.
+
+    Every window's forward pass and its backward passes are shared by all the methods.
+    Everything is checked (methods, options, windows) before the first forward pass.
+    """
+    chosen = resolve_methods(methods, method_options)
+    for method, _ in chosen:
+        method.require_sliding_window()
+    check_postprocess(normalize)
+    plan = plan_windows(
+        inputs,
+        roi_size,
+        overlap=overlap,
+        mode=mode,
+        sigma_scale=sigma_scale,
+        sw_batch_size=sw_batch_size,
+    )
+    target_list = as_target_list(targets)
+    run = _SlidingRun(
+        plan, target_list, chosen, static=not any(uses_logits(t) for t in target_list)
+    )
+    if not run.static:  # the prediction first: one pass without gradients
+        run.blended = _predict(model, inputs, plan, output)
+    for group in plan.groups:
+        _run_group(run, model, inputs, group, layer, output)
+    return _finish(run, relu, upsample, normalize)
 
 
 def explain_sliding_window(
@@ -194,14 +540,15 @@ def explain_sliding_window(
 ) -> Explanation:
     r"""Explain the blended whole-volume prediction of sliding-window inference, exactly.
 
-    The score of a target is :math:`y^c_M = \sum_{p \in M} Y^c(p)` on the blended logits Y of
+    The score of a target is $y^c_M = \sum_{p \in M} Y^c(p)$ on the blended logits Y of
     MONAI's ``sliding_window_inference`` with the same ``roi_size``, ``overlap``, ``mode`` and
     ``sigma_scale`` (see :mod:`segcam.sliding` for the gradient and how window maps combine).
     Windows whose output does not meet any target's pixel set take no backward pass. Targets
-    that depend on the prediction (``Predicted``, ``Probability``, ``Region`` without a mask)
-    need the blended logits first: one extra pass without gradients; ``Mask``, ``Box``,
-    ``Pixel`` and ``AllPixels`` do not. Gradient methods only: a gradient-free method's
-    channel weights have no defined meaning across windows.
+    whose pixel set reads the prediction (``uses_logits``: ``Predicted``, ``Probability``,
+    ``Region`` without a mask) need the blended logits first: one extra pass without gradients;
+    ``Mask``, ``Box``, ``Pixel`` and ``AllPixels`` do not. Gradient methods only: a
+    gradient-free method's channel weights have no defined meaning across windows. Several
+    methods at once: :func:`explain_sliding_window_methods`.
 
     Args:
         model: the segmentation network, as for :func:`segcam.explain`.
@@ -209,7 +556,7 @@ def explain_sliding_window(
         targets: one target or a sequence, over the whole input's grid.
         layer: a layer or a list of them, as for :func:`segcam.explain`.
         roi_size: the window size (one int for every axis, or one per axis).
-        overlap: the windows' overlap fraction, per axis or for all.
+        overlap: the windows' overlap fraction in [0, 1), per axis or for all.
         mode: ``"gaussian"`` or ``"constant"`` blending.
         sigma_scale: the Gaussian's sigma as a fraction of the window size.
         sw_batch_size: windows per forward pass.
@@ -223,235 +570,30 @@ def explain_sliding_window(
     Returns:
         An :class:`Explanation` of the whole input; ``logits`` are the blended logits and
         ``info["sliding_window"]`` holds the windows run, skipped and the placement.
+
+    Raises:
+        MethodNotSupportedError: a gradient-free method.
+        OptionError: bad ``overlap``, ``mode``, ``sigma_scale``, ``sw_batch_size`` or options.
     """
-    chosen = get_method(method)
-    if not chosen.needs_gradient:
-        raise ValueError(
-            f"{method!r} is gradient-free: its maps are not defined across windows; use a "
-            f"gradient method with sliding windows"
+    if not isinstance(method, str):
+        raise OptionError(
+            f"method must be one method name (str); got {method!r} (several: "
+            f"explain_sliding_window_methods)"
         )
-    options = resolve_options(chosen, method_options)
-    _check_normalize(normalize)
-    _check_inputs(inputs)
-    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int; got {sw_batch_size!r}")
-    target_list = _as_target_list(targets)
-    spatial = tuple(int(s) for s in inputs.shape[2:])
-    roi = _roi(roi_size, spatial)
-    windows = window_slices(spatial, roi, overlap)
-    weight = importance_map(roi, mode, sigma_scale, inputs.dtype, inputs.device)
-    count = torch.zeros(spatial, dtype=inputs.dtype, device=inputs.device)
-    for window in windows:
-        count[window] += weight
-    batch = inputs.shape[0]
-
-    def crops(group: list[tuple[slice, ...]]) -> torch.Tensor:
-        return torch.cat([inputs[(slice(None), slice(None), *w)] for w in group])
-
-    groups = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
-    blended: torch.Tensor | None = None
-    static = all(_static(t) for t in target_list)
-    if not static:  # the prediction first: one pass without gradients
-        blended = blended_logits(
-            model,
-            inputs,
-            roi,
-            overlap=overlap,
-            mode=mode,
-            sigma_scale=sigma_scale,
-            sw_batch_size=sw_batch_size,
-            output=output,
-        )
-
-    state: dict[str, Any] = {"pixel_sets": None, "maps": None, "grids": None}
-
-    def pixel_sets_for(reference: torch.Tensor) -> list[torch.Tensor]:
-        if state["pixel_sets"] is None:
-            state["pixel_sets"] = target_pixel_sets(target_list, reference)
-        result: list[torch.Tensor] = state["pixel_sets"]
-        return result
-
-    ran = backward = 0
-    names: list[str] = []
-    for group in groups:
-        if state["pixel_sets"] is not None:
-            touched = [
-                any(bool(p[(slice(None), *w)].any()) for p in state["pixel_sets"]) for w in group
-            ]
-            if not any(touched):
-                if static:  # the blended logits still need this window's prediction
-                    with torch.inference_mode(False), torch.no_grad():
-                        logits = select_logits(model(crops(group)), output, inputs.ndim)
-                    blended = _blend(blended, logits, group, weight, batch, spatial)
-                ran += len(group)
-                continue
-        recorded = record_forward(model, crops(group), layer, output)
-        ran += len(group)
-        try:
-            window_logits = recorded.detached_logits
-            if static:
-                blended = _blend(blended, window_logits, group, weight, batch, spatial)
-                if state["pixel_sets"] is None:
-                    shape = (batch, window_logits.shape[1], *spatial)
-                    # a zero-stride stand-in: these targets read only its shape and device
-                    pixel_sets_for(window_logits.new_zeros(()).expand(shape))
-            else:
-                assert blended is not None
-                pixel_sets_for(blended)
-            if state["maps"] is None:
-                names = recorded.layer_names
-                state["grids"] = [
-                    tuple(recorded.layer_shapes[name][2:]) for name in recorded.layer_names
-                ]
-                state["maps"] = _accumulators(
-                    state["grids"], roi, spatial, windows, batch, len(target_list), inputs
-                )
-            sets = state["pixel_sets"]
-            # d y^c_M / d y_w = g_w / count on M, in channel c: per window of the group
-            scale = torch.cat(
-                [(weight / count[w]).expand(batch, *roi) for w in group]
-            )  # (B*N, *roi)
-            active = []
-            for t, target in enumerate(target_list):
-                window_sets = torch.cat([sets[t][(slice(None), *w)] for w in group])
-                if bool(window_sets.any()):
-                    active.append((t, target, window_sets.to(scale.dtype) * scale))
-            if active:
-                backward += len(group)
-            grid_activations = recorded._grid_activations()
-            for position, (t, target, gradient_weight) in enumerate(active):
-                assert recorded.logits is not None
-                gradients = torch.autograd.grad(
-                    recorded.logits,
-                    recorded.activations,
-                    grad_outputs=_grad_output(window_logits, target.class_index, gradient_weight),
-                    retain_graph=position < len(active) - 1,
-                )
-                for index, (activation, gradient, layout) in enumerate(
-                    zip(grid_activations, gradients, recorded.layouts, strict=True)
-                ):
-                    window_maps = chosen.compute(
-                        activation, to_channels_first(gradient, layout), **options
-                    )
-                    _place(state["maps"][index], window_maps, group, t, batch, roi)
-        finally:
-            recorded.release()
-
-    assert blended is not None and state["pixel_sets"] is not None and state["maps"] is not None
-    if static:
-        blended = blended.div_(count)  # in place: no second output-sized array
-    stacked_sets = torch.stack(state["pixel_sets"], dim=1)
-    nonempty = stacked_sets.flatten(2).any(dim=2)
-    _warn_empty(nonempty, target_list)
-    layer_maps = {}
-    layer_shapes = {}
-    placements = []
-    for name, accumulator in zip(names, state["maps"], strict=True):
-        maps = accumulator["maps"]
-        placements.append(accumulator["placement"])
-        layer_shapes[name] = (batch, -1, *maps.shape[2:])
-        layer_maps[name] = postprocess(
-            maps, relu_maps=relu, size=spatial if upsample else None, normalization=normalize
-        )
-    return Explanation(
-        layer_maps=layer_maps,
-        logits=blended,
-        pixel_sets=stacked_sets,
-        targets=tuple(target_list),
-        method=chosen.name,
+    return explain_sliding_window_methods(
+        model,
+        inputs,
+        targets,
+        layer,
+        roi_size,
+        [method],
+        overlap=overlap,
+        mode=mode,
+        sigma_scale=sigma_scale,
+        sw_batch_size=sw_batch_size,
         relu=relu,
-        upsampled=upsample,
+        upsample=upsample,
         normalize=normalize,
-        layer_shapes=layer_shapes,
-        method_options=options,
-        info={
-            "sliding_window": {
-                "roi_size": list(roi),
-                "overlap": overlap if isinstance(overlap, int | float) else list(overlap),
-                "mode": mode,
-                "windows": len(windows),
-                "windows_run": ran,
-                "windows_backward": backward,
-                "windows_skipped": len(windows) - backward,
-                "placement": dict(zip(names, placements, strict=True)),
-            }
-        },
-    )
-
-
-def _blend(
-    blended: torch.Tensor | None,
-    logits: torch.Tensor,
-    group: list[tuple[slice, ...]],
-    weight: torch.Tensor,
-    batch: int,
-    spatial: tuple[int, ...],
-) -> torch.Tensor:
-    """Add g_w * y_w of each window of the group (logits (len(group)*N, K, *roi))."""
-    if blended is None:
-        blended = logits.new_zeros((batch, logits.shape[1], *spatial))
-    for k, window in enumerate(group):
-        blended[(slice(None), slice(None), *window)] += weight * logits[k * batch : (k + 1) * batch]
-    return blended
-
-
-def _accumulators(
-    grids: list[tuple[int, ...]],
-    roi: tuple[int, ...],
-    spatial: tuple[int, ...],
-    windows: list[tuple[slice, ...]],
-    batch: int,
-    targets: int,
-    inputs: torch.Tensor,
-) -> list[dict[str, Any]]:
-    """Per layer: the whole-volume map and where window maps go (layer or input grid)."""
-    result: list[dict[str, Any]] = []
-    for grid in grids:
-        factors = [r // g if g and r % g == 0 else 0 for r, g in zip(roi, grid, strict=True)]
-        aligned = all(f > 0 for f in factors) and all(
-            s % f == 0 for s, f in zip(spatial, factors, strict=True)
-        )
-        aligned = aligned and all(
-            w.start % f == 0 for window in windows for w, f in zip(window, factors, strict=True)
-        )
-        if aligned:
-            size = tuple(s // f for s, f in zip(spatial, factors, strict=True))
-            result.append(
-                {
-                    "placement": "layer",
-                    "factors": factors,
-                    "maps": inputs.new_zeros((batch, targets, *size)),
-                }
-            )
-        else:
-            result.append(
-                {
-                    "placement": "input",
-                    "factors": None,
-                    "maps": inputs.new_zeros((batch, targets, *spatial)),
-                }
-            )
-    return result
-
-
-def _place(
-    accumulator: dict[str, Any],
-    window_maps: torch.Tensor,
-    group: list[tuple[slice, ...]],
-    t: int,
-    batch: int,
-    roi: tuple[int, ...],
-) -> None:
-    """Add each window's (N, *grid) maps of target t at its place on the whole grid."""
-    maps = accumulator["maps"]
-    for k, window in enumerate(group):
-        part = window_maps[k * batch : (k + 1) * batch]
-        if accumulator["placement"] == "layer":
-            where = tuple(
-                slice(w.start // f, w.stop // f)
-                for w, f in zip(window, accumulator["factors"], strict=True)
-            )
-        else:
-            part = upsample_maps(part[:, None], roi)[:, 0]
-            where = window
-        maps[(slice(None), t, *where)] += part
+        output=output,
+        method_options={method: method_options} if method_options is not None else None,
+    )[method]

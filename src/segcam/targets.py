@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -35,7 +36,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from segcam.errors import ClassIndexError, MaskShapeError, TargetError
+from segcam.errors import (
+    ClassIndexError,
+    MaskShapeError,
+    SegCamWarning,
+    TargetError,
+    user_stacklevel,
+)
 
 __all__ = [
     "AllPixels",
@@ -47,15 +54,26 @@ __all__ = [
     "Region",
     "Target",
     "TargetLike",
+    "as_target_list",
     "class_logits",
     "largest_component",
     "num_classes",
+    "score_gradient",
+    "target_pixel_sets",
+    "uses_logits",
+    "warn_empty_pixel_sets",
 ]
 
 
 @runtime_checkable
 class TargetLike(Protocol):
-    """What ``explain`` needs of a target: a class index and a pixel set per sample."""
+    """What ``explain`` needs of a target: a class index and a pixel set per sample.
+
+    ``uses_logits`` declares whether :meth:`pixel_set` reads the logits' values (``Predicted``,
+    ``Probability``) or only their shape and device (``Mask``, ``Box``): sliding windows need a
+    first prediction pass only for the former. A target object without the attribute is taken
+    to read the values (the safe choice; see :func:`uses_logits`).
+    """
 
     @property
     def class_index(self) -> int:
@@ -65,6 +83,66 @@ class TargetLike(Protocol):
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
         """Return the pixel set M as a (N, *S) or (*S) bool / 0-1 tensor for detached logits."""
         ...
+
+
+def uses_logits(target: TargetLike) -> bool:
+    """Whether the target's pixel set depends on the logits' values (its ``uses_logits``)."""
+    return bool(getattr(target, "uses_logits", True))
+
+
+def as_target_list(targets: TargetLike | Sequence[TargetLike]) -> list[TargetLike]:
+    """One target or a sequence of them, as a checked non-empty list."""
+    items = [targets] if isinstance(targets, TargetLike) else list(targets)
+    if not items:
+        raise TargetError("targets is empty: give at least one target, e.g. segcam.Predicted(1)")
+    for item in items:
+        if not isinstance(item, TargetLike):
+            raise TargetError(
+                f"{item!r} is not a target: it needs a class_index and a pixel_set(logits) method "
+                f"(see segcam.targets)"
+            )
+    return items
+
+
+def target_pixel_sets(targets: Sequence[TargetLike], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Each target's pixel set (N, *S) bool on ``logits``, its class index checked first."""
+    result = []
+    for target in targets:
+        check_class_index(target.class_index, logits)
+        result.append(as_pixel_set(target.pixel_set(logits), logits, repr(target)))
+    return result
+
+
+def score_gradient(logits: torch.Tensor, class_index: int, weights: torch.Tensor) -> torch.Tensor:
+    """D y^c_M / d logits: ``weights`` (the pixel set, 0/1 or blended) in channel c, else 0.
+
+    For a single-channel output, class 1 is the logit and class 0 its negation, so the gradient
+    is negated for class 0.
+    """
+    grad = torch.zeros_like(logits)
+    weights = weights.to(logits.dtype)
+    if logits.shape[1] == 1:
+        grad[:, 0] = weights if class_index == 1 else -weights
+    else:
+        grad[:, class_index] = weights
+    return grad
+
+
+def warn_empty_pixel_sets(nonempty: torch.Tensor, targets: Sequence[TargetLike]) -> None:
+    """One :class:`~segcam.errors.SegCamWarning` naming the (target, samples) with an empty M."""
+    empty = ~nonempty  # (N, T)
+    parts = []
+    for t, target in enumerate(targets):
+        samples = empty[:, t].nonzero().flatten().tolist()
+        if samples:
+            which = "all samples" if len(samples) == empty.shape[0] else f"samples {samples}"
+            parts.append(f"target {t} {target!r} in {which}")
+    if parts:
+        warnings.warn(
+            f"empty pixel set for {'; '.join(parts)}: the score is 0 and the map is all zero",
+            SegCamWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def num_classes(logits: torch.Tensor) -> int:
@@ -142,9 +220,14 @@ def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class Target(abc.ABC):
-    """A class index and a pixel set; subclasses define :meth:`pixel_set`."""
+    """A class index and a pixel set; subclasses define :meth:`pixel_set`.
+
+    ``uses_logits`` says whether :meth:`pixel_set` reads the logits' values; a subclass that
+    only reads their shape sets it to ``False``.
+    """
 
     class_index: int
+    uses_logits: bool = True
 
     @abc.abstractmethod
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
@@ -163,6 +246,8 @@ class Mask(Target):
         class_index: the class c whose logits are summed.
         mask: bool or 0/1 tensor or array over the output grid.
     """
+
+    uses_logits = False  # reads only the logits' shape and device
 
     class_index: int
     mask: Any = field(repr=False)
@@ -207,6 +292,8 @@ class Probability(Target):
 class AllPixels(Target):
     """Every pixel of the output grid."""
 
+    uses_logits = False  # reads only the logits' shape and device
+
     class_index: int
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -232,6 +319,8 @@ def _check_spatial_index(index: Sequence[int], spatial: tuple[int, ...], what: s
 @dataclass(frozen=True)
 class Pixel(Target):
     """One pixel (voxel): ``index`` = (i, j[, k]) for every sample, or a list of N such tuples."""
+
+    uses_logits = False  # reads only the logits' shape and device
 
     class_index: int
     index: Sequence[int] | Sequence[Sequence[int]]
@@ -278,6 +367,8 @@ def _as_slice(bound: slice | Sequence[int], size: int, axis: int, what: str) -> 
 @dataclass(frozen=True)
 class Box(Target):
     """A box: a ``slice`` or ``(start, stop)`` pair per spatial axis, the same for every sample."""
+
+    uses_logits = False  # reads only the logits' shape and device
 
     class_index: int
     slices: Sequence[slice | Sequence[int]]
@@ -367,6 +458,10 @@ class Region(Target):
 
     class_index: int
     mask: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # a given mask is read without the logits' values; the predicted region needs them
+        object.__setattr__(self, "uses_logits", self.mask is None)
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mask is None:

@@ -18,6 +18,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from segcam.errors import InputFileError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "InputFile",
@@ -30,10 +32,6 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class InputFileError(ValueError):
-    """An input file is missing, unreadable, corrupt, or of an unsupported kind."""
 
 
 def _require(module: str, extra: str) -> Any:

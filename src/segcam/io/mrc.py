@@ -12,13 +12,11 @@ from typing import Literal
 
 import numpy as np
 
+from segcam.errors import MrcError
+
 __all__ = ["MrcError", "read_mrc"]
 
 _MODES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16}
-
-
-class MrcError(ValueError):
-    """The bytes are not a readable MRC volume."""
 
 
 def read_mrc(source: bytes | str | Path, name: str = "MRC data") -> np.ndarray:

@@ -3,35 +3,52 @@
 Three kinds of method, by what they need besides the layer's activation A (N, C, *S):
 
 - ``"gradient"``: the gradient G = dy^c_M/dA of one target's score (same shape as A); the map
-  function is ``compute(A, G, **options) -> (N, *S)``, called once per target.
-- ``"activation"``: nothing but A and the targets' pixel sets (gradient-free);
-  ``compute(A, context, **options) -> (N, T, *S)`` for all T targets at once.
-- ``"model"``: further forward passes of the model on modified inputs (gradient-free);
-  ``compute(A, context, **options) -> (N, T, *S)``, with ``context.score`` running them.
+  function is a :class:`GradientMapFunction`, ``compute(A, G, **options) -> (N, *S)``, called once
+  per target.
+- ``"activation"``: nothing but A and the targets' pixel sets (gradient-free); a
+  :class:`GradientFreeMapFunction`, ``compute(A, context, **options) -> (N, T, *S)`` for all T
+  targets at once.
+- ``"model"``: further forward passes of the model on modified inputs (gradient-free); the same
+  signature, with ``context.score`` running them.
 
 Every map is raw and signed, at the layer's resolution. Register one with::
 
     @register("my-cam", summary="...", reference="Author et al., Venue Year")
-    def my_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor: ...
+    def my_cam(activation: torch.Tensor, gradient: torch.Tensor, *, power: int = 1) -> torch.Tensor:
+        ...
 
-Options are keyword arguments with defaults, declared at registration (``options={...}``) and
-passed by the user as ``explain(..., method_options={...})``.
+The options are the function's keyword parameters after the first two; their defaults are read
+from the signature (declared once). Users pass them as ``explain(..., method_options={...})``;
+unknown names, and values a method's ``validate`` refuses, raise :class:`~segcam.errors.OptionError`
+before any forward pass. Rules that depend on the kind (gradient-free methods cannot explain
+sliding windows) live here, once.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeAlias, overload
 
 import torch
 
-from segcam.errors import MethodNotFoundError
+from segcam.errors import (
+    MethodNotFoundError,
+    MethodNotSupportedError,
+    MethodRegistrationError,
+    OptionError,
+)
 
 __all__ = [
     "REGISTRY",
+    "GradientFreeMapFunction",
+    "GradientMapFunction",
     "Method",
     "MethodContext",
+    "MethodKind",
+    "OptionValidator",
+    "check_positive_int",
     "get_method",
     "list_methods",
     "register",
@@ -39,7 +56,8 @@ __all__ = [
 ]
 
 MethodKind = Literal["gradient", "activation", "model"]
-MapFunction = Callable[..., torch.Tensor]
+KINDS: tuple[MethodKind, ...] = ("gradient", "activation", "model")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -61,24 +79,144 @@ class MethodContext:
     score: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
 
+class GradientMapFunction(Protocol):
+    """A gradient method's map: ``(A, G, **options) -> (N, *S)`` for one target."""
+
+    def __call__(
+        self, activation: torch.Tensor, gradient: torch.Tensor, /, **options: Any
+    ) -> torch.Tensor:
+        """The raw map of one target from the activation A and its score's gradient G."""
+        ...
+
+
+class GradientFreeMapFunction(Protocol):
+    """A gradient-free method's maps: ``(A, context, **options) -> (N, T, *S)``, all targets."""
+
+    def __call__(
+        self, activation: torch.Tensor, context: MethodContext, /, **options: Any
+    ) -> torch.Tensor:
+        """The raw maps of all targets from the activation A and the context."""
+        ...
+
+
+OptionValidator: TypeAlias = Callable[[Mapping[str, Any]], None]
+"""Called with a method's resolved options; raises :class:`~segcam.errors.OptionError`."""
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, kind, map function, options and where it comes from."""
+    """A registered method: its name, kind, map function, options and where it comes from.
+
+    ``options`` are the defaults read from the map function's signature; ``validate`` (if any)
+    checks option values before any forward pass.
+    """
 
     name: str
-    compute: MapFunction
+    compute: Callable[..., torch.Tensor]
     summary: str
     reference: str
     kind: MethodKind = "gradient"
     options: Mapping[str, Any] = field(default_factory=dict)
+    validate: OptionValidator | None = None
 
     @property
     def needs_gradient(self) -> bool:
         """Whether the method takes the gradient of the target score (one backward per target)."""
         return self.kind == "gradient"
 
+    @property
+    def supports_sliding_window(self) -> bool:
+        """Whether the method can explain a blended sliding-window prediction.
+
+        Only gradient methods can: a gradient-free method's channel weights have no meaning
+        across windows (each window has its own activation).
+        """
+        return self.needs_gradient
+
+    def require_sliding_window(self) -> None:
+        """Raise :class:`~segcam.errors.MethodNotSupportedError` unless sliding windows work."""
+        if not self.supports_sliding_window:
+            raise MethodNotSupportedError(
+                f"sliding windows take gradient methods only: {self.name!r} is gradient-free, "
+                f"its maps are not defined across windows (gradient methods: "
+                f"{', '.join(m.name for m in REGISTRY.values() if m.supports_sliding_window)})"
+            )
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The defaults updated by ``given``, checked: unknown names and bad values are refused."""
+        if given is not None and not isinstance(given, Mapping):
+            raise OptionError(
+                f"options of {self.name!r} must be a mapping of name to value; got "
+                f"{type(given).__name__}"
+            )
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options), key=str)
+        if unknown:
+            accepted = ", ".join(self.options) or "none"
+            raise OptionError(
+                f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options: {accepted}"
+            )
+        resolved = {**self.options, **given}
+        if self.validate is not None:
+            self.validate(resolved)
+        return resolved
+
 
 REGISTRY: dict[str, Method] = {}
+
+_Gradient: TypeAlias = Callable[Concatenate[torch.Tensor, torch.Tensor, P], torch.Tensor]
+_GradientFree: TypeAlias = Callable[Concatenate[torch.Tensor, MethodContext, P], torch.Tensor]
+
+
+def _signature_options(name: str, function: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword options of a map function (parameters after the first two) and defaults."""
+    parameters = list(inspect.signature(function).parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][
+        :2
+    ]
+    if len(positional) < 2:
+        raise MethodRegistrationError(
+            f"method {name!r}: the map function takes (activation, gradient or context, "
+            f"**options); {function.__name__} has {len(positional)} positional parameters"
+        )
+    options = {}
+    for parameter in parameters:
+        if parameter in positional:
+            continue
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise MethodRegistrationError(
+                f"method {name!r}: declare each option as a keyword parameter with a default, "
+                f"not *{parameter.name} / **{parameter.name}"
+            )
+        if parameter.default is parameter.empty:
+            raise MethodRegistrationError(
+                f"method {name!r}: option {parameter.name!r} needs a default value"
+            )
+        options[parameter.name] = parameter.default
+    return options
+
+
+@overload
+def register(
+    name: str,
+    *,
+    summary: str,
+    reference: str,
+    kind: Literal["gradient"] = ...,
+    validate: OptionValidator | None = ...,
+) -> Callable[[_Gradient[P]], _Gradient[P]]: ...
+
+
+@overload
+def register(
+    name: str,
+    *,
+    summary: str,
+    reference: str,
+    kind: Literal["activation", "model"],
+    validate: OptionValidator | None = ...,
+) -> Callable[[_GradientFree[P]], _GradientFree[P]]: ...
 
 
 def register(
@@ -87,24 +225,32 @@ def register(
     summary: str,
     reference: str,
     kind: MethodKind = "gradient",
-    options: Mapping[str, Any] | None = None,
-) -> Callable[[MapFunction], MapFunction]:
-    """Register ``function`` under ``name``; names are unique.
+    validate: OptionValidator | None = None,
+) -> Callable[[Any], Any]:
+    """Register a map function under ``name``; names are unique.
 
     Args:
         name: the method's name, as users pass it.
         summary: one line for ``segcam methods``.
         reference: the paper.
-        kind: ``"gradient"``, ``"activation"`` or ``"model"`` (see the module's docstring).
-        options: the keyword options the function accepts, with their defaults.
-    """
-    if kind not in ("gradient", "activation", "model"):
-        raise ValueError(f"kind must be 'gradient', 'activation' or 'model'; got {kind!r}")
+        kind: ``"gradient"`` (a :class:`GradientMapFunction`), ``"activation"`` or ``"model"``
+            (a :class:`GradientFreeMapFunction`); see the module's docstring.
+        validate: checks option values (raising :class:`~segcam.errors.OptionError`) before any
+            forward pass.
 
-    def decorator(function: MapFunction) -> MapFunction:
+    Raises:
+        MethodRegistrationError: a taken name, an unknown kind, or an option without a default.
+    """
+    if kind not in KINDS:
+        raise MethodRegistrationError(
+            f"kind must be 'gradient', 'activation' or 'model'; got {kind!r}"
+        )
+
+    def decorator(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
-            raise ValueError(f"method {name!r} is already registered")
-        REGISTRY[name] = Method(name, function, summary, reference, kind, dict(options or {}))
+            raise MethodRegistrationError(f"method {name!r} is already registered")
+        options = _signature_options(name, function)
+        REGISTRY[name] = Method(name, function, summary, reference, kind, options, validate)
         return function
 
     return decorator
@@ -121,16 +267,23 @@ def get_method(name: str) -> Method:
 
 
 def resolve_options(method: Method, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The method's defaults updated by ``options``; an unknown option is a ``ValueError``."""
-    given = dict(options or {})
-    unknown = sorted(set(given) - set(method.options))
-    if unknown:
-        accepted = ", ".join(method.options) or "none"
-        raise ValueError(
-            f"method {method.name!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options: {accepted}"
-        )
-    return {**method.options, **given}
+    """The method's defaults updated by ``options``, checked (:meth:`Method.resolve_options`)."""
+    return method.resolve_options(options)
+
+
+def check_positive_int(
+    method: str, options: Mapping[str, Any], key: str, *, allow_none: bool = False
+) -> None:
+    """Raise :class:`~segcam.errors.OptionError` unless ``options[key]`` is an int >= 1.
+
+    A helper for validators; ``allow_none`` also accepts ``None``.
+    """
+    value = options[key]
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        also = " or None" if allow_none else ""
+        raise OptionError(f"{method}: {key} must be a positive int{also}; got {value!r}")
 
 
 def list_methods() -> list[str]:

@@ -6,11 +6,13 @@ activation channels A_k, from the gradient G_k = dy^c_M/dA_k taken per sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from segcam.errors import OptionError
 from segcam.methods import register
 
 __all__ = [
@@ -173,11 +175,29 @@ def seg_grad_cam_plus_plus(activation: torch.Tensor, gradient: torch.Tensor) -> 
     return torch.einsum("nc,nc...->n...", weights, activation)
 
 
+def _check_xres_options(options: Mapping[str, Any]) -> None:
+    pool_size = options["pool_size"]
+    sizes = [pool_size] if isinstance(pool_size, int) else pool_size
+    if (
+        not isinstance(sizes, Sequence)
+        or isinstance(sizes, str)
+        or not sizes
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes)
+    ):
+        raise OptionError(
+            f"seg-xres-cam: pool_size must be a positive int or one positive int per axis; got "
+            f"{pool_size!r}"
+        )
+    if options["pool"] not in ("max", "mean"):
+        raise OptionError(f"seg-xres-cam: pool must be 'max' or 'mean'; got {options['pool']!r}")
+
+
 def _pool_size(pool_size: int | Sequence[int], dims: int) -> tuple[int, ...]:
     sizes = (pool_size,) * dims if isinstance(pool_size, int) else tuple(pool_size)
-    if len(sizes) != dims or any(not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(
-            f"pool_size must be a positive int or {dims} positive ints; got {pool_size!r}"
+    if len(sizes) != dims:
+        raise OptionError(
+            f"seg-xres-cam: pool_size must be a positive int or {dims} positive ints for this "
+            f"{dims}-D layer; got {pool_size!r}"
         )
     return sizes
 
@@ -189,11 +209,12 @@ def _pool_size(pool_size: int | Sequence[int], dims: int) -> tuple[int, ...]:
         "Hasany, Petitjean, Mériaudeau, 'Seg-XRes-CAM: Explaining Spatially Local Regions in "
         "Image Segmentation', CVPR Workshops 2023"
     ),
-    options={"pool_size": 2, "pool": "max"},
+    validate=_check_xres_options,
 )
 def seg_xres_cam(
     activation: torch.Tensor,
     gradient: torch.Tensor,
+    *,
     pool_size: int | Sequence[int] = 2,
     pool: str = "max",
 ) -> torch.Tensor:
@@ -219,8 +240,6 @@ def seg_xres_cam(
     """
     dims = gradient.ndim - 2
     sizes = _pool_size(pool_size, dims)
-    if pool not in ("max", "mean"):
-        raise ValueError(f"pool must be 'max' or 'mean'; got {pool!r}")
     grid = tuple(gradient.shape[2:])
     if all(s == 1 for s in sizes):
         return seg_hires_grad_cam(activation, gradient)

@@ -7,10 +7,14 @@ masked with each channel. Both compute the maps of all T targets of a call at on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from segcam.methods import MethodContext, register
+from segcam.errors import MethodNotSupportedError
+from segcam.methods import MethodContext, check_positive_int, register
 from segcam.postprocess import upsample
 
 __all__ = ["layer_pixel_weights", "seg_eigen_cam", "seg_score_cam"]
@@ -102,8 +106,6 @@ def _channel_order(activation: torch.Tensor, max_channels: int | None) -> torch.
     count = activation.shape[1]
     if max_channels is None or max_channels >= count:
         return torch.arange(count, device=activation.device).expand(activation.shape[0], count)
-    if not isinstance(max_channels, int) or max_channels < 1:
-        raise ValueError(f"max_channels must be a positive int or None; got {max_channels!r}")
     flat = activation.flatten(2)
     spread = flat.amax(dim=2) - flat.amin(dim=2)
     return torch.argsort(spread, dim=1, descending=True, stable=True)[:, :max_channels]
@@ -118,6 +120,11 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
     return scaled.reshape(maps.shape)
 
 
+def _check_score_options(options: Mapping[str, Any]) -> None:
+    check_positive_int("seg-score-cam", options, "batch_size")
+    check_positive_int("seg-score-cam", options, "max_channels", allow_none=True)
+
+
 @register(
     "seg-score-cam",
     summary="channel weights = softmax over channels of y^c_M(x masked by the channel's map)",
@@ -126,11 +133,12 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
         "Explanations for Convolutional Neural Networks', CVPR Workshops 2020"
     ),
     kind="model",
-    options={"batch_size": 32, "max_channels": None},
+    validate=_check_score_options,
 )
 def seg_score_cam(
     activation: torch.Tensor,
     context: MethodContext,
+    *,
     batch_size: int = 32,
     max_channels: int | None = None,
 ) -> torch.Tensor:
@@ -159,9 +167,9 @@ def seg_score_cam(
         The raw signed maps, shape (N, T, *S).
     """
     if context.score is None:
-        raise ValueError("seg-score-cam needs the model: call it through segcam.explain")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        raise MethodNotSupportedError(
+            "seg-score-cam needs the model: call it through segcam.explain"
+        )
     order = _channel_order(activation, max_channels)
     inputs = context.inputs
     input_size = tuple(inputs.shape[2:])

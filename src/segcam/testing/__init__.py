@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segcam.errors import OptionError
+
 __all__ = ["HandNet", "HeadNet", "tiny_segnet"]
 
 
@@ -24,7 +26,7 @@ def _conv(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
         return nn.Conv2d
     if spatial_dims == 3:
         return nn.Conv3d
-    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    raise OptionError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
 
 class HandNet(nn.Module):
@@ -44,7 +46,7 @@ class HandNet(nn.Module):
         self.head = conv(2, num_classes, 1)
         weights = {2: ([[1.0, 2.0], [3.0, -1.0]], [0.5, -0.5]), 1: ([[3.0, -1.0]], [-0.5])}
         if num_classes not in weights:
-            raise ValueError(f"HandNet has 1 or 2 classes, got {num_classes}")
+            raise OptionError(f"HandNet has 1 or 2 classes, got {num_classes}")
         head_weight, head_bias = weights[num_classes]
         with torch.no_grad():
             self.conv.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, *ones))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segcam.errors import SegCamError
+
 __all__ = ["SIZE", "EvidenceScene", "evidence_batch", "evidence_scene"]
 
 SIZE = 48
@@ -72,7 +74,7 @@ def evidence_scene(seed: int) -> EvidenceScene:
             continue
         break
     else:  # pragma: no cover - 1000 attempts always suffice at this density
-        raise RuntimeError(f"no layout for seed {seed}")
+        raise SegCamError(f"no layout for seed {seed}")
     disk_class = int(rng.integers(1, 3))
     square_class = int(rng.integers(1, 3))
     image = rng.normal(scale=0.2, size=(SIZE, SIZE)).astype(np.float32)

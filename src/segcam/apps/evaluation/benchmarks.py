@@ -1,52 +1,50 @@
-"""Evaluation of explanations over datasets: the evidence benchmark and the CT demo.
+"""The evaluation's benchmarks, and a user's folder of inputs scored against label maps.
 
-For every method x layer x target the maps are scored with :mod:`segcam.metrics`, and per-sample
-values are summarised by their mean and a 95% bootstrap interval (percentile method, 2000
-resamples, seeded).
+The built-in benchmarks: known evidence, the CT held-out slices, cascading randomisation.
+
+For every method x layer x target the maps are scored with :mod:`segcam.metrics`. All methods of
+one run share each input's forward pass and its backward passes (:func:`segcam.explain_methods`).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+import segcam
+from segcam.apps.demo.models import DEMO_LAYERS, load_demo_model
+from segcam.apps.evaluation.reports import Curve, Record, plot_curves, write_outputs
+from segcam.apps.specs import apply_intensity
+from segcam.errors import InputFileError, OptionError
+from segcam.io.files import read_input
+from segcam.metrics import (
+    deletion_insertion,
+    energy_inside,
+    pointing_game,
+    relevance_rank_accuracy,
+)
 from segcam.testing.evidence import evidence_batch, evidence_scene
 
 __all__ = [
+    "BUILT_IN",
     "EVIDENCE_HELD_OUT_SEED",
-    "EVIDENCE_LAYERS",
-    "bootstrap_interval",
-    "build_evidence_model",
+    "evaluate_ct",
+    "evaluate_evidence",
+    "evaluate_folder",
+    "evaluate_randomization",
     "evidence_accuracy",
-    "load_evidence_model",
+    "run_evaluation",
+    "score_against_truth",
 ]
 
-DATA = Path(__file__).resolve().parent / "data"
 EVIDENCE_HELD_OUT_SEED = 2_000_000
-EVIDENCE_LAYERS = {
-    "bottleneck": "model.1.submodule.1.submodule.1.submodule",
-    "middle decoder": "model.1.submodule.1.submodule.2",
-    "last decoder": "model.1.submodule.2",
-}
-
-
-def build_evidence_model() -> nn.Module:
-    """MONAI UNet, four levels (16..128 channels), 1 input channel, 3 classes."""
-    from monai.networks.nets import UNet  # type: ignore[attr-defined]
-
-    model: nn.Module = UNet(2, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
-    return model
-
-
-def load_evidence_model() -> nn.Module:
-    """The trained benchmark network, in eval mode."""
-    model = build_evidence_model()
-    state = torch.load(DATA / "evidence_unet2d.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+BUILT_IN = ("ct", "evidence", "randomisation")
 
 
 def evidence_accuracy(model: nn.Module, count: int = 200) -> dict[str, float]:
@@ -73,38 +71,6 @@ def evidence_accuracy(model: nn.Module, count: int = 200) -> dict[str, float]:
     }
 
 
-def bootstrap_interval(
-    values: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean and the percentile bootstrap interval of the mean (NaN values dropped)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return (float("nan"),) * 3
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(resamples, values.size), replace=True).mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
-
-
-# ------------------------------------------------------------------ running the benchmarks
-
-import csv  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import segcam  # noqa: E402
-from segcam.metrics import (  # noqa: E402
-    deletion_insertion,
-    energy_inside,
-    pointing_game,
-    relevance_rank_accuracy,
-)
-
-Record = dict[str, object]
-
-
 def _progress(done: int, total: int, what: str) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
@@ -126,7 +92,7 @@ def evaluate_evidence(
     Targets are the ground-truth pixels of each object with its true class. ``evidence`` is the
     marker for the cue disk and the square itself for the textured square.
     """
-    model = load_evidence_model()
+    model = load_demo_model("evidence-2d")
     records: list[Record] = []
     for index, seed in enumerate(range(EVIDENCE_HELD_OUT_SEED, EVIDENCE_HELD_OUT_SEED + count)):
         scene = evidence_scene(seed)
@@ -135,8 +101,8 @@ def evaluate_evidence(
             segcam.Mask(scene.disk_class, scene.disk),
             segcam.Mask(scene.square_class, scene.square),
         ]
-        for method in methods:
-            expl = segcam.explain(model, x, targets, list(layers.values()), method)
+        explanations = segcam.explain_methods(model, x, targets, list(layers.values()), methods)
+        for method, expl in explanations.items():
             for depth, layer in layers.items():
                 maps = expl.layer_maps[layer][0]
                 for t, (kind, evidence, own) in enumerate(
@@ -168,9 +134,6 @@ def evaluate_evidence(
     return records
 
 
-Curve = dict[str, list[float]]
-
-
 def score_against_truth(
     model: nn.Module,
     images: torch.Tensor,
@@ -192,8 +155,8 @@ def score_against_truth(
     """
     records: list[Record] = []
     targets = [segcam.Predicted(c) for c in classes.values()]
-    for method in methods:
-        expl = segcam.explain(model, images, targets, list(layers.values()), method)
+    explanations = segcam.explain_methods(model, images, targets, list(layers.values()), methods)
+    for method, expl in explanations.items():
         for depth, layer in layers.items():
             for t, (name, c) in enumerate(classes.items()):
                 maps = expl.layer_maps[layer][:, t]
@@ -246,8 +209,8 @@ def evaluate_ct(
     curves: dict[tuple[str, str, str, str], Curve] | None = None,
 ) -> list[Record]:
     """The CT held-out slices (56..79) with the 2D network; see :func:`score_against_truth`."""
-    from segcam import liver
-    from segcam.demo_liver import load_liver_model
+    from segcam.apps.demo import data as liver
+    from segcam.apps.demo.models import load_liver_model
 
     case = liver.load_case()
     slices = list(liver.HELD_OUT_SLICES)
@@ -279,7 +242,7 @@ def evaluate_randomization(
     """
     from segcam.metrics import cascading_randomization
 
-    model = load_evidence_model()
+    model = load_demo_model("evidence-2d")
     seeds = range(EVIDENCE_HELD_OUT_SEED, EVIDENCE_HELD_OUT_SEED + count)
     scenes = [evidence_scene(seed) for seed in seeds]
     x = torch.from_numpy(np.stack([s.image for s in scenes]))
@@ -312,184 +275,67 @@ def evaluate_randomization(
     return records
 
 
-METRIC_KEYS = ("dataset", "sample", "method", "layer", "target")
-
-
-def summarise(records: list[Record]) -> list[Record]:
-    """Mean and 95% bootstrap interval per dataset x target x method x layer x metric."""
-    groups: dict[tuple[object, ...], list[Record]] = {}
-    for record in records:
-        key = (record["dataset"], record["target"], record["method"], record["layer"])
-        groups.setdefault(key, []).append(record)
-    rows: list[Record] = []
-    for (dataset, target, method, layer), members in groups.items():
-        metrics = [k for k in members[0] if k not in METRIC_KEYS]
-        for metric in metrics:
-            values = np.array([float(m[metric]) for m in members])  # type: ignore[arg-type]
-            mean, low, high = bootstrap_interval(values)
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "target": target,
-                    "method": method,
-                    "layer": layer,
-                    "metric": metric,
-                    "mean": mean,
-                    "low": low,
-                    "high": high,
-                    "n": int((~np.isnan(values)).sum()),
-                }
-            )
-    return rows
-
-
-def write_tables(rows: list[Record], out: Path, stem: str) -> tuple[Path, Path]:
-    """Write the summary as CSV and as a markdown table (one row per target x metric x layer)."""
-    from segcam.io.files import atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
-    with atomic_write(csv_path, "w") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    lines = [
-        "| target | metric | layer | " + " | ".join(methods) + " |",
-        "|---|---|---|" + "---|" * len(methods),
-    ]
-    index = {(r["target"], r["metric"], r["layer"], r["method"]): r for r in rows}
-    for target, metric, layer in dict.fromkeys(
-        (r["target"], r["metric"], r["layer"]) for r in rows
-    ):
-        cells = []
-        for method in methods:
-            row = index.get((target, metric, layer, method))
-            cells.append(
-                "" if row is None else f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
-            )
-        lines.append(f"| {target} | {metric} | {layer} | " + " | ".join(cells) + " |")
-    with atomic_write(md_path, "w") as stream:
-        stream.write("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def plot_summary(rows: list[Record], out: Path, stem: str) -> Path:
-    """Bar charts (mean with 95% interval) per target x metric, methods side by side per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys((str(r["target"]), str(r["metric"])) for r in rows))
-    layers = list(dict.fromkeys(str(r["layer"]) for r in rows))
-    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    columns = 3
-    figure_rows = (len(panels) + columns - 1) // columns
-    figure, axes = plt.subplots(
-        figure_rows,
-        columns,
-        figsize=(4.2 * columns, 3.0 * figure_rows),
-        squeeze=False,
-        layout="constrained",
-    )
-    width = 0.8 / len(methods)
-    for axis, (target, metric) in zip(axes.flat, panels, strict=False):
-        for m, method in enumerate(methods):
-            means: list[float] = []
-            errors: list[list[float]] = [[], []]
-            for layer in layers:
-                row = next(
-                    r
-                    for r in rows
-                    if (r["target"], r["metric"], r["layer"], r["method"])
-                    == (target, metric, layer, method)
-                )
-                mean, low, high = (float(row[k]) for k in ("mean", "low", "high"))  # type: ignore[arg-type]
-                means.append(mean)
-                errors[0].append(mean - low)
-                errors[1].append(high - mean)
-            axis.bar(
-                np.arange(len(layers)) + m * width,
-                means,
-                width,
-                yerr=errors,
-                capsize=2,
-                label=method,
-            )
-        axis.set_xticks(np.arange(len(layers)) + width * (len(methods) - 1) / 2, layers, fontsize=7)
-        axis.set_title(f"{target}: {metric}", fontsize=8)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    path = out / f"{stem}.png"
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
-
-
-def plot_curves(curves: dict[tuple[str, str, str, str], Curve], path: Path) -> Path:
-    """Mean deletion and insertion curves: a panel per class x mode, a line per method x layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = list(dict.fromkeys(key[0] for key in curves))
-    modes = ["deletion", "insertion"]
-    figure, axes = plt.subplots(
-        len(classes), 2, figsize=(10, 3.2 * len(classes)), squeeze=False, layout="constrained"
-    )
-    styles = {"bottleneck": ":", "middle decoder": "--", "last decoder": "-"}
-    for (name, depth, method, mode), curve in curves.items():
-        axis = axes[classes.index(name), modes.index(mode)]
-        colour = "tab:blue" if method == "seg-hires-grad-cam" else "tab:orange"
-        axis.plot(
-            curve["fractions"],
-            curve["scores"],
-            styles.get(depth, "-"),
-            color=colour,
-            label=f"{method}, {depth}",
-        )
-        axis.set_title(f"{name}: {mode} (score / unperturbed score)", fontsize=9)
-        axis.set_xlabel("fraction of pixels changed, highest map values first", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
-
-
-def write_outputs(name: str, records: list[Record], out: Path) -> list[Path]:
-    """Tables (CSV, markdown), bar charts and the raw per-sample records of one dataset."""
-    from segcam.io.files import atomic_write
-
-    if not records:
-        raise ValueError(f"{name}: nothing to score (no sample had a class present and predicted)")
-    rows = summarise(records)
-    written = [*write_tables(rows, out, name), plot_summary(rows, out, name)]
-    with atomic_write(out / f"{name}_records.json", "w") as stream:
-        json.dump(records, stream)
-    return [*written, out / f"{name}_records.json"]
-
-
 def run_evaluation(
     data: Sequence[str], methods: Sequence[str], out: Path, count: int = 100
 ) -> list[Path]:
     """Evaluate the built-in datasets (``evidence``, ``ct``, ``randomisation``) into ``out``."""
-    from segcam.demo_liver import LIVER_LAYERS
-
     written: list[Path] = []
     for name in data:
         if name == "evidence":
-            records = evaluate_evidence(methods, EVIDENCE_LAYERS, count)
+            records = evaluate_evidence(methods, DEMO_LAYERS, count)
         elif name == "randomisation":
-            records = evaluate_randomization(methods, EVIDENCE_LAYERS)
+            records = evaluate_randomization(methods, DEMO_LAYERS)
         elif name == "ct":
             curves: dict[tuple[str, str, str, str], Curve] = {}
-            records = evaluate_ct(methods, LIVER_LAYERS, curves=curves)
+            records = evaluate_ct(methods, DEMO_LAYERS, curves=curves)
             written.append(plot_curves(curves, out / "ct_curves.png"))
         else:
-            raise ValueError(f"unknown dataset {name!r}: use evidence, ct or randomisation")
+            raise OptionError(f"unknown dataset {name!r}: use evidence, ct or randomisation")
         written.extend(write_outputs(name, records, out))
     return written
+
+
+def evaluate_folder(
+    model: nn.Module,
+    folder: Path,
+    labels: Path,
+    methods: Sequence[str],
+    layers: Sequence[str],
+    *,
+    class_names: Sequence[str] = (),
+    intensity: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Record]:
+    """Score a user's folder of inputs against label maps of the same file names in ``labels``.
+
+    Every class 1..max(label) present in an input's label map is a target (its predicted region);
+    see :func:`score_against_truth` for the scores. ``intensity`` are the keyword arguments of
+    :func:`segcam.apps.specs.apply_intensity`.
+    """
+    from segcam.apps.batch import expand_inputs
+
+    records: list[Record] = []
+    files = expand_inputs([folder])
+    for index, path in enumerate(files, start=1):
+        label_path = labels / path.name
+        if not label_path.is_file():
+            raise InputFileError(f"{path}: no label map {label_path}")
+        image = apply_intensity(read_input(path).array, **dict(intensity or {}))
+        truth = torch.from_numpy(read_input(label_path).array[0].round().astype(np.int64))
+        classes = {
+            (class_names[c] if c < len(class_names) else str(c)): c
+            for c in range(1, int(truth.max()) + 1)
+        }
+        records += score_against_truth(
+            model,
+            torch.from_numpy(image)[None],
+            truth[None],
+            methods,
+            {name: name for name in layers},
+            classes,
+            dataset=folder.name,
+            sample_names=[path.name],
+        )
+        if progress is not None:
+            progress(f"[{index}/{len(files)}] {path}")
+    return records

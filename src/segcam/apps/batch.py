@@ -29,18 +29,7 @@ import numpy as np
 import torch
 
 import segcam
-from segcam.errors import SegCamError
-from segcam.io.files import (
-    IMAGE_SUFFIXES,
-    NIFTI_SUFFIXES,
-    InputFile,
-    InputFileError,
-    atomic_write,
-    read_input,
-    write_nifti,
-)
-from segcam.methods import get_method
-from segcam.specs import (
+from segcam.apps.specs import (
     SpecError,
     apply_intensity,
     file_sha256,
@@ -48,6 +37,17 @@ from segcam.specs import (
     load_model,
     parse_target,
 )
+from segcam.core import resolve_methods
+from segcam.errors import InputFileError, OptionError, SegCamError
+from segcam.io.files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    InputFile,
+    atomic_write,
+    read_input,
+    write_nifti,
+)
+from segcam.methods import get_method
 
 __all__ = ["BACKENDS", "BatchJob", "BatchResult", "explain_file", "explain_files", "output_name"]
 
@@ -210,29 +210,30 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     target_dir = out / output_name(path)
     for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
-    for method in job.methods:
-        sliding = job.options["sliding_window"]
-        if sliding:
-            expl = segcam.explain_sliding_window(
-                job.model,
-                x,
-                job.targets,
-                job.layers,
-                method=method,
-                **sliding,
-                **job.options["explain"],
-                method_options=job.method_options.get(method),
-            )
-        else:
-            expl = segcam.explain(
-                job.model,
-                x,
-                job.targets,
-                job.layers,
-                method,
-                **job.options["explain"],
-                method_options=job.method_options.get(method),
-            )
+    sliding = job.options["sliding_window"]
+    method_options = {m: job.method_options[m] for m in job.methods if m in job.method_options}
+    if sliding:  # every method from each window's one forward and backward passes
+        explanations = segcam.explain_sliding_window_methods(
+            job.model,
+            x,
+            job.targets,
+            job.layers,
+            methods=job.methods,
+            **sliding,
+            **job.options["explain"],
+            method_options=method_options,
+        )
+    else:  # every method from one forward and one backward pass per target
+        explanations = segcam.explain_methods(
+            job.model,
+            x,
+            job.targets,
+            job.layers,
+            job.methods,
+            **job.options["explain"],
+            method_options=method_options,
+        )
+    for method, expl in explanations.items():
         written.append(_save(expl, target_dir / f"{method}.npz"))
         for layer, maps in expl.layer_maps.items():
             for t, spec in enumerate(job.target_specs):
@@ -331,9 +332,9 @@ def explain_files(
         The inputs done, skipped and failed.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive int; got {num_workers!r}")
+        raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise OptionError(f"num_workers must be a positive int; got {num_workers!r}")
     files = expand_inputs([Path(p) for p in inputs])
     names = [output_name(p) for p in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -342,8 +343,10 @@ def explain_files(
     for path in files:
         if not path.is_file():
             raise InputFileError(f"{path}: no such file")
-    for method in job.methods:
-        get_method(method)
+    resolve_methods(job.methods, job.method_options)
+    if job.sliding_window:
+        for method in job.methods:
+            get_method(method).require_sliding_window()
     out = Path(out)
     say = progress or (lambda line: None)
     settings = job.settings()

@@ -1,12 +1,12 @@
 """A quick example: explain a small trained MONAI UNet on a held-out synthetic scene.
 
-    python -m segcam.synthetic_demo --out synthetic-out
+    python -m segcam.apps.demo.synthetic --out synthetic-out
 
-The network (shipped in ``segcam/data``, trained by ``scripts/train_synthetic_unet.py``) segments
-disks (class 1) and squares (class 2). The demo explains, for a scene it never saw in training,
-the predicted disks, the predicted squares and the largest predicted disk alone, with Seg-Grad CAM
-and Seg-HiRes-Grad CAM at three depths of the network, and writes a figure and the raw maps.
-Needs the ``[monai]`` and ``[viz]`` extras.
+The network (``synthetic-2d`` in :mod:`segcam.apps.demo.models`, trained by
+``scripts/train_synthetic_unet.py``) segments disks (class 1) and squares (class 2). The demo
+explains, for a scene it never saw in training, the predicted disks, the predicted squares and
+the largest predicted disk alone, with Seg-Grad CAM and Seg-HiRes-Grad CAM at three depths of the
+network, and writes a figure and the raw maps. Needs the ``[monai]`` and ``[viz]`` extras.
 """
 
 from __future__ import annotations
@@ -19,20 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 import segcam
+from segcam.apps.demo.models import DEMO_LAYERS, DEMO_MODELS, load_demo_model
 from segcam.testing.synthetic import CLASS_NAMES, shapes_scene
 
-__all__ = ["DEMO_LAYERS", "HELD_OUT_SEED", "build_demo_model", "load_demo_model", "main"]
+__all__ = ["HELD_OUT_SEED", "main"]
 
 HELD_OUT_SEED = 1_000_000
-WEIGHTS = Path(__file__).resolve().parent / "data" / "synthetic_unet2d.pt"
-DEMO_LAYERS = {
-    "bottleneck (8x8)": "model.1.submodule.1.submodule.1.submodule",
-    "middle decoder (16x16)": "model.1.submodule.1.submodule.2",
-    "last decoder (32x32)": "model.1.submodule.2",
-}
 
 
 def _require(module: str, extra: str) -> Any:
@@ -40,27 +34,6 @@ def _require(module: str, extra: str) -> Any:
         return __import__(module, fromlist=["_"])
     except ImportError as error:
         raise SystemExit(f"this example needs {module}: pip install 'segcam[{extra}]'") from error
-
-
-def build_demo_model() -> nn.Module:
-    """The demo's architecture: a MONAI UNet, 1 input channel, 3 classes, four levels."""
-    nets = _require("monai.networks.nets", "monai")
-    model: nn.Module = nets.UNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=3,
-        channels=(16, 32, 64, 128),
-        strides=(2, 2, 2),
-        num_res_units=1,
-    )
-    return model
-
-
-def load_demo_model() -> nn.Module:
-    """The trained demo network, in eval mode."""
-    model = build_demo_model()
-    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    return model.eval()
 
 
 def _figure(
@@ -128,7 +101,7 @@ def _figure(
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m segcam.synthetic_demo", description=__doc__.splitlines()[0]
+        prog="python -m segcam.apps.demo.synthetic", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED + 8, help="held-out scene seed")
@@ -137,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be >= {HELD_OUT_SEED}: lower seeds were used for training")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] loading the trained UNet ({WEIGHTS.name}) and held-out scene {args.seed}")
+    print(
+        f"[1/3] loading the trained UNet ({DEMO_MODELS['synthetic-2d'].weights}) and "
+        f"held-out scene {args.seed}"
+    )
     model = load_demo_model()
     image, labels = shapes_scene(args.seed)
     x = torch.from_numpy(image)[None]
@@ -148,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         f"largest {CLASS_NAMES[1]}",
     ]
     print(f"[2/3] explaining {len(targets)} targets x {len(DEMO_LAYERS)} layers x 2 methods")
-    explanations = {
-        method: segcam.explain(
-            model, x, targets, list(DEMO_LAYERS.values()), method, normalize="max"
-        )
-        for method in ("seg-grad-cam", "seg-hires-grad-cam")
-    }
+    explanations = segcam.explain_methods(
+        model,
+        x,
+        targets,
+        list(DEMO_LAYERS.values()),
+        ["seg-grad-cam", "seg-hires-grad-cam"],
+        normalize="max",
+    )
     figure = args.out / "demo.png"
     print("[3/3] writing the figure and the maps")
     _figure(image, labels, explanations, titles, figure)

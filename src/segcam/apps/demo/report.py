@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 import segcam
-from segcam import liver
-from segcam.demo_liver import LIVER_LAYERS, held_out_dice, load_liver_model
+from segcam.apps.demo import data as liver
+from segcam.apps.demo.models import DEMO_LAYERS, held_out_dice, load_liver_model
 from segcam.io.files import atomic_write, write_nifti
 
 __all__ = ["DEMO_SLICES", "run_demo"]
@@ -93,7 +93,7 @@ def _figure_png(
 
 def _map_columns(explanations: dict[str, segcam.Explanation], index: Any) -> dict[str, np.ndarray]:
     columns = {}
-    for depth, layer in LIVER_LAYERS.items():
+    for depth, layer in DEMO_LAYERS.items():
         for method in METHODS:
             maps = explanations[method].layer_maps[layer]
             columns[f"{METHOD_LABELS[method]}\n{depth}"] = maps[index].cpu().numpy()
@@ -102,13 +102,11 @@ def _map_columns(explanations: dict[str, segcam.Explanation], index: Any) -> dic
 
 def _explain_both(model: torch.nn.Module, x: torch.Tensor, stem: Path) -> dict[str, Any]:
     """Both methods at the three depths, max-normalised; each saved as ``<stem>_<method>.npz``."""
-    explanations = {}
-    for method in METHODS:
-        explanation = segcam.explain(
-            model, x, TARGETS, list(LIVER_LAYERS.values()), method, normalize="max"
-        )
+    explanations = segcam.explain_methods(
+        model, x, TARGETS, list(DEMO_LAYERS.values()), METHODS, normalize="max"
+    )
+    for method, explanation in explanations.items():
         explanation.save(stem.parent / f"{stem.name}_{method}.npz")
-        explanations[method] = explanation
     return explanations
 
 
@@ -154,7 +152,7 @@ def _section_3d(
         write_nifti(out / "labels.nii.gz", labels.astype(np.float32), affine),
         write_nifti(out / "prediction.nii.gz", prediction.astype(np.float32), affine),
     ]
-    last = LIVER_LAYERS["last decoder"]
+    last = DEMO_LAYERS["last decoder"]
     for t, target in enumerate(TARGETS):
         name = liver.CLASS_NAMES[target.class_index]
         for method in METHODS:
@@ -227,20 +225,22 @@ def _dice_table(dice: dict[str, float]) -> str:
     return f"held-out Dice <table><tr>{cells}</tr></table>"
 
 
-def run_demo(out: Path, *, fetch: bool = False) -> int:
-    """Run the CT demo into ``out``; return the exit status."""
+def run_demo(out: Path, *, offline: bool = False) -> int:
+    """Run the CT demo into ``out``; return the exit status.
+
+    The demo CT is downloaded on first use (:func:`segcam.apps.demo.data.fetch`) unless
+    ``offline``.
+    """
     started = time.perf_counter()
     total = 4
     _progress(1, total, "reading the CT volume")
-    if fetch:
-        liver.fetch()
-    case = liver.load_case()
+    case = liver.load_case(offline=offline)
     out.mkdir(parents=True, exist_ok=True)
     _progress(
         2,
         total,
         f"2D network: {len(DEMO_SLICES)} held-out slices x 2 classes x "
-        f"{len(LIVER_LAYERS)} layers x {len(METHODS)} methods",
+        f"{len(DEMO_LAYERS)} layers x {len(METHODS)} methods",
     )
     figures_2d, dice_2d = _section_2d(case, out)
     _progress(3, total, "3D network: the whole volume, 2 classes x 3 layers x 2 methods")

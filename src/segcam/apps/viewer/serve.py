@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcam.viewer.session import ViewerSession
+from segcam.apps.viewer.session import ViewerSession
+from segcam.errors import SegCamError
 
 __all__ = [
     "RunningViewer",
@@ -29,8 +30,8 @@ LOCAL = "127.0.0.1"
 
 def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None) -> ViewerSession:
     """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network."""
-    from segcam import liver
-    from segcam.demo_liver import LIVER_LAYERS, load_liver_model
+    from segcam.apps.demo import data as liver
+    from segcam.apps.demo.models import DEMO_LAYERS, load_liver_model
 
     case = liver.load_case()
     windowed = liver.window(case.image)
@@ -47,8 +48,8 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         inputs=inputs,
         display=inputs[0].numpy(),
         class_names=list(liver.CLASS_NAMES),
-        layers=list(LIVER_LAYERS.values()),
-        default_layer=LIVER_LAYERS["last decoder"],
+        layers=list(DEMO_LAYERS.values()),
+        default_layer=DEMO_LAYERS["last decoder"],
         affine=case.affine,
         title=title,
         sliding_window=sliding_window,
@@ -99,7 +100,7 @@ def serve(
     """Serve ``session`` until interrupted; print the address and open it unless told not to."""
     import uvicorn
 
-    from segcam.viewer.app import create_app
+    from segcam.apps.viewer.app import create_app
 
     if host not in (LOCAL, "localhost", "::1"):
         print(
@@ -150,7 +151,7 @@ def serve_in_thread(session: ViewerSession, timeout: float = 20.0) -> RunningVie
     """
     import uvicorn
 
-    from segcam.viewer.app import create_app
+    from segcam.apps.viewer.app import create_app
 
     port = free_port()
     server = uvicorn.Server(
@@ -161,6 +162,6 @@ def serve_in_thread(session: ViewerSession, timeout: float = 20.0) -> RunningVie
     deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the viewer did not start")
+            raise SegCamError("the viewer did not start")
         time.sleep(0.02)
     return RunningViewer(f"http://{LOCAL}:{port}/", server, thread)

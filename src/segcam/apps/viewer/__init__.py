@@ -6,13 +6,13 @@
 from the internet and no path from the browser is ever opened.
 """
 
-from segcam.viewer.session import RequestError, ViewerSession
+from segcam.apps.viewer.session import RequestError, ViewerSession
 
 __all__ = ["RequestError", "ViewerSession", "create_app"]
 
 
 def create_app(session: ViewerSession) -> object:
     """The Starlette application serving ``session`` (needs the ``viewer`` extra)."""
-    from segcam.viewer.app import create_app as create
+    from segcam.apps.viewer.app import create_app as create
 
     return create(session)

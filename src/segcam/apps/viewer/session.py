@@ -21,11 +21,17 @@ import torch
 from torch import nn
 
 import segcam
-from segcam.core import select_logits
+from segcam.errors import (
+    InputError,
+    LayerNotOnPathError,
+    MethodNotSupportedError,
+    OptionError,
+    SegCamError,
+)
 from segcam.explainer import Explainer
-from segcam.methods import REGISTRY
-from segcam.recording import describe_layers
-from segcam.sliding import blended_logits, explain_sliding_window
+from segcam.methods import REGISTRY, get_method
+from segcam.recording import describe_layers, select_logits
+from segcam.sliding import blended_logits, explain_sliding_window_methods
 from segcam.viz import grey, overlay
 
 __all__ = ["DEFAULT_METHODS", "RequestError", "ViewerSession"]
@@ -35,7 +41,7 @@ AXIS_NAMES = {0: "sagittal (axis 0)", 1: "coronal (axis 1)", 2: "axial (axis 2)"
 MAX_EXPLAINERS = 3  # kept forwards (one per recently used layer)
 
 
-class RequestError(ValueError):
+class RequestError(SegCamError, ValueError):
     """A request the viewer refuses; its message is shown in the page (HTTP 400)."""
 
 
@@ -104,7 +110,7 @@ class ViewerSession:
 
     def __post_init__(self) -> None:
         if self.inputs.ndim not in (3, 4):
-            raise ValueError(
+            raise InputError(
                 f"inputs must be (C, H, W) or (C, D, H, W); got {tuple(self.inputs.shape)}"
             )
         self.spatial = tuple(int(s) for s in self.inputs.shape[1:])
@@ -126,7 +132,7 @@ class ViewerSession:
         if not self.class_names:
             self.class_names = [f"class {c}" for c in range(max(self.classes, 2))]
         if len(self.class_names) != max(self.classes, 2):
-            raise ValueError(
+            raise OptionError(
                 f"{len(self.class_names)} class names for a model with {self.classes} classes"
             )
         if self.display is None:
@@ -145,12 +151,12 @@ class ViewerSession:
             ] or list(self._layer_shapes)
         unknown = [name for name in self.layers if name not in self._layer_shapes]
         if unknown:
-            raise ValueError(f"layers not on the model's path (or unknown): {unknown}")
+            raise LayerNotOnPathError(f"layers not on the model's path (or unknown): {unknown}")
         self.layers = list(self.layers)
         if self.default_layer is None:
             self.default_layer = self.layers[len(self.layers) // 2]
         if self.default_layer not in self.layers:
-            raise ValueError(f"default layer {self.default_layer!r} is not among the layers")
+            raise OptionError(f"default layer {self.default_layer!r} is not among the layers")
 
     # ------------------------------------------------------------------ info and slices
 
@@ -292,25 +298,21 @@ class ViewerSession:
             return list(explainer.explain_methods([target], methods).items())
         assert self.sliding_window is not None
         for method in methods:
-            if not REGISTRY[method].needs_gradient:
-                raise RequestError(
-                    f"{method} is gradient-free: sliding-window explanations take gradient methods"
-                )
-        return [
-            (
-                method,
-                explain_sliding_window(
-                    self.model,
-                    self.inputs[None],
-                    target,
-                    layer,
-                    method=method,
-                    output=self.output,
-                    **self.sliding_window,
-                ),
-            )
-            for method in methods
-        ]
+            try:
+                get_method(method).require_sliding_window()
+            except MethodNotSupportedError as error:
+                raise RequestError(str(error)) from None
+        return list(
+            explain_sliding_window_methods(
+                self.model,
+                self.inputs[None],
+                target,
+                layer,
+                methods=methods,
+                output=self.output,
+                **self.sliding_window,
+            ).items()
+        )
 
     def _explainer(self, layer: str) -> Explainer | None:
         if self.sliding_window:

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import SegCamError
-from segcam.viewer.session import RequestError, ViewerSession
 
 __all__ = ["create_app"]
 

@@ -1,0 +1,181 @@
+"""``segcam explain``: explain inputs (files or folders) into an output folder.
+
+All methods of one run share each input's forward pass and its backward passes (one per target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from segcam.apps.batch import (
+    BACKENDS,
+    BatchJob,
+    expand_inputs,
+    explain_file,
+    explain_files,
+    finished,
+)
+from segcam.apps.cli.options import (
+    UsageError,
+    add_classes_option,
+    add_intensity_options,
+    add_model_options,
+    add_output_option,
+    add_sliding_window_option,
+    intensity,
+    parse_method_options,
+)
+from segcam.apps.specs import parse_target
+from segcam.errors import MethodNotSupportedError
+from segcam.methods import REGISTRY, get_method
+from segcam.postprocess import NORMALIZATIONS
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Any) -> None:
+    """Declare ``segcam explain`` and its options."""
+    parser = commands.add_parser("explain", help="explain inputs (files or folders)")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    add_model_options(parser)
+    parser.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="predicted:C, probability:C[:T], all:C, mask:C:FILE, "
+        "region:C[:FILE], pixel:C:I,J[,K], box:C:I0,J0,I1,J1 (repeatable)",
+    )
+    add_classes_option(parser)
+    parser.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="layer name (repeatable; see `segcam layers`)",
+    )
+    parser.add_argument(
+        "--method",
+        action="append",
+        choices=list(REGISTRY),
+        metavar="NAME",
+        help=f"one of {', '.join(REGISTRY)} (repeatable; default seg-hires-grad-cam; several "
+        f"methods share the forward and backward passes)",
+    )
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="a method's option, e.g. seg-xres-cam:pool_size=4 or seg-score-cam:max_channels=64 "
+        "(repeatable; `segcam methods` lists them)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_intensity_options(parser)
+    parser.add_argument(
+        "--preprocess",
+        metavar="package.module:function",
+        help="a function (C, *S) array -> array, applied last",
+    )
+    parser.add_argument("--no-relu", action="store_true", help="keep negative evidence")
+    parser.add_argument("--no-upsample", action="store_true", help="maps at layer resolution")
+    parser.add_argument("--normalize", choices=["none", *NORMALIZATIONS], default="none")
+    add_output_option(parser)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--overwrite", action="store_true", help="redo finished inputs")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local (this machine) or ray (a Ray cluster; pip install 'segcam[ray]')",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="processes (local) or Ray actors (default 1)"
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster: auto, ray://host:10001 (default: start one)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (e.g. 0.5)"
+    )
+    add_sliding_window_option(
+        parser,
+        "explain the sliding-window prediction (MONAI-style Gaussian blending): window "
+        "size 96 or 96x96x64, optional overlap (default 0.25), e.g. 96x96x64,0.5",
+    )
+    parser.set_defaults(run=run)
+
+
+def job_from_args(args: argparse.Namespace) -> BatchJob:
+    """The batch job the options describe, checked before any model is loaded."""
+    methods = list(dict.fromkeys(args.method or ["seg-hires-grad-cam"]))
+    method_options = parse_method_options(args.method_option, methods)
+    if args.sliding_window:
+        for method in methods:
+            try:
+                get_method(method).require_sliding_window()
+            except MethodNotSupportedError as error:
+                raise UsageError(f"--sliding-window: {error}") from None  # one line, no traceback
+    for spec in args.target:  # parse once here: a bad target is one clear line, before any work
+        parse_target(spec, args.classes)
+    return BatchJob(
+        model=args.model,
+        weights=str(args.weights) if args.weights else None,
+        targets=tuple(args.target),
+        layers=tuple(args.layer),
+        methods=tuple(methods),
+        classes=tuple(args.classes),
+        model_kwargs=args.model_kwargs,
+        trust_pickle=args.trust_pickle,
+        method_options=method_options,
+        intensity=intensity(args),
+        explain={
+            "relu": not args.no_relu,
+            "upsample": not args.no_upsample,
+            "normalize": None if args.normalize == "none" else args.normalize,
+            "output": args.output,
+        },
+        sliding_window=args.sliding_window,
+        preprocess=args.preprocess,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain every input; 0 when all succeed, 1 when some failed."""
+    job = job_from_args(args)
+    files = expand_inputs(args.inputs)
+    if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
+        built = job.build()
+        if args.overwrite or not finished(args.out, files[0], job.settings()):
+            started = time.perf_counter()
+            written = explain_file(files[0], built, args.out)
+            seconds = time.perf_counter() - started
+            print(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
+        else:
+            print(f"[1/1] {files[0]}: already done, skipped", file=sys.stderr)
+        print(f"outputs in {args.out}")
+        return 0
+    result = explain_files(
+        files,
+        job,
+        args.out,
+        backend=args.backend,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(f"outputs in {args.out}")
+    if result.failed:
+        total = len(result.done) + len(result.skipped) + len(result.failed)
+        print(f"{len(result.failed)} of {total} inputs failed:", file=sys.stderr)
+        for path, message in result.failed:
+            print(f"  {path}: {message}", file=sys.stderr)
+        return 1
+    return 0

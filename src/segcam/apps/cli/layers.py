@@ -1,0 +1,57 @@
+"""``segcam layers``: the model's layers with their output shapes, and which are on the path."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from segcam.apps.cli.options import UsageError, add_model_options
+from segcam.apps.specs import load_model
+from segcam.recording import describe_layers
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Any) -> None:
+    """Declare ``segcam layers``."""
+    parser = commands.add_parser("layers", help="list layers with output shapes")
+    add_model_options(parser)
+    parser.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="N,C,...",
+        help="example input shape (default 1,1,128,128 or 1,1,64,64,64)",
+    )
+    parser.add_argument("--all", action="store_true", help="also list layers off the path")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print one line per layer."""
+    model = load_model(args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle)
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise UsageError(
+                f"--input-shape {args.input_shape!r}: expected N,C,H,W or N,C,D,H,W"
+            ) from None
+    else:
+        dims = getattr(model, "dimensions", None) or getattr(model, "spatial_dims", None) or 2
+        in_channels = getattr(model, "in_channels", None) or 1
+        shape = (1, int(in_channels), *([128] * 2 if int(dims) == 2 else [64] * 3))
+    table = describe_layers(model, torch.zeros(shape))
+    print(f"{'layer':60s} {'type':24s} {'output shape':22s} on path")
+    for info in table:
+        if not (info.on_path or args.all):
+            continue
+        shape_text = str(info.shape) if info.shape is not None else "(not a tensor)"
+        calls = f" (runs {info.calls}x)" if info.calls > 1 else ""
+        name = info.name or "(model)"
+        print(
+            f"{name:60s} {info.type_name:24s} {shape_text:22s} {'yes' if info.on_path else 'no'}"
+            f"{calls}"
+        )
+    return 0

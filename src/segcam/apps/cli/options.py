@@ -1,0 +1,179 @@
+"""Option groups shared by several commands, declared once, and the parsers of their values.
+
+The groups: model, intensity, classes, output, sliding window, method options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from segcam.core import resolve_methods
+from segcam.errors import SegCamError
+
+__all__ = [
+    "UsageError",
+    "add_classes_option",
+    "add_intensity_options",
+    "add_model_options",
+    "add_output_option",
+    "add_sliding_window_option",
+    "intensity",
+    "logits_output",
+    "parse_method_options",
+]
+
+
+class UsageError(SegCamError, ValueError):
+    """A command-line mistake, reported in one line (exit status 2)."""
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"spatial_dims\": 2}'")
+    return value
+
+
+def _sliding_window(text: str) -> dict[str, Any]:
+    """``ROI[,OVERLAP]``: 96, 96x96x64, 96,0.5 -> {"roi_size": ..., "overlap": ...}."""
+    roi_text, _, overlap_text = text.partition(",")
+    try:
+        sizes = [int(part) for part in roi_text.lower().split("x")]
+        overlap = float(overlap_text) if overlap_text else 0.25
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ROI[,OVERLAP], e.g. 96 or 96x96x64,0.5"
+        ) from None
+    if any(size < 1 for size in sizes) or not 0 <= overlap < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: window sizes must be positive and the overlap in [0, 1)"
+        )
+    return {"roi_size": sizes[0] if len(sizes) == 1 else sizes, "overlap": overlap}
+
+
+def _class_names(text: str) -> list[str]:
+    return text.split(",")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--model-kwargs``, ``--weights``, ``--trust-pickle``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="package.module:factory or monai:NetName")
+    group.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments for the factory",
+    )
+    group.add_argument("--weights", type=Path, help="state_dict (.pt/.pth, or .safetensors)")
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --weights to be a pickled whole model (runs code from it)",
+    )
+
+
+def add_intensity_options(parser: argparse.ArgumentParser) -> None:
+    """``--window``, ``--zscore``, ``--minmax``."""
+    group = parser.add_argument_group("intensity")
+    group.add_argument(
+        "--window",
+        type=_pair,
+        metavar="LOW,HIGH",
+        help="clip intensities to [LOW, HIGH] and scale to [0, 1]",
+    )
+    group.add_argument("--zscore", action="store_true", help="subtract mean, divide by std")
+    group.add_argument("--minmax", action="store_true", help="scale intensities to [0, 1]")
+
+
+def intensity(args: argparse.Namespace) -> dict[str, Any]:
+    """The intensity options as keyword arguments of ``apply_intensity``."""
+    return {"window": args.window, "zscore": args.zscore, "minmax": args.minmax}
+
+
+def add_classes_option(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """``--classes NAME,NAME,...``."""
+    parser.add_argument(
+        "--classes",
+        type=_class_names,
+        default=[],
+        metavar="NAMES",
+        help=f"class names in order, e.g. background,liver,tumour{what}",
+    )
+
+
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    """``--output KEY|INDEX``: where the logits are in the model's output."""
+    parser.add_argument(
+        "--output",
+        type=logits_output,
+        help="key or index of the logits in the model's output",
+    )
+
+
+def logits_output(text: str) -> str | int:
+    """An index when the text is an integer, else a key."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def add_sliding_window_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--sliding-window ROI[,OVERLAP]``."""
+    parser.add_argument(
+        "--sliding-window", type=_sliding_window, metavar="ROI[,OVERLAP]", help=help_text
+    )
+
+
+def _option_value(text: str) -> Any:
+    """An option's value: none, an int, a float, ints separated by commas, or the text."""
+    if text.lower() == "none":
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if "," in text:
+        try:
+            return [int(part) for part in text.split(",")]
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_options(specs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD:KEY=VALUE`` strings as {method: {key: value}}, checked against the registry.
+
+    Names and values are checked here, before any model is loaded or run.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        method, colon, assignment = spec.partition(":")
+        key, equals, value = assignment.partition("=")
+        if not colon or not equals or not key:
+            raise UsageError(f"--method-option {spec!r}: expected METHOD:KEY=VALUE")
+        if method not in methods:
+            raise UsageError(
+                f"--method-option {spec!r}: method {method!r} is not among --method "
+                f"({', '.join(methods)})"
+            )
+        result.setdefault(method, {})[key] = _option_value(value)
+    try:
+        resolve_methods(methods, result)
+    except SegCamError as error:
+        raise UsageError(f"--method-option: {error}") from None
+    return result

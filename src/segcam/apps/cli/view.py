@@ -1,0 +1,80 @@
+"""``segcam view``: a local web viewer (no input: the demo CT)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from segcam.apps.cli.options import (
+    UsageError,
+    add_classes_option,
+    add_intensity_options,
+    add_model_options,
+    add_output_option,
+    add_sliding_window_option,
+    intensity,
+)
+from segcam.apps.specs import apply_intensity, load_model
+from segcam.errors import MissingExtraError
+from segcam.io.files import read_input
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Any) -> None:
+    """Declare ``segcam view``."""
+    parser = commands.add_parser(
+        "view",
+        help="a local web viewer: paint the pixel set, see the maps (no input: the demo CT)",
+    )
+    parser.add_argument("input", nargs="?", type=Path, metavar="INPUT", help="an image or volume")
+    add_model_options(parser)
+    add_intensity_options(parser)
+    add_classes_option(parser)
+    parser.add_argument(
+        "--layer", action="append", default=[], metavar="NAME", help="layers offered (repeatable)"
+    )
+    add_output_option(parser)
+    parser.add_argument("--demo", choices=["3d", "2d"], default="3d", help="which demo network")
+    add_sliding_window_option(
+        parser, "explain the sliding-window prediction (inputs larger than the model's window)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the viewer until interrupted."""
+    try:
+        from segcam.apps.viewer.serve import demo_session, file_session, serve
+    except ImportError as error:  # pragma: no cover - the extra is part of dev
+        raise MissingExtraError(
+            f"the viewer needs the 'viewer' extra: pip install 'segcam[viewer]' ({error})"
+        ) from None
+    if args.input is None:
+        if args.model:
+            raise UsageError("--model needs an INPUT to view (without both: the demo CT)")
+        session = demo_session(args.demo, args.sliding_window)
+    else:
+        if not args.input.is_file():
+            raise UsageError(f"{args.input}: no such file")
+        model = load_model(
+            args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle
+        )
+        data = read_input(args.input)
+        array = apply_intensity(data.array, **intensity(args))
+        session = file_session(
+            model,
+            array,
+            class_names=args.classes,
+            layers=args.layer,
+            affine=data.nifti_affine,
+            title=args.input.name,
+            output=args.output,
+            sliding_window=args.sliding_window,
+        )
+    serve(session, host=args.host, port=args.port, browser=not args.no_browser)
+    return 0
