@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
+from test_viewer_api import LAYER, session_2d, session_3d
 
 import segcam
 from segcam.apps.viewer.serve import serve_in_thread
-from test_viewer_api import LAYER, session_2d, session_3d
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]

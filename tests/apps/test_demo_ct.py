@@ -16,7 +16,7 @@ from segcam.apps.demo import data as liver
 from segcam.apps.demo.models import DEMO_LAYERS, WEIGHTS_DIR, held_out_dice, load_liver_model
 from segcam.io.mrc import MrcError, read_mrc
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _mrc_bytes(array: np.ndarray, mode: int, order: str) -> bytes:

@@ -15,7 +15,7 @@ from segcam.apps.demo.models import WEIGHTS_DIR, load_demo_model
 from segcam.apps.evaluation import bootstrap_interval, evidence_accuracy
 from segcam.testing.evidence import evidence_scene
 
-LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_evidence_unet.log.json"
+LOG = Path(__file__).resolve().parents[2] / "scripts" / "train_evidence_unet.log.json"
 
 
 def test_scenes_are_seeded_and_consistent():

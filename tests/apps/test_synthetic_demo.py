@@ -13,7 +13,7 @@ from segcam.apps.demo.models import DEMO_LAYERS, load_demo_model
 from segcam.apps.demo.synthetic import HELD_OUT_SEED, main
 from segcam.testing.synthetic import shapes_batch, shapes_scene
 
-LOG = Path(__file__).resolve().parents[1] / "scripts" / "train_synthetic_unet.log.json"
+LOG = Path(__file__).resolve().parents[2] / "scripts" / "train_synthetic_unet.log.json"
 
 
 def test_committed_weights_segment_held_out_scenes():

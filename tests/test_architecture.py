@@ -1,0 +1,102 @@
+"""The layout's rules: the library never imports an application; one error contract."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import segcam
+from segcam import errors
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "segcam"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter with the project's contracts on the package under ``tree``/src."""
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=tree,
+        env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_import_contract_fails_when_a_library_module_imports_an_app(tmp_path):
+    shutil.copytree(SRC, tmp_path / "src" / "segcam", ignore=shutil.ignore_patterns("*.pt"))
+    kept = _lint_imports(tmp_path)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "1 kept, 0 broken" in kept.stdout
+    # the one forbidden direction: a library module importing an application
+    core = tmp_path / "src" / "segcam" / "core.py"
+    core.write_text(core.read_text() + "\nimport segcam.apps.batch  # noqa: E402\n")
+    broken = _lint_imports(tmp_path)
+    assert broken.returncode != 0
+    assert "BROKEN" in broken.stdout and "segcam.core -> segcam.apps.batch" in broken.stdout
+
+
+def test_import_contract_fails_for_an_unlisted_library_module(tmp_path):
+    shutil.copytree(SRC, tmp_path / "src" / "segcam", ignore=shutil.ignore_patterns("*.pt"))
+    (tmp_path / "src" / "segcam" / "newmodule.py").write_text('"""A new module."""\n')
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0 and "newmodule" in result.stdout + result.stderr
+
+
+def test_importing_segcam_loads_no_application():
+    code = "import segcam, sys; print(sorted(m for m in sys.modules if m.startswith('segcam.')))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "segcam.core" in loaded and "segcam.apps" not in loaded
+
+
+def _all_modules() -> list[str]:
+    return [
+        info.name
+        for info in pkgutil.walk_packages(segcam.__path__, "segcam.")
+        if not info.name.endswith("__main__")
+    ]
+
+
+def test_every_exception_segcam_defines_is_a_segcam_error():
+    defined = {}
+    for name in _all_modules():
+        module = importlib.import_module(name)
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if value.__module__.startswith("segcam") and issubclass(value, BaseException):
+                defined[f"{value.__module__}.{value.__qualname__}"] = value
+    exceptions = {k: v for k, v in defined.items() if not issubclass(v, Warning)}
+    assert len(exceptions) >= 20, sorted(exceptions)  # the walk found the package's errors
+    outside = sorted(k for k, v in exceptions.items() if not issubclass(v, errors.SegCamError))
+    # the viewer's size guard never leaves the app: it is turned into a 413 response
+    assert outside == ["segcam.apps.viewer.app._TooLargeError"]
+    for name in errors.__all__:
+        value = getattr(errors, name)
+        if isinstance(value, type) and issubclass(value, BaseException):
+            assert issubclass(value, (errors.SegCamError, Warning)), name
+
+
+BUILT_IN_RAISES = {"ValueError", "RuntimeError", "TypeError", "KeyError", "IndexError"}
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_bare_built_in_error_is_raised(path):
+    tree = ast.parse(path.read_text())
+    bare = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            called = node.exc.func
+            if isinstance(called, ast.Name) and called.id in BUILT_IN_RAISES:
+                bare.append(f"line {node.lineno}: raise {called.id}")
+    assert not bare, bare
