@@ -25,10 +25,8 @@ def _run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[st
 
 def test_wheel_installs_and_runs_the_demo_from_an_empty_folder(tmp_path):
     dist = tmp_path / "dist"
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(dist), str(ROOT)]
-    )
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    _run([*build, "-w", str(dist), str(ROOT)])
     [wheel] = dist.glob("segcam-*.whl")
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
