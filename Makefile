@@ -39,6 +39,11 @@ lint: $(STAMP)
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 
+# The documentation site (MkDocs Material + mkdocstrings), built offline; --strict fails on any
+# warning (a broken link, a docstring that does not parse). Output in site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 format: $(STAMP)
 	$(PY) -m ruff format src tests scripts benchmarks
 	$(PY) -m ruff check --fix src tests scripts benchmarks
@@ -61,4 +66,4 @@ view: $(STAMP) data
 	$(VENV)/bin/segcam view
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) demo-out site .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,6 +1,6 @@
-"""The README's screenshot of the viewer: the 2D demo, predicted tumour, default methods.
+"""The documentation's screenshot of the viewer: the 2D demo, predicted tumour, default methods.
 
-.venv/bin/python scripts/viewer_screenshot.py [docs/viewer.png]
+.venv/bin/python scripts/viewer_screenshot.py docs/viewer.png
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from segcam.apps.viewer.serve import demo_session, serve_in_thread
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/viewer.png")
+    if len(sys.argv) != 2:
+        sys.exit("usage: scripts/viewer_screenshot.py OUT.png")
+    out = Path(sys.argv[1])
     session = demo_session("2d")
     viewer = serve_in_thread(session)
     args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]

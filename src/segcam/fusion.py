@@ -30,11 +30,11 @@ def fuse_layers(
     Each layer's map is made non-negative (ReLU) and up-sampled to the grid of the pixel sets
     (bilinear/trilinear) if it is not already; then, per sample and target:
 
-    - ``"layercam"``: :math:`\hat L_l = \tanh(\gamma L_l / \max L_l)`, fused
-      :math:`\max_l \hat L_l` (LayerCAM's scaling, applied to every layer so that all share the
+    - ``"layercam"``: $\hat L_l = \tanh(\gamma L_l / \max L_l)$, fused
+      $\max_l \hat L_l$ (LayerCAM's scaling, applied to every layer so that all share the
       range [0, tanh(gamma)]);
-    - ``"max"``: :math:`\max_l L_l / \max L_l`;
-    - ``"mean"``: :math:`\operatorname{mean}_l L_l / \max L_l`.
+    - ``"max"``: $\max_l L_l / \max L_l$;
+    - ``"mean"``: $\operatorname{mean}_l L_l / \max L_l$.
 
     A map that is zero everywhere stays zero (never NaN).
 

@@ -1,15 +1,16 @@
 r"""Explanations of sliding-window predictions: the whole stitched volume, window by window.
 
 Sliding-window inference (MONAI's ``sliding_window_inference``) runs the model on overlapping
-windows :math:`w` of size ``roi_size`` and blends their logits with an importance map
-:math:`g` (constant or Gaussian):
+windows $w$ of size ``roi_size`` and blends their logits with an importance map
+$g$ (constant or Gaussian):
 
-.. math::
-    Y(p) = \frac{\sum_w g_w(p)\, y_w(p)}{\sum_w g_w(p)} .
+$$
+Y(p) = \frac{\sum_w g_w(p)\, y_w(p)}{\sum_w g_w(p)} .
+$$
 
-The target score is the masked sum of the *blended* logits, :math:`y^c_M = \sum_{p \in M}
-Y^c(p)`. Blending is linear, so its gradient with respect to window w's logits is
-:math:`g_w(p) / \sum_{w'} g_{w'}(p)` on M in channel c and 0 elsewhere: each window takes its own
+The target score is the masked sum of the *blended* logits, $y^c_M = \sum_{p \in M}
+Y^c(p)$. Blending is linear, so its gradient with respect to window w's logits is
+$g_w(p) / \sum_{w'} g_{w'}(p)$ on M in channel c and 0 elsewhere: each window takes its own
 backward pass from its logits (with that weight as the gradient output) to the layer, exactly
 the gradient of the whole-volume score, and a window whose output does not meet M is skipped.
 Each window's map is computed from its own activation and gradient with the registered method
@@ -17,7 +18,7 @@ Each window's map is computed from its own activation and gradient with the regi
 layer positions: a channel of one window is another activation than the same channel of
 another window) and the window maps are added on the whole-volume grid. The blending weights
 are already inside each window's gradient, so the sum *is* the blending; for a layer feeding a
-1x1 head Seg-HiRes-Grad CAM gives :math:`(Y^c - b_c) 1[M]` over the whole volume, as without
+1x1 head Seg-HiRes-Grad CAM gives $(Y^c - b_c) 1[M]$ over the whole volume, as without
 windows.
 
 Placement: at the layer's resolution when every window starts on a multiple of the layer's

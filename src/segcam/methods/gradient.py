@@ -34,7 +34,7 @@ __all__ = [
     ),
 )
 def seg_hires_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    r"""Seg-HiRes-Grad CAM: :math:`L = \sum_k \frac{\partial y^c_M}{\partial A_k} \odot A_k`.
+    r"""Seg-HiRes-Grad CAM: $L = \sum_k \frac{\partial y^c_M}{\partial A_k} \odot A_k$.
 
     Rheude et al., MELBA 2024. No spatial averaging of the gradient, so the map is faithful to the
     score: for a layer feeding a 1x1 convolution head, L = (y^c - b_c) * 1[M].
@@ -60,9 +60,9 @@ def seg_hires_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torc
     ),
 )
 def seg_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    r"""Seg-Grad CAM: :math:`L = \sum_k \alpha_k A_k`, channel weights from averaged gradients.
+    r"""Seg-Grad CAM: $L = \sum_k \alpha_k A_k$, channel weights from averaged gradients.
 
-    :math:`\alpha_k = \frac{1}{P}\sum_p \frac{\partial y^c_M}{\partial A_{k,p}}`
+    $\alpha_k = \frac{1}{P}\sum_p \frac{\partial y^c_M}{\partial A_{k,p}}$
     (Vinogradova et al., AAAI 2020), P the number of positions of the layer's grid. For a layer
     feeding a 1x1 convolution head, L = (|M| / P) * (y^c - b_c).
 
@@ -86,7 +86,7 @@ def seg_grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
     ),
 )
 def seg_layer_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    r"""Seg-LayerCAM: :math:`L = \sum_k \operatorname{ReLU}(G_k) \odot A_k`, G = dy^c_M/dA.
+    r"""Seg-LayerCAM: $L = \sum_k \operatorname{ReLU}(G_k) \odot A_k$, G = dy^c_M/dA.
 
     LayerCAM (Jiang et al., IEEE TIP 2021) with the segmentation score y^c_M. Equals
     Seg-HiRes-Grad CAM wherever every gradient is non-negative.
@@ -111,9 +111,9 @@ def seg_layer_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Ten
     ),
 )
 def seg_xgrad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    r"""Seg-XGrad-CAM: :math:`L = \sum_k \alpha_k A_k`, weights from activation-weighted gradients.
+    r"""Seg-XGrad-CAM: $L = \sum_k \alpha_k A_k$, weights from activation-weighted gradients.
 
-    :math:`\alpha_k = \sum_p A_{k,p} G_{k,p} / \sum_p A_{k,p}`, G = dy^c_M/dA: XGrad-CAM
+    $\alpha_k = \sum_p A_{k,p} G_{k,p} / \sum_p A_{k,p}$, G = dy^c_M/dA: XGrad-CAM
     (Fu et al., BMVC 2020) with the segmentation score y^c_M. A channel whose activations sum
     to exactly 0 gets weight 0 (its ratio is undefined). For a layer
     feeding a 1x1 convolution head with M = all pixels it equals Seg-Grad CAM (both weights are
@@ -145,12 +145,13 @@ def seg_xgrad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Ten
 def seg_grad_cam_plus_plus(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     r"""Seg-Grad-CAM++: Grad-CAM++ weights with the segmentation score y^c_M.
 
-    With the exponential score :math:`S = \exp(y^c_M)` and a piecewise-linear network (second
+    With the exponential score $S = \exp(y^c_M)$ and a piecewise-linear network (second
     derivatives of y vanish), the paper's closed form (Chattopadhay et al., WACV 2018, Eq. 19) is
 
-    .. math::
-        a_{kp} = \frac{G_{kp}^2}{2 G_{kp}^2 + G_{kp}^3 \sum_q A_{kq}}, \qquad
-        w_k = \sum_p a_{kp} \operatorname{ReLU}(G_{kp}), \qquad L = \sum_k w_k A_k,
+    $$
+    a_{kp} = \frac{G_{kp}^2}{2 G_{kp}^2 + G_{kp}^3 \sum_q A_{kq}}, \qquad
+    w_k = \sum_p a_{kp} \operatorname{ReLU}(G_{kp}), \qquad L = \sum_k w_k A_k,
+    $$
 
     G = dy^c_M/dA. The positive factor exp(y^c_M) of dS/dA is left out, as in the reference
     implementations: it only scales the map, and it overflows for large pixel sets. Where the
@@ -218,7 +219,7 @@ def seg_xres_cam(
     pool_size: int | Sequence[int] = 2,
     pool: str = "max",
 ) -> torch.Tensor:
-    r"""Seg-XRes-CAM: :math:`L = \sum_k \operatorname{up}(\operatorname{pool}(G_k)) \odot A_k`.
+    r"""Seg-XRes-CAM: $L = \sum_k \operatorname{up}(\operatorname{pool}(G_k)) \odot A_k$.
 
     Hasany et al., CVPRW 2023: the gradient G = dy^c_M/dA of each channel is pooled over blocks
     of ``pool_size`` positions per axis (``pool`` = ``"max"`` or ``"mean"``, stride = block),

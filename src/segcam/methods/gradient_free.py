@@ -65,13 +65,13 @@ def seg_eigen_cam(activation: torch.Tensor, context: MethodContext) -> torch.Ten
     r"""Seg-Eigen-CAM: the activations' projection on their first principal component.
 
     Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): with the P positions of the layer as samples of
-    C features, :math:`X \in R^{P \times C}`, centred over positions (as PCA, and as
-    pytorch-grad-cam), v the first principal axis (eigenvector of :math:`X^T X` with the largest
-    eigenvalue), the map is :math:`L = X v` at each position. It is class-agnostic; the sign,
+    C features, $X \in R^{P \times C}$, centred over positions (as PCA, and as
+    pytorch-grad-cam), v the first principal axis (eigenvector of $X^T X$ with the largest
+    eigenvalue), the map is $L = X v$ at each position. It is class-agnostic; the sign,
     which PCA leaves open, is fixed against the target: L is flipped when its covariance with the
-    target's pixel set (area-resampled to the layer's grid), :math:`\sum_p L_p (m_p - \bar m)`,
+    target's pixel set (area-resampled to the layer's grid), $\sum_p L_p (m_p - \bar m)$,
     is negative, so the pixel set lies on the high side. Where that covariance vanishes (a pixel
-    set covering the whole grid), the sign makes :math:`|\max L| \ge |\min L|` (the rule of
+    set covering the whole grid), the sign makes $|\max L| \ge |\min L|$ (the rule of
     Chung & Ying's Seg-Eigen-CAM, 2025). An empty pixel set gives a zero map.
 
     Args:
@@ -142,12 +142,12 @@ def seg_score_cam(
     batch_size: int = 32,
     max_channels: int | None = None,
 ) -> torch.Tensor:
-    r"""Seg-Score-CAM: :math:`L = \sum_k w_k A_k`, :math:`w = \operatorname{softmax}_k(s_k)`.
+    r"""Seg-Score-CAM: $L = \sum_k w_k A_k$, $w = \operatorname{softmax}_k(s_k)$.
 
     Score-CAM (Wang et al., CVPRW 2020) with the segmentation score: each channel map A_k is
     up-sampled to the input grid (bilinear/trilinear, half-pixel centres) and min-max scaled to
-    [0, 1] (a constant channel gives an all-zero mask), :math:`H_k`; the model scores the masked
-    input, :math:`s_k = y^c_M(x \odot H_k)` with the target's pixel set M fixed from the original
+    [0, 1] (a constant channel gives an all-zero mask), $H_k$; the model scores the masked
+    input, $s_k = y^c_M(x \odot H_k)$ with the target's pixel set M fixed from the original
     prediction, and the weights are the softmax of the s_k over channels. The paper's baseline
     subtraction (the score's *change*) is a shift of all s_k and leaves the softmax unchanged.
     s_k is a sum over M, so for large pixel sets the softmax tends to one channel.

@@ -189,7 +189,7 @@ def deletion_insertion(
     Positions are ranked by map value (highest first; ties by index). For ``k`` in ``steps + 1``
     equal fractions of all positions, deletion replaces the top-``k`` positions (all channels) of
     the input by the baseline; insertion starts from the baseline and puts back the top-``k``.
-    The score of each perturbed input is :math:`y^c_M = \sum_{p \in M} y^c_p` with M the
+    The score of each perturbed input is $y^c_M = \sum_{p \in M} y^c_p$ with M the
     target's pixel set on the *unperturbed* prediction (Petsiuk et al., BMVC 2018, with the
     segmentation score). A faithful map makes deletion fall fast (low AUC) and insertion rise
     fast (high AUC). Perturbed inputs run through the model in batches of ``batch_size``, under
