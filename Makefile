@@ -34,8 +34,8 @@ test: $(STAMP) data browser
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests scripts benchmarks
-	$(PY) -m ruff format --check src tests scripts benchmarks
+	$(PY) -m ruff check src tests scripts benchmarks docs
+	$(PY) -m ruff format --check src tests scripts benchmarks docs
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 
@@ -45,8 +45,8 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests scripts benchmarks
-	$(PY) -m ruff check --fix src tests scripts benchmarks
+	$(PY) -m ruff format src tests scripts benchmarks docs
+	$(PY) -m ruff check --fix src tests scripts benchmarks docs
 
 demo: $(STAMP)
 	$(VENV)/bin/segcam demo --out demo-out

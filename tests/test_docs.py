@@ -1,4 +1,4 @@
-"""The documentation's runnable parts: the how-to examples run as written; the site's pages exist."""
+"""The documentation's runnable parts: the how-to examples run as written; its pages exist."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""MkDocs hook: formulas to MathML at build time, and Sphinx roles to plain code.
+r"""MkDocs hook: formulas to MathML at build time, and Sphinx roles to plain code.
 
-``pymdownx.arithmatex`` (generic mode) marks formulas as ``\\(...\\)`` and ``\\[...\\]`` inside
+``pymdownx.arithmatex`` (generic mode) marks formulas as ``\(...\)`` and ``\[...\]`` inside
 ``arithmatex`` spans and divs; this hook converts each to MathML with ``latex2mathml``, which
 browsers render natively: the site needs no JavaScript and nothing from the network, at build
-time or when read. Docstrings written for Sphinx keep roles such as ``:class:`segcam.Explanation```;
-they are shown as the code they name.
+time or when read. Docstrings written for Sphinx keep roles such as
+``:class:`segcam.Explanation```; they are shown as the code they name.
 """
 
 from __future__ import annotations
