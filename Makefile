@@ -61,6 +61,7 @@ bench: $(STAMP) data browser
 	$(PY) benchmarks/bench_viewer.py
 	$(PY) benchmarks/bench_sliding.py
 	$(PY) benchmarks/bench_batch.py
+	$(PY) benchmarks/bench_cli_methods.py
 
 view: $(STAMP) data
 	$(VENV)/bin/segcam view

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = ["BACKENDS", "BatchJob", "BatchResult", "explain_file", "explain_files
 
 SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
 BACKENDS = ("local", "ray")
+WRITER_THREADS = 4  # files of one input written at once
 INPUT_ERRORS = (SegCamError, InputFileError, SpecError, ValueError, OSError)
 
 
@@ -191,13 +193,14 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "root"
 
 
-def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
+def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
     from PIL import Image
 
     from segcam.viz import overlay
 
     with atomic_write(path) as stream:
         Image.fromarray(overlay(image, heat)).save(stream, format="PNG")
+    return path
 
 
 def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
@@ -206,7 +209,6 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     data: InputFile = read_input(path)
     array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
     x = torch.from_numpy(array)[None].to(job.device)
-    written: list[Path] = []
     target_dir = out / output_name(path)
     for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
@@ -233,25 +235,36 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
             **job.options["explain"],
             method_options=method_options,
         )
-    for method, expl in explanations.items():
-        written.append(_save(expl, target_dir / f"{method}.npz"))
-        for layer, maps in expl.layer_maps.items():
-            for t, spec in enumerate(job.target_specs):
-                kind, _, rest = spec.partition(":")
-                stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
-                heat = maps[0, t].detach().float().cpu().numpy()
-                if data.spatial_dims == 2:
+    # The files are independent: compress and write them on a few threads (zlib and the
+    # tensor-to-bytes copies release the GIL). The manifest comes last, after all of them.
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
+        pending = []
+        for method, expl in explanations.items():
+            pending.append(pool.submit(_save, expl, target_dir / f"{method}.npz"))
+            for layer, maps in expl.layer_maps.items():
+                for t, spec in enumerate(job.target_specs):
+                    heat = maps[0, t].detach().float().cpu().numpy()
                     if heat.shape != array.shape[1:]:
                         continue  # not up-sampled: the raw maps are in the .npz
-                    written.append(target_dir / f"{stem}.png")
-                    _overlay_png(written[-1], array.mean(axis=0), heat)
-                else:
-                    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
-                    if heat.shape != array.shape[1:]:
-                        continue
-                    written.append(
-                        write_nifti(target_dir / f"{stem}.nii.gz", heat, affine, data.nifti_header)
-                    )
+                    kind, _, rest = spec.partition(":")
+                    stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
+                    if data.spatial_dims == 2:
+                        destination = target_dir / f"{stem}.png"
+                        pending.append(
+                            pool.submit(_overlay_png, destination, array.mean(axis=0), heat)
+                        )
+                    else:
+                        affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
+                        pending.append(
+                            pool.submit(
+                                write_nifti,
+                                target_dir / f"{stem}.nii.gz",
+                                heat,
+                                affine,
+                                data.nifti_header,
+                            )
+                        )
+        written = [future.result() for future in pending]
     manifest = {
         **job.settings,
         "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},

@@ -1,0 +1,108 @@
+"""The command line with 2 methods x 2 layers against 1 method x 1 layer, side by side.
+
+    .venv/bin/python benchmarks/bench_cli_methods.py [--repeats 5]
+
+The demo's 3D network on the demo CT volume (128^3, windowed, as .npy), target predicted:tumour,
+layers: the last and the middle decoder block. ``segcam.apps.cli.main`` is called in this
+process, so interpreter start-up and imports are excluded; everything else a user's run does is
+included (building the model and loading its weights, reading the input, the passes, writing
+NIfTI heatmaps, .npz maps and the manifest). Runs are interleaved (one warm-up each), medians of
+``--repeats``. Also timed: the same two methods as two separate runs (what the command line
+cost before methods shared their passes). Writes benchmarks/results/cli_methods.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segcam.apps.cli import main as cli
+from segcam.apps.demo import data
+from segcam.apps.demo.models import DEMO_LAYERS, WEIGHTS_DIR
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["seg-grad-cam", "seg-hires-grad-cam"]
+LAYERS = [DEMO_LAYERS["last decoder"], DEMO_LAYERS["middle decoder"]]
+
+
+def command(volume: Path, out: Path, methods: list[str], layers: list[str]) -> list[str]:
+    return [
+        "explain",
+        str(volume),
+        "--model",
+        "segcam.apps.demo.models:build_liver_model",
+        "--model-kwargs",
+        '{"which": "3d"}',
+        "--weights",
+        str(WEIGHTS_DIR / "liver_unet3d.pt"),
+        "--classes",
+        "background,liver,tumour",
+        "--target",
+        "predicted:tumour",
+        *[part for layer in layers for part in ("--layer", layer)],
+        *[part for method in methods for part in ("--method", method)],
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    case = data.load_case()
+    runs = {
+        "1 method x 1 layer": [(METHODS[1:], LAYERS[:1])],
+        "2 methods x 2 layers": [(METHODS, LAYERS)],
+        "2 methods x 2 layers, one run per method (before)": [
+            ([method], LAYERS) for method in METHODS
+        ],
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as folder:
+        volume = Path(folder) / "ct.npy"
+        np.save(volume, data.window(case.image))
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for name, calls in runs.items():
+                started = time.perf_counter()
+                for methods, layers in calls:
+                    out = Path(folder) / name.replace(" ", "_")
+                    assert cli(command(volume, out, methods, layers)) == 0
+                if repeat:
+                    times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    base = medians["1 method x 1 layer"]
+    print(f"demo 3D UNet, 128^3 CT, 1 target; medians of {args.repeats}, interleaved")
+    for name, median in medians.items():
+        print(f"  {name:52s} {median:6.2f} s   {median / base:5.2f}x")
+    ratio = medians["2 methods x 2 layers"] / base
+    print(f"2 methods x 2 layers / 1 method x 1 layer = {ratio:.2f} (goal <= 1.2)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cli_methods.json").write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpu_count": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                },
+                "seconds": times,
+                "median_seconds": medians,
+                "ratio_2x2_over_1x1": ratio,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
