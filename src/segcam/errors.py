@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "OutputError",
+    "OutputFileError",
     "SegCamError",
     "SegCamWarning",
     "TargetError",
@@ -117,6 +118,13 @@ class ExplanationFileError(SegCamError, OSError):
 
 class InputFileError(SegCamError, ValueError):
     """An input file is missing, unreadable, corrupt, or of an unsupported kind."""
+
+
+class OutputFileError(SegCamError, OSError):
+    """An output file or folder cannot be created or written; the message names the path.
+
+    Permissions, a file where a folder should be, a full disk.
+    """
 
 
 class MrcError(InputFileError):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,3 +411,18 @@ def test_sliding_window_option(scenes, tmp_path, capsys):
         *common, "--sliding-window", "32", "--method", "seg-eigen-cam", "--out", tmp_path / "c"
     )
     assert code == 2 and "gradient methods only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, where):
+    image, _ = shapes_scene(1_000_004)
+    np.save(tmp_path / "scene.npy", image[0])
+    if where == "file":
+        out = tmp_path / "a-file"
+        out.write_text("")
+    else:
+        out = Path("/proc/segcam-cannot-write-here")
+    common = ["explain", str(tmp_path / "scene.npy"), *MODEL, "--target", "all:1"]
+    assert main([*common, "--layer", LAYER, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segcam: error: cannot create the output folder") and err.count("\n") == 1

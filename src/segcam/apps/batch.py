@@ -45,6 +45,7 @@ from segcam.io.files import (
     NIFTI_SUFFIXES,
     InputFile,
     atomic_write,
+    make_dir,
     read_input,
     write_nifti,
 )
@@ -278,7 +279,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
 
 
 def _save(expl: segcam.Explanation, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     return expl.save(path)
 
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from segcam.errors import InputFileError
+from segcam.errors import InputFileError, OutputFileError, SegCamError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -26,6 +26,7 @@ __all__ = [
     "InputFileError",
     "atomic_write",
     "input_kind",
+    "make_dir",
     "read_input",
     "write_nifti",
 ]
@@ -135,17 +136,35 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     temporary is removed on error (a kill can leave a hidden ``.name.*.part`` file, which the next
     run of the same output ignores and overwrites nothing with).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    make_dir(path.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".part", dir=path.parent
+        )
+    except OSError as error:
+        raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
     try:
         with os.fdopen(handle, mode) as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, SegCamError):
+            raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
         raise
+
+
+def make_dir(path: Path) -> Path:
+    """Create a folder (and its parents) for outputs; :class:`OutputFileError` names the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputFileError(
+            f"cannot create the output folder {path}: {error.strerror or error}"
+        ) from error
+    return path
 
 
 def nifti_bytes(volume: np.ndarray, affine: np.ndarray, header: Any = None) -> bytes:

@@ -29,7 +29,7 @@ import torch
 import segcam
 from segcam.apps.demo import data as liver
 from segcam.apps.demo.models import DEMO_LAYERS, held_out_dice, load_liver_model
-from segcam.io.files import atomic_write, write_nifti
+from segcam.io.files import atomic_write, make_dir, write_nifti
 
 __all__ = ["DEMO_SLICES", "run_demo"]
 
@@ -235,7 +235,7 @@ def run_demo(out: Path, *, offline: bool = False) -> int:
     total = 4
     _progress(1, total, "reading the CT volume")
     case = liver.load_case(offline=offline)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     _progress(
         2,
         total,

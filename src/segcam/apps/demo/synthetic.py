@@ -22,6 +22,7 @@ import torch
 
 import segcam
 from segcam.apps.demo.models import DEMO_LAYERS, DEMO_MODELS, load_demo_model
+from segcam.io.files import make_dir
 from segcam.testing.synthetic import CLASS_NAMES, shapes_scene
 
 __all__ = ["HELD_OUT_SEED", "main"]
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < HELD_OUT_SEED:
         parser.error(f"--seed must be >= {HELD_OUT_SEED}: lower seeds were used for training")
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_dir(args.out)
     print(
         f"[1/3] loading the trained UNet ({DEMO_MODELS['synthetic-2d'].weights}) and "
         f"held-out scene {args.seed}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from segcam.errors import OptionError
-from segcam.io.files import atomic_write
+from segcam.io.files import atomic_write, make_dir
 
 __all__ = [
     "Curve",
@@ -77,7 +77,7 @@ def summarise(records: list[Record]) -> list[Record]:
 
 def write_tables(rows: list[Record], out: Path, stem: str) -> tuple[Path, Path]:
     """Write the summary as CSV and as a markdown table (one row per target x metric x layer)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     with atomic_write(csv_path, "w") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
@@ -184,7 +184,7 @@ def plot_curves(curves: dict[tuple[str, str, str, str], Curve], path: Path) -> P
         axis.set_title(f"{name}: {mode} (score / unperturbed score)", fontsize=9)
         axis.set_xlabel("fraction of pixels changed, highest map values first", fontsize=8)
     axes[0, 0].legend(fontsize=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
