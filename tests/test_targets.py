@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -132,3 +133,12 @@ def test_user_defined_target():
     x = torch.tensor([[[[1.0, 2.0], [-1.0, 0.0]]]])
     expl = segcam.explain(HandNet(), x, RowTarget(0), "act", relu=False, upsample=False)
     torch.testing.assert_close(expl.maps[0, 0], torch.tensor([[3.0, 6.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("classes", [2, 3, 8, 9, 20])
+def test_predicted_equals_argmax_with_ties(classes):
+    generator = torch.Generator().manual_seed(classes)
+    logits = torch.randint(-2, 3, (2, classes, 5, 6, 7), generator=generator).float()  # many ties
+    for c in range(classes):
+        expected = logits.argmax(dim=1) == c
+        assert torch.equal(segcam.Predicted(c).pixel_set(logits), expected)

@@ -58,6 +58,7 @@ __all__ = [
     "class_logits",
     "largest_component",
     "num_classes",
+    "predicted_as",
     "score_gradient",
     "target_pixel_sets",
     "uses_logits",
@@ -180,6 +181,29 @@ def class_probabilities(logits: torch.Tensor, class_index: int) -> torch.Tensor:
     return torch.softmax(logits, dim=1)[:, class_index]
 
 
+_COMPARE_UP_TO = 8  # classes; above, one argmax pass is faster than K - 1 comparisons
+
+
+def predicted_as(logits: torch.Tensor, class_index: int) -> torch.Tensor:
+    """``logits.argmax(dim=1) == class_index``, (N, *S) bool, ties going to the lower class.
+
+    For few classes it compares channel c with every other channel instead (strictly against
+    lower classes, so ties resolve as argmax's first maximum): torch's argmax over the class axis
+    of a (1, 3, 128, 128, 128) volume takes 270 ms on two cores, the comparisons 4 ms.
+    """
+    classes = int(logits.shape[1])
+    if classes > _COMPARE_UP_TO:
+        return logits.argmax(dim=1) == class_index
+    value = logits[:, class_index]
+    result = torch.ones_like(value, dtype=torch.bool)
+    for other in range(classes):
+        if other < class_index:
+            result &= value > logits[:, other]
+        elif other > class_index:
+            result &= value >= logits[:, other]
+    return result
+
+
 def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
     """Validate ``mask`` against the output grid and return a (N, *S) bool tensor on its device.
 
@@ -269,7 +293,7 @@ class Predicted(Target):
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if logits.shape[1] == 1:
             return (logits[:, 0] > 0) == (self.class_index == 1)
-        return logits.argmax(dim=1) == self.class_index
+        return predicted_as(logits, self.class_index)
 
 
 @dataclass(frozen=True)
