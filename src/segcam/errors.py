@@ -24,6 +24,7 @@ __all__ = [
     "MethodNotFoundError",
     "MethodNotSupportedError",
     "MethodRegistrationError",
+    "MetricError",
     "MissingExtraError",
     "MrcError",
     "NonFiniteError",
@@ -79,6 +80,10 @@ class ClassIndexError(TargetError, IndexError):
 
 class MaskShapeError(TargetError):
     """A pixel set does not have the output's spatial shape."""
+
+
+class MetricError(SegCamError, ValueError):
+    """Inputs a metric cannot be computed on: mismatched shapes, an empty region."""
 
 
 class MethodNotFoundError(SegCamError, KeyError):

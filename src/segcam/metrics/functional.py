@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from segcam.errors import SegCamError
+from segcam.errors import MetricError
 from segcam.targets import TargetLike, as_pixel_set, class_logits
 
 __all__ = [
@@ -40,10 +40,6 @@ __all__ = [
     "relevance_rank_accuracy",
     "spearman",
 ]
-
-
-class MetricError(SegCamError, ValueError):
-    """Inputs a metric cannot be computed on: mismatched shapes, an empty region."""
 
 
 def _region(maps: torch.Tensor, region: Any, what: str) -> torch.Tensor:
