@@ -170,7 +170,18 @@ def test_layouts_inferred_from_shapes():
     from segcam.tokens import Layout, infer_layout
 
     assert infer_layout("a", (1, 8, 16, 16), (64, 64), None) == Layout("channels_first", (16, 16))
-    assert infer_layout("a", (1, 16, 16, 8), (64, 64), None) == Layout("channels_last", (16, 16))
+    # (1, 16, 16, 8) on 64x64: channels-first grid (16, 8) and channels-last grid (16, 16) both
+    # fit; the module that made it decides, and without one the guess is refused
+    with pytest.raises(LayerError, match="both fit the input"):
+        infer_layout("a", (1, 16, 16, 8), (64, 64), None)
+    block = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    assert infer_layout("a", (1, 16, 16, 8), (64, 64), None, block) == Layout(
+        "channels_last", (16, 16)
+    )
+    pool = nn.AvgPool2d((2, 8))  # the same shape from a 64x64 input: channels-first
+    assert infer_layout("a", (1, 32, 32, 8), (64, 64), None, pool) == Layout(
+        "channels_first", (32, 8)
+    )
     # both readings follow the input's proportions: PyTorch's channels-first wins
     assert infer_layout("a", (1, 4, 4, 4), (16, 16), None).kind == "channels_first"
     assert infer_layout("a", (1, 1 + 49, 8), (56, 56), None) == Layout("tokens", (7, 7), 1)

@@ -14,11 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.errors import OptionError
+from segcam.errors import NonFiniteError, OptionError
 from segcam.explanation import Explanation
 from segcam.methods import Method, MethodContext, get_method
 from segcam.postprocess import NORMALIZATIONS, Normalization, postprocess
-from segcam.recording import LayerSpec, OutputSpec, RecordedForward, record_forward, select_logits
+from segcam.recording import (
+    LayerSpec,
+    OutputSpec,
+    RecordedForward,
+    all_finite,
+    record_forward,
+    select_logits,
+)
 from segcam.targets import (
     TargetLike,
     as_target_list,
@@ -147,6 +154,9 @@ def explain_recorded(
     finally:
         if not keep_graph:
             recorded.release()
+    for method, _ in methods:
+        for name, layer_raw in zip(recorded.layer_names, raw[method.name], strict=True):
+            _check_finite_maps(layer_raw, method.name, name, targets, recorded)
 
     result = {}
     for method, options in methods:
@@ -172,6 +182,27 @@ def explain_recorded(
             method_options=dict(options),
         )
     return result
+
+
+def _check_finite_maps(
+    maps: torch.Tensor,
+    method: str,
+    layer: str,
+    targets: Sequence[TargetLike],
+    recorded: RecordedForward,
+) -> None:
+    """Raise :class:`~segcam.errors.NonFiniteError` naming the layer and target of NaN/Inf maps."""
+    if all_finite(maps):
+        return
+    bad = (~torch.isfinite(maps)).flatten(2).any(dim=2)  # (N, T)
+    samples, which = bad.nonzero()[0].tolist()
+    scale = float(recorded.inputs.detach().abs().max())
+    raise NonFiniteError(
+        f"{method} maps of layer {layer!r} hold NaN or Inf for target {which} "
+        f"{targets[which]!r} (sample {samples}): the activations or their gradients overflow "
+        f"{maps.dtype} (the input's largest magnitude is {scale:.3g}); scale the input as the "
+        f"model was trained (e.g. --window, --zscore) or explain in float64"
+    )
 
 
 def _gradient_free_maps(

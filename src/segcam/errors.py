@@ -26,6 +26,7 @@ __all__ = [
     "MethodRegistrationError",
     "MetricError",
     "MissingExtraError",
+    "ModelError",
     "MrcError",
     "NonFiniteError",
     "OptionError",
@@ -64,6 +65,14 @@ class LayerError(SegCamError, ValueError):
 
 class LayerNotOnPathError(LayerError):
     """The model's output does not depend on the layer's output."""
+
+
+class ModelError(SegCamError, RuntimeError):
+    """The user's model raised while segcam ran it; the original error is chained.
+
+    The message names the input (shape, dtype, device) and, where it explains the failure, what
+    the model's first layer expects.
+    """
 
 
 class OutputError(SegCamError, TypeError):

@@ -86,8 +86,11 @@ class Explainer:
             storages[storage.data_ptr()] = storage.nbytes()
             return tensor
 
+        # a snapshot: later targets (Score-CAM's masked inputs) must not see the caller's
+        # in-place changes to x
+        snapshot = inputs.detach().clone() if isinstance(inputs, torch.Tensor) else inputs
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            recorded = record_forward(self.model, inputs, self.layer, self.output)
+            recorded = record_forward(self.model, snapshot, self.layer, self.output)
         self.graph_bytes = sum(storages.values())
         if self.max_graph_bytes is not None and self.graph_bytes > self.max_graph_bytes:
             recorded.release()

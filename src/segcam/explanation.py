@@ -212,13 +212,88 @@ def _safetensors_bytes(arrays: dict[str, torch.Tensor], metadata: str) -> bytes:
     return bytes(save(arrays, metadata={"segcam": metadata}))
 
 
+_METADATA_BYTES = 16 << 20  # JSON metadata larger than this is not an explanation's
+_HEADER_BYTES = 4096  # room for an .npy header beyond the data
+
+
+def _expected_shapes(metadata: dict[str, Any], layers: list[str]) -> dict[str, tuple[int, ...]]:
+    """The arrays an explanation needs and their shapes, from its metadata (-1: any size).
+
+    Checks the format and version first.
+    """
+    if not isinstance(metadata, dict) or metadata.get("format") != "segcam.explanation":
+        raise ExplanationFileError("not a segcam explanation file")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise ExplanationFileError(
+            f"format version {metadata.get('version')}; this segcam reads version {FORMAT_VERSION}"
+        )
+    shapes = {name: tuple(int(v) for v in metadata["layer_shapes"][name]) for name in layers}
+    batch, targets = next(iter(shapes.values()))[0], len(metadata["targets"])
+    expected: dict[str, tuple[int, ...]] = {
+        "logits": (batch, -1),
+        "pixel_sets": (batch, targets),
+    }
+    for index, name in enumerate(layers):
+        grid = shapes[name][2:] if not metadata["upsampled"] else ()
+        expected[f"map_{index}"] = (batch, targets, *grid)
+    return expected
+
+
+def _check_shape(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    prefix = len(expected)
+    if len(shape) < max(prefix, 3) or any(
+        e not in (-1, s) for e, s in zip(expected, shape[:prefix], strict=False)
+    ):
+        raise ExplanationFileError(
+            f"member {key!r} has shape {shape}, which does not fit the metadata "
+            f"(expected {expected} then the grid)"
+        )
+
+
+def _read_npz(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Only the members an explanation needs, each checked against the metadata first.
+
+    The declared (uncompressed) size of every member read is bounded by what its shape needs,
+    so a crafted archive cannot make ``load`` allocate more than the explanation's arrays.
+    """
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+        info = members.get("metadata.npy")
+        if info is None or info.file_size > _METADATA_BYTES:
+            raise ExplanationFileError(f"cannot read {path}: no metadata member of sane size")
+        with archive.open(info) as stream:
+            metadata = json.loads(str(np.lib.format.read_array(stream, allow_pickle=False)))
+        layers = list(metadata.get("layers", [])) if isinstance(metadata, dict) else []
+        expected = _expected_shapes(metadata, layers)
+        arrays: dict[str, torch.Tensor] = {}
+        for key, prefix in expected.items():
+            info = members.get(f"{key}.npy")
+            if info is None:
+                raise ExplanationFileError(f"cannot read {path}: member {key!r} is missing")
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+                else:
+                    raise ExplanationFileError(f"member {key!r}: .npy version {version}")
+                _check_shape(key, tuple(shape), prefix)
+                needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                if info.file_size > needed + _HEADER_BYTES:
+                    raise ExplanationFileError(
+                        f"cannot read {path}: member {key!r} declares {info.file_size} bytes for "
+                        f"an array of {needed}"
+                    )
+            with archive.open(info) as stream:
+                arrays[key] = torch.from_numpy(np.lib.format.read_array(stream, allow_pickle=False))
+    return arrays, metadata
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            raw = {key: archive[key] for key in archive.files}
-        metadata = json.loads(str(raw.pop("metadata")))
-        return {key: torch.from_numpy(value) for key, value in raw.items()}, metadata
+        return _read_npz(path)
     if suffix == ".safetensors":
         try:
             from safetensors import safe_open
@@ -229,7 +304,12 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             ) from error
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads(handle.metadata()["segcam"])
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            layers = list(metadata.get("layers", [])) if isinstance(metadata, dict) else []
+            expected = _expected_shapes(metadata, layers)
+            arrays = {}
+            for key, prefix in expected.items():
+                _check_shape(key, tuple(handle.get_slice(key).get_shape()), prefix)
+                arrays[key] = handle.get_tensor(key)
         return arrays, metadata
     raise ExplanationFileError(f"cannot read {path}: expected a .npz or .safetensors file")
 
@@ -267,8 +347,10 @@ def load(path: str | os.PathLike[str]) -> Explanation:
             method_options=dict(metadata.get("method_options", {})),
             info=dict(metadata.get("info", {})),
         )
-    except ExplanationFileError:
-        raise
+    except ExplanationFileError as error:
+        if str(source) in str(error):
+            raise
+        raise ExplanationFileError(f"cannot read {source}: {error}") from error
     except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as error:
         raise ExplanationFileError(
             f"cannot read {source}: damaged or not an explanation ({error})"

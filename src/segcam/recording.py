@@ -35,8 +35,10 @@ from segcam.errors import (
     LayerError,
     LayerNotFoundError,
     LayerNotOnPathError,
+    ModelError,
     NonFiniteError,
     OutputError,
+    SegCamError,
     SegCamWarning,
     user_stacklevel,
 )
@@ -50,11 +52,14 @@ __all__ = [
     "RecordedForward",
     "all_finite",
     "check_inputs",
+    "check_model_inputs",
     "describe_layers",
     "layer_list",
     "record_forward",
     "resolve_layers",
+    "run_model",
     "select_logits",
+    "warn_if_probabilities",
 ]
 
 LayerSpec = str | nn.Module | TokenLayer
@@ -242,7 +247,7 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
         for name, module in model.named_modules():
             handles.append(module.register_forward_hook(hook_for(name)))
         with torch.inference_mode(False), torch.enable_grad():
-            result = model(example.detach().clone().requires_grad_(True))
+            result = run_model(model, example.detach().clone().requires_grad_(True))
     finally:
         for handle in handles:
             handle.remove()
@@ -384,6 +389,107 @@ def check_inputs(inputs: Any) -> None:
         raise NonFiniteError("inputs hold NaN or Inf values; clean or mask them before explaining")
 
 
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    """The model's first convolution or linear layer, in registration order (None: none)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            return module
+    return None
+
+
+def _expectation(model: nn.Module) -> str:
+    """What the first layer expects, as a hint for a failed forward (empty when unknown)."""
+    first = _first_layer(model)
+    if isinstance(first, nn.modules.conv._ConvNd):
+        dims = len(first.kernel_size)
+        return (
+            f"; its first convolution ({type(first).__name__}) takes {first.in_channels} "
+            f"channel(s) on a {dims}D grid, i.e. inputs (N, {first.in_channels}, "
+            f"{', '.join('S' + str(i) for i in range(1, dims + 1))})"
+        )
+    return ""
+
+
+def check_model_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Refuse, before any forward pass, inputs the model cannot take.
+
+    Checked: a TorchScript model (its modules cannot be hooked); the input's device and floating
+    dtype against the model's parameters; rank and channels against the first convolution when
+    it is the model's first layer with parameters (the stem, in the networks people train).
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise LayerError(
+            "the model is a TorchScript module: its submodules cannot be hooked for CAMs; "
+            "explain the Python model (load its state_dict into the original class)"
+        )
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return
+    if parameter.device != inputs.device:
+        raise InputError(
+            f"the input is on {inputs.device} but the model's parameters are on "
+            f"{parameter.device}; move one of them (x.to(device) or model.to(device))"
+        )
+    if parameter.dtype != inputs.dtype:
+        raise InputError(
+            f"the input is {inputs.dtype} but the model's parameters are {parameter.dtype}; "
+            f"convert the input (x.to({parameter.dtype})) or the model"
+        )
+    first = _first_layer(model)
+    owner = next((m for m in model.modules() if any(True for _ in m.parameters(False))), None)
+    if isinstance(first, nn.modules.conv._ConvNd) and first is owner:
+        dims = len(first.kernel_size)
+        if inputs.ndim != dims + 2 or inputs.shape[1] != first.in_channels:
+            raise InputError(
+                f"the input {tuple(inputs.shape)} does not fit the model{_expectation(model)}"
+            )
+
+
+def run_model(model: nn.Module, inputs: torch.Tensor) -> Any:
+    """``model(inputs)``, with an error from the model wrapped in :class:`ModelError`.
+
+    segcam's own errors (raised by its hooks) pass through unchanged.
+    """
+    try:
+        return model(inputs)
+    except SegCamError:
+        raise
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelError(
+            f"the model failed on the input {tuple(inputs.shape)} ({inputs.dtype}, "
+            f"{inputs.device}): {type(error).__name__}: {first_line}{_expectation(model)}"
+        ) from error
+
+
+_PROBABILITY_NODES = ("SoftmaxBackward", "SigmoidBackward", "LogSoftmaxBackward")
+
+
+def warn_if_probabilities(logits: torch.Tensor) -> None:
+    """Warn once when the selected output looks like probabilities rather than raw logits.
+
+    Probabilities: the output's last operation is a softmax or sigmoid, or every value lies in
+    [0, 1] and the channels sum to 1 everywhere.
+    """
+    node = type(logits.grad_fn).__name__ if logits.grad_fn is not None else ""
+    detached = logits.detach()
+    summed = detached.shape[1] > 1 and bool(
+        (detached.min() >= 0)
+        & (detached.max() <= 1)
+        & torch.allclose(detached.sum(1), torch.ones((), dtype=detached.dtype), atol=1e-3)
+    )
+    if node.startswith(_PROBABILITY_NODES) or summed:
+        what = f"ends in {node.removesuffix('0').removesuffix('Backward')}" if node else "sums to 1"
+        warnings.warn(
+            f"the model's output {what}: it looks like probabilities, not raw logits. The "
+            f"methods are defined on logits, and saturated probabilities have vanishing "
+            f"gradients; remove the final activation, or pass output= a callable that returns "
+            f"the pre-activation logits",
+            SegCamWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 # ---------------------------------------------------------------- the recorded forward pass
 
 
@@ -476,7 +582,7 @@ class RecordedForward:
 
         def score(n: int, batch: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(False), torch.no_grad():
-                logits = select_logits(model(batch), output, batch.ndim)
+                logits = select_logits(run_model(model, batch), output, batch.ndim)
             return torch.einsum("bk...,tk...->bt", logits, weights[n].to(logits.dtype))
 
         return score
@@ -520,11 +626,13 @@ def record_forward(
             SegCamWarning,
             stacklevel=user_stacklevel(),
         )
+    check_model_inputs(model, inputs)
     recorder = LayerRecorder(layers)
     with recorder.record():
-        raw_output = model(inputs)
+        raw_output = run_model(model, inputs)
     logits = select_logits(raw_output, output, inputs.ndim)
     del raw_output
+    warn_if_probabilities(logits)
     if logits.shape[0] != inputs.shape[0]:
         raise OutputError(
             f"the logits' batch size {logits.shape[0]} differs from the input's {inputs.shape[0]}"
@@ -536,8 +644,8 @@ def record_forward(
     input_size = tuple(int(s) for s in inputs.shape[2:])
     specs = [spec if isinstance(spec, TokenLayer) else None for spec in layer_list(layer)]
     layouts = tuple(
-        infer_layout(name, tuple(activation.shape), input_size, spec)
-        for (name, _), activation, spec in zip(layers, activations, specs, strict=True)
+        infer_layout(name, tuple(activation.shape), input_size, spec, module)
+        for (name, module), activation, spec in zip(layers, activations, specs, strict=True)
     )
     return RecordedForward(
         layer_names=tuple(name for name, _ in layers),

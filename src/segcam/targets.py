@@ -93,7 +93,15 @@ def uses_logits(target: TargetLike) -> bool:
 
 def as_target_list(targets: TargetLike | Sequence[TargetLike]) -> list[TargetLike]:
     """One target or a sequence of them, as a checked non-empty list."""
-    items = [targets] if isinstance(targets, TargetLike) else list(targets)
+    if isinstance(targets, TargetLike):
+        items = [targets]
+    elif isinstance(targets, Sequence | tuple | list) and not isinstance(targets, str):
+        items = list(targets)
+    else:
+        raise TargetError(
+            f"targets must be a target or a sequence of them (e.g. segcam.Predicted(1)); got "
+            f"{type(targets).__name__}"
+        )
     if not items:
         raise TargetError("targets is empty: give at least one target, e.g. segcam.Predicted(1)")
     for item in items:
@@ -326,6 +334,17 @@ class AllPixels(Target):
         )
 
 
+def _coordinate(value: Any, what: str) -> int:
+    """An integer coordinate; floats, bools and other types are refused (never truncated)."""
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TargetError(
+            f"{what}: coordinates must be integers; got {value!r} ({type(value).__name__})"
+        )
+    return int(value)
+
+
 def _check_spatial_index(index: Sequence[int], spatial: tuple[int, ...], what: str) -> None:
     if len(index) != len(spatial):
         raise TargetError(
@@ -350,15 +369,18 @@ class Pixel(Target):
     index: Sequence[int] | Sequence[Sequence[int]]
 
     def _per_sample(self, batch: int) -> list[tuple[int, ...]]:
-        first = self.index[0] if len(self.index) else None
-        if isinstance(first, Sequence | np.ndarray | torch.Tensor):
-            rows = [tuple(int(v) for v in row) for row in self.index]  # type: ignore[union-attr]
+        what = f"Pixel(class {self.class_index})"
+        index: Any = self.index
+        if isinstance(index, torch.Tensor | np.ndarray):
+            index = index.tolist()  # a (D,) or (N, D) array of coordinates
+        if not isinstance(index, Sequence) or isinstance(index, str) or not index:
+            raise TargetError(f"{what}: index must be (i, j[, k]) or one such per sample")
+        if isinstance(index[0], Sequence | torch.Tensor | np.ndarray):
+            rows = [tuple(_coordinate(v, what) for v in row) for row in index]
             if len(rows) != batch:
-                raise TargetError(
-                    f"Pixel(class {self.class_index}): {len(rows)} indices for a batch of {batch}"
-                )
+                raise TargetError(f"{what}: {len(rows)} indices for a batch of {batch}")
             return rows
-        return [tuple(int(v) for v in self.index)] * batch  # type: ignore[arg-type]
+        return [tuple(_coordinate(v, what) for v in index)] * batch
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         spatial = tuple(int(s) for s in logits.shape[2:])
@@ -373,18 +395,25 @@ class Pixel(Target):
 
 
 def _as_slice(bound: slice | Sequence[int], size: int, axis: int, what: str) -> slice:
+    """One rule for slices and (start, stop) pairs: integers with 0 <= start <= stop <= size.
+
+    ``None`` in a slice stands for the axis's start or end. Nothing is clamped: a bound outside
+    the grid, a float, a negative index or start > stop is a :class:`TargetError`; start == stop
+    is an empty box (a zero map and the empty-pixel-set warning).
+    """
     if isinstance(bound, slice):
         if bound.step not in (None, 1):
             raise TargetError(f"{what}: slices with a step are not supported (axis {axis})")
-        start, stop, _ = bound.indices(size)
+        start = 0 if bound.start is None else _coordinate(bound.start, what)
+        stop = size if bound.stop is None else _coordinate(bound.stop, what)
     else:
-        if len(bound) != 2:
+        if isinstance(bound, str) or not isinstance(bound, Sequence) or len(bound) != 2:
             raise TargetError(f"{what}: axis {axis} bound {bound!r} is not a (start, stop) pair")
-        start, stop = int(bound[0]), int(bound[1])
-        if not (0 <= start <= size and 0 <= stop <= size):
-            raise TargetError(
-                f"{what}: bounds ({start}, {stop}) on axis {axis} lie outside 0..{size}"
-            )
+        start, stop = _coordinate(bound[0], what), _coordinate(bound[1], what)
+    if not (0 <= start <= size and 0 <= stop <= size):
+        raise TargetError(f"{what}: bounds ({start}, {stop}) on axis {axis} lie outside 0..{size}")
+    if start > stop:
+        raise TargetError(f"{what}: bounds ({start}, {stop}) on axis {axis} have start > stop")
     return slice(start, stop)
 
 

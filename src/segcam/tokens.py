@@ -39,14 +39,21 @@ class TokenLayer:
         grid: the token grid (e.g. (14, 14) or (6, 6, 6)); ``None`` infers it from the input.
         prefix_tokens: extra tokens before the patch tokens (class/register tokens); ``None``
             infers 0 or 1.
-        layout: ``"tokens"`` for (N, L, C), ``"channels_last"`` for (N, *grid, C), or
-            ``"auto"``.
+        layout: ``"tokens"`` for (N, L, C), ``"channels_last"`` for (N, *grid, C),
+            ``"channels_first"`` for (N, C, *grid), or ``"auto"``.
     """
 
     layer: str | nn.Module
     grid: tuple[int, ...] | None = None
     prefix_tokens: int | None = None
-    layout: Literal["auto", "tokens", "channels_last"] = "auto"
+    layout: Literal["auto", "tokens", "channels_last", "channels_first"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", "tokens", "channels_last", "channels_first"):
+            raise LayerError(
+                f"TokenLayer layout must be 'auto', 'tokens', 'channels_last' or "
+                f"'channels_first'; got {self.layout!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,59 @@ def _token_grid(
     return fits[0]
 
 
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.Upsample,
+    nn.PixelShuffle,
+)
+_LAST_AXIS = (nn.Linear, nn.LayerNorm)
+
+
+def _producer(module: nn.Module) -> Literal["channels_first", "last_axis", "unknown"]:
+    """What the module's output layout is known to be from its type (a Sequential: its last)."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    if isinstance(module, _CHANNELS_FIRST):
+        return "channels_first"
+    kinds = list(module.modules())
+    if any(isinstance(m, _LAST_AXIS) for m in kinds) and not any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in kinds
+    ):
+        return "last_axis"  # a transformer block: Linear / LayerNorm over the last axis
+    return "unknown"
+
+
+def _whole_downsampling(grid: tuple[int, ...], input_size: tuple[int, ...]) -> bool:
+    """Whether ``grid`` is the input grid divided by a whole number per axis."""
+    return len(grid) == len(input_size) and all(
+        0 < g <= s and s % g == 0 for g, s in zip(grid, input_size, strict=True)
+    )
+
+
 def infer_layout(
-    name: str, shape: tuple[int, ...], input_size: tuple[int, ...], spec: TokenLayer | None
+    name: str,
+    shape: tuple[int, ...],
+    input_size: tuple[int, ...],
+    spec: TokenLayer | None,
+    module: nn.Module | None = None,
 ) -> Layout:
-    """The layout of a layer output of ``shape`` for an input of spatial size ``input_size``."""
+    """The layout of a layer output of ``shape`` for an input of spatial size ``input_size``.
+
+    A (N, A, B[, C]) output is channels-first when the module that made it is a convolution,
+    pooling, channel normalisation or up-sampling (or a Sequential ending in one). Otherwise it
+    is read as channels-last (N, *S, C) when only that reading puts a grid proportional to the
+    input's; for a module that is not a Linear/LayerNorm (transformer) block, that guess is
+    refused when the channels-first reading is a whole-number down-sampling of the input too:
+    say it with ``TokenLayer(name, layout=...)``.
+    """
     dims = len(input_size)
     rank = len(shape)
     layout = spec.layout if spec is not None else "auto"
@@ -101,9 +157,20 @@ def infer_layout(
             layout = "tokens"
         elif rank == dims + 2:
             first, last = tuple(shape[2:]), tuple(shape[1:-1])
+            producer = _producer(module) if module is not None else "unknown"
             if spec is not None and spec.grid is not None:
                 layout = "channels_last" if last == tuple(spec.grid) else "auto"
+            elif producer == "channels_first":
+                layout = "auto"
             elif not _proportional(first, input_size) and _proportional(last, input_size):
+                if producer != "last_axis" and _whole_downsampling(first, input_size):
+                    raise LayerError(
+                        f"layer {name!r} returns shape {shape}: channels-first (N, C={shape[1]}, "
+                        f"grid {first}) and channels-last (grid {last}, C={shape[-1]}) both fit "
+                        f"the input {input_size}; say which with "
+                        f"segcam.TokenLayer({name!r}, layout='channels_first') or "
+                        f"layout='channels_last'"
+                    )
                 layout = "channels_last"
         if layout == "auto":
             if rank != dims + 2:
@@ -113,6 +180,13 @@ def infer_layout(
                     f"or channels-last (N, *S, C) (see segcam.TokenLayer)"
                 )
             return Layout("channels_first", tuple(shape[2:]))
+    if layout == "channels_first":
+        if rank != dims + 2:
+            raise LayerError(
+                f"layer {name!r} returns shape {shape}, not a channels-first {dims}D grid "
+                f"(N, C, *S)"
+            )
+        return Layout("channels_first", tuple(shape[2:]))
     if layout == "tokens":
         if rank != 3:
             raise LayerError(f"layer {name!r} returns shape {shape}, not tokens (N, L, C)")
