@@ -68,7 +68,14 @@ OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
 
 def layer_list(layer: LayerSpec | Sequence[LayerSpec]) -> list[LayerSpec]:
     """One layer spec or a sequence of them, as a list."""
-    return [layer] if isinstance(layer, str | nn.Module | TokenLayer) else list(layer)
+    if isinstance(layer, str | nn.Module | TokenLayer):
+        return [layer]
+    if not isinstance(layer, Sequence):
+        raise LayerNotFoundError(
+            f"layer must be a module name (str), a module, a TokenLayer, or a list of them; got "
+            f"{type(layer).__name__}"
+        )
+    return list(layer)
 
 
 def _resolve_one(model: nn.Module, spec: LayerSpec, names: dict[str, nn.Module]) -> str:
@@ -385,6 +392,8 @@ def check_inputs(inputs: Any) -> None:
         raise InputError(f"inputs must be floating point; got {inputs.dtype}")
     if min(inputs.shape) == 0:
         raise InputError(f"inputs {tuple(inputs.shape)} have an empty axis")
+    if inputs.device.type == "meta":
+        raise InputError("inputs are meta tensors, which hold no data; pass real values")
     if not all_finite(inputs):
         raise NonFiniteError("inputs hold NaN or Inf values; clean or mask them before explaining")
 

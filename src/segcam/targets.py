@@ -220,7 +220,13 @@ def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
     """
     batch, spatial = int(logits.shape[0]), tuple(int(s) for s in logits.shape[2:])
     if isinstance(mask, torch.Tensor):
-        tensor = mask.detach().to(logits.device)
+        try:
+            tensor = mask.detach().to(logits.device)
+        except (RuntimeError, NotImplementedError) as error:
+            raise TargetError(
+                f"{what}: cannot move the mask from {mask.device} to the output's device "
+                f"{logits.device} ({error})"
+            ) from error
     else:
         try:
             array = np.asarray(mask)
