@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from segcam.errors import ExplanationFileError, LayerError
+from segcam.io.files import file_mode
 from segcam.targets import Target, TargetLike, as_pixel_set
 
 __all__ = ["Explanation", "SavedTarget", "load"]
@@ -159,8 +160,12 @@ class Explanation:
         if not target.parent.is_dir():
             raise ExplanationFileError(f"cannot save to {target}: folder {target.parent} missing")
         arrays, metadata = self._arrays(), json.dumps(self.metadata())
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        # the same temporary names as segcam.io.files.atomic_write: a rerun removes a killed one
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+        )
         try:
+            os.fchmod(handle, file_mode())
             with os.fdopen(handle, "wb") as stream:
                 if suffix == ".npz":
                     numpy_arrays = {key: value.numpy() for key, value in arrays.items()}

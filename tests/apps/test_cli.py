@@ -111,9 +111,18 @@ def test_folder_resume_and_overwrite(scenes, tmp_path, capsys):
     second = capsys.readouterr().err
     assert second.count("already done, skipped") == 6
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
-    # Other settings are new work, not a finished output.
-    assert run(*args, "--method", "seg-grad-cam") == 0
+    # Other settings into the same folder are refused (issue 13: they would overwrite or mix
+    # with these results); nothing is touched.
+    assert run(*args, "--method", "seg-grad-cam") == 2
+    assert "holds results made with other settings (methods:" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    # In another folder they are new work; with --overwrite they replace these results whole.
+    assert run(*args[:-1], tmp_path / "other", "--method", "seg-grad-cam") == 0
     assert capsys.readouterr().err.count("files in") == 6
+    assert run(*args, "--method", "seg-grad-cam", "--overwrite") == 0
+    assert capsys.readouterr().err.count("files in") == 6
+    names = {p.name for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert "seg-grad-cam.npz" in names and "seg-hires-grad-cam.npz" not in names
 
 
 def test_nifti_geometry_kept(tmp_path):

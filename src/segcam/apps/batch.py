@@ -18,9 +18,11 @@ One failing input never stops the others: it is reported with its error.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +33,6 @@ import torch
 
 import segcam
 from segcam.apps.specs import (
-    SpecError,
     apply_intensity,
     file_sha256,
     load_callable,
@@ -39,7 +40,7 @@ from segcam.apps.specs import (
     parse_target,
 )
 from segcam.core import resolve_methods
-from segcam.errors import InputFileError, OptionError, SegCamError
+from segcam.errors import InputFileError, OptionError, OutputFileError, SegCamError
 from segcam.io.files import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -51,12 +52,25 @@ from segcam.io.files import (
 )
 from segcam.methods import get_method
 
-__all__ = ["BACKENDS", "BatchJob", "BatchResult", "explain_file", "explain_files", "output_name"]
+try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "BACKENDS",
+    "BatchJob",
+    "BatchResult",
+    "OutputFolderError",
+    "explain_file",
+    "explain_files",
+    "output_folder",
+    "output_name",
+]
 
 SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
 BACKENDS = ("local", "ray")
 WRITER_THREADS = 4  # files of one input written at once
-INPUT_ERRORS = (SegCamError, InputFileError, SpecError, ValueError, OSError)
 
 
 @dataclass(frozen=True)
@@ -147,15 +161,23 @@ class BatchJob:
         )
 
 
-def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Files, and the supported files inside folders (recursively, sorted)."""
+def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
+    """Files, and the supported files inside folders (recursively, sorted).
+
+    Files under ``exclude`` (the output folder, when it lies inside an input folder) are left
+    out, so a rerun never reads its own outputs as inputs.
+    """
+    skip = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.name.lower().endswith(SUPPORTED) and not p.name.startswith(".")
+                if p.is_file()
+                and p.name.lower().endswith(SUPPORTED)
+                and not p.name.startswith(".")
+                and (skip is None or not p.resolve().is_relative_to(skip))
             )
             if not found:
                 raise InputFileError(
@@ -168,12 +190,20 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
 
 
 def output_name(path: Path) -> str:
-    """The output folder name of an input: its file name without the suffix."""
+    """The output folder name of an input: its file name without the suffix, made safe.
+
+    Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``, and a name that
+    is empty or starts with a dot gets a leading ``_``: the folder always lies inside ``--out``.
+    """
     name = path.name
     for suffix in (".nii.gz", *SUPPORTED):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = path.stem
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return safe if safe and not safe.startswith(".") else f"_{safe}"
 
 
 @dataclass
@@ -211,8 +241,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
     x = torch.from_numpy(array)[None].to(job.device)
     target_dir = out / output_name(path)
-    for stale in target_dir.glob(".*.part"):  # left by a run that was killed mid-write
-        stale.unlink(missing_ok=True)
+    _clear_previous(target_dir)
     sliding = job.options["sliding_window"]
     method_options = {m: job.method_options[m] for m in job.methods if m in job.method_options}
     if sliding:  # every method from each window's one forward and backward passes
@@ -270,6 +299,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
         **job.settings,
         "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},
         "outputs": [p.name for p in written],
+        "files": {p.name: file_sha256(p) for p in written},
         "seconds": round(time.perf_counter() - started, 3),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -293,7 +323,103 @@ def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     same = all(saved.get(key) == value for key, value in settings.items())
-    return same and saved.get("input", {}).get("sha256") == file_sha256(path)
+    if not same or saved.get("input", {}).get("sha256") != file_sha256(path):
+        return False
+    files = saved.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    folder = manifest.parent
+    # every output listed is there, unaltered: otherwise the input is done again
+    return all(
+        (folder / name).is_file() and file_sha256(folder / name) == digest
+        for name, digest in files.items()
+    )
+
+
+def _clear_previous(folder: Path) -> None:
+    """Remove an input's previous outputs (manifest first) and stale temporary files.
+
+    Runs under the output folder's lock, so no other run is writing here. The manifest goes
+    first: if this run is killed, the input has no manifest and is done again.
+    """
+    manifest = folder / "manifest.json"
+    listed: list[str] = []
+    if manifest.is_file():
+        try:
+            listed = list(json.loads(manifest.read_text()).get("outputs", []))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            listed = []
+        manifest.unlink()
+    for name in listed:
+        candidate = folder / Path(str(name)).name  # a name, never a path out of the folder
+        candidate.unlink(missing_ok=True)
+    for stale in folder.glob(".*.part"):  # left by a run that was killed mid-write
+        stale.unlink(missing_ok=True)
+
+
+RUN_FILE = ".segcam-run.json"
+LOCK_FILE = ".segcam.lock"
+
+
+class OutputFolderError(SegCamError, RuntimeError):
+    """The output folder is in use by another run, or holds results made with other settings."""
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    return "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in keys[:4])
+
+
+@contextmanager
+def output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> Iterator[None]:
+    """Hold ``out`` for one run: a lock, and one set of settings per folder.
+
+    - A second run into the same folder while this one holds it is refused
+      (:class:`OutputFolderError`): the lock is an OS file lock on ``out/.segcam.lock``, released
+      when the process ends, even when killed.
+    - ``out/.segcam-run.json`` records the settings of the results in the folder. A run with
+      other settings (targets, methods, layers, model, weights, options) is refused, so results
+      of different settings never overwrite or mix with each other; ``overwrite`` replaces them
+      (each input's previous files are removed before its new ones are written).
+    - Temporary files left by killed runs are removed: under the lock none is in flight.
+    """
+    make_dir(out)
+    try:
+        lock = (out / LOCK_FILE).open("a+")
+    except OSError as error:
+        raise OutputFileError(f"cannot create {out / LOCK_FILE}: {error.strerror}") from error
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputFolderError(
+                    f"{out} is being written by another segcam run; wait for it to finish or "
+                    f"choose another --out"
+                ) from None
+        run_file = out / RUN_FILE
+        recorded: dict[str, Any] | None = None
+        if run_file.is_file():
+            try:
+                recorded = json.loads(run_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                recorded = None
+        if recorded is not None and recorded != settings and not overwrite:
+            differences = _differences(recorded, settings)
+            raise OutputFolderError(
+                f"{out} holds results made with other settings ({differences}); choose another "
+                f"--out, or --overwrite to replace them"
+            )
+        if recorded != settings:
+            with atomic_write(run_file, "w") as stream:
+                json.dump(settings, stream, indent=1)
+        for stale in [*out.glob(".*.part"), *out.glob("*/.*.part")]:
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
 
 
 @dataclass
@@ -312,8 +438,11 @@ def _run_one(job: _Job, path: Path, out: Path) -> tuple[bool, str, int, float]:
     started = time.perf_counter()
     try:
         written = explain_file(path, job, out)
-    except INPUT_ERRORS as error:
+    except SegCamError as error:
         return False, str(error), 0, time.perf_counter() - started
+    except Exception as error:  # any failure of one input is reported; the others go on
+        message = f"{type(error).__name__}: {error}"
+        return False, message, 0, time.perf_counter() - started
     return True, "", len(written), time.perf_counter() - started
 
 
@@ -349,7 +478,7 @@ def explain_files(
         raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise OptionError(f"num_workers must be a positive int; got {num_workers!r}")
-    files = expand_inputs([Path(p) for p in inputs])
+    files = expand_inputs([Path(p) for p in inputs], exclude=Path(out))
     names = [output_name(p) for p in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -364,6 +493,33 @@ def explain_files(
     out = Path(out)
     say = progress or (lambda line: None)
     settings = job.settings()
+    with output_folder(out, settings, overwrite=overwrite):
+        return _explain_files(
+            files,
+            job,
+            out,
+            settings,
+            backend,
+            num_workers,
+            overwrite,
+            address,
+            gpus_per_worker,
+            say,
+        )
+
+
+def _explain_files(
+    files: list[Path],
+    job: BatchJob,
+    out: Path,
+    settings: dict[str, Any],
+    backend: str,
+    num_workers: int,
+    overwrite: bool,
+    address: str | None,
+    gpus_per_worker: float,
+    say: Progress,
+) -> BatchResult:
     result = BatchResult()
     todo = []
     total = len(files)

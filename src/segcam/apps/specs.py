@@ -82,7 +82,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise SpecError(
                 "--weights .safetensors needs pip install 'segcam[safetensors]'"
             ) from error
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as error:  # safetensors raises its own types for damaged files
+            raise SpecError(
+                f"--weights {path}: not a readable .safetensors file ({type(error).__name__}: "
+                f"{error})"
+            ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -140,9 +146,12 @@ def load_model(
         factory = load_callable(spec, "--model")
     try:
         model = factory(**kwargs)
-    except TypeError as error:
+    except SegCamError:
+        raise
+    except Exception as error:  # factories refuse their arguments with any exception type
         raise SpecError(
-            f"--model {spec} with --model-kwargs {json.dumps(kwargs)}: {error}"
+            f"--model {spec} with --model-kwargs {json.dumps(kwargs)}: "
+            f"{type(error).__name__}: {error}"
         ) from error
     if isinstance(model, torch.jit.ScriptModule):
         raise SpecError(f"--model {spec} returned a TorchScript module, which cannot be hooked")
@@ -254,5 +263,28 @@ def apply_intensity(
         span = float(result.max() - result.min())
         result = (result - result.min()) / (span if span > 0 else 1.0)
     if preprocess is not None:
-        result = np.asarray(preprocess(result), dtype=np.float32)
+        name = getattr(preprocess, "__qualname__", repr(preprocess))
+        try:
+            returned = preprocess(result)
+        except SegCamError:
+            raise
+        except Exception as error:
+            raise SpecError(
+                f"--preprocess {name} failed on the (C, *S) array {result.shape}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(returned, np.ndarray | torch.Tensor) or returned.ndim != result.ndim:
+            what = (
+                f"a {returned.ndim}-D array"
+                if isinstance(returned, np.ndarray | torch.Tensor)
+                else type(returned).__name__
+            )
+            raise SpecError(
+                f"--preprocess {name} returned {what}; it must return a (C, *S) array like the "
+                f"{result.ndim}-D one it is given"
+            )
+        try:
+            result = np.asarray(returned, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise SpecError(f"--preprocess {name} returned values that are not numbers") from error
     return np.ascontiguousarray(result, dtype=np.float32)

@@ -25,11 +25,16 @@ __all__ = [
     "InputFile",
     "InputFileError",
     "atomic_write",
+    "file_mode",
     "input_kind",
     "make_dir",
     "read_input",
     "write_nifti",
 ]
+
+# The umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -147,6 +152,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(handle, mode) as stream:
             yield stream
             stream.flush()
+            os.fchmod(stream.fileno(), file_mode())  # mkstemp's 0600 -> what the umask allows
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException as error:
@@ -154,6 +160,11 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         if isinstance(error, OSError) and not isinstance(error, SegCamError):
             raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
         raise
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0o644 under umask 022)."""
+    return 0o666 & ~_UMASK
 
 
 def make_dir(path: Path) -> Path:

@@ -3,8 +3,9 @@
 One module per command, each with ``add_parser(commands)`` and ``run(args)``; option groups shared
 by several commands are declared once in :mod:`segcam.apps.cli.options`. Every command calls the
 library's public API. A :class:`~segcam.errors.SegCamError` prints one line and exits with status
-2 (a batch whose inputs partly failed exits with 1); ``--debug`` shows the traceback instead.
-Nothing else is caught.
+2 (a batch whose inputs partly failed exits with 1); anything else is a bug or an unforeseen
+failure, printed as one ``unexpected error`` line, also exit 2. ``--debug`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"segcam: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug or an unforeseen failure: one line, the traceback on demand
+        if args.debug:
+            raise
+        print(
+            f"segcam: unexpected error: {type(error).__name__}: {error} (run again with --debug "
+            f"for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         warnings.showwarning = previous

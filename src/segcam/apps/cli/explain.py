@@ -18,6 +18,7 @@ from segcam.apps.batch import (
     explain_file,
     explain_files,
     finished,
+    output_folder,
 )
 from segcam.apps.cli.options import (
     UsageError,
@@ -26,11 +27,14 @@ from segcam.apps.cli.options import (
     add_model_options,
     add_output_option,
     add_sliding_window_option,
+    check_device,
     intensity,
+    non_negative_float,
     parse_method_options,
+    positive_int,
 )
 from segcam.apps.specs import parse_target
-from segcam.errors import MethodNotSupportedError
+from segcam.errors import InputFileError, MethodNotSupportedError
 from segcam.methods import REGISTRY, get_method
 from segcam.postprocess import NORMALIZATIONS
 
@@ -94,13 +98,19 @@ def add_parser(commands: Any) -> None:
         help="local (this machine) or ray (a Ray cluster; pip install 'segcam[ray]')",
     )
     parser.add_argument(
-        "--num-workers", type=int, default=1, help="processes (local) or Ray actors (default 1)"
+        "--num-workers",
+        type=positive_int,
+        default=1,
+        help="processes (local) or Ray actors (default 1)",
     )
     parser.add_argument(
         "--address", default=None, help="Ray cluster: auto, ray://host:10001 (default: start one)"
     )
     parser.add_argument(
-        "--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (e.g. 0.5)"
+        "--gpus-per-worker",
+        type=non_negative_float,
+        default=0.0,
+        help="GPUs per Ray actor (e.g. 0.5)",
     )
     add_sliding_window_option(
         parser,
@@ -122,6 +132,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
                 raise UsageError(f"--sliding-window: {error}") from None  # one line, no traceback
     for spec in args.target:  # parse once here: a bad target is one clear line, before any work
         parse_target(spec, args.classes)
+    check_device(args.device)
     return BatchJob(
         model=args.model,
         weights=str(args.weights) if args.weights else None,
@@ -148,16 +159,20 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 def run(args: argparse.Namespace) -> int:
     """Explain every input; 0 when all succeed, 1 when some failed."""
     job = job_from_args(args)
-    files = expand_inputs(args.inputs)
+    files = expand_inputs(args.inputs, exclude=args.out)
     if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
-        built = job.build()
-        if args.overwrite or not finished(args.out, files[0], job.settings()):
-            started = time.perf_counter()
-            written = explain_file(files[0], built, args.out)
-            seconds = time.perf_counter() - started
-            print(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
-        else:
-            print(f"[1/1] {files[0]}: already done, skipped", file=sys.stderr)
+        if not files[0].is_file():
+            raise InputFileError(f"{files[0]}: no such file")
+        settings = job.settings()
+        with output_folder(args.out, settings, overwrite=args.overwrite):
+            if args.overwrite or not finished(args.out, files[0], settings):
+                built = job.build()
+                started = time.perf_counter()
+                written = explain_file(files[0], built, args.out)
+                seconds = time.perf_counter() - started
+                print(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
+            else:
+                print(f"[1/1] {files[0]}: already done, skipped", file=sys.stderr)
         print(f"outputs in {args.out}")
         return 0
     result = explain_files(

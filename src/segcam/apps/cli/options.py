@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from segcam.core import resolve_methods
 from segcam.errors import SegCamError
 
@@ -20,9 +22,12 @@ __all__ = [
     "add_model_options",
     "add_output_option",
     "add_sliding_window_option",
+    "check_device",
     "intensity",
     "logits_output",
+    "non_negative_float",
     "parse_method_options",
+    "positive_int",
 ]
 
 
@@ -63,6 +68,50 @@ def _sliding_window(text: str) -> dict[str, Any]:
             f"{text!r}: window sizes must be positive and the overlap in [0, 1)"
         )
     return {"roi_size": sizes[0] if len(sizes) == 1 else sizes, "overlap": overlap}
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def check_device(text: str) -> None:
+    """Refuse, before any work, a device that is malformed or not on this machine."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {text!r} is not a device: use cpu, cuda, cuda:1, mps, ..."
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: this machine has no CUDA device (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s), "
+                f"0..{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {text}: MPS is not available here (use --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {text}: only cpu, cuda and mps are supported")
 
 
 def _class_names(text: str) -> list[str]:
