@@ -18,7 +18,6 @@ One failing input never stops the others: it is reported with its error.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
