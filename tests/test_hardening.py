@@ -149,6 +149,10 @@ def test_channels_first_pooling_output_is_not_read_as_channels_last():
 def test_overflowing_input_raises_instead_of_nan_maps():
     with pytest.raises(errors.NonFiniteError, match=r"NaN or Inf"):
         explain(X * 1e38, segcam.AllPixels(1), LAYER)
+    with pytest.raises(errors.NonFiniteError, match=r"NaN or Inf"):
+        segcam.explain_sliding_window(UNET, X * 1e38, segcam.AllPixels(1), LAYER, 32)
+    with pytest.raises(errors.NonFiniteError, match=r"NaN or Inf"):
+        segcam.explain_sliding_window(UNET, X * 1e38, segcam.Predicted(1), LAYER, 32)
 
 
 @pytest.mark.parametrize(

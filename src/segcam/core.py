@@ -37,6 +37,7 @@ from segcam.targets import (
 __all__ = [
     "MethodOptions",
     "OutputSpec",
+    "check_finite_maps",
     "check_postprocess",
     "explain",
     "explain_methods",
@@ -156,7 +157,7 @@ def explain_recorded(
             recorded.release()
     for method, _ in methods:
         for name, layer_raw in zip(recorded.layer_names, raw[method.name], strict=True):
-            _check_finite_maps(layer_raw, method.name, name, targets, recorded)
+            check_finite_maps(layer_raw, method.name, name, targets, recorded.inputs)
 
     result = {}
     for method, options in methods:
@@ -184,19 +185,22 @@ def explain_recorded(
     return result
 
 
-def _check_finite_maps(
+def check_finite_maps(
     maps: torch.Tensor,
     method: str,
     layer: str,
     targets: Sequence[TargetLike],
-    recorded: RecordedForward,
+    inputs: torch.Tensor,
 ) -> None:
-    """Raise :class:`~segcam.errors.NonFiniteError` naming the layer and target of NaN/Inf maps."""
+    """Raise :class:`~segcam.errors.NonFiniteError` naming the layer and target of NaN/Inf maps.
+
+    ``maps`` are (N, T, *S); ``inputs`` give the scale named in the message.
+    """
     if all_finite(maps):
         return
     bad = (~torch.isfinite(maps)).flatten(2).any(dim=2)  # (N, T)
     samples, which = bad.nonzero()[0].tolist()
-    scale = float(recorded.inputs.detach().abs().max())
+    scale = float(inputs.detach().abs().max())
     raise NonFiniteError(
         f"{method} maps of layer {layer!r} hold NaN or Inf for target {which} "
         f"{targets[which]!r} (sample {samples}): the activations or their gradients overflow "

@@ -46,16 +46,24 @@ from torch import nn
 
 from segcam.core import (
     MethodOptions,
+    check_finite_maps,
     check_postprocess,
     method_maps,
     resolve_methods,
 )
-from segcam.errors import InputError, OptionError
+from segcam.errors import InputError, NonFiniteError, OptionError
 from segcam.explanation import Explanation
 from segcam.methods import Method
 from segcam.postprocess import Normalization, postprocess
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import LayerSpec, OutputSpec, check_inputs, record_forward, select_logits
+from segcam.recording import (
+    LayerSpec,
+    OutputSpec,
+    all_finite,
+    check_inputs,
+    record_forward,
+    select_logits,
+)
 from segcam.targets import (
     TargetLike,
     as_target_list,
@@ -274,6 +282,15 @@ def _predict(
     return blended.div_(plan.count)
 
 
+def _check_blended(blended: torch.Tensor) -> torch.Tensor:
+    if not all_finite(blended):
+        raise NonFiniteError(
+            "the blended logits hold NaN or Inf: some window's logits overflowed; scale the "
+            "input as the model was trained"
+        )
+    return blended
+
+
 @dataclass
 class _LayerAccumulator:
     """One layer's whole-volume maps (one per method) and where window maps go."""
@@ -422,12 +439,20 @@ def _run_group(
 
 
 def _finish(
-    run: _SlidingRun, relu: bool, upsample: bool, normalize: Normalization | None
+    run: _SlidingRun,
+    inputs: torch.Tensor,
+    relu: bool,
+    upsample: bool,
+    normalize: Normalization | None,
 ) -> dict[str, Explanation]:
-    """Divide the blended logits, warn about empty pixel sets, post-process the maps."""
+    """Divide the blended logits, check the maps, warn about empty pixel sets, post-process."""
     plan = run.plan
+    for name, layer in zip(run.layer_names, run.layers, strict=True):
+        for method, maps in layer.maps.items():
+            check_finite_maps(maps, method, name, run.targets, inputs)
     assert run.blended is not None and run.pixel_sets is not None and run.layers
     blended = run.blended.div_(plan.count) if run.static else run.blended  # in place
+    _check_blended(blended)
     stacked_sets = torch.stack(run.pixel_sets, dim=1)
     warn_empty_pixel_sets(stacked_sets.flatten(2).any(dim=2), run.targets)
     info = {
@@ -515,10 +540,10 @@ def explain_sliding_window_methods(
         plan, target_list, chosen, static=not any(uses_logits(t) for t in target_list)
     )
     if not run.static:  # the prediction first: one pass without gradients
-        run.blended = _predict(model, inputs, plan, output)
+        run.blended = _check_blended(_predict(model, inputs, plan, output))
     for group in plan.groups:
         _run_group(run, model, inputs, group, layer, output)
-    return _finish(run, relu, upsample, normalize)
+    return _finish(run, inputs, relu, upsample, normalize)
 
 
 def explain_sliding_window(
