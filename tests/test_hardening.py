@@ -152,7 +152,9 @@ def test_overflowing_input_raises_instead_of_nan_maps():
     with pytest.raises(errors.NonFiniteError, match=r"NaN or Inf"):
         segcam.explain_sliding_window(UNET, X * 1e38, segcam.AllPixels(1), LAYER, 32)
     with pytest.raises(errors.NonFiniteError, match=r"NaN or Inf"):
-        segcam.explain_sliding_window(UNET, X * 1e38, segcam.Predicted(1), LAYER, 32)
+        # a target read from the prediction: the blended logits come first
+        target = segcam.Probability(1, threshold=0.0)
+        segcam.explain_sliding_window(UNET, X * 1e38, target, LAYER, 32)
 
 
 @pytest.mark.parametrize(
