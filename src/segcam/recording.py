@@ -454,10 +454,11 @@ def check_model_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
             )
 
 
-def run_model(model: nn.Module, inputs: torch.Tensor) -> Any:
+def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()) -> Any:
     """``model(inputs)``, with an error from the model wrapped in :class:`ModelError`.
 
-    segcam's own errors (raised by its hooks) pass through unchanged.
+    The message names the input, the hooked ``layers`` (if any) and what the model's first
+    layer takes; segcam's own errors (raised by its hooks) pass through unchanged.
     """
     try:
         return model(inputs)
@@ -465,9 +466,11 @@ def run_model(model: nn.Module, inputs: torch.Tensor) -> Any:
         raise
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        hooked = f" with layer(s) {', '.join(map(repr, layers))} hooked" if layers else ""
         raise ModelError(
             f"the model failed on the input {tuple(inputs.shape)} ({inputs.dtype}, "
-            f"{inputs.device}): {type(error).__name__}: {first_line}{_expectation(model)}"
+            f"{inputs.device}){hooked}: {type(error).__name__}: {first_line}"
+            f"{_expectation(model)}"
         ) from error
 
 
@@ -638,7 +641,7 @@ def record_forward(
     check_model_inputs(model, inputs)
     recorder = LayerRecorder(layers)
     with recorder.record():
-        raw_output = run_model(model, inputs)
+        raw_output = run_model(model, inputs, [name for name, _ in layers])
     logits = select_logits(raw_output, output, inputs.ndim)
     del raw_output
     warn_if_probabilities(logits)
