@@ -83,7 +83,8 @@ class BatchJob:
         layers: layer names.
         methods: registered method names.
         classes: class names for the targets and outputs.
-        model_kwargs, trust_pickle: as for ``--model-kwargs`` and ``--trust-pickle``.
+        model_kwargs, trust_pickle, weights_key: as for ``--model-kwargs``, ``--trust-pickle``
+            and ``--weights-key``.
         method_options: method name -> options.
         intensity: ``window``, ``zscore``, ``minmax``.
         explain: ``relu``, ``upsample``, ``normalize``, ``output``.
@@ -100,6 +101,7 @@ class BatchJob:
     classes: tuple[str, ...] = ()
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
+    weights_key: str | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     intensity: dict[str, Any] = field(default_factory=dict)
     explain: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +119,7 @@ class BatchJob:
             "model_kwargs": self.model_kwargs,
             "weights": str(weights) if weights else None,
             "weights_sha256": file_sha256(weights) if weights else None,
+            "weights_key": self.weights_key,
             "methods": list(self.methods),
             "method_options": self.method_options,
             "layers": list(self.layers),
@@ -139,6 +142,7 @@ class BatchJob:
             Path(self.weights) if self.weights else None,
             self.model_kwargs,
             trust_pickle=self.trust_pickle,
+            weights_key=self.weights_key,
         )
         device = torch.device(self.device)
         model.to(device)

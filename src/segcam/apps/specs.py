@@ -74,7 +74,11 @@ def _is_torchscript(path: Path) -> bool:
         )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+COMMON_KEYS = ("state_dict", "model_state_dict", "model", "network_weights", "net", "weights")
+PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def _read_checkpoint(path: Path) -> Any:
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -90,17 +94,112 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{error})"
             ) from error
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise SpecError(
-            f"--weights {path}: not a tensors-only checkpoint ({type(error).__name__}); a pickled "
-            f"whole model loads only with --trust-pickle, and only from a source you trust"
+            f"--weights {path}: not a tensors-only checkpoint ({type(error).__name__}: "
+            f"{first[:200]}); a pickled whole model loads only with --trust-pickle, and only "
+            f"from a source you trust"
         ) from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SpecError(f"--weights {path}: expected a state_dict (name -> tensor)")
-    return state
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def _state_dict(checkpoint: Any, path: Path, key: str | None) -> tuple[dict[str, Any], str]:
+    """The state dict inside a checkpoint, and where it was found."""
+    if key is not None:
+        found: Any = checkpoint
+        for part in key.split("."):
+            if not isinstance(found, dict) or part not in found:
+                top = list(checkpoint)[:10] if isinstance(checkpoint, dict) else []
+                raise SpecError(f"--weights-key {key!r} is not in {path} (its keys: {top})")
+            found = found[part]
+        if not _is_state_dict(found):
+            raise SpecError(f"--weights {path}: key {key!r} does not hold a state dict")
+        return found, f"key {key!r}"
+    if _is_state_dict(checkpoint):
+        return checkpoint, "the whole file"
+    if isinstance(checkpoint, dict):
+        for common in COMMON_KEYS:
+            if _is_state_dict(checkpoint.get(common)):
+                return checkpoint[common], f"key {common!r}"
+        listed = ", ".join(map(repr, list(checkpoint)[:10]))
+        raise SpecError(
+            f"--weights {path}: no state dict found: it holds keys {listed}; tried "
+            f"{', '.join(COMMON_KEYS)}; name the right one with --weights-key"
+        )
+    raise SpecError(f"--weights {path}: expected a state_dict (name -> tensor)")
+
+
+def _strip_prefixes(state: dict[str, Any], wanted: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """Strip ``module.`` / ``_orig_mod.`` prefixes the model's own names do not have."""
+    stripped = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not all(
+                k.startswith(prefix) for k in wanted
+            ):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped.append(prefix)
+                changed = True
+    return state, stripped
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f", ... ({len(names) - count} more)" if len(names) > count else "")
+
+
+def load_weights(model: nn.Module, path: Path, key: str | None = None) -> str:
+    """Load a checkpoint into ``model`` as checkpoints are found in the wild; say what was done.
+
+    The state dict is the file itself, ``key`` (dotted for nested keys), or the first of
+    :data:`COMMON_KEYS` that holds one (Lightning's ``state_dict``, nnU-Net's
+    ``network_weights``, ``model``, ``net``, ...); a ``module.`` / ``_orig_mod.`` prefix
+    (DataParallel, torch.compile) is stripped; missing ``num_batches_tracked`` buffers are
+    accepted. Anything else that does not fit is refused with the missing and unexpected keys
+    summarised. Always ``torch.load(weights_only=True)``.
+    """
+    state, where = _state_dict(_read_checkpoint(path), path, key)
+    wanted = dict(model.state_dict())
+    state, stripped = _strip_prefixes(dict(state), set(wanted))
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if k not in tolerated]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k].shape)}"
+        for k in sorted(set(state) & set(wanted))
+        if tuple(state[k].shape) != tuple(wanted[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} of other shapes ({_first(mismatched)})")
+        raise SpecError(
+            f"--weights {path} ({where}) does not fit the model {type(model).__name__}: "
+            f"{'; '.join(parts)}"
+        )
+    model.load_state_dict(state, strict=False)
+    notes = [f"from {where}"]
+    if stripped:
+        notes.append(f"prefix {'+'.join(stripped)} stripped")
+    if tolerated:
+        notes.append(f"{len(tolerated)} num_batches_tracked buffers absent")
+    return ", ".join(notes)
 
 
 def load_model(
@@ -109,8 +208,13 @@ def load_model(
     kwargs: dict[str, Any] | None = None,
     *,
     trust_pickle: bool = False,
+    weights_key: str | None = None,
 ) -> nn.Module:
-    """Build the model of ``spec`` and load ``weights``; the result is in eval mode.
+    """Build the model of ``spec`` and load ``weights`` (:func:`load_weights`).
+
+    Modes: a model the factory returns in training mode is put in eval mode; a model it returns
+    in eval mode is left as it is, so submodules the factory set to training mode on purpose
+    (instance statistics, say) keep it.
 
     ``spec`` is ``package.module:factory`` (called with ``kwargs``) or ``monai:NetName``
     (``monai.networks.nets.NetName(**kwargs)``). With ``trust_pickle`` and no spec, ``weights`` is
@@ -158,13 +262,8 @@ def load_model(
     if not isinstance(model, nn.Module):
         raise SpecError(f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
-        state = _read_state_dict(weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise SpecError(f"--weights {weights} do not fit --model {spec}: {first}") from error
-    return model.eval()
+        load_weights(model, weights, weights_key)
+    return model.eval() if model.training else model
 
 
 def parse_class(text: str, class_names: Sequence[str]) -> int:

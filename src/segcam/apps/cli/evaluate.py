@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
     written = run_evaluation([d for d in data if d in BUILT_IN], args.methods, args.out, args.count)
     for folder in folders:
         model = load_model(
-            args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle
+            args.model,
+            args.weights,
+            args.model_kwargs,
+            trust_pickle=args.trust_pickle,
+            weights_key=args.weights_key,
         )
         records = evaluate_folder(
             model,

@@ -142,6 +142,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         classes=tuple(args.classes),
         model_kwargs=args.model_kwargs,
         trust_pickle=args.trust_pickle,
+        weights_key=args.weights_key,
         method_options=method_options,
         intensity=intensity(args),
         explain={

@@ -30,7 +30,13 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per layer."""
-    model = load_model(args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle)
+    model = load_model(
+        args.model,
+        args.weights,
+        args.model_kwargs,
+        trust_pickle=args.trust_pickle,
+        weights_key=args.weights_key,
+    )
     if args.input_shape:
         try:
             shape = tuple(int(v) for v in args.input_shape.split(","))

@@ -120,7 +120,12 @@ def _class_names(text: str) -> list[str]:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--model-kwargs``, ``--weights``, ``--trust-pickle``."""
-    group = parser.add_argument_group("model")
+    group = parser.add_argument_group(
+        "model",
+        "A model the factory returns in training mode is put in eval mode; one it returns in "
+        "eval mode keeps its submodules' modes (e.g. instance norms set to use each input's "
+        "statistics).",
+    )
     group.add_argument("--model", help="package.module:factory or monai:NetName")
     group.add_argument(
         "--model-kwargs",
@@ -129,7 +134,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="keyword arguments for the factory",
     )
-    group.add_argument("--weights", type=Path, help="state_dict (.pt/.pth, or .safetensors)")
+    group.add_argument(
+        "--weights",
+        type=Path,
+        help="a checkpoint (.pt/.pth/.ckpt, or .safetensors): a state_dict, or one nested under "
+        "a key (state_dict, model, network_weights, net, ... are tried), module./_orig_mod. "
+        "prefixes stripped",
+    )
+    group.add_argument(
+        "--weights-key",
+        metavar="KEY",
+        help="where the state_dict lies in the checkpoint (dotted for nested keys, e.g. ema.model)",
+    )
     group.add_argument(
         "--trust-pickle",
         action="store_true",

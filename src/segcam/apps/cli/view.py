@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.input.is_file():
             raise UsageError(f"{args.input}: no such file")
         model = load_model(
-            args.model, args.weights, args.model_kwargs, trust_pickle=args.trust_pickle
+            args.model,
+            args.weights,
+            args.model_kwargs,
+            trust_pickle=args.trust_pickle,
+            weights_key=args.weights_key,
         )
         data = read_input(args.input)
         array = apply_intensity(data.array, **intensity(args))
