@@ -45,6 +45,7 @@ from segcam.errors import (
 from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
 
 __all__ = [
+    "FromProbabilities",
     "LayerInfo",
     "LayerRecorder",
     "LayerSpec",
@@ -55,6 +56,7 @@ __all__ = [
     "check_model_inputs",
     "describe_layers",
     "layer_list",
+    "logits_from_probabilities",
     "record_forward",
     "resolve_layers",
     "run_model",
@@ -63,7 +65,40 @@ __all__ = [
 ]
 
 LayerSpec = str | nn.Module | TokenLayer
-OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class FromProbabilities:
+    r"""An output spec for models whose output is probabilities: explain logits made from them.
+
+    ``output`` selects the probabilities as for :func:`select_logits`; they become
+
+    - one channel (sigmoid): the exact logit $\log\frac{p}{1-p}$;
+    - K channels (softmax): the log-probabilities $\log p_c = y_c - \log\sum_k e^{y_k}$,
+      the logits up to a shift per pixel.
+
+    What it changes: for a sigmoid model the maps are those of its logits (up to float
+    rounding where p is within ~1e-7 of 0 or 1). For a softmax model the score is
+    $\sum_{p \in M} \log p_c$, whose gradient has a term from every class through the
+    log-sum-exp: it explains the class *against* the others, and does not vanish where the
+    softmax saturates, as the probabilities' gradient does. Probabilities are clamped to
+    [1e-12, 1 - 1e-7] first, so a saturated 0 or 1 gives a finite value.
+    """
+
+    output: str | int | Callable[[Any], torch.Tensor] | None = None
+
+
+OutputSpec = str | int | Callable[[Any], torch.Tensor] | FromProbabilities | None
+
+_SMALLEST_PROBABILITY = 1e-12
+
+
+def logits_from_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    """Logits from probabilities (N, K, *S): see :class:`FromProbabilities`."""
+    if probabilities.shape[1] == 1:
+        clamped = probabilities.clamp(_SMALLEST_PROBABILITY, 1 - 1e-7)
+        return torch.log(clamped) - torch.log1p(-clamped)
+    return torch.log(probabilities.clamp_min(_SMALLEST_PROBABILITY))
 
 
 def layer_list(layer: LayerSpec | Sequence[LayerSpec]) -> list[LayerSpec]:
@@ -301,7 +336,11 @@ def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor
     supervision stack of shape (N, H, K, *S)), or a callable applied to the raw output. ``None``
     accepts a tensor of the input's rank, a dict with an ``"out"`` key (torchvision style) or a
     single tensor value, and a one-item tuple or list; anything else is ambiguous.
+    :class:`FromProbabilities` wraps any of these for models that output probabilities.
     """
+    if isinstance(output, FromProbabilities):
+        probabilities = select_logits(raw, output.output, input_ndim)
+        return logits_from_probabilities(probabilities)
     if callable(output):
         selected = output(raw)
     elif isinstance(output, str):
@@ -474,14 +513,15 @@ def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()
         ) from error
 
 
-_PROBABILITY_NODES = ("SoftmaxBackward", "SigmoidBackward", "LogSoftmaxBackward")
+_PROBABILITY_NODES = ("SoftmaxBackward", "SigmoidBackward")  # log-softmax is fine: logits
 
 
 def warn_if_probabilities(logits: torch.Tensor) -> None:
     """Warn once when the selected output looks like probabilities rather than raw logits.
 
     Probabilities: the output's last operation is a softmax or sigmoid, or every value lies in
-    [0, 1] and the channels sum to 1 everywhere.
+    [0, 1] and the channels sum to 1 everywhere. (Log-probabilities are logits up to a shift per
+    pixel and pass.)
     """
     node = type(logits.grad_fn).__name__ if logits.grad_fn is not None else ""
     detached = logits.detach()
@@ -490,8 +530,9 @@ def warn_if_probabilities(logits: torch.Tensor) -> None:
         & (detached.max() <= 1)
         & torch.allclose(detached.sum(1), torch.ones((), dtype=detached.dtype), atol=1e-3)
     )
-    if node.startswith(_PROBABILITY_NODES) or summed:
-        what = f"ends in {node.removesuffix('0').removesuffix('Backward')}" if node else "sums to 1"
+    ends = node.startswith(_PROBABILITY_NODES)
+    if ends or summed:
+        what = f"ends in {node.removesuffix('0').removesuffix('Backward')}" if ends else "sums to 1"
         warnings.warn(
             f"the model's output {what}: it looks like probabilities, not raw logits. The "
             f"methods are defined on logits, and saturated probabilities have vanishing "

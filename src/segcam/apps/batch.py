@@ -50,6 +50,7 @@ from segcam.io.files import (
     write_nifti,
 )
 from segcam.methods import get_method
+from segcam.recording import FromProbabilities
 
 try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
     import fcntl
@@ -87,7 +88,8 @@ class BatchJob:
             and ``--weights-key``.
         method_options: method name -> options.
         intensity: ``window``, ``zscore``, ``minmax``.
-        explain: ``relu``, ``upsample``, ``normalize``, ``output``.
+        explain: ``relu``, ``upsample``, ``normalize``, ``output``, ``logits_from``
+            (``"probabilities"``: :class:`segcam.FromProbabilities`).
         sliding_window: ``{"roi_size", "overlap"}`` or ``None``.
         preprocess: ``package.module:function`` or ``None``.
         device: where the model runs (``cpu``, ``cuda``, ...).
@@ -154,7 +156,7 @@ class BatchJob:
             methods=list(self.methods),
             options={
                 "intensity": dict(self.intensity),
-                "explain": dict(self.explain),
+                "explain": _explain_options(self.explain),
                 "sliding_window": self.sliding_window,
             },
             method_options=self.method_options,
@@ -162,6 +164,14 @@ class BatchJob:
             device=device,
             preprocess=load_callable(self.preprocess, "--preprocess") if self.preprocess else None,
         )
+
+
+def _explain_options(explain: dict[str, Any]) -> dict[str, Any]:
+    """The job's explain options as keyword arguments of ``segcam.explain_methods``."""
+    options = dict(explain)
+    if options.pop("logits_from", "logits") == "probabilities":
+        options["output"] = FromProbabilities(options.get("output"))
+    return options
 
 
 def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:

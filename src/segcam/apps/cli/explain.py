@@ -150,6 +150,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
             "upsample": not args.no_upsample,
             "normalize": None if args.normalize == "none" else args.normalize,
             "output": args.output,
+            "logits_from": args.logits_from,
         },
         sliding_window=args.sliding_window,
         preprocess=args.preprocess,

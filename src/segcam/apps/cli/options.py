@@ -14,6 +14,7 @@ import torch
 
 from segcam.core import resolve_methods
 from segcam.errors import SegCamError
+from segcam.recording import FromProbabilities, OutputSpec
 
 __all__ = [
     "UsageError",
@@ -26,6 +27,7 @@ __all__ = [
     "intensity",
     "logits_output",
     "non_negative_float",
+    "output_spec",
     "parse_method_options",
     "positive_int",
 ]
@@ -183,12 +185,25 @@ def add_classes_option(parser: argparse.ArgumentParser, what: str = "") -> None:
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:
-    """``--output KEY|INDEX``: where the logits are in the model's output."""
+    """``--output KEY|INDEX`` and ``--logits-from``: where the logits are, and what they are."""
     parser.add_argument(
         "--output",
         type=logits_output,
         help="key or index of the logits in the model's output",
     )
+    parser.add_argument(
+        "--logits-from",
+        choices=["logits", "probabilities"],
+        default="logits",
+        help="probabilities: the model's output is softmax/sigmoid probabilities; explain "
+        "log-probabilities (softmax) or the exact logits (sigmoid) made from them (see "
+        "segcam.FromProbabilities for what this changes)",
+    )
+
+
+def output_spec(output: str | int | None, logits_from: str) -> OutputSpec:
+    """The library's output spec for ``--output`` and ``--logits-from``."""
+    return FromProbabilities(output) if logits_from == "probabilities" else output
 
 
 def logits_output(text: str) -> str | int:

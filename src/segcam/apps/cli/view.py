@@ -14,6 +14,7 @@ from segcam.apps.cli.options import (
     add_output_option,
     add_sliding_window_option,
     intensity,
+    output_spec,
 )
 from segcam.apps.specs import apply_intensity, load_model
 from segcam.errors import MissingExtraError
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             layers=args.layer,
             affine=data.nifti_affine,
             title=args.input.name,
-            output=args.output,
+            output=output_spec(args.output, args.logits_from),
             sliding_window=args.sliding_window,
         )
     serve(session, host=args.host, port=args.port, browser=not args.no_browser)
