@@ -26,9 +26,10 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
         cwd=tree,
-        env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=120,
     )
 

@@ -18,6 +18,7 @@ One failing input never stops the others: it is reported with its error.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ from segcam.io.files import (
     read_input,
     write_nifti,
 )
+from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
 from segcam.methods import get_method
 from segcam.recording import FromProbabilities
 
@@ -68,7 +70,7 @@ __all__ = [
     "output_name",
 ]
 
-SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".npy")
+SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, *MEDICAL_SUFFIXES, ".npy")
 BACKENDS = ("local", "ray")
 WRITER_THREADS = 4  # files of one input written at once
 
@@ -93,6 +95,9 @@ class BatchJob:
         sliding_window: ``{"roi_size", "overlap"}`` or ``None``.
         preprocess: ``package.module:function`` or ``None``.
         device: where the model runs (``cpu``, ``cuda``, ...).
+        map_format: 3D maps as ``"auto"`` (the input's own format; NIfTI for DICOM),
+            ``"nifti"``, ``"nrrd"`` or ``"mha"``.
+        series_uid: the DICOM series to read from a folder holding several.
     """
 
     model: str | None
@@ -110,6 +115,8 @@ class BatchJob:
     sliding_window: dict[str, Any] | None = None
     preprocess: str | None = None
     device: str = "cpu"
+    map_format: str = "auto"
+    series_uid: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """What the manifest records, and what a rerun must match to skip an input."""
@@ -132,6 +139,8 @@ class BatchJob:
                 **self.explain,
                 "preprocess": self.preprocess,
                 "sliding_window": self.sliding_window,
+                "map_format": self.map_format,
+                "series_uid": self.series_uid,
             },
         }
         result: dict[str, Any] = json.loads(json.dumps(settings))  # as the manifest reads back
@@ -158,6 +167,8 @@ class BatchJob:
                 "intensity": dict(self.intensity),
                 "explain": _explain_options(self.explain),
                 "sliding_window": self.sliding_window,
+                "map_format": self.map_format,
+                "series_uid": self.series_uid,
             },
             method_options=self.method_options,
             settings=self.settings(),
@@ -177,26 +188,38 @@ def _explain_options(explain: dict[str, Any]) -> dict[str, Any]:
 def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
     """Files, and the supported files inside folders (recursively, sorted).
 
-    Files under ``exclude`` (the output folder, when it lies inside an input folder) are left
-    out, so a rerun never reads its own outputs as inputs.
+    A folder holding DICOM files is one input (a series), not one input per slice. Files under
+    ``exclude`` (the output folder, when it lies inside an input folder) are left out, so a rerun
+    never reads its own outputs as inputs.
     """
     skip = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for path in inputs:
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.name.lower().endswith(SUPPORTED)
-                and not p.name.startswith(".")
-                and (skip is None or not p.resolve().is_relative_to(skip))
-            )
+        if path.is_dir() and not is_dicom_folder(path):
+            found = []
+            for folder, names, filenames in os.walk(path):
+                here = Path(folder)
+                names[:] = sorted(n for n in names if not n.startswith("."))
+                if skip is not None and here.resolve().is_relative_to(skip):
+                    names[:] = []
+                    continue
+                if is_dicom_folder(here) and here != path:
+                    found.append(here)
+                    names[:] = []
+                    continue
+                found.extend(
+                    here / name
+                    for name in filenames
+                    if name.lower().endswith(SUPPORTED)
+                    and not name.lower().endswith(".dcm")
+                    and not name.startswith(".")
+                )
             if not found:
                 raise InputFileError(
-                    f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, .npy) inside"
+                    f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, NRRD, MetaImage, DICOM "
+                    f"series, .npy) inside"
                 )
-            files.extend(found)
+            files.extend(sorted(found))
         else:
             files.append(path)
     return files
@@ -214,7 +237,7 @@ def output_name(path: Path) -> str:
             name = name[: -len(suffix)]
             break
     else:
-        name = path.stem
+        name = path.name if path.is_dir() else path.stem
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return safe if safe and not safe.startswith(".") else f"_{safe}"
 
@@ -250,7 +273,7 @@ def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
 def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     """Explain one input with a built job; write its maps, images and manifest (last)."""
     started = time.perf_counter()
-    data: InputFile = read_input(path)
+    data: InputFile = read_input(path, series_uid=job.options["series_uid"])
     array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
     x = torch.from_numpy(array)[None].to(job.device)
     target_dir = out / output_name(path)
@@ -297,16 +320,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
                             pool.submit(_overlay_png, destination, array.mean(axis=0), heat)
                         )
                     else:
-                        affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
-                        pending.append(
-                            pool.submit(
-                                write_nifti,
-                                target_dir / f"{stem}.nii.gz",
-                                heat,
-                                affine,
-                                data.nifti_header,
-                            )
-                        )
+                        pending.append(pool.submit(_write_map, target_dir, stem, heat, data, job))
         written = [future.result() for future in pending]
     manifest = {
         **job.settings,
@@ -319,6 +333,23 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
     with atomic_write(target_dir / "manifest.json", "w") as stream:
         json.dump(manifest, stream, indent=1)
     return written
+
+
+def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, job: _Job) -> Path:
+    """A 3D map in the input's geometry: its own format, or ``--map-format``'s.
+
+    NIfTI inputs keep their affine and header (nibabel); DICOM, NRRD and MetaImage inputs keep
+    their spacing, origin and direction (SimpleITK); a DICOM input gets NIfTI unless told.
+    """
+    chosen = job.options["map_format"]
+    if data.medical is not None:
+        own = {"dicom": "nifti"}.get(data.medical.format, data.medical.format)
+        suffix = MAP_FORMATS[own if chosen == "auto" else chosen]
+        return write_like(folder / f"{stem}{suffix}", heat, data.medical)
+    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
+    if chosen in ("auto", "nifti"):
+        return write_nifti(folder / f"{stem}.nii.gz", heat, affine, data.nifti_header)
+    raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
 
 
 def _save(expl: segcam.Explanation, path: Path) -> Path:
@@ -366,7 +397,7 @@ def _clear_previous(folder: Path) -> None:
     for name in listed:
         candidate = folder / Path(str(name)).name  # a name, never a path out of the folder
         candidate.unlink(missing_ok=True)
-    for stale in folder.glob(".*.part"):  # left by a run that was killed mid-write
+    for stale in folder.glob(".*.part*"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
 
 
@@ -426,7 +457,7 @@ def output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> It
         if recorded != settings:
             with atomic_write(run_file, "w") as stream:
                 json.dump(settings, stream, indent=1)
-        for stale in [*out.glob(".*.part"), *out.glob("*/.*.part")]:
+        for stale in [*out.glob(".*.part*"), *out.glob("*/.*.part*")]:
             stale.unlink(missing_ok=True)
         yield
     finally:
@@ -497,7 +528,7 @@ def explain_files(
     if duplicates:
         raise InputFileError(f"several inputs would write to the same folder: {duplicates}")
     for path in files:
-        if not path.is_file():
+        if not path.exists():
             raise InputFileError(f"{path}: no such file")
     resolve_methods(job.methods, job.method_options)
     if job.sliding_window:

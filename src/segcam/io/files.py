@@ -14,11 +14,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from segcam.errors import InputFileError, OutputFileError, SegCamError
+
+if TYPE_CHECKING:
+    from segcam.io.medical import MedicalVolume
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -50,8 +53,12 @@ def _require(module: str, extra: str) -> Any:
 
 
 def input_kind(path: Path) -> str:
-    """'image', 'nifti' or 'npy' from the file name; :class:`InputFileError` otherwise."""
+    """'image', 'nifti', 'npy' or 'medical' (DICOM, NRRD, MetaImage; a DICOM folder)."""
+    from segcam.io.medical import MEDICAL_SUFFIXES, is_dicom_folder
+
     name = path.name.lower()
+    if name.endswith(MEDICAL_SUFFIXES) or is_dicom_folder(path):
+        return "medical"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(IMAGE_SUFFIXES):
@@ -59,7 +66,8 @@ def input_kind(path: Path) -> str:
     if name.endswith(".npy"):
         return "npy"
     raise InputFileError(
-        f"{path}: unsupported file type; use PNG/JPEG/TIFF, NIfTI (.nii, .nii.gz) or .npy"
+        f"{path}: unsupported file type; use PNG/JPEG/TIFF, NIfTI (.nii, .nii.gz), NRRD, "
+        f"MetaImage (.mha, .mhd), DICOM (a .dcm file or a series folder) or .npy"
     )
 
 
@@ -72,6 +80,7 @@ class InputFile:
     array: np.ndarray
     nifti_affine: np.ndarray | None = None
     nifti_header: Any = field(default=None, repr=False)
+    medical: MedicalVolume | None = field(default=None, repr=False)
 
     @property
     def spatial_dims(self) -> int:
@@ -79,19 +88,33 @@ class InputFile:
         return self.array.ndim - 1
 
 
-def read_input(path: str | os.PathLike[str], *, channels_last_rgb: bool = True) -> InputFile:
-    """Read one input file.
+def read_input(
+    path: str | os.PathLike[str],
+    *,
+    channels_last_rgb: bool = True,
+    series_uid: str | None = None,
+) -> InputFile:
+    """Read one input file (or a DICOM series folder).
 
     - PNG/JPEG/TIFF: grey images become (1, H, W), RGB(A) images (3, H, W) (alpha dropped);
       values as stored (0..255 for 8-bit), as float32.
     - NIfTI: a 3D volume becomes (1, I, J, K); a 4D one with a last axis of channels (C, I, J, K).
     - .npy: (H, W) or (D, H, W) gain a channel axis; (C, H, W) / (C, D, H, W) are kept. Loaded
       without pickle.
+    - DICOM (a file, or a folder: one series, ``series_uid`` or the largest), NRRD, MetaImage:
+      (C, I, J, K) with their geometry (:mod:`segcam.io.medical`; CT in Hounsfield units).
     """
     source = Path(path)
-    if not source.is_file():
+    if not source.is_file() and not source.is_dir():
         raise InputFileError(f"{source}: no such file")
     kind = input_kind(source)
+    if kind == "medical":
+        from segcam.io.medical import read_medical
+
+        volume = read_medical(source, series_uid=series_uid)
+        return InputFile(source, kind, volume.array, medical=volume)
+    if source.is_dir():
+        raise InputFileError(f"{source}: a folder, not a file")
     try:
         if kind == "image":
             return InputFile(source, kind, _read_image(source))

@@ -112,6 +112,16 @@ def add_parser(commands: Any) -> None:
         default=0.0,
         help="GPUs per Ray actor (e.g. 0.5)",
     )
+    parser.add_argument(
+        "--map-format",
+        choices=["auto", "nifti", "nrrd", "mha"],
+        default="auto",
+        help="3D maps: auto = the input's own format with its geometry (NIfTI for DICOM), or "
+        "nifti/nrrd/mha (DICOM, NRRD, MetaImage inputs)",
+    )
+    parser.add_argument(
+        "--series", metavar="UID", help="the DICOM series to read when a folder holds several"
+    )
     add_sliding_window_option(
         parser,
         "explain the sliding-window prediction (MONAI-style Gaussian blending): window "
@@ -155,6 +165,8 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         sliding_window=args.sliding_window,
         preprocess=args.preprocess,
         device=args.device,
+        map_format=args.map_format,
+        series_uid=args.series,
     )
 
 
@@ -163,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     files = expand_inputs(args.inputs, exclude=args.out)
     if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
-        if not files[0].is_file():
+        if not files[0].exists():
             raise InputFileError(f"{files[0]}: no such file")
         settings = job.settings()
         with output_folder(args.out, settings, overwrite=args.overwrite):

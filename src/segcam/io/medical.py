@@ -1,0 +1,216 @@
+"""Medical volumes with their geometry: DICOM series, NRRD, MetaImage; maps written alike.
+
+Read and written with SimpleITK (the ``[medical]`` extra, imported only when such a file is met).
+One array convention for every volume format, the same as segcam's NIfTI reading: a volume is
+indexed (i, j, k) in the file's own voxel order (ITK's index order; SimpleITK's NumPy arrays are
+(k, j, i) and are transposed), so a map written back with the input's spacing, origin and
+direction overlays it voxel for voxel in physical space, in 3D Slicer or ITK-SNAP. A single DICOM
+slice is a 2D image (rows, columns), as a PNG is.
+
+DICOM: a file, or a folder holding a series. A folder with several series takes the one named
+by ``series_uid``, else the one with the most slices (a warning names the others); slices of one
+series that disagree in orientation, size or spacing are refused. CT intensities come out in
+Hounsfield units (the rescale slope and intercept applied by the reader).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcam.errors import InputFileError, MissingExtraError, OutputFileError, user_stacklevel
+
+__all__ = [
+    "MAP_FORMATS",
+    "MEDICAL_SUFFIXES",
+    "Geometry",
+    "MedicalVolume",
+    "dicom_series",
+    "is_dicom_folder",
+    "read_medical",
+    "write_like",
+]
+
+MEDICAL_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+MAP_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+_FORMAT_OF = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha", ".dcm": "dicom"}
+
+
+def _sitk() -> Any:
+    try:
+        import SimpleITK
+    except ImportError as error:
+        raise MissingExtraError(
+            "reading DICOM, NRRD and MetaImage files needs SimpleITK: pip install 'segcam[medical]'"
+        ) from error
+    return SimpleITK
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels lie: spacing (mm), origin (mm) and direction cosines, ITK's LPS frame."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def describe(self) -> dict[str, list[float]]:
+        """For manifests: plain lists."""
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+
+@dataclass(frozen=True)
+class MedicalVolume:
+    """An image read with its geometry.
+
+    Attributes:
+        array: (C, *S) float32, S in (i, j, k) order (3D) or (rows, columns) (a 2D slice).
+        geometry: spacing, origin and direction of the (i, j, k) grid.
+        format: ``"dicom"``, ``"nrrd"`` or ``"mha"``.
+        reference: the SimpleITK image whose geometry maps are written with.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    format: str
+    reference: Any
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding DICOM files (``*.dcm``) directly."""
+    return path.is_dir() and any(p.is_file() and p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """The DICOM series in ``folder``: series instance UID -> its files, sorted by position."""
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    return {
+        uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        for uid in reader.GetGDCMSeriesIDs(str(folder))
+    }
+
+
+def _choose_series(folder: Path, series_uid: str | None) -> list[str]:
+    series = dicom_series(folder)
+    if not series:
+        raise InputFileError(f"{folder}: no DICOM series found")
+    if series_uid is not None:
+        if series_uid not in series:
+            listed = ", ".join(f"{uid} ({len(files)} files)" for uid, files in series.items())
+            raise InputFileError(f"{folder}: no series {series_uid}; the series here: {listed}")
+        return series[series_uid]
+    uid, files = max(series.items(), key=lambda item: (len(item[1]), item[0]))
+    if len(series) > 1:
+        others = ", ".join(u for u in series if u != uid)
+        warnings.warn(
+            f"{folder} holds {len(series)} DICOM series; explaining the largest, {uid} "
+            f"({len(files)} slices); the others: {others} (choose with --series UID)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return files
+
+
+def _check_consistent(files: list[str], folder: Path) -> None:
+    """Refuse a series whose slices disagree in orientation or size (a mixed series)."""
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    seen: dict[tuple[Any, ...], str] = {}
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        key = (
+            tuple(round(v, 4) for v in reader.GetDirection()),
+            tuple(reader.GetSize()[:2]),
+            tuple(round(v, 4) for v in reader.GetSpacing()[:2]),
+        )
+        seen.setdefault(key, name)
+    if len(seen) > 1:
+        examples = "; ".join(
+            f"{Path(name).name}: direction {k[0]}, size {k[1]}, spacing {k[2]}"
+            for k, name in list(seen.items())[:2]
+        )
+        raise InputFileError(
+            f"{folder}: the series mixes slices of different orientation, size or spacing "
+            f"({examples}); split it, or choose one series with --series UID"
+        )
+
+
+def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None) -> MedicalVolume:
+    """Read a DICOM file or series folder, an NRRD or a MetaImage file, with its geometry."""
+    sitk = _sitk()
+    source = Path(path)
+    try:
+        if source.is_dir():
+            files = _choose_series(source, series_uid)
+            _check_consistent(files, source)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+            kind = "dicom"
+        else:
+            image = sitk.ReadImage(str(source))
+            kind = _FORMAT_OF.get(source.suffix.lower(), "mha")
+    except (InputFileError, MissingExtraError):
+        raise
+    except Exception as error:  # ITK raises RuntimeError with long messages for bad files
+        first = str(error).strip().splitlines()
+        reason = next((line for line in first if "Exception" not in line and line), str(error))
+        raise InputFileError(f"{source}: cannot read ({reason.strip()[:200]})") from error
+    components = image.GetNumberOfComponentsPerPixel()
+    array = sitk.GetArrayFromImage(image).astype(np.float32)  # (k, j, i[, C])
+    array = array[None] if components == 1 else np.moveaxis(array, -1, 0)
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        array = array[:, 0]  # a single slice: a 2D image (rows, columns)
+    elif image.GetDimension() == 3:
+        array = np.ascontiguousarray(np.swapaxes(array, 1, 3))  # (C, k, j, i) -> (C, i, j, k)
+    geometry = Geometry(
+        tuple(float(v) for v in image.GetSpacing()),
+        tuple(float(v) for v in image.GetOrigin()),
+        tuple(float(v) for v in image.GetDirection()),
+    )
+    return MedicalVolume(np.ascontiguousarray(array), geometry, kind, image)
+
+
+def write_like(path: Path, volume: np.ndarray, like: MedicalVolume) -> Path:
+    """Write a (i, j, k) map (or a (rows, columns) one) with ``like``'s geometry, atomically.
+
+    The format follows ``path``'s suffix (``.nii.gz``, ``.nrrd``, ``.mha``); the file is written
+    under a temporary name and renamed.
+    """
+    sitk = _sitk()
+    data = np.asarray(volume, dtype=np.float32)
+    if data.ndim == 3:
+        data = np.swapaxes(data, 0, 2)  # (i, j, k) -> (k, j, i)
+    elif data.ndim == 2 and like.reference.GetDimension() == 3:
+        data = data[None]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data))
+    image.CopyInformation(like.reference)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent
+    )
+    os.close(handle)
+    try:
+        sitk.WriteImage(image, temporary, True)
+        from segcam.io.files import file_mode
+
+        os.chmod(temporary, file_mode())
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, RuntimeError | OSError):
+            raise OutputFileError(f"cannot write {path}: {error}") from error
+        raise
+    return path

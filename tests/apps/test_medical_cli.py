@@ -1,0 +1,103 @@
+"""The command line on DICOM series, NRRD, MetaImage and oblique NIfTI: maps in the input's own
+format and geometry, aligned in physical space (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import segcam
+from segcam.apps.cli import main
+
+sitk = pytest.importorskip("SimpleITK")
+nibabel = pytest.importorskip("nibabel")
+
+from test_medical import VOLUME, oblique_image, write_series  # noqa: E402
+
+MODEL = ["--model", "segcam.testing:tiny_segnet", "--model-kwargs", '{"spatial_dims": 3}']
+ARGS = [*MODEL, "--target", "all:1", "--layer", "body.3", "--minmax"]
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def assert_same_grid(map_path, reference):
+    written = sitk.ReadImage(str(map_path))
+    assert written.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-5)
+    return written
+
+
+def test_a_dicom_series_among_other_inputs(tmp_path):
+    inputs = tmp_path / "inputs"
+    write_series(inputs / "patient1" / "ct", VOLUME, "1.2.826.0.1.3680043.2.1125.400")
+    sitk.WriteImage(oblique_image(VOLUME.astype(np.float32)), str(inputs / "scan.nrrd"))
+    out = tmp_path / "out"
+    assert run("explain", inputs, *ARGS, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ct", "scan"]
+    series = sitk.ReadImage(
+        sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs / "patient1" / "ct"))
+    )
+    dicom_map = next((out / "ct").glob("*.nii.gz"))  # DICOM in, NIfTI out by default
+    written = assert_same_grid(dicom_map, series)
+    saved = segcam.load(out / "ct" / "seg-hires-grad-cam.npz")
+    np.testing.assert_allclose(
+        np.swapaxes(sitk.GetArrayFromImage(written), 0, 2), saved.maps[0, 0].numpy(), atol=1e-6
+    )
+    nrrd_map = next((out / "scan").glob("*.nrrd"))  # NRRD in, NRRD out
+    assert_same_grid(nrrd_map, sitk.ReadImage(str(inputs / "scan.nrrd")))
+    manifest = (out / "ct" / "manifest.json").read_text()
+    assert '"sha256"' in manifest
+
+
+@pytest.mark.parametrize("chosen", ["nrrd", "mha", "nifti"])
+def test_map_format_for_a_dicom_series(tmp_path, chosen):
+    write_series(tmp_path / "ct", VOLUME, "1.2.826.0.1.3680043.2.1125.500")
+    out = tmp_path / "out"
+    assert run("explain", tmp_path / "ct", *ARGS, "--map-format", chosen, "--out", out) == 0
+    suffix = {"nrrd": ".nrrd", "mha": ".mha", "nifti": ".nii.gz"}[chosen]
+    [map_path] = [p for p in (out / "ct").iterdir() if p.name.endswith(suffix)]
+    series = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "ct")))
+    assert_same_grid(map_path, series)
+
+
+def test_an_oblique_nifti_map_overlays_its_input(tmp_path):
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array(
+        [[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.7, 0.7, 2.4])
+    affine[:3, 3] = (-20.0, 12.0, 40.0)
+    volume = np.random.default_rng(2).normal(size=(12, 10, 6)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, affine), tmp_path / "oblique.nii.gz")
+    out = tmp_path / "out"
+    assert run("explain", tmp_path / "oblique.nii.gz", *ARGS, "--out", out) == 0
+    [map_path] = list((out / "oblique").glob("*.nii.gz"))
+    assert_same_grid(map_path, sitk.ReadImage(str(tmp_path / "oblique.nii.gz")))
+    np.testing.assert_allclose(nibabel.load(map_path).affine, affine, atol=1e-5)
+
+
+def test_map_format_needs_a_geometry_format(tmp_path, capsys):
+    np.save(tmp_path / "v.npy", np.zeros((12, 10, 6), np.float32))
+    assert (
+        run("explain", tmp_path / "v.npy", *ARGS, "--map-format", "nrrd", "--out", tmp_path / "o")
+        == 2
+    )
+    assert "--map-format nrrd needs a DICOM, NRRD or MetaImage input" in capsys.readouterr().err
+
+
+def test_the_maps_are_the_library_maps(tmp_path):
+    source = tmp_path / "scan.mha"
+    sitk.WriteImage(oblique_image(VOLUME.astype(np.float32)), str(source))
+    out = tmp_path / "out"
+    assert run("explain", source, *ARGS, "--out", out) == 0
+    saved = segcam.load(out / "scan" / "seg-hires-grad-cam.npz")
+    array = np.swapaxes(VOLUME.astype(np.float32), 0, 2)
+    x = torch.from_numpy((array - array.min()) / (array.max() - array.min()))[None, None]
+    expected = segcam.explain(segcam.testing.tiny_segnet(3), x, segcam.AllPixels(1), "body.3")
+    torch.testing.assert_close(saved.maps, expected.maps)

@@ -1,0 +1,137 @@
+"""DICOM (real files from pydicom's test data, and series written with known geometry), NRRD and
+MetaImage read with their geometry; maps written back overlay them voxel for voxel (issue 14)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segcam.errors import InputFileError
+from segcam.io.files import read_input
+from segcam.io.medical import read_medical, write_like
+
+sitk = pytest.importorskip("SimpleITK")
+pydicom = pytest.importorskip("pydicom")
+
+ANGLE = 0.3
+OBLIQUE = (
+    np.cos(ANGLE),
+    -np.sin(ANGLE),
+    0.0,
+    np.sin(ANGLE) * 0.8,
+    np.cos(ANGLE) * 0.8,
+    -0.6,
+    np.sin(ANGLE) * 0.6,
+    np.cos(ANGLE) * 0.6,
+    0.8,
+)  # fmt: skip  (orthonormal: a rotation about z, then a tilt about x)
+
+
+def oblique_image(volume_kji: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume_kji)
+    image.SetSpacing((0.8, 0.7, 2.5))
+    image.SetOrigin((-10.0, 5.0, 30.0))
+    image.SetDirection(OBLIQUE)
+    return image
+
+
+def write_series(folder: Path, volume_kji: np.ndarray, uid: str, *, tilt_slice: int = -1) -> None:
+    """A CT series written slice by slice with its geometry (SimpleITK's documented recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = oblique_image(volume_kji.astype(np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": uid,
+            "0020|0037": "1\\0\\0\\0\\1\\0" if k == tilt_slice else orientation,
+            "0020|0032": "\\".join(str(v) for v in position),
+            "0020|0013": str(k),
+            "0008|0018": f"{uid}.{k + 1}",
+            "0018|0050": str(image.GetSpacing()[2]),
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+VOLUME = np.random.default_rng(0).integers(-1000, 1500, size=(6, 10, 12))  # (k, j, i), in HU
+
+
+def test_a_real_ct_slice_in_hounsfield_units():
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    dataset = pydicom.dcmread(path)
+    expected = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    data = read_input(path)
+    assert data.kind == "medical" and data.array.shape == (1, *dataset.pixel_array.shape)
+    np.testing.assert_array_equal(data.array[0], expected.astype(np.float32))
+    assert float(dataset.RescaleIntercept) != 0  # the rescale really was applied
+    spacing = [float(v) for v in dataset.PixelSpacing]
+    assert data.medical.geometry.spacing[:2] == pytest.approx(spacing[::-1])
+
+
+def test_a_series_with_oblique_geometry(tmp_path):
+    write_series(tmp_path / "series", VOLUME, "1.2.826.0.1.3680043.2.1125.100")
+    volume = read_medical(tmp_path / "series")
+    assert volume.format == "dicom" and volume.array.shape == (1, 12, 10, 6)
+    np.testing.assert_array_equal(volume.array[0], np.swapaxes(VOLUME, 0, 2).astype(np.float32))
+    assert volume.geometry.spacing == pytest.approx((0.8, 0.7, 2.5))
+    assert volume.geometry.origin == pytest.approx((-10.0, 5.0, 30.0))
+    assert volume.geometry.direction == pytest.approx(OBLIQUE, abs=1e-5)
+
+
+def test_a_folder_with_two_series(tmp_path):
+    write_series(tmp_path / "both", VOLUME, "1.2.826.0.1.3680043.2.1125.201")
+    write_series(tmp_path / "both", VOLUME[:3], "1.2.826.0.1.3680043.2.1125.202")
+    with pytest.warns(UserWarning, match=r"holds 2 DICOM series; explaining the largest"):
+        largest = read_medical(tmp_path / "both")
+    assert largest.array.shape[-1] == 6
+    chosen = read_medical(tmp_path / "both", series_uid="1.2.826.0.1.3680043.2.1125.202")
+    assert chosen.array.shape[-1] == 3
+    with pytest.raises(InputFileError, match=r"no series 1\.2\.3; the series here: .*\(6 files\)"):
+        read_medical(tmp_path / "both", series_uid="1.2.3")
+
+
+def test_a_mixed_series_is_refused(tmp_path):
+    write_series(tmp_path / "mixed", VOLUME, "1.2.826.0.1.3680043.2.1125.300", tilt_slice=2)
+    with pytest.raises(InputFileError, match="mixes slices of different orientation"):
+        read_medical(tmp_path / "mixed")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
+def test_maps_overlay_an_oblique_volume_voxel_for_voxel(tmp_path, suffix):
+    source = tmp_path / f"volume{'.nrrd' if suffix == '.nii.gz' else suffix}"
+    sitk.WriteImage(oblique_image(VOLUME.astype(np.float32)), str(source))
+    volume = read_medical(source)
+    heat = np.random.default_rng(1).random(volume.array.shape[1:]).astype(np.float32)  # (i, j, k)
+    written = write_like(tmp_path / f"map{suffix}", heat, volume)
+    back = sitk.ReadImage(str(written))
+    reference = volume.reference
+    assert back.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), reference.GetDirection(), atol=1e-5)
+    for index in [(0, 0, 0), (11, 9, 5), (3, 7, 2)]:  # the same voxel, at the same place
+        assert back.GetPixel(index) == pytest.approx(float(heat[index]))
+        np.testing.assert_allclose(
+            back.TransformIndexToPhysicalPoint(index),
+            reference.TransformIndexToPhysicalPoint(index),
+            atol=1e-4,
+        )
+    assert not [p for p in os.listdir(tmp_path) if ".part" in p]
+
+
+def test_a_damaged_file_is_one_clear_error(tmp_path):
+    (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: float\ndimension: 3\n")
+    with pytest.raises(InputFileError, match=r"broken\.nrrd: cannot read"):
+        read_input(tmp_path / "broken.nrrd")
