@@ -8,7 +8,7 @@ recorded forward and targets into explanations (shared with :class:`segcam.Expla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from segcam.targets import (
 __all__ = [
     "MethodOptions",
     "OutputSpec",
+    "Progress",
     "check_finite_maps",
     "check_postprocess",
     "explain",
@@ -49,6 +50,9 @@ __all__ = [
 
 MethodOptions = Mapping[str, Mapping[str, Any] | None]
 """Options per method name: ``{"seg-xres-cam": {"pool_size": 4}}``."""
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as work advances: targets of an input, or groups of windows."""
 
 
 def check_postprocess(normalize: Any) -> None:
@@ -111,6 +115,7 @@ def explain_recorded(
     upsample: bool,
     normalize: Normalization | None,
     keep_graph: bool,
+    progress: Progress | None = None,
 ) -> dict[str, Explanation]:
     """Explanations of ``targets`` by each method from one recorded forward pass.
 
@@ -141,10 +146,12 @@ def explain_recorded(
             maps_per_target = method_maps(
                 recorded, score_gradients, gradient_methods, keep_graph=keep_graph
             )
-            for t, maps in zip(active, maps_per_target, strict=True):
+            for done, (t, maps) in enumerate(zip(active, maps_per_target, strict=True), 1):
                 for name, per_layer in maps.items():
                     for index, layer_map in enumerate(per_layer):
                         collected[name][index][t] = layer_map
+                if progress is not None:
+                    progress(done, len(active))
             for name, per_layer_maps in collected.items():
                 raw[name] = [torch.stack(maps, dim=1) for maps in per_layer_maps]
         for method, options in methods:
@@ -247,6 +254,7 @@ def explain_methods(
     normalize: Normalization | None = None,
     output: OutputSpec = None,
     method_options: MethodOptions | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Explanation]:
     r"""Explain with several methods at once: method name -> :class:`Explanation`.
 
@@ -254,6 +262,7 @@ def explain_methods(
     target shared by every gradient method: two gradient methods cost one backward per target,
     not two. Arguments as for :func:`explain`; ``method_options`` maps a method name to its
     options. Methods, options and ``normalize`` are checked before the forward pass.
+    ``progress`` is called with (targets done, targets with a backward pass) after each one.
 
     Example:
         >>> import segcam, torch
@@ -277,6 +286,7 @@ def explain_methods(
             upsample=upsample,
             normalize=normalize,
             keep_graph=False,
+            progress=progress,
         )
 
 

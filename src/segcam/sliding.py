@@ -46,6 +46,7 @@ from torch import nn
 
 from segcam.core import (
     MethodOptions,
+    Progress,
     check_finite_maps,
     check_postprocess,
     method_maps,
@@ -517,11 +518,13 @@ def explain_sliding_window_methods(
     normalize: Normalization | None = None,
     output: OutputSpec = None,
     method_options: MethodOptions | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Explanation]:
     """:func:`explain_sliding_window` for several gradient methods: method name -> explanation.
 
     Every window's forward pass and its backward passes are shared by all the methods.
     Everything is checked (methods, options, windows) before the first forward pass.
+    ``progress`` is called with (groups of windows done, groups) after each group.
     """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
@@ -541,8 +544,10 @@ def explain_sliding_window_methods(
     )
     if not run.static:  # the prediction first: one pass without gradients
         run.blended = _check_blended(_predict(model, inputs, plan, output))
-    for group in plan.groups:
+    for done, group in enumerate(plan.groups, 1):
         _run_group(run, model, inputs, group, layer, output)
+        if progress is not None:
+            progress(done, len(plan.groups))
     return _finish(run, inputs, relu, upsample, normalize)
 
 
@@ -563,6 +568,7 @@ def explain_sliding_window(
     normalize: Normalization | None = None,
     output: OutputSpec = None,
     method_options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> Explanation:
     r"""Explain the blended whole-volume prediction of sliding-window inference, exactly.
 
@@ -592,6 +598,7 @@ def explain_sliding_window(
         normalize: ``None``, ``"max"`` or ``"minmax"``, per map.
         output: how to find the logits in the model's output.
         method_options: the method's options.
+        progress: called with (groups of windows done, groups) after each group.
 
     Returns:
         An :class:`Explanation` of the whole input; ``logits`` are the blended logits and
@@ -622,4 +629,5 @@ def explain_sliding_window(
         normalize=normalize,
         output=output,
         method_options={method: method_options} if method_options is not None else None,
+        progress=progress,
     )[method]

@@ -270,8 +270,13 @@ def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
     return path
 
 
-def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
-    """Explain one input with a built job; write its maps, images and manifest (last)."""
+def explain_file(
+    path: Path, job: _Job, out: Path, progress: Callable[[int, int], None] | None = None
+) -> list[Path]:
+    """Explain one input with a built job; write its maps, images and manifest (last).
+
+    ``progress`` follows the work within the input: (windows or targets done, total).
+    """
     started = time.perf_counter()
     data: InputFile = read_input(path, series_uid=job.options["series_uid"])
     array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
@@ -290,6 +295,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
             **sliding,
             **job.options["explain"],
             method_options=method_options,
+            progress=progress,
         )
     else:  # every method from one forward and one backward pass per target
         explanations = segcam.explain_methods(
@@ -300,6 +306,7 @@ def explain_file(path: Path, job: _Job, out: Path) -> list[Path]:
             job.methods,
             **job.options["explain"],
             method_options=method_options,
+            progress=progress,
         )
     # The files are independent: compress and write them on a few threads (zlib and the
     # tensor-to-bytes copies release the GIL). The manifest comes last, after all of them.
@@ -478,10 +485,12 @@ class BatchResult:
 Progress = Callable[[str], None]
 
 
-def _run_one(job: _Job, path: Path, out: Path) -> tuple[bool, str, int, float]:
+def _run_one(
+    job: _Job, path: Path, out: Path, within: Callable[[int, int], None] | None = None
+) -> tuple[bool, str, int, float]:
     started = time.perf_counter()
     try:
-        written = explain_file(path, job, out)
+        written = explain_file(path, job, out, within)
     except SegCamError as error:
         return False, str(error), 0, time.perf_counter() - started
     except Exception as error:  # any failure of one input is reported; the others go on
@@ -501,6 +510,7 @@ def explain_files(
     address: str | None = None,
     gpus_per_worker: float = 0.0,
     progress: Progress | None = None,
+    within: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Explain every input (files or folders) into ``out/<input name>/``.
 
@@ -514,6 +524,8 @@ def explain_files(
         address: the Ray cluster (``None``: a local one; ``"auto"``; ``"ray://host:port"``).
         gpus_per_worker: GPUs per Ray actor (fractions share a GPU).
         progress: called with one line per input (default: nothing).
+        within: called with (done, total) within each input: windows or targets (this process
+            only; workers of the other backends do not report within an input).
 
     Returns:
         The inputs done, skipped and failed.
@@ -549,6 +561,7 @@ def explain_files(
             address,
             gpus_per_worker,
             say,
+            within,
         )
 
 
@@ -563,6 +576,7 @@ def _explain_files(
     address: str | None,
     gpus_per_worker: float,
     say: Progress,
+    within: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     result = BatchResult()
     todo = []
@@ -581,7 +595,7 @@ def _explain_files(
         outcomes = _run_processes(job, todo, out, num_workers)
     else:
         built = job.build()
-        outcomes = ((index, path, *_run_one(built, path, out)) for index, path in todo)
+        outcomes = ((index, path, *_run_one(built, path, out, within)) for index, path in todo)
     for index, path, ok, message, count, seconds in outcomes:
         prefix = f"[{index}/{total}] {path}"
         if ok:

@@ -33,6 +33,7 @@ from segcam.apps.cli.options import (
     parse_method_options,
     positive_int,
 )
+from segcam.apps.cli.progress import ProgressDisplay
 from segcam.apps.specs import parse_target
 from segcam.errors import InputFileError, MethodNotSupportedError
 from segcam.methods import REGISTRY, get_method
@@ -91,6 +92,11 @@ def add_parser(commands: Any) -> None:
     add_output_option(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--overwrite", action="store_true", help="redo finished inputs")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (bars on a terminal, else a line per input); errors still print",
+    )
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -174,32 +180,34 @@ def run(args: argparse.Namespace) -> int:
     """Explain every input; 0 when all succeed, 1 when some failed."""
     job = job_from_args(args)
     files = expand_inputs(args.inputs, exclude=args.out)
-    if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
-        if not files[0].exists():
-            raise InputFileError(f"{files[0]}: no such file")
-        settings = job.settings()
-        with output_folder(args.out, settings, overwrite=args.overwrite):
-            if args.overwrite or not finished(args.out, files[0], settings):
-                built = job.build()
-                started = time.perf_counter()
-                written = explain_file(files[0], built, args.out)
-                seconds = time.perf_counter() - started
-                print(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s", file=sys.stderr)
-            else:
-                print(f"[1/1] {files[0]}: already done, skipped", file=sys.stderr)
-        print(f"outputs in {args.out}")
-        return 0
-    result = explain_files(
-        files,
-        job,
-        args.out,
-        backend=args.backend,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-        address=args.address,
-        gpus_per_worker=args.gpus_per_worker,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    with ProgressDisplay(len(files), quiet=args.quiet) as display:
+        if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
+            if not files[0].exists():
+                raise InputFileError(f"{files[0]}: no such file")
+            settings = job.settings()
+            with output_folder(args.out, settings, overwrite=args.overwrite):
+                if args.overwrite or not finished(args.out, files[0], settings):
+                    built = job.build()
+                    started = time.perf_counter()
+                    written = explain_file(files[0], built, args.out, display.within)
+                    seconds = time.perf_counter() - started
+                    display.line(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s")
+                else:
+                    display.line(f"[1/1] {files[0]}: already done, skipped")
+            print(f"outputs in {args.out}")
+            return 0
+        result = explain_files(
+            files,
+            job,
+            args.out,
+            backend=args.backend,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
+            progress=display.line,
+            within=display.within,
+        )
     print(f"outputs in {args.out}")
     if result.failed:
         total = len(result.done) + len(result.skipped) + len(result.failed)
