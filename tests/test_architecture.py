@@ -41,7 +41,7 @@ def test_import_contract_fails_when_a_library_module_imports_an_app(tmp_path):
     assert "1 kept, 0 broken" in kept.stdout
     # the one forbidden direction: a library module importing an application
     core = tmp_path / "src" / "segcam" / "core.py"
-    core.write_text(core.read_text() + "\nimport segcam.apps.batch  # noqa: E402\n")
+    core.write_text(core.read_text(encoding="utf-8") + "\nimport segcam.apps.batch  # noqa: E402\n")
     broken = _lint_imports(tmp_path)
     assert broken.returncode != 0
     assert "BROKEN" in broken.stdout and "segcam.core -> segcam.apps.batch" in broken.stdout
@@ -93,7 +93,7 @@ BUILT_IN_RAISES = {"ValueError", "RuntimeError", "TypeError", "KeyError", "Index
 
 @pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_no_bare_built_in_error_is_raised(path):
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     bare = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):

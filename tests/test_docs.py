@@ -35,11 +35,11 @@ def test_how_to_example_runs(example, expected):
 
 
 def test_every_page_in_the_nav_exists_and_every_snippet_too():
-    config = (ROOT / "mkdocs.yml").read_text()
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     pages = re.findall(r":\s*([\w/-]+\.md)\s*$", config, flags=re.M)
     assert len(pages) >= 20
     for page in pages:
         assert (ROOT / "docs" / page).is_file(), page
     for page in (ROOT / "docs").rglob("*.md"):
-        for snippet in re.findall(r'--8<-- "([^"]+)"', page.read_text()):
+        for snippet in re.findall(r'--8<-- "([^"]+)"', page.read_text(encoding="utf-8")):
             assert (EXAMPLES / snippet).is_file(), (page, snippet)

@@ -135,3 +135,16 @@ def test_a_damaged_file_is_one_clear_error(tmp_path):
     (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: float\ndimension: 3\n")
     with pytest.raises(InputFileError, match=r"broken\.nrrd: cannot read"):
         read_input(tmp_path / "broken.nrrd")
+
+
+def test_a_series_written_from_the_demo_ct(tmp_path):
+    from segcam.apps.demo import data
+
+    case = data.load_case()
+    crop = case.image[32:96, 40:104, 50:66]  # (i, j, k) in HU: 64 x 64 x 16
+    write_series(tmp_path / "ct", np.swapaxes(crop, 0, 2), "1.2.826.0.1.3680043.2.1125.600")
+    volume = read_medical(tmp_path / "ct")
+    np.testing.assert_array_equal(volume.array[0], crop.astype(np.int16).astype(np.float32))
+    assert volume.geometry.spacing == pytest.approx((0.8, 0.7, 2.5))
+    assert volume.geometry.direction == pytest.approx(OBLIQUE, abs=1e-5)
+    assert volume.array.min() < -500 and volume.array.max() > 100  # air and tissue, in HU

@@ -91,7 +91,7 @@ def test_written_maps_equal_explain(scenes, tmp_path, capsys):
             torch.testing.assert_close(written.layer_maps[layer], expected.layer_maps[layer])
     pngs = sorted(p.name for p in folder.glob("*.png"))
     assert len(pngs) == 2 * 2 * 4 and "seg-hires-grad-cam__model.0__t1-mask-2.png" in pngs
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["methods"] == ["seg-grad-cam", "seg-hires-grad-cam"]
     assert manifest["weights_sha256"] == segcam.apps.specs.file_sha256(WEIGHTS)
     assert manifest["input"]["path"] == str(image) and manifest["torch"] == torch.__version__
@@ -375,7 +375,7 @@ def test_method_options_reach_the_maps(scenes, tmp_path, capsys):
         method_options={"pool_size": 4, "pool": "mean"},
     )
     torch.testing.assert_close(saved.maps, expected.maps)
-    manifest = json.loads((out / "scene1000008" / "manifest.json").read_text())
+    manifest = json.loads((out / "scene1000008" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["method_options"] == {"seg-xres-cam": {"pool_size": 4, "pool": "mean"}}
     capsys.readouterr()
     bad = run(*common, "--method-option", "seg-xres-cam:pool_size=4", "--out", tmp_path / "b")
@@ -410,7 +410,7 @@ def test_sliding_window_option(scenes, tmp_path, capsys):
     )
     torch.testing.assert_close(saved.maps, expected.maps)
     assert saved.info["sliding_window"]["windows"] == expected.info["sliding_window"]["windows"]
-    manifest = json.loads((out / "scene1000009" / "manifest.json").read_text())
+    manifest = json.loads((out / "scene1000009" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["options"]["sliding_window"] == {"roi_size": [32, 48], "overlap": 0.5}
     capsys.readouterr()
     with pytest.raises(SystemExit):

@@ -56,7 +56,7 @@ def test_case_is_the_documented_volume():
 
 @pytest.mark.parametrize("which", ["2d", "3d"])
 def test_shipped_networks_reach_their_logged_dice(which):
-    logged = json.loads((SCRIPTS / f"train_liver_{which}.log.json").read_text())
+    logged = json.loads((SCRIPTS / f"train_liver_{which}.log.json").read_text(encoding="utf-8"))
     dice = held_out_dice(load_liver_model(which), which, liver.load_case())
     for name in ("liver", "tumour"):
         assert dice[name] == pytest.approx(logged["held_out_dice"][name], abs=0.01)

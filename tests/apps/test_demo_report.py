@@ -18,7 +18,7 @@ def demo_out(tmp_path_factory):
 
 
 def test_report_is_self_contained(demo_out):
-    page = (demo_out / "report.html").read_text()
+    page = (demo_out / "report.html").read_text(encoding="utf-8")
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(images) == 4 + 2  # four held-out slices, then liver and tumour in 3D
     assert all(len(image) > 10_000 for image in images)

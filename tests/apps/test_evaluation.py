@@ -32,7 +32,7 @@ def test_scenes_are_seeded_and_consistent():
 
 
 def test_shipped_network_uses_the_cue():
-    logged = json.loads(LOG.read_text())["held_out"]
+    logged = json.loads(LOG.read_text(encoding="utf-8"))["held_out"]
     measured = evidence_accuracy(load_demo_model("evidence-2d"), count=100)
     assert measured["pixel_accuracy"] >= 0.95 and logged["pixel_accuracy"] >= 0.95
     # A network blind to the marker could only guess the disk's class (about 0.5).
@@ -62,7 +62,7 @@ def test_evaluate_writes_tables_and_plots(tmp_path):
         low, mean, high = (float(row[key]) for key in ("low", "mean", "high"))
         assert 1 <= int(row["n"]) <= 4 and low - 1e-12 <= mean <= high + 1e-12, row
     assert (out / "evidence.png").read_bytes()[:4] == b"\x89PNG"
-    records = json.loads((out / "evidence_records.json").read_text())
+    records = json.loads((out / "evidence_records.json").read_text(encoding="utf-8"))
     assert len(records) == 4 * 2 * 3 * methods
 
 
@@ -105,7 +105,7 @@ def test_evaluate_a_folder_against_labels(tmp_path):
         ]
     )
     assert code == 0
-    records = json.loads((out / "images_records.json").read_text())
+    records = json.loads((out / "images_records.json").read_text(encoding="utf-8"))
     assert {r["target"] for r in records} == {"disk", "square"}
     record = next(r for r in records if r["sample"] == "s1000008.npy" and r["target"] == "disk")
     image, label = shapes_scene(1_000_008)

@@ -370,7 +370,7 @@ def test_any_argument_vector_gives_a_clean_exit(inputs, options, debug):
 def test_manifest_lists_every_file_with_its_digest(scene, tmp_path):
     out = tmp_path / "out"
     assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    manifest = json.loads((out / "scene" / "manifest.json").read_text())
+    manifest = json.loads((out / "scene" / "manifest.json").read_text(encoding="utf-8"))
     from segcam.apps.specs import file_sha256
 
     assert sorted(manifest["files"]) == sorted(manifest["outputs"])

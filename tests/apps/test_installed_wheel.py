@@ -46,7 +46,7 @@ def test_wheel_installs_and_runs_the_demo_from_an_empty_folder(tmp_path):
     first = _run([segcam, "demo", "--out", "out"], cwd=empty, env=env)
     assert "downloading the demo CT" in first.stderr and "4.5 MB" in first.stderr
     assert str(tmp_path / "cache" / "segcam" / "data") in first.stderr
-    report = (empty / "out" / "report.html").read_text()
+    report = (empty / "out" / "report.html").read_text(encoding="utf-8")
     assert "Seg-HiRes-Grad CAM" in report and report.count("data:image/png;base64,") >= 2
     assert (empty / "out" / "ct.nii.gz").is_file()
     # the package, not the repository, served the weights and the viewer page

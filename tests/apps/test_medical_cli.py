@@ -50,7 +50,7 @@ def test_a_dicom_series_among_other_inputs(tmp_path):
     )
     nrrd_map = next((out / "scan").glob("*.nrrd"))  # NRRD in, NRRD out
     assert_same_grid(nrrd_map, sitk.ReadImage(str(inputs / "scan.nrrd")))
-    manifest = (out / "ct" / "manifest.json").read_text()
+    manifest = (out / "ct" / "manifest.json").read_text(encoding="utf-8")
     assert '"sha256"' in manifest
 
 

@@ -24,7 +24,7 @@ def test_committed_weights_segment_held_out_scenes():
     for c in (1, 2):
         p, g = prediction == c, labels == c
         assert 2 * (p & g).sum() / (p.sum() + g.sum()) >= 0.97
-    logged = json.loads(LOG.read_text())["held_out_dice"]
+    logged = json.loads(LOG.read_text(encoding="utf-8"))["held_out_dice"]
     assert min(logged.values()) >= 0.97
 
 

@@ -370,7 +370,7 @@ def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
     if not manifest.is_file():
         return False
     try:
-        saved = json.loads(manifest.read_text())
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
     same = all(saved.get(key) == value for key, value in settings.items())
@@ -397,7 +397,7 @@ def _clear_previous(folder: Path) -> None:
     listed: list[str] = []
     if manifest.is_file():
         try:
-            listed = list(json.loads(manifest.read_text()).get("outputs", []))
+            listed = list(json.loads(manifest.read_text(encoding="utf-8")).get("outputs", []))
         except (OSError, json.JSONDecodeError, AttributeError):
             listed = []
         manifest.unlink()
@@ -452,7 +452,7 @@ def output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> It
         recorded: dict[str, Any] | None = None
         if run_file.is_file():
             try:
-                recorded = json.loads(run_file.read_text())
+                recorded = json.loads(run_file.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 recorded = None
         if recorded is not None and recorded != settings and not overwrite:

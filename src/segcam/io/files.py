@@ -172,7 +172,8 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except OSError as error:
         raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
     try:
-        with os.fdopen(handle, mode) as stream:
+        encoding = None if "b" in mode else "utf-8"  # text files: UTF-8 whatever the locale
+        with os.fdopen(handle, mode, encoding=encoding) as stream:
             yield stream
             stream.flush()
             os.fchmod(stream.fileno(), file_mode())  # mkstemp's 0600 -> what the umask allows
