@@ -42,7 +42,11 @@ def test_depth_one_volume_equals_image(seed, height, width, batch, method, layer
         tiny_segnet(3, seed=seed), image[:, :, None], targets_3d, layer, method, **options
     )
     assert volume.maps.shape[:3] == (batch, 3, 1)
-    torch.testing.assert_close(volume.maps[:, :, 0], flat.maps, rtol=1e-5, atol=1e-6)
+    # within 1e-5 of the map's scale, the suite's criterion: 2D and 3D convolutions round
+    # differently, and Score-CAM's softmax over channel scores amplifies that (seed 660: 2.5e-6
+    # on maps of scale 2.4 with one thread, the same before and after the layout work)
+    scale = max(float(flat.maps.abs().max()), 1e-3)
+    torch.testing.assert_close(volume.maps[:, :, 0], flat.maps, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(volume.logits[:, :, 0], flat.logits, rtol=1e-5, atol=1e-6)
 
 
