@@ -7,14 +7,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pydicom  # the [medical] extra (dev)
 import pytest
+import SimpleITK as sitk  # noqa: N813
 
 from segcam.errors import InputFileError
 from segcam.io.files import read_input
 from segcam.io.medical import read_medical, write_like
-
-sitk = pytest.importorskip("SimpleITK")
-pydicom = pytest.importorskip("pydicom")
 
 ANGLE = 0.3
 OBLIQUE = (

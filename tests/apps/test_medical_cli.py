@@ -3,17 +3,15 @@ format and geometry, aligned in physical space (issue 14)."""
 
 from __future__ import annotations
 
+import nibabel
 import numpy as np
 import pytest
+import SimpleITK as sitk  # noqa: N813  (the [medical] extra, dev)
 import torch
 
 import segcam
 from segcam.apps.cli import main
-
-sitk = pytest.importorskip("SimpleITK")
-nibabel = pytest.importorskip("nibabel")
-
-from test_medical import VOLUME, oblique_image, write_series  # noqa: E402
+from test_medical import VOLUME, oblique_image, write_series
 
 MODEL = ["--model", "segcam.testing:tiny_segnet", "--model-kwargs", '{"spatial_dims": 3}']
 ARGS = [*MODEL, "--target", "all:1", "--layer", "body.3", "--minmax"]
