@@ -99,3 +99,11 @@ def test_the_maps_are_the_library_maps(tmp_path):
     x = torch.from_numpy((array - array.min()) / (array.max() - array.min()))[None, None]
     expected = segcam.explain(segcam.testing.tiny_segnet(3), x, segcam.AllPixels(1), "body.3")
     torch.testing.assert_close(saved.maps, expected.maps)
+
+
+def test_a_folder_of_broken_dicom_files_is_one_line(tmp_path, capfd):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.dcm").write_bytes(b"not dicom")
+    assert run("explain", tmp_path / "bad", *ARGS, "--out", tmp_path / "out") == 2
+    err = capfd.readouterr().err  # ITK writes straight to the process's stderr
+    assert err == f"segcam: error: {tmp_path / 'bad'}: no DICOM series found\n"

@@ -49,6 +49,8 @@ def _sitk() -> Any:
         raise MissingExtraError(
             "reading DICOM, NRRD and MetaImage files needs SimpleITK: pip install 'segcam[medical]'"
         ) from error
+    # ITK prints its warnings straight to stderr; segcam reports what matters as one error line
+    SimpleITK.ProcessObject_SetGlobalWarningDisplay(False)
     return SimpleITK
 
 
