@@ -49,9 +49,10 @@ def _sitk() -> Any:
         raise MissingExtraError(
             "reading DICOM, NRRD and MetaImage files needs SimpleITK: pip install 'segcam[medical]'"
         ) from error
+    module: Any = SimpleITK
     # ITK prints its warnings straight to stderr; segcam reports what matters as one error line
-    SimpleITK.ProcessObject_SetGlobalWarningDisplay(False)
-    return SimpleITK
+    module.ProcessObject_SetGlobalWarningDisplay(False)
+    return module
 
 
 @dataclass(frozen=True)
