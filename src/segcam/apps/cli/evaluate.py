@@ -13,6 +13,7 @@ from segcam.apps.cli.options import (
     add_intensity_options,
     add_model_options,
     intensity,
+    model_from_args,
 )
 from segcam.methods import REGISTRY
 
@@ -51,7 +52,6 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks; print the files written."""
     from segcam.apps.evaluation import BUILT_IN, evaluate_folder, run_evaluation, write_outputs
-    from segcam.apps.specs import load_model
 
     data = args.data or sorted(BUILT_IN)
     folders = [Path(d) for d in data if d not in BUILT_IN]
@@ -62,13 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--data FOLDER needs --labels FOLDER, --model and --layer")
     written = run_evaluation([d for d in data if d in BUILT_IN], args.methods, args.out, args.count)
     for folder in folders:
-        model = load_model(
-            args.model,
-            args.weights,
-            args.model_kwargs,
-            trust_pickle=args.trust_pickle,
-            weights_key=args.weights_key,
-        )
+        model = model_from_args(args)
         records = evaluate_folder(
             model,
             folder,

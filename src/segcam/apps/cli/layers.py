@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from segcam.apps.cli.options import UsageError, add_model_options
-from segcam.apps.specs import load_model
+from segcam.apps.cli.options import UsageError, add_model_options, model_from_args
 from segcam.recording import describe_layers
 
 __all__ = ["add_parser", "run"]
@@ -30,13 +29,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per layer."""
-    model = load_model(
-        args.model,
-        args.weights,
-        args.model_kwargs,
-        trust_pickle=args.trust_pickle,
-        weights_key=args.weights_key,
-    )
+    model = model_from_args(args)
     if args.input_shape:
         try:
             shape = tuple(int(v) for v in args.input_shape.split(","))

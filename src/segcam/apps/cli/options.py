@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from segcam.core import resolve_methods
 from segcam.errors import SegCamError
@@ -26,6 +27,7 @@ __all__ = [
     "check_device",
     "intensity",
     "logits_output",
+    "model_from_args",
     "non_negative_float",
     "output_spec",
     "parse_method_options",
@@ -152,6 +154,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--trust-pickle",
         action="store_true",
         help="allow --weights to be a pickled whole model (runs code from it)",
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """The model the model options describe (``--model``, ``--weights``, ...), loaded."""
+    from segcam.apps.specs import load_model
+
+    return load_model(
+        args.model,
+        args.weights,
+        args.model_kwargs,
+        trust_pickle=args.trust_pickle,
+        weights_key=args.weights_key,
     )
 
 

@@ -14,9 +14,10 @@ from segcam.apps.cli.options import (
     add_output_option,
     add_sliding_window_option,
     intensity,
+    model_from_args,
     output_spec,
 )
-from segcam.apps.specs import apply_intensity, load_model
+from segcam.apps.specs import apply_intensity
 from segcam.errors import MissingExtraError
 from segcam.io.files import read_input
 
@@ -62,13 +63,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.input.is_file():
             raise UsageError(f"{args.input}: no such file")
-        model = load_model(
-            args.model,
-            args.weights,
-            args.model_kwargs,
-            trust_pickle=args.trust_pickle,
-            weights_key=args.weights_key,
-        )
+        model = model_from_args(args)
         data = read_input(args.input)
         array = apply_intensity(data.array, **intensity(args))
         session = file_session(
