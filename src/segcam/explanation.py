@@ -68,6 +68,9 @@ class Explanation:
         method_options: the method's options as used (defaults included).
         info: further facts about how the maps were made (JSON-like), e.g. the windows of
             :func:`segcam.explain_sliding_window`.
+        members: the explanations this one sums, by name (an ensemble's members: nnU-Net's
+            folds as ``fold_0``, ... with ``segcam.nnunet.explain(per_fold=True)``); not saved
+            to files.
     """
 
     layer_maps: Mapping[str, torch.Tensor]
@@ -81,11 +84,13 @@ class Explanation:
     layer_shapes: Mapping[str, tuple[int, ...]]
     method_options: Mapping[str, Any] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
+    members: Mapping[str, Explanation] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_maps", MappingProxyType(dict(self.layer_maps)))
         object.__setattr__(self, "layer_shapes", MappingProxyType(dict(self.layer_shapes)))
         object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
+        object.__setattr__(self, "members", MappingProxyType(dict(self.members)))
 
     def __repr__(self) -> str:
         shapes = ", ".join(

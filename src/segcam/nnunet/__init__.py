@@ -1,221 +1,26 @@
 """nnU-Net v2 models in segcam (the ``[nnunet]`` extra; nnunetv2 is imported only here, on use).
 
-:func:`load` reads a trained-model folder (``plans.json``, ``dataset.json``,
-``fold_X/checkpoint_final.pth``) and builds the network the way nnU-Net's trainer builds it:
-custom trainers included, deep supervision off, never compiled, one module per fold (nnU-Net's
-own predictor loads every fold into one module in place; a graph kept across folds would be
-corrupted). Checkpoints load with ``torch.load(weights_only=True)``, allowing only the plain NumPy
-types nnU-Net checkpoints carry; any other pickled object is refused unless
-``trust_checkpoint=True``.
-
-The exact whole-case explanation through nnU-Net's preprocessing, sliding windows, mirroring,
-fold averaging and export resampling (``docs/`` and the design note) builds on this.
+- :func:`load` reads a trained-model folder and builds the networks the way nnU-Net's trainer
+  builds them (:mod:`segcam.nnunet.model`).
+- :func:`read_case` reads and preprocesses a case with nnU-Net's own code
+  (:mod:`segcam.nnunet.case`).
+- :func:`explain` / :func:`explain_methods` explain nnU-Net's whole-case prediction exactly, on
+  the original image's grid (:mod:`segcam.nnunet.explain`, :mod:`segcam.nnunet.geometry`);
+  :func:`predict` is nnU-Net's own prediction and export, without gradients.
 """
 
-from __future__ import annotations
+from segcam.nnunet.case import NnUNetCase, read_case
+from segcam.nnunet.explain import NnUNetPrediction, explain, explain_methods, predict
+from segcam.nnunet.model import NnUNetError, NnUNetModel, load
 
-import inspect
-import json
-import pickle
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
-
-from segcam.errors import MissingExtraError, SegCamError
-
-__all__ = ["NnUNetError", "NnUNetModel", "load"]
-
-
-class NnUNetError(SegCamError, ValueError):
-    """A trained-model folder or checkpoint that cannot be used, with the reason."""
-
-
-def _require_nnunet() -> None:
-    try:
-        import nnunetv2  # noqa: F401
-    except ImportError as error:
-        raise MissingExtraError(
-            "explaining nnU-Net models needs nnunetv2: pip install 'segcam[nnunet]'"
-        ) from error
-
-
-@dataclass(frozen=True, eq=False)
-class NnUNetModel:
-    """A loaded nnU-Net v2 model: its networks (one per fold) and what inference needs.
-
-    Attributes:
-        folder: the trained-model folder.
-        configuration: the configuration's name (``3d_fullres``, ``2d``, ...).
-        trainer_name: the trainer class that built the network.
-        folds: the folds loaded, in order.
-        networks: one network per fold, in eval mode, deep supervision off.
-        mirroring_axes: the checkpoint's ``inference_allowed_mirroring_axes`` (``None``: none).
-        class_names: label names from ``dataset.json``, by label value.
-        plans_manager, configuration_manager, label_manager, dataset_json: nnU-Net's own objects.
-    """
-
-    folder: Path
-    configuration: str
-    trainer_name: str
-    folds: tuple[int | str, ...]
-    networks: tuple[nn.Module, ...] = field(repr=False)
-    mirroring_axes: tuple[int, ...] | None
-    class_names: tuple[str, ...]
-    plans_manager: Any = field(repr=False)
-    configuration_manager: Any = field(repr=False)
-    label_manager: Any = field(repr=False)
-    dataset_json: dict[str, Any] = field(repr=False)
-
-
-def _available_folds(folder: Path, checkpoint: str) -> list[int | str]:
-    found: list[int | str] = []
-    for path in sorted(folder.glob("fold_*")):
-        name = path.name.removeprefix("fold_")
-        if (path / checkpoint).is_file():
-            found.append(int(name) if name.isdigit() else name)
-    return found
-
-
-def _numpy_globals() -> list[Any]:
-    """The plain NumPy types nnU-Net checkpoints pickle (scalars of logged metrics)."""
-    multiarray = getattr(np, "_core", None) or np.core
-    kinds = (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)
-    return [multiarray.multiarray.scalar, np.dtype, *(type(np.dtype(kind)) for kind in kinds)]
-
-
-def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
-    if trust:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        try:
-            with torch.serialization.safe_globals(_numpy_globals()):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            detail = next(
-                (line.strip() for line in str(error).splitlines() if "GLOBAL" in line), ""
-            )
-            raise NnUNetError(
-                f"{path}: the checkpoint pickles objects beyond tensors and plain types "
-                f"({detail or type(error).__name__}); load it with trust_checkpoint=True only if "
-                f"you trust its source (unpickling runs code from the file)"
-            ) from None
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise NnUNetError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
-    return checkpoint
-
-
-def _strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "_orig_mod."  # a network trained with nnUNet_compile=1
-    if state and all(key.startswith(prefix) for key in state):
-        return {key[len(prefix) :]: value for key, value in state.items()}
-    return state
-
-
-def load(
-    model_folder: str | Path,
-    folds: tuple[int | str, ...] | str = (0,),
-    checkpoint: str = "checkpoint_final.pth",
-    *,
-    device: str | torch.device = "cpu",
-    trust_checkpoint: bool = False,
-) -> NnUNetModel:
-    """Load an nnU-Net v2 trained-model folder for explanation.
-
-    Args:
-        model_folder: the folder holding ``plans.json``, ``dataset.json`` and ``fold_X/``.
-        folds: fold numbers (or ``"all"`` for every fold present).
-        checkpoint: the checkpoint file name in each fold folder.
-        device: where the networks go.
-        trust_checkpoint: allow checkpoints that pickle arbitrary objects (runs their code).
-
-    Returns:
-        An :class:`NnUNetModel`.
-
-    Raises:
-        NnUNetError: a missing file or fold, a checkpoint that is not nnU-Net's or pickles
-            objects (without ``trust_checkpoint``), folds of different configurations, weights
-            that do not fit the network.
-        MissingExtraError: nnunetv2 is not installed.
-    """
-    _require_nnunet()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    folder = Path(model_folder)
-    for name in ("plans.json", "dataset.json"):
-        if not (folder / name).is_file():
-            raise NnUNetError(f"{folder}: no {name}; expected an nnU-Net trained-model folder")
-    available = _available_folds(folder, checkpoint)
-    chosen = (
-        list(available) if folds == "all" else [folds] if isinstance(folds, int) else list(folds)
-    )
-    missing = [fold for fold in chosen if fold not in available]
-    if missing or not chosen:
-        raise NnUNetError(
-            f"{folder}: no {checkpoint} for fold(s) {missing or chosen}; folds present: "
-            f"{available or 'none'}"
-        )
-    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
-    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    checkpoints = [
-        _read_checkpoint(folder / f"fold_{fold}" / checkpoint, trust_checkpoint) for fold in chosen
-    ]
-    trainer_name = checkpoints[0]["trainer_name"]
-    configuration = checkpoints[0]["init_args"]["configuration"]
-    for fold, other in zip(chosen[1:], checkpoints[1:], strict=True):
-        if other["init_args"]["configuration"] != configuration:
-            raise NnUNetError(
-                f"{folder}: fold {fold} is {other['init_args']['configuration']}, fold "
-                f"{chosen[0]} is {configuration}; explain folds of one configuration"
-            )
-    configuration_manager = plans_manager.get_configuration(configuration)
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    try:  # custom trainers too, wherever nnU-Net finds them
-        trainer = recursive_find_trainer_class_by_name(trainer_name)
-    except Exception:  # nnU-Net raises plain errors for an unknown trainer
-        trainer = None
-    if trainer is None:
-        raise NnUNetError(f"{folder}: trainer {trainer_name!r} is not installed")
-    inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    outputs = label_manager.num_segmentation_heads
-    networks = []
-    for fold, saved in zip(chosen, checkpoints, strict=True):
-        if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
-            network = trainer.build_network_architecture(
-                plans_manager, configuration_manager, inputs, outputs,
-                enable_deep_supervision=False,
-            )  # fmt: skip
-        else:  # the older signature of custom trainers
-            network = trainer.build_network_architecture(
-                configuration_manager.network_arch_class_name,
-                configuration_manager.network_arch_init_kwargs,
-                configuration_manager.network_arch_init_kwargs_req_import,
-                inputs, outputs, enable_deep_supervision=False,
-            )  # fmt: skip
-        try:
-            network.load_state_dict(_strip_compile_prefix(saved["network_weights"]))
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise NnUNetError(f"{folder}: fold {fold}'s weights do not fit: {first}") from error
-        networks.append(network.to(device).eval())
-    labels = dataset_json.get("labels", {})
-    names = sorted(labels, key=lambda name: labels[name] if isinstance(labels[name], int) else 0)
-    mirroring = checkpoints[0].get("inference_allowed_mirroring_axes")
-    return NnUNetModel(
-        folder=folder,
-        configuration=configuration,
-        trainer_name=trainer_name,
-        folds=tuple(chosen),
-        networks=tuple(networks),
-        mirroring_axes=tuple(int(a) for a in mirroring) if mirroring is not None else None,
-        class_names=tuple(names),
-        plans_manager=plans_manager,
-        configuration_manager=configuration_manager,
-        label_manager=label_manager,
-        dataset_json=dataset_json,
-    )
+__all__ = [
+    "NnUNetCase",
+    "NnUNetError",
+    "NnUNetModel",
+    "NnUNetPrediction",
+    "explain",
+    "explain_methods",
+    "load",
+    "predict",
+    "read_case",
+]

@@ -22,10 +22,35 @@ CLASS_NAMES = ("background", "liver", "tumour")
 
 
 def tiny_plans(
-    configuration: str = "3d_fullres", patch_size: Sequence[int] = (16, 16, 16)
+    configuration: str = "3d_fullres",
+    patch_size: Sequence[int] = (16, 16, 16),
+    *,
+    spacing: Sequence[float] | None = None,
+    transpose_forward: Sequence[int] = (0, 1, 2),
+    normalization: Sequence[str] = ("CTNormalization",),
+    previous_stage: str | None = None,
 ) -> dict[str, Any]:
-    """Plans of one small configuration: 3 stages of a PlainConvUNet (4, 8, 16 features)."""
+    """Plans of one small configuration: 3 stages of a PlainConvUNet (4, 8, 16 features).
+
+    Args:
+        configuration: the configuration's name.
+        patch_size: the patch size (2 or 3 entries).
+        spacing: the configuration's target spacing (transposed axes; default 1 per axis).
+        transpose_forward: the axis order nnU-Net works in.
+        normalization: one normalisation scheme per input channel.
+        previous_stage: a cascade's previous configuration.
+    """
     dims = len(patch_size)
+    backward = [int(i) for i in np.argsort(transpose_forward)]
+    channel_properties = {
+        "max": 1000.0,
+        "mean": 50.0,
+        "median": 45.0,
+        "min": -1000.0,
+        "percentile_00_5": -900.0,
+        "percentile_99_5": 900.0,
+        "std": 200.0,
+    }
     conv = "torch.nn.modules.conv.Conv3d" if dims == 3 else "torch.nn.modules.conv.Conv2d"
     norm = (
         "torch.nn.modules.instancenorm.InstanceNorm3d"
@@ -39,20 +64,12 @@ def tiny_plans(
         "original_median_spacing_after_transp": [1.0] * 3,
         "original_median_shape_after_transp": [24] * 3,
         "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
+        "transpose_forward": [int(i) for i in transpose_forward],
+        "transpose_backward": backward,
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {
-                "max": 1000.0,
-                "mean": 50.0,
-                "median": 45.0,
-                "min": -1000.0,
-                "percentile_00_5": -900.0,
-                "percentile_99_5": 900.0,
-                "std": 200.0,
-            }
+            str(i): dict(channel_properties) for i in range(len(normalization))
         },
         "configurations": {
             configuration: {
@@ -61,9 +78,9 @@ def tiny_plans(
                 "batch_size": 2,
                 "patch_size": list(patch_size),
                 "median_image_size_in_voxels": [24] * dims,
-                "spacing": [1.0] * dims,
-                "normalization_schemes": ["CTNormalization"],
-                "use_mask_for_norm": [False],
+                "spacing": [float(v) for v in spacing] if spacing else [1.0] * dims,
+                "normalization_schemes": list(normalization),
+                "use_mask_for_norm": [False] * len(normalization),
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
@@ -71,6 +88,7 @@ def tiny_plans(
                 "resampling_fn_seg_kwargs": {**resampling, "is_seg": True},
                 "resampling_fn_probabilities_kwargs": resampling,
                 "batch_dice": True,
+                **({"previous_stage": previous_stage} if previous_stage else {}),
                 "architecture": {
                     "network_class_name": (
                         "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -107,6 +125,12 @@ def make_model_folder(
     mirroring_axes: Sequence[int] | None = (0, 1, 2),
     extra: dict[str, Any] | None = None,
     prefix: str = "",
+    regions: bool = False,
+    channels: Sequence[str] = ("CT",),
+    spacing: Sequence[float] | None = None,
+    transpose_forward: Sequence[int] = (0, 1, 2),
+    previous_stage: str | None = None,
+    head_bias: Sequence[float] | None = None,
 ) -> Path:
     """Write a tiny trained-model folder; each fold gets its own seeded random weights.
 
@@ -118,19 +142,41 @@ def make_model_folder(
         mirroring_axes: the checkpoint's ``inference_allowed_mirroring_axes`` (``None``: absent).
         extra: more entries for every checkpoint (e.g. a pickled object, to test refusal).
         prefix: a prefix for the weights' names (``_orig_mod.`` as torch.compile leaves it).
+        regions: a region-based model (regions ``liver`` = labels 1 and 2, ``tumour`` = 2).
+        channels: the input channels' names; ``CT`` channels get CT normalisation, others
+            z-score.
+        spacing: the configuration's target spacing (transposed axes).
+        transpose_forward: the axis order nnU-Net works in.
+        previous_stage: make it a cascade stage after this configuration.
+        head_bias: the segmentation head's bias per output channel (random weights give one
+            class most of the time; a bias balances them).
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    plans = tiny_plans(configuration, patch_size)
+    schemes = ["CTNormalization" if c == "CT" else "ZScoreNormalization" for c in channels]
+    plans = tiny_plans(
+        configuration,
+        patch_size,
+        spacing=spacing,
+        transpose_forward=transpose_forward,
+        normalization=schemes,
+        previous_stage=previous_stage,
+    )
     (root / "plans.json").write_text(json.dumps(plans, indent=1), encoding="utf-8")
-    dataset = {
-        "channel_names": {"0": "CT"},
-        "labels": {name: index for index, name in enumerate(CLASS_NAMES)},
+    labels: dict[str, Any] = {name: index for index, name in enumerate(CLASS_NAMES)}
+    if regions:
+        labels = {"background": 0, "liver": [1, 2], "tumour": 2}
+    dataset: dict[str, Any] = {
+        "channel_names": {str(i): name for i, name in enumerate(channels)},
+        "labels": labels,
         "numTraining": 1,
         "file_ending": ".nii.gz",
     }
+    if regions:
+        dataset["regions_class_order"] = [1, 2]
+    heads = 2 if regions else len(CLASS_NAMES)
     (root / "dataset.json").write_text(json.dumps(dataset, indent=1), encoding="utf-8")
     architecture = plans["configurations"][configuration]["architecture"]
     for fold in folds:
@@ -139,10 +185,13 @@ def make_model_folder(
             architecture["network_class_name"],
             architecture["arch_kwargs"],
             architecture["_kw_requires_import"],
-            1,
-            len(CLASS_NAMES),
+            len(channels),
+            heads,
             deep_supervision=False,
         )
+        if head_bias is not None:
+            with torch.no_grad():
+                network.decoder.seg_layers[-1].bias.copy_(torch.tensor(head_bias))
         checkpoint: dict[str, Any] = {
             "network_weights": {prefix + k: v for k, v in network.state_dict().items()},
             "trainer_name": "nnUNetTrainer",
