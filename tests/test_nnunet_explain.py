@@ -9,6 +9,7 @@ the whole pipeline, written here independently (patches, mirroring, Gaussian ble
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 
 import numpy as np
@@ -381,3 +382,68 @@ def test_per_fold_maps_sum_to_the_ensemble_and_agreement_is_reported(tmp_path):
     again = nnunet.explain(same, case, segcam.Mask(1, mask), "decoder.stages.0", per_fold=True)
     scores = again.info["nnunet"]["fold_agreement"]["decoder.stages.0"][0]
     assert scores["inside"] == pytest.approx(1.0) and scores["around"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- bad input, the model untouched
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    from segcam.errors import ClassIndexError, OptionError
+
+    folder = make_model_folder(tmp_path / "m")
+    model = nnunet.load(folder)
+    good = (_image((18, 18, 18)), {"spacing": [1.0, 1.0, 1.0]})
+    layer = "decoder.stages.1"
+    with pytest.raises(nnunet.NnUNetError, match=r"2 channel\(s\) .* the model takes 1 \(CT\)"):
+        nnunet.explain(
+            model, (_image((18, 18, 18), channels=2), good[1]), segcam.AllPixels(1), layer
+        )
+    nan = good[0].copy()
+    nan[0, 3, 3, 3] = np.nan
+    with pytest.raises(nnunet.NnUNetError, match="NaN or Inf"):
+        nnunet.explain(model, (nan, good[1]), segcam.AllPixels(1), layer)
+    with pytest.raises(nnunet.NnUNetError, match="no such image file"):
+        nnunet.explain(model, [tmp_path / "missing_0000.nii.gz"], segcam.AllPixels(1), layer)
+    with pytest.raises(ClassIndexError, match=r"'spleen' is not in dataset\.json; classes: "
+                       "background, liver, tumour"):  # fmt: skip
+        nnunet.explain(model, good, segcam.Predicted("spleen"), layer)
+    with pytest.raises(ClassIndexError, match="class 3 is out of range: the model has 3"):
+        nnunet.explain(model, good, segcam.Box(3, [(0, 2)] * 3), layer)
+    with pytest.raises(OptionError, match="step_size must be a number in"):
+        nnunet.explain(model, good, segcam.AllPixels(1), layer, step_size=0)
+    with pytest.raises(OptionError, match="gradient-free methods are not available"):
+        nnunet.explain(model, good, segcam.AllPixels(1), layer, "seg-score-cam")
+    with pytest.raises(nnunet.NnUNetError, match="an array case needs properties with 'spacing'"):
+        nnunet.explain(model, (good[0], {}), segcam.AllPixels(1), layer)
+
+
+def test_a_cascade_stage_and_a_non_linear_export_are_refused(tmp_path):
+    cascade = make_model_folder(tmp_path / "c", previous_stage="3d_lowres")
+    case = (_image((18, 18, 18)), {"spacing": [1.0, 1.0, 1.0]})
+    with pytest.raises(nnunet.NnUNetError, match="cascade stage: its input includes the "
+                       "segmentation of 3d_lowres"):  # fmt: skip
+        nnunet.load(cascade)
+    folder = make_model_folder(tmp_path / "m")
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    plans["configurations"]["3d_fullres"]["resampling_fn_probabilities_kwargs"]["order"] = 3
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+    with pytest.raises(nnunet.NnUNetError, match=r"order 3.*this one is not linear"):
+        nnunet.read_case(nnunet.load(folder), case)
+
+
+def test_a_label_file_mask_and_the_model_left_as_it_was(tmp_path):
+    import SimpleITK as sitk  # noqa: N813
+
+    model = nnunet.load(make_model_folder(tmp_path / "m"))
+    network = model.networks[0]
+    image = _image((17, 19, 18), seed=7)
+    mask, _ = _boxes(image.shape[1:])
+    path = tmp_path / "truth.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 2), str(path))
+    case = (image, {"spacing": [1.0, 1.0, 1.0]})
+    from_file = nnunet.explain(model, case, segcam.Mask("liver", str(path)), "decoder.stages.0")
+    from_array = nnunet.explain(model, case, segcam.Mask(1, mask), "decoder.stages.0")
+    torch.testing.assert_close(from_file.maps, from_array.maps, rtol=0, atol=0)
+    assert not network.training
+    assert all(p.requires_grad and p.grad is None for p in network.parameters())
+    assert all(not m._forward_hooks for m in network.modules())

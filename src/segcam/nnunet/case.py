@@ -116,10 +116,7 @@ def read_case(model: NnUNetModel, case: CaseLike) -> NnUNetCase:
         data, None, properties, model.plans_manager, model.configuration_manager, model.dataset_json
     )
     tensor = torch.from_numpy(preprocessed).to(dtype=torch.float32).contiguous()
-    try:
-        geometry = export_geometry(
-            model.plans_manager, model.configuration_manager, properties, tensor.shape[1:]
-        )
-    except ValueError as error:
-        raise NnUNetError(str(error)) from None
+    geometry = export_geometry(
+        model.plans_manager, model.configuration_manager, properties, tensor.shape[1:]
+    )
     return NnUNetCase(data=tensor, properties=properties, geometry=geometry, files=files)

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from segcam.nnunet.model import NnUNetError
+
 __all__ = ["ExportGeometry", "export_geometry", "linear_matrix", "nearest_matrix"]
 
 
@@ -134,7 +136,7 @@ def export_geometry(
     """The export of one case, read from its preprocessing ``properties`` and the plans.
 
     Raises:
-        ValueError: a probability resampling that is not linear (order other than 1, or order_z
+        NnUNetError: a probability resampling that is not linear (order other than 1, or order_z
             other than 0 or 1): its clipping makes the exported logits a non-linear function.
     """
     from nnunetv2.preprocessing.resampling.default_resampling import (
@@ -145,7 +147,7 @@ def export_geometry(
     function = configuration_manager.configuration.get("resampling_fn_probabilities")
     order, order_z = int(kwargs.get("order", 3)), int(kwargs.get("order_z", 0))
     if function != "resample_data_or_seg_to_shape" or order != 1 or order_z not in (0, 1):
-        raise ValueError(
+        raise NnUNetError(
             f"the plans resample probabilities with {function} (order {order}, order_z "
             f"{order_z}); segcam explains nnU-Net's linear export (resample_data_or_seg_to_shape, "
             f"order 1, order_z 0 or 1) exactly, and this one is not linear"

@@ -175,6 +175,13 @@ def load(
                 f"{chosen[0]} is {configuration}; explain folds of one configuration"
             )
     configuration_manager = plans_manager.get_configuration(configuration)
+    previous = configuration_manager.previous_stage_name
+    if previous is not None:
+        raise NnUNetError(
+            f"{folder}: {configuration} is a cascade stage: its input includes the segmentation "
+            f"of {previous}, which segcam does not run; explain {previous} itself or a full-"
+            f"resolution configuration"
+        )
     label_manager = plans_manager.get_label_manager(dataset_json)
     try:  # custom trainers too, wherever nnU-Net finds them
         trainer = recursive_find_trainer_class_by_name(trainer_name)
@@ -201,7 +208,8 @@ def load(
         try:
             network.load_state_dict(_strip_compile_prefix(saved["network_weights"]))
         except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
+            lines = [line.strip() for line in str(error).strip().splitlines()]
+            first = " ".join(lines[1:2] or lines[:1])[:300]
             raise NnUNetError(f"{folder}: fold {fold}'s weights do not fit: {first}") from error
         networks.append(network.to(device).eval())
     labels = {k: v for k, v in dataset_json.get("labels", {}).items() if k != "ignore"}
