@@ -98,6 +98,9 @@ class BatchJob:
         map_format: 3D maps as ``"auto"`` (the input's own format; NIfTI for DICOM),
             ``"nifti"``, ``"nrrd"`` or ``"mha"``.
         series_uid: the DICOM series to read from a folder holding several.
+        nnunet: an nnU-Net model instead of ``model``: ``folder``, ``folds`` (or ``"all"``),
+            ``checkpoint``, ``step_size``, ``mirroring``, ``save_seg``, ``trust_checkpoint``;
+            inputs are then cases (:mod:`segcam.apps.nnunet_cases`).
     """
 
     model: str | None
@@ -117,6 +120,15 @@ class BatchJob:
     device: str = "cpu"
     map_format: str = "auto"
     series_uid: str | None = None
+    nnunet: dict[str, Any] | None = None
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
+        """The job's inputs: files (and folders' files), or nnU-Net cases."""
+        if self.nnunet is not None:
+            from segcam.apps.nnunet_cases import expand_cases
+
+            return expand_cases(inputs, self.nnunet, exclude)
+        return expand_inputs(inputs, exclude=exclude)
 
     def settings(self) -> dict[str, Any]:
         """What the manifest records, and what a rerun must match to skip an input."""
@@ -143,11 +155,17 @@ class BatchJob:
                 "series_uid": self.series_uid,
             },
         }
+        if self.nnunet is not None:
+            from segcam.apps.nnunet_cases import spec_settings
+
+            settings["nnunet"] = spec_settings(self.nnunet)
         result: dict[str, Any] = json.loads(json.dumps(settings))  # as the manifest reads back
         return result
 
     def build(self) -> _Job:
         """Load the model and parse the targets: what a worker needs, built once per worker."""
+        if self.nnunet is not None:
+            return self._build_nnunet()
         model = load_model(
             self.model,
             Path(self.weights) if self.weights else None,
@@ -174,6 +192,29 @@ class BatchJob:
             settings=self.settings(),
             device=device,
             preprocess=load_callable(self.preprocess, "--preprocess") if self.preprocess else None,
+        )
+
+    def _build_nnunet(self) -> _Job:
+        from segcam.apps.nnunet_cases import folder_facts, load_spec, parse_case_target
+        from segcam.nnunet.files import reverses_axes
+
+        assert self.nnunet is not None
+        device = torch.device(self.device)
+        facts = folder_facts(self.nnunet["folder"])
+        reverse = reverses_axes(facts["reader"])
+        return _Job(
+            model=None,
+            targets=[parse_case_target(s, facts["classes"], reverse) for s in self.targets],
+            target_specs=list(self.targets),
+            layers=list(self.layers),
+            methods=list(self.methods),
+            options={"explain": _explain_options(self.explain)},
+            method_options=self.method_options,
+            settings=self.settings(),
+            device=device,
+            preprocess=None,
+            nnunet=load_spec(self.nnunet, device),
+            nnunet_spec=dict(self.nnunet),
         )
 
 
@@ -225,6 +266,24 @@ def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[P
     return files
 
 
+def input_name(path: Path, settings: dict[str, Any]) -> str:
+    """The output folder name of an input under a job's settings (a case id for nnU-Net)."""
+    if settings.get("nnunet"):
+        from segcam.apps.nnunet_cases import case_name
+
+        return case_name(path, settings["nnunet"])
+    return output_name(path)
+
+
+def input_sha256(path: Path, settings: dict[str, Any]) -> str:
+    """The input's digest under a job's settings (all channel files of an nnU-Net case)."""
+    if settings.get("nnunet"):
+        from segcam.apps.nnunet_cases import case_digest
+
+        return case_digest(path, settings["nnunet"])
+    return file_sha256(path)
+
+
 def output_name(path: Path) -> str:
     """The output folder name of an input: its file name without the suffix, made safe.
 
@@ -244,7 +303,7 @@ def output_name(path: Path) -> str:
 
 @dataclass
 class _Job:
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     targets: list[segcam.Target]
     target_specs: list[str]
     layers: list[str]
@@ -254,6 +313,8 @@ class _Job:
     settings: dict[str, Any]
     device: torch.device
     preprocess: Any
+    nnunet: Any = None  # a segcam.nnunet.NnUNetModel
+    nnunet_spec: dict[str, Any] | None = None
 
 
 def _safe(name: str) -> str:
@@ -278,6 +339,14 @@ def explain_file(
     ``progress`` follows the work within the input: (windows or targets done, total).
     """
     started = time.perf_counter()
+    if job.nnunet is not None:
+        from segcam.apps.nnunet_cases import case_name, explain_case
+
+        assert job.nnunet_spec is not None
+        _clear_previous(out / case_name(path, job.nnunet_spec))
+        written, record = explain_case(path, job, out, progress, _write_case_outputs(job))
+        return _finish_input(written, record, job, out / case_name(path, job.nnunet_spec), started)
+    assert job.model is not None
     data: InputFile = read_input(path, series_uid=job.options["series_uid"])
     array = apply_intensity(data.array, preprocess=job.preprocess, **job.options["intensity"])
     x = torch.from_numpy(array)[None].to(job.device)
@@ -319,8 +388,7 @@ def explain_file(
                     heat = maps[0, t].detach().float().cpu().numpy()
                     if heat.shape != array.shape[1:]:
                         continue  # not up-sampled: the raw maps are in the .npz
-                    kind, _, rest = spec.partition(":")
-                    stem = f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
+                    stem = _stem(method, layer, t, spec)
                     if data.spatial_dims == 2:
                         destination = target_dir / f"{stem}.png"
                         pending.append(
@@ -329,9 +397,48 @@ def explain_file(
                     else:
                         pending.append(pool.submit(_write_map, target_dir, stem, heat, data, job))
         written = [future.result() for future in pending]
+    record = {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)}
+    return _finish_input(written, record, job, target_dir, started)
+
+
+def _stem(method: str, layer: str, t: int, spec: str) -> str:
+    kind, _, rest = spec.partition(":")
+    return f"{method}__{_safe(layer)}__t{t}-{kind}-{_safe(rest.partition(':')[0])}"
+
+
+def _write_case_outputs(job: _Job) -> Callable[..., list[Path]]:
+    """The writer of an nnU-Net case's files: .npz per method, a map per target and layer."""
+
+    def write(
+        explanations: dict[str, segcam.Explanation],
+        target_dir: Path,
+        shape: tuple[int, ...],
+        map_writer: Callable[[Path, str, np.ndarray], Path],
+        extra: list[tuple[Callable[..., Path], tuple[Any, ...]]],
+    ) -> list[Path]:
+        make_dir(target_dir)
+        with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
+            pending = [pool.submit(function, *arguments) for function, arguments in extra]
+            for method, expl in explanations.items():
+                pending.append(pool.submit(_save, expl, target_dir / f"{method}.npz"))
+                for layer, maps in expl.layer_maps.items():
+                    for t, spec in enumerate(job.target_specs):
+                        heat = maps[0, t].detach().float().cpu().numpy()
+                        if heat.shape == tuple(shape):  # maps on the original grid
+                            stem = _stem(method, layer, t, spec)
+                            pending.append(pool.submit(map_writer, target_dir, stem, heat))
+            return [future.result() for future in pending]
+
+    return write
+
+
+def _finish_input(
+    written: list[Path], record: dict[str, Any], job: _Job, target_dir: Path, started: float
+) -> list[Path]:
+    """Write the input's manifest, last: the input counts as done only once it is there."""
     manifest = {
         **job.settings,
-        "input": {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)},
+        "input": record,
         "outputs": [p.name for p in written],
         "files": {p.name: file_sha256(p) for p in written},
         "seconds": round(time.perf_counter() - started, 3),
@@ -366,7 +473,7 @@ def _save(expl: segcam.Explanation, path: Path) -> Path:
 
 def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
     """Whether ``out`` holds a manifest of ``path`` made with these settings."""
-    manifest = out / output_name(path) / "manifest.json"
+    manifest = out / input_name(path, settings) / "manifest.json"
     if not manifest.is_file():
         return False
     try:
@@ -374,7 +481,7 @@ def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     same = all(saved.get(key) == value for key, value in settings.items())
-    if not same or saved.get("input", {}).get("sha256") != file_sha256(path):
+    if not same or saved.get("input", {}).get("sha256") != input_sha256(path, settings):
         return False
     files = saved.get("files")
     if not isinstance(files, dict) or not files:
@@ -534,8 +641,9 @@ def explain_files(
         raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise OptionError(f"num_workers must be a positive int; got {num_workers!r}")
-    files = expand_inputs([Path(p) for p in inputs], exclude=Path(out))
-    names = [output_name(p) for p in files]
+    files = job.expand([Path(p) for p in inputs], exclude=Path(out))
+    settings = job.settings()
+    names = [input_name(p, settings) for p in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputFileError(f"several inputs would write to the same folder: {duplicates}")
@@ -548,7 +656,6 @@ def explain_files(
             get_method(method).require_sliding_window()
     out = Path(out)
     say = progress or (lambda line: None)
-    settings = job.settings()
     with output_folder(out, settings, overwrite=overwrite):
         return _explain_files(
             files,

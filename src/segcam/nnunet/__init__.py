@@ -10,7 +10,13 @@
 """
 
 from segcam.nnunet.case import NnUNetCase, read_case
-from segcam.nnunet.explain import NnUNetPrediction, explain, explain_methods, predict
+from segcam.nnunet.explain import (
+    NnUNetPrediction,
+    explain,
+    explain_and_predict,
+    explain_methods,
+    predict,
+)
 from segcam.nnunet.model import NnUNetError, NnUNetModel, load
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "NnUNetModel",
     "NnUNetPrediction",
     "explain",
+    "explain_and_predict",
     "explain_methods",
     "load",
     "predict",

@@ -73,7 +73,7 @@ from segcam.targets import (
     warn_empty_pixel_sets,
 )
 
-__all__ = ["NnUNetPrediction", "explain", "explain_methods", "predict"]
+__all__ = ["NnUNetPrediction", "explain", "explain_and_predict", "explain_methods", "predict"]
 
 Window = tuple[Any, ...]  # nnU-Net's slicer without the channel axis: slices, or (d, slices)
 
@@ -444,7 +444,7 @@ def _zeros_like_layers(
     return [{name: like.new_zeros(shape) for name in names} for _ in range(count)]
 
 
-def explain_methods(
+def explain_and_predict(
     model: NnUNetModel,
     case: CaseLike,
     targets: TargetLike | Sequence[TargetLike],
@@ -459,8 +459,8 @@ def explain_methods(
     method_options: MethodOptions | None = None,
     per_fold: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Explanation]:
-    """Several gradient methods from the same forward and backward passes (see :func:`explain`)."""
+) -> tuple[dict[str, Explanation], NnUNetPrediction]:
+    """:func:`explain_methods` and nnU-Net's prediction of the case (for its segmentation)."""
     chosen = resolve_methods(methods, method_options)
     free = [m.name for m, _ in chosen if not m.needs_gradient]
     if free:
@@ -482,7 +482,41 @@ def explain_methods(
     if static:
         prediction = _export(model, read, blended)
     assert prediction is not None
-    return run.finish(prediction, relu, upsample, normalize, mirroring, step_size)
+    return run.finish(prediction, relu, upsample, normalize, mirroring, step_size), prediction
+
+
+def explain_methods(
+    model: NnUNetModel,
+    case: CaseLike,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    methods: Sequence[str],
+    *,
+    step_size: float = 0.5,
+    mirroring: bool = True,
+    relu: bool = True,
+    upsample: bool = True,
+    normalize: Normalization | None = None,
+    method_options: MethodOptions | None = None,
+    per_fold: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Explanation]:
+    """Several gradient methods from the same forward and backward passes (see :func:`explain`)."""
+    return explain_and_predict(
+        model,
+        case,
+        targets,
+        layer,
+        methods,
+        step_size=step_size,
+        mirroring=mirroring,
+        relu=relu,
+        upsample=upsample,
+        normalize=normalize,
+        method_options=method_options,
+        per_fold=per_fold,
+        progress=progress,
+    )[0]
 
 
 def explain(

@@ -24,7 +24,7 @@ from torch import nn
 
 from segcam.errors import MissingExtraError, SegCamError
 
-__all__ = ["NnUNetError", "NnUNetModel", "load"]
+__all__ = ["NnUNetError", "NnUNetModel", "available_folds", "class_names", "load"]
 
 
 class NnUNetError(SegCamError, ValueError):
@@ -69,7 +69,20 @@ class NnUNetModel:
     dataset_json: dict[str, Any] = field(repr=False)
 
 
-def _available_folds(folder: Path, checkpoint: str) -> list[int | str]:
+def class_names(dataset_json: dict[str, Any]) -> tuple[str, ...]:
+    """The output channels' names: labels by value, or regions in order (no background).
+
+    A model is region-based when some label is a list of several values (as nnU-Net's
+    ``LabelManager`` decides); ``ignore`` is not an output.
+    """
+    labels = {k: v for k, v in dataset_json.get("labels", {}).items() if k != "ignore"}
+    if any(isinstance(v, list | tuple) and len(v) > 1 for v in labels.values()):
+        return tuple(k for k in labels if k != "background")
+    return tuple(sorted(labels, key=lambda name: int(np.ravel(labels[name])[0])))
+
+
+def available_folds(folder: Path, checkpoint: str) -> list[int | str]:
+    """The folds of a model folder that hold ``checkpoint`` (``fold_all`` as ``"all"``)."""
     found: list[int | str] = []
     for path in sorted(folder.glob("fold_*")):
         name = path.name.removeprefix("fold_")
@@ -148,7 +161,7 @@ def load(
     for name in ("plans.json", "dataset.json"):
         if not (folder / name).is_file():
             raise NnUNetError(f"{folder}: no {name}; expected an nnU-Net trained-model folder")
-    available = _available_folds(folder, checkpoint)
+    available = available_folds(folder, checkpoint)
     chosen = (
         list(available) if folds == "all" else [folds] if isinstance(folds, int) else list(folds)
     )
@@ -212,11 +225,7 @@ def load(
             first = " ".join(lines[1:2] or lines[:1])[:300]
             raise NnUNetError(f"{folder}: fold {fold}'s weights do not fit: {first}") from error
         networks.append(network.to(device).eval())
-    labels = {k: v for k, v in dataset_json.get("labels", {}).items() if k != "ignore"}
-    if label_manager.has_regions:  # one output channel per region, in dataset.json's order
-        names = [k for k in labels if k != "background"]
-    else:
-        names = sorted(labels, key=lambda name: int(labels[name]))
+    names = class_names(dataset_json)
     mirroring = checkpoints[0].get("inference_allowed_mirroring_axes")
     return NnUNetModel(
         folder=folder,
@@ -225,7 +234,7 @@ def load(
         folds=tuple(chosen),
         networks=tuple(networks),
         mirroring_axes=tuple(int(a) for a in mirroring) if mirroring is not None else None,
-        class_names=tuple(names),
+        class_names=names,
         plans_manager=plans_manager,
         configuration_manager=configuration_manager,
         label_manager=label_manager,

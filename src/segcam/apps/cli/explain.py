@@ -14,7 +14,6 @@ from typing import Any
 from segcam.apps.batch import (
     BACKENDS,
     BatchJob,
-    expand_inputs,
     explain_file,
     explain_files,
     finished,
@@ -25,6 +24,7 @@ from segcam.apps.cli.options import (
     add_classes_option,
     add_intensity_options,
     add_model_options,
+    add_nnunet_options,
     add_output_option,
     add_sliding_window_option,
     check_device,
@@ -128,6 +128,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--series", metavar="UID", help="the DICOM series to read when a folder holds several"
     )
+    add_nnunet_options(parser)
     add_sliding_window_option(
         parser,
         "explain the sliding-window prediction (MONAI-style Gaussian blending): window "
@@ -136,10 +137,69 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: Any) -> BatchJob:
+    """``--nnunet``: the options nnU-Net does not take are refused; targets use its classes."""
+    from segcam.apps.nnunet_cases import folder_facts, parse_case_target
+
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--weights", args.weights),
+            ("--sliding-window", args.sliding_window),
+            ("--preprocess", args.preprocess),
+            ("--window", args.window),
+            ("--zscore", args.zscore),
+            ("--minmax", args.minmax),
+            ("--classes", args.classes),
+            ("--output", args.output is not None),
+            ("--series", args.series),
+        )
+        if value
+    ]
+    if args.map_format != "auto":
+        given.append("--map-format")
+    if given:
+        raise UsageError(
+            f"--nnunet: {', '.join(given)} do not apply (nnU-Net's plans give the model, its "
+            f"preprocessing, windows and classes; maps take the case's own format)"
+        )
+    facts = folder_facts(args.nnunet)
+    for spec in args.target:
+        parse_case_target(spec, facts["classes"], reverse=False)
+    check_device(args.device)
+    return BatchJob(
+        model=None,
+        weights=None,
+        targets=tuple(args.target),
+        layers=tuple(args.layer),
+        methods=tuple(methods),
+        classes=tuple(facts["classes"]),
+        method_options=method_options,
+        explain={
+            "relu": not args.no_relu,
+            "upsample": not args.no_upsample,
+            "normalize": None if args.normalize == "none" else args.normalize,
+        },
+        device=args.device,
+        nnunet={
+            "folder": str(args.nnunet),
+            "folds": "all" if args.folds is None else list(args.folds),
+            "checkpoint": args.checkpoint,
+            "step_size": args.step_size,
+            "mirroring": not args.disable_tta,
+            "save_seg": args.save_seg,
+            "trust_checkpoint": args.trust_checkpoint,
+        },
+    )
+
+
 def job_from_args(args: argparse.Namespace) -> BatchJob:
     """The batch job the options describe, checked before any model is loaded."""
     methods = list(dict.fromkeys(args.method or ["seg-hires-grad-cam"]))
     method_options = parse_method_options(args.method_option, methods)
+    if args.nnunet is not None:
+        return _nnunet_job(args, methods, method_options)
     if args.sliding_window:
         for method in methods:
             try:
@@ -179,7 +239,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 def run(args: argparse.Namespace) -> int:
     """Explain every input; 0 when all succeed, 1 when some failed."""
     job = job_from_args(args)
-    files = expand_inputs(args.inputs, exclude=args.out)
+    files = job.expand(args.inputs, exclude=args.out)
     with ProgressDisplay(len(files), quiet=args.quiet) as display:
         if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
             if not files[0].exists():

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 import torch
 
-from segcam.apps.cli.options import UsageError, add_model_options, model_from_args
+from segcam.apps.cli.options import (
+    UsageError,
+    add_model_options,
+    add_nnunet_options,
+    model_from_args,
+)
 from segcam.recording import describe_layers
 
 __all__ = ["add_parser", "run"]
@@ -24,11 +30,62 @@ def add_parser(commands: Any) -> None:
         help="example input shape (default 1,1,128,128 or 1,1,64,64,64)",
     )
     parser.add_argument("--all", action="store_true", help="also list layers off the path")
+    add_nnunet_options(parser, inference=False)
     parser.set_defaults(run=run)
+
+
+_READABLE = (
+    (re.compile(r"^encoder\.stem$"), "stem"),
+    (re.compile(r"^encoder\.stages\.(\d+)$"), "encoder stage {0}"),
+    (re.compile(r"^decoder\.transpconvs\.(\d+)$"), "decoder up-sampling {0}"),
+    (re.compile(r"^decoder\.stages\.(\d+)$"), "decoder stage {0}"),
+    (re.compile(r"^decoder\.seg_layers\.(\d+)$"), "segmentation head {0}"),
+)
+
+
+def readable_name(name: str) -> str:
+    """A short description of an nnU-Net (dynamic-network-architectures) block, or ''."""
+    for pattern, text in _READABLE:
+        match = pattern.match(name)
+        if match:
+            return text.format(*match.groups())
+    return ""
+
+
+def _run_nnunet(args: argparse.Namespace) -> int:
+    """The blocks of an nnU-Net model's network on one patch, with readable names."""
+    from segcam import nnunet
+    from segcam.nnunet.model import available_folds
+
+    if args.model or args.weights:
+        raise UsageError("--nnunet: --model and --weights do not apply")
+    folds = args.folds or available_folds(args.nnunet, args.checkpoint)[:1] or (0,)
+    model = nnunet.load(
+        args.nnunet,
+        folds=tuple(folds[:1]),
+        checkpoint=args.checkpoint,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    network = model.networks[0]
+    channels = len(model.dataset_json.get("channel_names", {})) or 1
+    patch = tuple(int(p) for p in model.configuration_manager.patch_size)
+    table = describe_layers(network, torch.zeros((1, channels, *patch)))
+    print(f"{model.configuration}, patch {'x'.join(map(str, patch))}, classes: "
+          f"{', '.join(model.class_names)}")  # fmt: skip
+    print(f"{'layer':40s} {'block':26s} {'type':24s} output shape")
+    for info in table:
+        block = readable_name(info.name)
+        if not info.on_path or not (block or args.all):
+            continue
+        shape_text = str(info.shape) if info.shape is not None else "(not a tensor)"
+        print(f"{info.name:40s} {block:26s} {info.type_name:24s} {shape_text}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per layer."""
+    if args.nnunet is not None:
+        return _run_nnunet(args)
     model = model_from_args(args)
     if args.input_shape:
         try:

@@ -157,6 +157,70 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _step_size(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: the step size is a fraction in (0, 1]")
+    return value
+
+
+def _fold_name(text: str) -> int | str:
+    if text.isdigit():
+        return int(text)
+    if text == "all":
+        return "all"
+    raise argparse.ArgumentTypeError(f"{text!r}: a fold is a number (0, 1, ...) or 'all'")
+
+
+def add_nnunet_options(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
+    """``--nnunet MODEL_FOLDER`` and nnUNetv2_predict's flags (``-f``, ``-chk``, ...)."""
+    group = parser.add_argument_group(
+        "nnU-Net",
+        "an nnU-Net v2 trained-model folder instead of --model (pip install 'segcam[nnunet]'); "
+        "inputs are raw cases as for nnUNetv2_predict -i (CASE_0000.nii.gz, CASE_0001.nii.gz, "
+        "...)",
+    )
+    group.add_argument("--nnunet", type=Path, metavar="MODEL_FOLDER", help="the model folder")
+    group.add_argument(
+        "-f",
+        "--folds",
+        nargs="+",
+        type=_fold_name,
+        metavar="FOLD",
+        help="folds to use (default: every fold present)",
+    )
+    group.add_argument(
+        "-chk",
+        "--checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file name in each fold folder",
+    )
+    group.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that pickle arbitrary objects (runs code from them)",
+    )
+    if not inference:
+        return
+    group.add_argument(
+        "--step-size",
+        type=_step_size,
+        default=0.5,
+        help="sliding-window step as a fraction of the patch (default 0.5)",
+    )
+    group.add_argument(
+        "--disable-tta", action="store_true", help="no mirroring test-time augmentation"
+    )
+    group.add_argument(
+        "--save-seg",
+        action="store_true",
+        help="also write nnU-Net's segmentation of each case (as nnUNetv2_predict writes it)",
+    )
+
+
 def model_from_args(args: argparse.Namespace) -> nn.Module:
     """The model the model options describe (``--model``, ``--weights``, ...), loaded."""
     from segcam.apps.specs import load_model

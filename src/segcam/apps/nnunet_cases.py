@@ -1,0 +1,239 @@
+"""The batch's nnU-Net inputs: cases of channel files, explained with :mod:`segcam.nnunet`.
+
+A batch job with an ``nnunet`` spec (``segcam explain --nnunet MODEL_FOLDER``) takes raw cases
+as ``nnUNetv2_predict -i`` does (a case is named by its ``_0000`` file, its other channels lie
+beside it) and writes per case, into ``out/<case id>/``:
+
+- ``<method>.npz``: the explanation (maps, logits, pixel sets on the original grid, in the array
+  order of nnU-Net's reader);
+- ``<method>__<layer>__t<i>-<kind>-<class><file_ending>``: one float32 map per target and layer
+  in the case's own format and geometry;
+- ``<case id><file_ending>`` with ``save_seg``: nnU-Net's segmentation, by nnU-Net's writer;
+- ``manifest.json`` last.
+
+Targets on the command line use segcam's (i, j, k) voxel order for boxes and pixels, as for other
+3D inputs; they are turned to the reader's array order (k, j, i) here. Mask files are read with
+the model's own reader, so they share the case's array order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from segcam.errors import TargetError
+from segcam.targets import Box, Pixel, Region, Target
+
+__all__ = [
+    "case_digest",
+    "case_name",
+    "expand_cases",
+    "explain_case",
+    "folder_facts",
+    "load_spec",
+    "spec_settings",
+]
+
+
+def folder_facts(folder: str | Path) -> dict[str, Any]:
+    """What the batch needs from a model folder before nnunetv2 is imported (plain JSON)."""
+    from segcam.nnunet.model import NnUNetError, class_names
+
+    root = Path(folder)
+    try:
+        dataset = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+        plans = json.loads((root / "plans.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise NnUNetError(
+            f"{root}: not an nnU-Net trained-model folder (plans.json and dataset.json "
+            f"readable): {error}"
+        ) from None
+    return {
+        "file_ending": str(dataset.get("file_ending", ".nii.gz")),
+        "channels": len(dataset.get("channel_names", {})) or 1,
+        "reader": str(plans.get("image_reader_writer", "SimpleITKIO")),
+        "classes": list(class_names(dataset)),
+    }
+
+
+def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as recorded in the manifest: the folds resolved, each checkpoint's SHA-256."""
+    from segcam.apps.specs import file_sha256
+    from segcam.nnunet.model import NnUNetError, available_folds
+
+    folder = Path(spec["folder"])
+    checkpoint = spec.get("checkpoint", "checkpoint_final.pth")
+    present = available_folds(folder, checkpoint)
+    folds = present if spec.get("folds") in (None, "all") else list(spec["folds"])
+    missing = [fold for fold in folds if fold not in present]
+    if missing or not folds:
+        raise NnUNetError(
+            f"{folder}: no {checkpoint} for fold(s) {missing or folds}; folds present: "
+            f"{present or 'none'}"
+        )
+    return {
+        **spec,
+        "folder": str(folder),
+        "folds": [str(f) for f in folds],
+        "checkpoint_sha256": {
+            str(f): file_sha256(folder / f"fold_{f}" / checkpoint) for f in folds
+        },
+    }
+
+
+def _fold(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def load_spec(spec: dict[str, Any], device: Any) -> Any:
+    """The nnU-Net model of a spec (:func:`segcam.nnunet.load`)."""
+    from segcam import nnunet
+
+    folds = spec_settings(spec)["folds"]
+    return nnunet.load(
+        spec["folder"],
+        folds=tuple(_fold(f) for f in folds),
+        checkpoint=spec.get("checkpoint", "checkpoint_final.pth"),
+        device=device,
+        trust_checkpoint=bool(spec.get("trust_checkpoint", False)),
+    )
+
+
+def expand_cases(inputs: Sequence[Path], spec: dict[str, Any], exclude: Path | None) -> list[Path]:
+    """The cases among the inputs (folders of raw cases, case files), each as its ``_0000`` file."""
+    from segcam.nnunet.files import group_cases
+
+    facts = folder_facts(spec["folder"])
+    skip = exclude.resolve() if exclude is not None else None
+    kept = [p for p in inputs if skip is None or not p.resolve().is_relative_to(skip)]
+    return group_cases(kept, facts["file_ending"], facts["channels"])
+
+
+def case_name(path: Path, spec: dict[str, Any]) -> str:
+    """The case id: the output folder's name."""
+    from segcam.nnunet.files import case_id
+
+    name = case_id(path, folder_facts(spec["folder"])["file_ending"])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return safe if safe and not safe.startswith(".") else f"_{safe}"
+
+
+def _files(path: Path, spec: dict[str, Any]) -> list[Path]:
+    from segcam.nnunet.files import channel_files
+
+    facts = folder_facts(spec["folder"])
+    return channel_files(path, facts["file_ending"], facts["channels"])
+
+
+def case_digest(path: Path, spec: dict[str, Any]) -> str:
+    """One SHA-256 over the case's channel files (names and contents' digests)."""
+    import hashlib
+
+    from segcam.apps.specs import file_sha256
+
+    digest = hashlib.sha256()
+    for file in _files(path, spec):
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def to_reader_order(target: Target, reverse: bool) -> Target:
+    """A box or pixel given in (i, j, k) order, in the reader's (k, j, i) array order."""
+    if not reverse:
+        return target
+    if isinstance(target, Box):
+        if len(target.slices) != 3:
+            raise TargetError(f"{target!r}: an nnU-Net case is 3D; give I0,J0,K0,I1,J1,K1")
+        return replace(target, slices=list(reversed(list(target.slices))))
+    if isinstance(target, Pixel):
+        index = tuple(int(v) for v in cast(Sequence[int], target.index))
+        if len(index) != 3:
+            raise TargetError(f"{target!r}: an nnU-Net case is 3D; give I,J,K")
+        return replace(target, index=tuple(reversed(index)))
+    return target
+
+
+def parse_case_target(spec: str, classes: Sequence[str], reverse: bool) -> Target:
+    """A ``--target`` for nnU-Net cases: mask and region files are read by the model's reader."""
+    from segcam.apps.specs import parse_class, parse_target
+
+    kind, _, rest = spec.partition(":")
+    class_text, _, argument = rest.partition(":")
+    if kind in ("mask", "region") and argument:
+        if not class_text:
+            raise TargetError(f"--target {spec!r}: expected KIND:CLASS:FILE")
+        c = parse_class(class_text, classes)
+        if not Path(argument).is_file():
+            raise TargetError(f"--target {spec!r}: no such file {argument}")
+        from segcam.targets import Mask
+
+        return Region(c, argument) if kind == "region" else Mask(c, argument)
+    return to_reader_order(parse_target(spec, classes), reverse)
+
+
+def explain_case(
+    path: Path,
+    job: Any,
+    out: Path,
+    progress: Callable[[int, int], None] | None,
+    write: Callable[..., list[Path]],
+) -> tuple[list[Path], dict[str, Any]]:
+    """Explain one case; write its files with ``write``; return them and the input's record."""
+    from segcam import nnunet
+    from segcam.nnunet.files import write_map, write_segmentation
+
+    spec = job.nnunet_spec
+    model = job.nnunet
+    facts = folder_facts(spec["folder"])
+    files = _files(path, spec)
+    case = nnunet.read_case(model, files)
+    explanations, prediction = nnunet.explain_and_predict(
+        model,
+        case,
+        job.targets,
+        job.layers,
+        job.methods,
+        step_size=float(spec.get("step_size", 0.5)),
+        mirroring=bool(spec.get("mirroring", True)),
+        **{
+            k: v
+            for k, v in job.options["explain"].items()
+            if k in ("relu", "upsample", "normalize")
+        },
+        method_options={m: job.method_options[m] for m in job.methods if m in job.method_options},
+        progress=progress,
+    )
+    ending, name = facts["file_ending"], case_name(path, spec)
+
+    def map_writer(folder: Path, stem: str, heat: np.ndarray) -> Path:
+        return write_map(folder / f"{stem}{ending}", heat, facts["reader"], case.properties)
+
+    extra: list[tuple[Callable[..., Path], tuple[Any, ...]]] = []
+    if spec.get("save_seg"):
+        writer = model.plans_manager.image_reader_writer_class()
+        extra.append(
+            (
+                write_segmentation,
+                (out / name / f"{name}{ending}", prediction.segmentation, writer, case.properties),
+            )
+        )
+    written = write(explanations, out / name, case.original_shape, map_writer, extra)
+    record = {
+        "path": str(path),
+        "files": [str(f) for f in files],
+        "sha256": case_digest(path, spec),
+        "shape": [len(files), *case.original_shape],
+        "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
+    }
+    return written, record
+
+
+def _reverses(facts: dict[str, Any]) -> bool:
+    from segcam.nnunet.files import reverses_axes
+
+    return reverses_axes(facts["reader"])

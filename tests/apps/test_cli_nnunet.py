@@ -1,0 +1,162 @@
+"""``segcam explain --nnunet`` and ``segcam layers --nnunet``: cases in, maps in geometry out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import segcam
+
+pytest.importorskip("nnunetv2")
+
+import SimpleITK as sitk  # noqa: N813
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from segcam import nnunet
+from segcam.apps.cli import main
+from segcam.testing.nnunet import make_model_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:perform_everything_on_device")
+
+LAYER = "decoder.stages.1"
+
+
+def run(*args):
+    """The exit status (argparse's usage errors exit; segcam's errors return 2)."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def _write_case(folder, name, seed, channels=1, shape=(14, 20, 18)):
+    rng = np.random.default_rng(seed)
+    for c in range(channels):
+        image = sitk.GetImageFromArray((rng.standard_normal(shape) * 300).astype(np.float32))
+        image.SetSpacing((0.9, 1.1, 1.3))
+        image.SetOrigin((10.0, -4.0, 2.5))
+        image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+        sitk.WriteImage(image, str(folder / f"{name}_{c:04d}.nii.gz"))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = make_model_folder(tmp_path / "model", folds=(0, 1), head_bias=(0.0, 0.0, -1.0))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_case(raw, "liver_1", 1)
+    _write_case(raw, "liver_2", 2, shape=(12, 17, 21))
+    return model, raw
+
+
+def _same_geometry(a, b):
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing())
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin())
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_maps_and_segmentation_in_the_case_geometry(setup, tmp_path, capsys):
+    model_folder, raw = setup
+    out, reference = tmp_path / "out", tmp_path / "nnunet"
+    code = run(
+        "explain", "--nnunet", model_folder, "-f", "0", "1", "--save-seg",
+        "--target", "predicted:liver", "--target", "box:tumour:1,2,3,9,12,7",
+        "--layer", LAYER, "--out", out, raw,
+    )  # fmt: skip
+    assert code == 0
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False,
+                                allow_tqdm=False)  # fmt: skip
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0, 1))
+    predictor.predict_from_files(str(raw), str(reference), num_processes_preprocessing=1,
+                                 num_processes_segmentation_export=1)  # fmt: skip
+    model = nnunet.load(model_folder, folds="all")
+    for case in ("liver_1", "liver_2"):
+        folder = out / case
+        written = sitk.ReadImage(str(reference / f"{case}.nii.gz"))
+        ours = sitk.ReadImage(str(folder / f"{case}.nii.gz"))
+        _same_geometry(ours, written)
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(written))
+        expected = nnunet.explain(
+            model,
+            [raw / f"{case}_0000.nii.gz"],
+            [segcam.Predicted(1), segcam.Box(2, [(3, 7), (2, 12), (1, 9)])],  # (k, j, i)
+            LAYER,
+        )
+        for t, name in enumerate(("t0-predicted-liver", "t1-box-tumour")):
+            image = sitk.ReadImage(str(folder / f"seg-hires-grad-cam__{LAYER}__{name}.nii.gz"))
+            _same_geometry(image, written)
+            values = sitk.GetArrayFromImage(image)
+            assert values.dtype == np.float32
+            np.testing.assert_allclose(values, expected.maps[0, t].numpy(), rtol=1e-6, atol=1e-7)
+        saved = segcam.load(folder / "seg-hires-grad-cam.npz")
+        assert torch.equal(saved.pixel_sets, expected.pixel_sets)
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["nnunet"]["folds"] == ["0", "1"]
+        assert len(manifest["nnunet"]["checkpoint_sha256"]) == 2
+        assert manifest["input"]["axes"] == "nnU-Net reader's array order (k, j, i)"
+    # a rerun skips both cases; a changed channel file is done again
+    capsys.readouterr()
+    again = ["explain", "--nnunet", model_folder, "-f", "0", "1", "--save-seg",
+             "--target", "predicted:liver", "--target", "box:tumour:1,2,3,9,12,7",
+             "--layer", LAYER, "--out", out, raw]  # fmt: skip
+    assert run(*again) == 0
+    assert capsys.readouterr().err.count("already done, skipped") == 2
+    _write_case(raw, "liver_2", 7, shape=(12, 17, 21))
+    assert run(*again) == 0
+    lines = capsys.readouterr().err
+    assert lines.count("already done, skipped") == 1 and "liver_2_0000.nii.gz: 4 files" in lines
+
+
+def test_one_bad_case_does_not_stop_the_others(setup, tmp_path, capsys):
+    model_folder, raw = setup
+    (raw / "broken_0000.nii.gz").write_bytes(b"not an image")
+    code = run("explain", "--nnunet", model_folder, "--target", "all:1", "--layer", LAYER,
+               "--out", tmp_path / "out", raw)  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 of 3 inputs failed" in captured.err and "cannot read the case" in captured.err
+    assert (tmp_path / "out/liver_1/manifest.json").is_file()
+    assert not (tmp_path / "out/broken/manifest.json").exists()
+    assert "Traceback" not in captured.err
+
+
+def test_usage_errors_are_one_line(setup, tmp_path, capsys):
+    model_folder, raw = setup
+    common = ["--layer", LAYER, "--out", tmp_path / "out", raw]
+    cases = [
+        (["--target", "predicted:spleen"], "'spleen'"),
+        (["--target", "all:1", "--model", "monai:UNet"], "--nnunet: --model do not apply"),
+        (["--target", "all:1", "-f", "3"], "no checkpoint_final.pth for fold(s) [3]"),
+        (["--target", "all:1", "--step-size", "0"], "the step size is a fraction in (0, 1]"),
+    ]
+    for extra, message in cases:
+        assert run("explain", "--nnunet", model_folder, *extra, *common) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err
+        assert not (tmp_path / "out" / "liver_1").exists()
+
+
+def test_a_case_missing_a_channel(tmp_path, capsys):
+    model_folder = make_model_folder(tmp_path / "model", channels=("CT", "T2"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_case(raw, "c", 1, channels=1)
+    code = run("explain", "--nnunet", model_folder, "--target", "all:1", "--layer", LAYER,
+               "--out", tmp_path / "out", raw)  # fmt: skip
+    assert code == 2
+    assert "case c: missing channel file(s) c_0001.nii.gz" in capsys.readouterr().err
+
+
+def test_layers_lists_blocks_with_readable_names(setup, capsys):
+    model_folder, _ = setup
+    assert run("layers", "--nnunet", model_folder) == 0
+    out = capsys.readouterr().out
+    assert "classes: background, liver, tumour" in out
+    assert "decoder.stages.1" in out and "decoder stage 1" in out
+    assert "(1, 4, 16, 16, 16)" in out
+    assert "convs.0.conv" not in out  # inner modules only with --all
