@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.segcam-installed
 PYTEST_ARGS ?=
 
-.PHONY: install data browser test lint format docs demo bench evaluate view clean
+.PHONY: install data browser test lint format docs demo bench bench-nnunet evaluate view clean
 
 install: $(STAMP)
 
@@ -62,6 +62,13 @@ bench: $(STAMP) data browser
 	$(PY) benchmarks/bench_sliding.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_cli_methods.py
+	$(MAKE) bench-nnunet
+
+# The peer nnunetv2-cam is installed for this benchmark only (its dependencies are in [dev]).
+bench-nnunet: $(STAMP) data
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
+		nnunetv2-cam==0.1.6.1
+	$(PY) benchmarks/bench_nnunet.py
 
 view: $(STAMP) data
 	$(VENV)/bin/segcam view

@@ -126,6 +126,33 @@ def _strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return state
 
 
+def _find_trainer(name: str, nnunet_lookup: Any) -> Any:
+    """The trainer class nnU-Net would use, also where some trainer modules fail to import.
+
+    nnU-Net's own lookup imports every trainer module until it finds the name; one module
+    that fails to import (variants built on timm import torchvision, which fails where torch
+    and torchvision builds disagree) ends that search. Then each module is tried on its own.
+    """
+    try:
+        return nnunet_lookup(name)
+    except Exception:  # an unrelated module's import failure, or an unknown name
+        pass
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module("nnunetv2.training.nnUNetTrainer")
+    prefix = package.__name__ + "."
+    for info in pkgutil.walk_packages(package.__path__, prefix, onerror=lambda _: None):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # a module that cannot be imported here cannot hold the trainer
+            continue
+        found = getattr(module, name, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
 def load(
     model_folder: str | Path,
     folds: tuple[int | str, ...] | str = (0,),
@@ -196,10 +223,7 @@ def load(
             f"resolution configuration"
         )
     label_manager = plans_manager.get_label_manager(dataset_json)
-    try:  # custom trainers too, wherever nnU-Net finds them
-        trainer = recursive_find_trainer_class_by_name(trainer_name)
-    except Exception:  # nnU-Net raises plain errors for an unknown trainer
-        trainer = None
+    trainer = _find_trainer(trainer_name, recursive_find_trainer_class_by_name)
     if trainer is None:
         raise NnUNetError(f"{folder}: trainer {trainer_name!r} is not installed")
     inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)

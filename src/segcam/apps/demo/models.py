@@ -26,6 +26,7 @@ from segcam.apps.demo import data as ct_data
 __all__ = [
     "DEMO_LAYERS",
     "DEMO_MODELS",
+    "NNUNET_MODEL",
     "WEIGHTS_DIR",
     "DemoModel",
     "build_demo_model",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# an nnU-Net v2 trained-model folder (fold "all"), trained by scripts/train_nnunet.py
+NNUNET_MODEL = Path(__file__).resolve().parent / "nnunet_model"
 
 # Three depths of a four-level MONAI UNet: the bottleneck, a middle decoder block, the last one.
 DEMO_LAYERS = {

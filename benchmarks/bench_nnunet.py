@@ -1,0 +1,266 @@
+"""nnU-Net explanations: time and peak memory against nnU-Net's own prediction and nnunetv2-cam.
+
+    .venv/bin/python benchmarks/bench_nnunet.py [--repeats 3] [--setups demo tiny]
+
+Setups (same folds, mirroring and step size 0.5 for every contender):
+
+- ``demo``: the committed nnU-Net model (``segcam/apps/demo/nnunet_model``, fold ``all``, patch
+  24x64x64) on the demo CT's held-out slab (24x128x128; ``make data``);
+- ``tiny``: a random-weight model folder of ``segcam.testing.nnunet`` (two folds, patch 32^3) on
+  a random CT-like case of 48x96x96.
+
+Contenders, each timed in this process (median of ``--repeats``) and measured for memory in a
+fresh process (peak resident-set growth over the process after loading the model and reading
+the case):
+
+- ``nnunet``: ``nnUNetPredictor.predict_single_npy_array`` (preprocessing, prediction, export);
+- ``segcam static``: ``segcam.nnunet.explain`` for a Box target (a central box of a quarter of
+  each axis), Seg-HiRes-Grad CAM at the last decoder stage, maps on the original grid;
+- ``segcam predicted``: the same for ``Predicted(1)`` (nnU-Net's prediction first, then the
+  explanation pass over the windows that meet the predicted set);
+- ``nnunetv2-cam``: ``nnunetv2_cam.api.run_cam_for_prediction`` (0.1.6.1; Grad-CAM per patch
+  with pytorch-grad-cam, min-max normalised patch maps averaged) for class 1, from the case's
+  file, no slice images. It computes something else: its target sums the logits of all classes
+  inside its mask, mirroring is used only for the mask, and folds are averaged after per-patch
+  normalisation. Installed only here (``make bench-nnunet``); skipped when missing.
+
+Writes benchmarks/results/nnunet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = ("nnunet", "segcam static", "segcam predicted", "nnunetv2-cam")
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * resource.getpagesize()
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fake_torchvision_ops():
+    import torch
+
+    if not hasattr(torch.ops.torchvision, "nms"):
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+        _fake_torchvision_ops.library = library
+
+
+def prepare(setup: str, work: Path) -> dict:
+    """Write the setup's model folder (tiny) and case file; return where they are."""
+    import numpy as np
+    import SimpleITK as sitk  # noqa: N813
+
+    if setup == "demo":
+        from segcam.apps.demo.data import load_case
+        from segcam.apps.demo.models import NNUNET_MODEL
+
+        case = load_case()
+        volume = case.image[:, :, 56:80].astype(np.float32).transpose(2, 1, 0)
+        folder, folds, layer = NNUNET_MODEL, ["all"], "decoder.stages.2"
+    else:
+        from segcam.testing.nnunet import make_model_folder
+
+        folder = make_model_folder(
+            work / "tiny", folds=(0, 1), patch_size=(32, 32, 32), head_bias=(0.0, 0.2, -1.0)
+        )
+        rng = np.random.default_rng(0)
+        volume = (rng.standard_normal((48, 96, 96)) * 200 + 50).astype(np.float32)
+        folds, layer = [0, 1], "decoder.stages.1"
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((1.0, 1.0, 1.0))
+    case = work / f"{setup}_0000.nii.gz"
+    sitk.WriteImage(image, str(case))
+    return {
+        "folder": str(folder),
+        "folds": folds,
+        "layer": layer,
+        "case": str(case),
+        "shape": list(volume.shape),
+    }
+
+
+def _fold(value):
+    return int(value) if str(value).isdigit() else value
+
+
+def _contender(kind: str, spec: dict):
+    """Load what ``kind`` needs; return a zero-argument function that runs it once."""
+    import torch
+
+    warnings.filterwarnings("ignore")
+    folds = tuple(_fold(f) for f in spec["folds"])
+    if kind == "nnunet" or kind == "nnunetv2-cam":
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_mirroring=True,
+            device=torch.device("cpu"),
+            perform_everything_on_device=False,
+            allow_tqdm=False,
+        )
+        predictor.initialize_from_trained_model_folder(spec["folder"], use_folds=folds)
+        reader = predictor.plans_manager.image_reader_writer_class()
+        image, properties = reader.read_images([spec["case"]])
+        if kind == "nnunet":
+            return lambda: predictor.predict_single_npy_array(image, dict(properties))
+        _fake_torchvision_ops()
+        from nnunetv2_cam.api import run_cam_for_prediction
+
+        out = tempfile.mkdtemp()
+        return lambda: run_cam_for_prediction(
+            predictor,
+            spec["case"],
+            out,
+            spec["layer"],
+            target_class=1,
+            method="gradcam",
+            cam_type="3d",
+            device=torch.device("cpu"),
+            save_slices=False,
+        )
+    import segcam
+    from segcam import nnunet
+
+    model = nnunet.load(spec["folder"], folds=folds)
+    case = nnunet.read_case(model, [spec["case"]])
+    shape = case.original_shape
+    box = [(s // 2 - max(s // 8, 1), s // 2 + max(s // 8, 1)) for s in shape]
+    target = segcam.Box(1, box) if kind == "segcam static" else segcam.Predicted(1)
+    return lambda: nnunet.explain(model, case, target, spec["layer"])
+
+
+def child(kind: str, spec: dict) -> dict:
+    run = _contender(kind, spec)
+    base = _rss_now()
+    started = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - started
+    info = {}
+    if hasattr(result, "info"):
+        info = {
+            k: result.info["nnunet"][k]
+            for k in ("windows", "forwards", "backward_passes", "windows_skipped")
+        }
+    return {"seconds": seconds, "peak_growth_bytes": _peak() - base, "info": info}
+
+
+def timed(kind: str, spec: dict, repeats: int) -> list[float]:
+    run = _contender(kind, spec)
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def available(kind: str) -> bool:
+    if kind != "nnunetv2-cam":
+        return True
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("nnunetv2_cam") is not None
+    except ImportError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setups", nargs="+", default=["demo", "tiny"])
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], json.loads(args.child[1]))))
+        return
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_"))
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "setups": {},
+    }
+    try:
+        for setup in args.setups:
+            spec = prepare(setup, work)
+            rows = {}
+            for kind in KINDS:
+                if not available(kind):
+                    rows[kind] = {"skipped": "nnunetv2-cam not installed (make bench-nnunet)"}
+                    continue
+                times = timed(kind, spec, args.repeats)
+                measured = subprocess.run(
+                    [sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                memory = json.loads(measured.stdout.strip().splitlines()[-1])
+                rows[kind] = {
+                    "median_seconds": statistics.median(times),
+                    "seconds": times,
+                    "peak_growth_mib": memory["peak_growth_bytes"] / 2**20,
+                    "info": memory["info"],
+                }
+                print(
+                    f"{setup:5s} {kind:17s} {statistics.median(times):8.2f} s  "
+                    f"{rows[kind]['peak_growth_mib']:8.1f} MiB",
+                    flush=True,
+                )
+            base = rows["nnunet"]
+            ratios = {
+                f"{kind} / nnunet": {
+                    "time": rows[kind]["median_seconds"] / base["median_seconds"],
+                    "memory": rows[kind]["peak_growth_mib"] / max(base["peak_growth_mib"], 1e-9),
+                }
+                for kind in KINDS[1:]
+                if "median_seconds" in rows[kind]
+            }
+            if "median_seconds" in rows["nnunetv2-cam"]:
+                ratios["nnunetv2-cam / segcam predicted"] = {
+                    "time": rows["nnunetv2-cam"]["median_seconds"]
+                    / rows["segcam predicted"]["median_seconds"]
+                }
+            for name, values in ratios.items():
+                text = ", ".join(f"{k} {v:.2f}x" for k, v in values.items())
+                print(f"{setup:5s} {name}: {text}")
+            report["setups"][setup] = {
+                "spec": {k: v for k, v in spec.items() if k != "case"},
+                "rows": rows,
+                "ratios": ratios,
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "nnunet.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {RESULTS / 'nnunet.json'}")
+
+
+if __name__ == "__main__":
+    main()
