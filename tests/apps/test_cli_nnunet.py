@@ -160,3 +160,40 @@ def test_layers_lists_blocks_with_readable_names(setup, capsys):
     assert "decoder.stages.1" in out and "decoder stage 1" in out
     assert "(1, 4, 16, 16, 16)" in out
     assert "convs.0.conv" not in out  # inner modules only with --all
+
+
+def test_the_viewer_on_an_nnunet_case(setup):
+    """``segcam view --nnunet``'s session: nnU-Net's segmentation, exact maps on request."""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from segcam.apps.viewer.app import create_app
+    from segcam.apps.viewer.nnunet_session import nnunet_session
+
+    model_folder, raw = setup
+    files = [str(raw / "liver_1_0000.nii.gz")]
+    session = nnunet_session(str(model_folder), files)
+    model = nnunet.load(model_folder, folds="all")
+    expected_seg = nnunet.predict(model, files).segmentation
+    assert np.array_equal(session.prediction, expected_seg)
+    with TestClient(create_app(session)) as client:
+        info = client.get("/api/info").json()
+        assert info["classes"] == ["background", "liver", "tumour"]
+        assert info["shape"] == list(expected_seg.shape)
+        assert info["default_layer"] == "decoder.stages.1"
+        assert all(m["name"] != "seg-score-cam" for m in info["methods"])
+        box = {"kind": "box", "start": [2, 3, 4], "stop": [8, 12, 10]}
+        payload = {"class": 2, "target": box, "layer": LAYER, "axis": 0, "index": 5,
+                   "methods": ["seg-hires-grad-cam"]}  # fmt: skip
+        response = client.post("/api/explain", json=payload).json()
+        shape = response["shape"]
+        shown = np.frombuffer(base64.b64decode(response["maps"][0]["data"]), "<f4")
+        expected = nnunet.explain(
+            model, files, segcam.Box(2, [(2, 8), (3, 12), (4, 10)]), LAYER
+        ).maps[0, 0, 5]
+        np.testing.assert_allclose(shown.reshape(shape), expected.numpy(), rtol=1e-5, atol=1e-6)
+        predicted = {"class": 1, "target": {"kind": "predicted"}, "layer": LAYER, "axis": 0,
+                     "index": 5, "methods": ["seg-hires-grad-cam"]}  # fmt: skip
+        response = client.post("/api/explain", json=predicted).json()
+        assert response["pixels"] == int((expected_seg == 1).sum())

@@ -175,7 +175,9 @@ def _fold_name(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r}: a fold is a number (0, 1, ...) or 'all'")
 
 
-def add_nnunet_options(parser: argparse.ArgumentParser, *, inference: bool = True) -> None:
+def add_nnunet_options(
+    parser: argparse.ArgumentParser, *, inference: bool = True, save_seg: bool = True
+) -> None:
     """``--nnunet MODEL_FOLDER`` and nnUNetv2_predict's flags (``-f``, ``-chk``, ...)."""
     group = parser.add_argument_group(
         "nnU-Net",
@@ -214,6 +216,8 @@ def add_nnunet_options(parser: argparse.ArgumentParser, *, inference: bool = Tru
     group.add_argument(
         "--disable-tta", action="store_true", help="no mirroring test-time augmentation"
     )
+    if not save_seg:
+        return
     group.add_argument(
         "--save-seg",
         action="store_true",

@@ -11,6 +11,7 @@ from segcam.apps.cli.options import (
     add_classes_option,
     add_intensity_options,
     add_model_options,
+    add_nnunet_options,
     add_output_option,
     add_sliding_window_option,
     intensity,
@@ -42,6 +43,7 @@ def add_parser(commands: Any) -> None:
     add_sliding_window_option(
         parser, "explain the sliding-window prediction (inputs larger than the model's window)"
     )
+    add_nnunet_options(parser, save_seg=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise MissingExtraError(
             f"the viewer needs the 'viewer' extra: pip install 'segcam[viewer]' ({error})"
         ) from None
-    if args.input is None:
+    if args.nnunet is not None:
+        session = _nnunet_session(args)
+    elif args.input is None:
         if args.model:
             raise UsageError("--model needs an INPUT to view (without both: the demo CT)")
         session = demo_session(args.demo, args.sliding_window)
@@ -78,3 +82,27 @@ def run(args: argparse.Namespace) -> int:
         )
     serve(session, host=args.host, port=args.port, browser=not args.no_browser)
     return 0
+
+
+def _nnunet_session(args: argparse.Namespace) -> Any:
+    """``--nnunet MODEL_FOLDER CASE_0000.nii.gz``: the case's other channels lie beside it."""
+    from segcam.apps.nnunet_cases import folder_facts
+    from segcam.apps.viewer.nnunet_session import nnunet_session
+    from segcam.nnunet.files import channel_files
+
+    if args.input is None:
+        raise UsageError("--nnunet needs a case to view: its _0000 file")
+    if args.model or args.weights or args.sliding_window:
+        raise UsageError("--nnunet: --model, --weights and --sliding-window do not apply")
+    facts = folder_facts(args.nnunet)
+    files = channel_files(args.input, facts["file_ending"], facts["channels"])
+    return nnunet_session(
+        str(args.nnunet),
+        [str(f) for f in files],
+        folds="all" if args.folds is None else tuple(args.folds),
+        checkpoint=args.checkpoint,
+        step_size=args.step_size,
+        mirroring=not args.disable_tta,
+        trust_checkpoint=args.trust_checkpoint,
+        layers=args.layer or None,
+    )

@@ -1,0 +1,173 @@
+"""The viewer on an nnU-Net model: one case, nnU-Net's segmentation, exact whole-case maps.
+
+The page shows the case in its original geometry (the array order of nnU-Net's reader) with
+nnU-Net's own segmentation; every target (predicted sets, boxes, pixels, painted or uploaded
+masks) is explained by :func:`segcam.nnunet.explain_methods` through nnU-Net's windows,
+mirroring, folds and export. The predicted sets are computed once, with the segmentation, and
+then held fixed, so a request runs one explanation pass over the windows its pixel set meets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import segcam
+from segcam.apps.viewer.session import RequestError, ViewerSession
+from segcam.errors import OptionError
+from segcam.explainer import Explainer
+from segcam.methods import get_method
+from segcam.recording import describe_layers
+from segcam.viz import grey
+
+__all__ = ["NnUNetViewerSession", "nnunet_session"]
+
+_BLOCK = re.compile(r"^(encoder|decoder)\.stages\.\d+$")
+
+
+def _ras_affine(properties: Mapping[str, Any], dims: int) -> np.ndarray:
+    """The voxel-to-world matrix (RAS, as NIfTI) of an array in SimpleITK's (k, j, i) order."""
+    stuff = properties.get("sitk_stuff")
+    affine = np.eye(4)
+    if not stuff or dims != 3 or len(stuff["spacing"]) != 3:
+        return affine
+    direction = np.asarray(stuff["direction"], dtype=float).reshape(3, 3)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    columns = lps_to_ras @ direction @ np.diag(np.asarray(stuff["spacing"], dtype=float))
+    affine[:3, :3] = columns[:, ::-1]  # array axes (k, j, i)
+    affine[:3, 3] = lps_to_ras @ np.asarray(stuff["origin"], dtype=float)
+    return affine
+
+
+@dataclass(eq=False)
+class NnUNetViewerSession(ViewerSession):
+    """A :class:`ViewerSession` whose explanations go through nnU-Net's whole inference.
+
+    Args:
+        nnunet_model: from :func:`segcam.nnunet.load`.
+        case: a read case (:func:`segcam.nnunet.read_case`).
+        original: the case's channels on the original grid (C, *S), for display.
+        step_size, mirroring: nnU-Net's inference settings.
+    """
+
+    nnunet_model: Any = None
+    case: Any = None
+    original: np.ndarray | None = None
+    step_size: float = 0.5
+    mirroring: bool = True
+    _predicted: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from segcam import nnunet
+
+        model, case = self.nnunet_model, self.case
+        assert model is not None and case is not None and self.original is not None
+        self.spatial = tuple(int(s) for s in case.original_shape)
+        prediction = nnunet.predict(model, case, step_size=self.step_size, mirroring=self.mirroring)
+        heads = int(model.label_manager.num_segmentation_heads)
+        self.classes = heads
+        self._predicted = {c: prediction.predicted(model, c) for c in range(heads)}
+        self.prediction = np.asarray(prediction.segmentation, dtype=np.uint8)
+        if not self.class_names:
+            self.class_names = list(model.class_names)
+        if len(self.class_names) != max(heads, 2):
+            raise OptionError(f"{len(self.class_names)} class names for {heads} output channels")
+        if self.display is None:
+            self.display = grey(np.asarray(self.original, dtype=np.float32).mean(0))
+        self.display = np.asarray(self.display, dtype=np.float32)
+        network = model.networks[0]
+        channels = int(case.data.shape[0])
+        patch = tuple(int(p) for p in model.configuration_manager.patch_size)
+        table = describe_layers(network, torch.zeros((1, channels, *patch)))
+        self._layer_shapes = {
+            info.name: info.shape
+            for info in table
+            if info.on_path and info.shape is not None and info.calls == 1 and info.name
+        }
+        if not self.layers:
+            self.layers = [name for name in self._layer_shapes if _BLOCK.match(name)]
+        unknown = [name for name in self.layers if name not in self._layer_shapes]
+        if unknown:
+            raise OptionError(f"layers not on the network's path (or unknown): {unknown}")
+        self.layers = list(self.layers)
+        if self.default_layer is None:
+            decoders = [name for name in self.layers if name.startswith("decoder.")]
+            self.default_layer = (decoders or self.layers)[-1]
+        if self.affine is None:
+            self.affine = _ras_affine(case.properties, len(self.spatial))
+
+    def info(self) -> dict[str, Any]:  # noqa: D102
+        result = super().info()
+        result["nnunet"] = {
+            "folds": [str(f) for f in self.nnunet_model.folds],
+            "configuration": self.nnunet_model.configuration,
+            "step_size": self.step_size,
+            "mirroring": self.mirroring,
+        }
+        result["methods"] = [m for m in result["methods"] if get_method(m["name"]).needs_gradient]
+        return result
+
+    def _explainer(self, layer: str) -> Explainer | None:
+        return None  # every request runs nnU-Net's windows that meet its pixel set
+
+    def _explain_missing(
+        self, explainer: Explainer | None, layer: str, target: segcam.Target, methods: list[str]
+    ) -> list[tuple[str, segcam.Explanation]]:
+        from segcam import nnunet
+
+        for method in methods:
+            if not get_method(method).needs_gradient:
+                raise RequestError(f"{method}: gradient-free methods are not available here")
+        if isinstance(target, segcam.Predicted):  # nnU-Net's own set, computed once
+            target = segcam.Mask(target.class_index, self._predicted[target.class_index])
+        return list(
+            nnunet.explain_methods(
+                self.nnunet_model,
+                self.case,
+                target,
+                layer,
+                methods,
+                step_size=self.step_size,
+                mirroring=self.mirroring,
+            ).items()
+        )
+
+
+def nnunet_session(
+    folder: str,
+    files: list[str],
+    *,
+    folds: Any = "all",
+    checkpoint: str = "checkpoint_final.pth",
+    step_size: float = 0.5,
+    mirroring: bool = True,
+    trust_checkpoint: bool = False,
+    layers: list[str] | None = None,
+    device: str = "cpu",
+) -> NnUNetViewerSession:
+    """A viewer session on an nnU-Net model folder and one case's channel files."""
+    from segcam import nnunet
+
+    model = nnunet.load(
+        folder, folds=folds, checkpoint=checkpoint, device=device,
+        trust_checkpoint=trust_checkpoint,
+    )  # fmt: skip
+    reader = model.plans_manager.image_reader_writer_class()
+    case = nnunet.read_case(model, files)
+    original, _ = reader.read_images(files)
+    return NnUNetViewerSession(
+        model=model.networks[0],
+        inputs=case.data,
+        nnunet_model=model,
+        case=case,
+        original=np.asarray(original),
+        step_size=step_size,
+        mirroring=mirroring,
+        layers=layers or [],
+        title=f"{files[0]} with nnU-Net {model.configuration}",
+    )
