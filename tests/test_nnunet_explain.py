@@ -287,6 +287,7 @@ def test_maps_are_the_gradient_of_the_exported_logits(tmp_path, options, shape, 
     image = _image(shape, seed=5, channels=channels)
     image[:, :, :2] = 0  # a zero border: nnU-Net crops to the nonzero box
     case = nnunet.read_case(model, (image, {"spacing": spacing}))
+    assert case.geometry.cropped != case.geometry.before_cropping  # cropped to nonzero
     original = case.original_shape
     mask, other = _boxes(original)
     layer = "decoder.stages.0"
