@@ -20,10 +20,33 @@ def demo_out(tmp_path_factory):
 def test_report_is_self_contained(demo_out):
     page = (demo_out / "report.html").read_text(encoding="utf-8")
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) == 4 + 2  # four held-out slices, then liver and tumour in 3D
+    # four held-out slices, liver and tumour in 3D, four held-out slices of the nnU-Net model
+    assert len(images) == 4 + 2 + 4
     assert all(len(image) > 10_000 for image in images)
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert page.count("held-out Dice") == 2
+    assert page.count("held-out Dice") == 3
+    assert "nnU-Net v2 model (the held-out slab as a case)" in page
+
+
+def test_nnunet_maps_share_the_case_geometry(demo_out):
+    sitk = pytest.importorskip("SimpleITK")
+    folder = demo_out / "nnunet"
+    case = sitk.ReadImage(str(folder / "heldout_0000.nii.gz"))
+    segmentation = sitk.ReadImage(str(folder / "heldout.nii.gz"))
+    assert case.GetSize() == segmentation.GetSize() == (128, 128, 24)
+    predicted = sitk.GetArrayFromImage(segmentation)
+    for name in ("liver", "tumour"):
+        for method in ("seg-grad-cam", "seg-hires-grad-cam"):
+            image = sitk.ReadImage(str(folder / f"{method}__decoder.stages.2__{name}.nii.gz"))
+            assert image.GetSize() == case.GetSize()
+            assert image.GetSpacing() == case.GetSpacing()
+            assert image.GetOrigin() == case.GetOrigin()
+            heat = sitk.GetArrayFromImage(image)
+            assert heat.max() == pytest.approx(1.0) and heat.min() >= 0
+    liver = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(folder / "seg-hires-grad-cam__decoder.stages.2__liver.nii.gz"))
+    )
+    assert liver[predicted == 1].sum() > liver[predicted != 1].sum()
 
 
 def test_nifti_files_are_aligned(demo_out, capsys):

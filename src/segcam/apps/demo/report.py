@@ -11,6 +11,11 @@ Writes into the output folder:
   so they open aligned in 3D Slicer or ITK-SNAP: ``ct.nii.gz`` (HU), ``labels.nii.gz``,
   ``prediction.nii.gz`` and ``heatmap_<class>_<method>.nii.gz`` (last decoder block).
 - ``maps_2d_<method>.npz`` and ``maps_3d_<method>.npz``: the maps as segcam explanations.
+- With the ``[nnunet]`` extra, a section on the committed nnU-Net v2 model
+  (:data:`~segcam.apps.demo.models.NNUNET_MODEL`, trained by ``scripts/train_nnunet.py``): the
+  held-out slab as an nnU-Net case (``nnunet/heldout_0000.nii.gz``), nnU-Net's own segmentation
+  of it (``nnunet/heldout.nii.gz``) and the exact whole-case maps in the case's geometry
+  (``nnunet/<method>__<layer>__<class>.nii.gz``), shown beside the segmentation.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 import segcam
 from segcam.apps.demo import data as liver
-from segcam.apps.demo.models import DEMO_LAYERS, held_out_dice, load_liver_model
+from segcam.apps.demo.models import DEMO_LAYERS, NNUNET_MODEL, held_out_dice, load_liver_model
 from segcam.io.files import atomic_write, make_dir, write_nifti
 
 __all__ = ["DEMO_SLICES", "run_demo"]
@@ -190,6 +195,94 @@ def _section_3d(
     return figures, held_out_dice(model, "3d", case), written
 
 
+# three depths of the nnU-Net model's PlainConvUNet (4 stages)
+NNUNET_LAYERS = {
+    "bottleneck": "encoder.stages.3",
+    "middle decoder": "decoder.stages.1",
+    "last decoder": "decoder.stages.2",
+}
+
+
+def nnunet_available() -> bool:
+    """Whether the nnU-Net section can run: nnunetv2 installed and the model folder present."""
+    import importlib.util
+
+    return importlib.util.find_spec("nnunetv2") is not None and NNUNET_MODEL.is_dir()
+
+
+def _section_nnunet(
+    case: liver.LiverCase, out: Path
+) -> tuple[list[bytes], dict[str, float], list[Path]]:
+    """nnU-Net's own prediction of the held-out slab and its exact maps, in the case geometry."""
+    import warnings
+
+    from segcam import nnunet
+    from segcam.nnunet.files import write_map, write_segmentation
+
+    folder = out / "nnunet"
+    make_dir(folder)
+    start, stop = liver.HELD_OUT_SLICES.start, liver.HELD_OUT_SLICES.stop
+    # as scripts/train_nnunet.py writes cases: the axial axis is the image's z (array axis 0)
+    slab = np.ascontiguousarray(case.image[:, :, start:stop].astype(np.float32).transpose(2, 1, 0))
+    truth = case.labels[:, :, start:stop].transpose(2, 1, 0)
+    geometry = {
+        "sitk_stuff": {
+            "spacing": (1.0, 1.0, 1.0),
+            "origin": (0.0, 0.0, 0.0),
+            "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        }
+    }
+    image_path = write_map(folder / "heldout_0000.nii.gz", slab, "SimpleITKIO", geometry)
+    model = nnunet.load(NNUNET_MODEL, folds=("all",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nnU-Net's notes on CPU devices
+        explanations, prediction = nnunet.explain_and_predict(
+            model, [image_path], TARGETS, list(NNUNET_LAYERS.values()), METHODS, normalize="max"
+        )
+    read = nnunet.read_case(model, [image_path])
+    writer = model.plans_manager.image_reader_writer_class()
+    segmentation = prediction.segmentation
+    written = [
+        image_path,
+        write_segmentation(folder / "heldout.nii.gz", segmentation, writer, read.properties),
+    ]
+    last = NNUNET_LAYERS["last decoder"]
+    for t, target in enumerate(TARGETS):
+        name = liver.CLASS_NAMES[target.class_index]
+        for method in METHODS:
+            heat = explanations[method].layer_maps[last][0, t].numpy()
+            path = folder / f"{method}__{last}__{name}.nii.gz"
+            written.append(write_map(path, heat, "SimpleITKIO", read.properties))
+    figures = []
+    for z in (2, 8, 14, 20):  # held-out axial slices 58, 64, 70, 76
+        rows = []
+        for t, target in enumerate(TARGETS):
+            name = liver.CLASS_NAMES[target.class_index]
+            columns = {}
+            for depth, layer in NNUNET_LAYERS.items():
+                for method in METHODS:
+                    maps = explanations[method].layer_maps[layer]
+                    columns[f"{METHOD_LABELS[method]}\n{depth}"] = maps[0, t, z].numpy()
+            rows.append(
+                (
+                    f"axial slice {start + z}: nnU-Net's {name}",
+                    liver.window(slab[z]),
+                    truth[z],
+                    segmentation[z],
+                    explanations[METHODS[0]].pixel_sets[0, t, z].numpy(),
+                    columns,
+                )
+            )
+        figures.append(_figure_png(rows))
+    dice = {liver.CLASS_NAMES[c]: _dice(segmentation == c, truth == c) for c in (1, 2)}
+    return figures, dice, written
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
 def _html(sections: list[tuple[str, str, list[bytes]]], seconds: float) -> str:
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -232,7 +325,8 @@ def run_demo(out: Path, *, offline: bool = False) -> int:
     ``offline``.
     """
     started = time.perf_counter()
-    total = 4
+    with_nnunet = nnunet_available()
+    total = 5 if with_nnunet else 4
     _progress(1, total, "reading the CT volume")
     case = liver.load_case(offline=offline)
     make_dir(out)
@@ -245,15 +339,35 @@ def run_demo(out: Path, *, offline: bool = False) -> int:
     figures_2d, dice_2d = _section_2d(case, out)
     _progress(3, total, "3D network: the whole volume, 2 classes x 3 layers x 2 methods")
     figures_3d, dice_3d, written = _section_3d(case, out)
-    _progress(4, total, "writing report.html")
+    sections = [
+        ("2D network (axial slices)", _dice_table(dice_2d), figures_2d),
+        ("3D network (orthogonal slices through the volume)", _dice_table(dice_3d), figures_3d),
+    ]
+    if with_nnunet:
+        _progress(4, total, "nnU-Net model: the held-out slab as a case, 2 classes x 3 layers")
+        figures_nn, dice_nn, written_nn = _section_nnunet(case, out)
+        written.extend(written_nn)
+        intro = (
+            "An nnU-Net v2 model trained with nnU-Net's own planning, preprocessing and training "
+            "(<code>scripts/train_nnunet.py</code>: slabs of the training slices as cases, a "
+            "small plan, 10 epochs, fold <code>all</code>) predicts the held-out slab (slices "
+            "56-79) as a case, with its sliding windows, mirroring and export. The maps explain "
+            "that exact segmentation (the prediction column is nnU-Net's own): each is the "
+            "gradient of the masked sum of nnU-Net's exported logits, in the case's geometry. "
+            + _dice_table(dice_nn)
+        )
+        sections.append(("nnU-Net v2 model (the held-out slab as a case)", intro, figures_nn))
+    else:
+        sections.append(
+            (
+                "nnU-Net v2 model",
+                "Not shown: install <code>segcam[nnunet]</code> for this section.",
+                [],
+            )
+        )
+    _progress(total, total, "writing report.html")
     report = out / "report.html"
-    page = _html(
-        [
-            ("2D network (axial slices)", _dice_table(dice_2d), figures_2d),
-            ("3D network (orthogonal slices through the volume)", _dice_table(dice_3d), figures_3d),
-        ],
-        time.perf_counter() - started,
-    )
+    page = _html(sections, time.perf_counter() - started)
     with atomic_write(report, "w") as stream:
         stream.write(page)
     npz = sorted(out.glob("maps_*d_*.npz"))
