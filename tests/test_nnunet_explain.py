@@ -448,3 +448,29 @@ def test_a_label_file_mask_and_the_model_left_as_it_was(tmp_path):
     assert not network.training
     assert all(p.requires_grad and p.grad is None for p in network.parameters())
     assert all(not m._forward_hooks for m in network.modules())
+
+
+def test_predicted_targets_batch_the_mirrorings_and_stay_exact(tmp_path):
+    """Predicted runs each window's mirrorings as one batch; the maps equal the static path's."""
+    from segcam.nnunet.explain import _mirror_batch, _plan_for
+
+    folder = make_model_folder(tmp_path / "m", folds=(0, 1), head_bias=(0.0, 0.0, -1.0))
+    model = nnunet.load(folder, folds="all")
+    for network in model.networks:
+        network.double()
+    case = nnunet.read_case(model, (_image((18, 21, 20), seed=9), {"spacing": [1.0] * 3}))
+    assert _mirror_batch(_plan_for(model, case, 0.5, True)) == min(8, torch.get_num_threads())
+    layer = "decoder.stages.0"
+    predicted = nnunet.explain(model, case, segcam.Predicted(1), layer, relu=False)
+    fixed = segcam.Mask(1, predicted.pixel_sets[0, 0])
+    static = nnunet.explain(model, case, fixed, layer, relu=False)
+    scale = float(static.maps.abs().max())
+    assert scale > 0 and bool(predicted.pixel_sets.any())
+    torch.testing.assert_close(predicted.maps, static.maps, rtol=0, atol=1e-10 * scale)
+    info, static_info = predicted.info["nnunet"], static.info["nnunet"]
+    assert info["backward_passes"] == static_info["backward_passes"]
+    # the prediction pass ran every forward once more
+    assert (
+        info["forwards"]
+        == static_info["forwards"] + 2 * info["windows"] * 8 - 8 * (info["windows_skipped"])
+    )

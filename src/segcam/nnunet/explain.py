@@ -153,6 +153,24 @@ def _plan(
     )
 
 
+MIRROR_BATCH_VOXELS = 2**20
+"""Mirrorings of a window share one forward while batch x patch voxels stays within this."""
+
+
+def _mirror_batch(plan: _Plan) -> int:
+    """How many mirrorings of a window go through the network together (at least 1).
+
+    As many as torch has threads (and mirrorings), while the batch's patch voxels stay within
+    :data:`MIRROR_BATCH_VOXELS`: on two CPU cores, 8 flipped (24, 64, 64) patches of the demo's
+    nnU-Net run forward and backward to its last decoder stage in 0.95 s one by one, 0.30 s in
+    batches of 2, 0.47 s in one batch of 8 (with memory for 8). nnU-Net's usual 128^3 patches
+    stay at 1, so one forward's graph bounds the memory as before.
+    """
+    voxels = math.prod(plan.patch)
+    fits = MIRROR_BATCH_VOXELS // max(voxels, 1)
+    return max(1, min(len(plan.mirrors), torch.get_num_threads(), fits))
+
+
 def _flip(tensor: torch.Tensor, axes: tuple[int, ...], offset: int) -> torch.Tensor:
     return torch.flip(tensor, [a + offset for a in axes]) if axes else tensor
 
@@ -617,6 +635,7 @@ class _Run:
         storage = torch.float64 if dtype == torch.float64 else torch.float32
         self.weights = weights.new_zeros((len(targets), *plan.padded), dtype=storage)
         self.weights[(slice(None), *plan.unpad)] = weights
+        self.mirror_batch = _mirror_batch(plan)
         self.forwards = 0
         self.backward_passes = 0
         self.windows_skipped = 0
@@ -650,7 +669,8 @@ class _Run:
                 if not active:
                     self.windows_skipped += 1
                 if active or static:
-                    outputs = self._window(network, padded, window, active, fold)
+                    batch = 1 if static else self.mirror_batch
+                    outputs = self._window(network, padded, window, active, fold, batch)
                     if blend is not None:
                         blend.add(window, outputs)
                 done += 1
@@ -673,22 +693,34 @@ class _Run:
         window: Window,
         active: list[int],
         fold: list[dict[str, torch.Tensor]],
+        batch: int,
     ) -> list[torch.Tensor]:
+        """Forward one window under every mirroring; backward for the active targets.
+
+        ``batch`` mirrorings share one forward (a batch of flipped inputs): faster, but its
+        logits differ from nnU-Net's batch-1 forwards by float rounding, so the static path
+        (whose logits are nnU-Net's) uses 1. Returns the logits per mirroring, in order.
+        """
         plan = self.plan
-        outputs = []
+        outputs: list[torch.Tensor] = []
         shares = {t: self._omega(t, window) for t in active}
-        for axes in plan.mirrors:
-            x = _forward_input(padded, plan, window, axes)
-            self.forwards += 1
+        mirrors = plan.mirrors
+        for first in range(0, len(mirrors), batch):
+            group = mirrors[first : first + batch]
+            x = torch.cat([_forward_input(padded, plan, window, axes) for axes in group])
+            self.forwards += len(group)
             if not active:
                 with torch.no_grad():
-                    outputs.append(network(x))
+                    logits = network(x)
+                outputs.extend(logits[k : k + 1] for k in range(len(group)))
                 continue
             with record_forward(network, x, self.layer) as recorded:
-                outputs.append(recorded.logits)
+                outputs.extend(recorded.logits[k : k + 1] for k in range(len(group)))
                 if not self.layer_names:
                     self.layer_names = recorded.layer_names
-                    self.layer_shapes = {k: tuple(v) for k, v in recorded.layer_shapes.items()}
+                    self.layer_shapes = {
+                        k: (1, *tuple(v)[1:]) for k, v in recorded.layer_shapes.items()
+                    }
                 if not fold:
                     like = recorded.logits
                     fold.extend(
@@ -701,26 +733,27 @@ class _Run:
                 gradients = []
                 for t in active:
                     grad = torch.zeros_like(recorded.logits)
-                    share = _flip(shares[t], axes, 0).to(grad.dtype)
-                    grad[0, self.targets[t].class_index] = share
+                    for k, axes in enumerate(group):
+                        share = _flip(shares[t], axes, 0).to(grad.dtype)
+                        grad[k, self.targets[t].class_index] = share
                     gradients.append(grad)
-                self.backward_passes += len(gradients)
+                self.backward_passes += len(gradients) * len(group)
                 for t, maps in zip(
                     active, method_maps(recorded, iter(gradients), self.methods), strict=True
                 ):
                     for name, per_layer in maps.items():
                         for index, layer_map in enumerate(per_layer):
-                            up = (
-                                F.interpolate(
-                                    layer_map[:, None],
+                            up = layer_map[:, None]
+                            if tuple(layer_map.shape[1:]) != plan.patch:
+                                up = F.interpolate(
+                                    up,
                                     size=plan.patch,
                                     mode="bilinear" if len(plan.patch) == 2 else "trilinear",
                                     align_corners=False,
-                                )[0, 0]
-                                if tuple(layer_map.shape[1:]) != plan.patch
-                                else layer_map[0]
-                            )
-                            fold[index][name][(t, *window)] += _flip(up, axes, 0)
+                                )
+                            total = fold[index][name][(t, *window)]
+                            for k, axes in enumerate(group):
+                                total += _flip(up[k, 0], axes, 0)
         return outputs
 
     def _finish_fold(self, fold: list[dict[str, torch.Tensor]]) -> None:
