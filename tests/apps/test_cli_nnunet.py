@@ -197,3 +197,16 @@ def test_the_viewer_on_an_nnunet_case(setup):
                      "index": 5, "methods": ["seg-hires-grad-cam"]}  # fmt: skip
         response = client.post("/api/explain", json=predicted).json()
         assert response["pixels"] == int((expected_seg == 1).sum())
+
+
+def test_worker_processes_explain_cases_as_one_process_does(setup, tmp_path):
+    model_folder, raw = setup
+    common = ["explain", "--nnunet", model_folder, "--target", "box:liver:0,0,0,9,9,9",
+              "--layer", LAYER, raw]  # fmt: skip
+    assert run(*common, "--out", tmp_path / "one") == 0
+    assert run(*common, "--out", tmp_path / "two", "--num-workers", "2") == 0
+    for case in ("liver_1", "liver_2"):
+        name = f"seg-hires-grad-cam__{LAYER}__t0-box-liver.nii.gz"
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / case / name)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "two" / case / name)))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
