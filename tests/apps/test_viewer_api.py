@@ -19,6 +19,8 @@ from segcam.testing.synthetic import shapes_scene
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 LAYER = "model.1.submodule.2"
+OCTET = {"Content-Type": "application/octet-stream"}
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 def session_2d():
@@ -115,7 +117,9 @@ def test_painted_mask_and_upload(client_2d):
     assert shown["pixels"] == 200
     stream = io.BytesIO()
     np.save(stream, painted)
-    assert client.post("/api/upload", content=stream.getvalue()).json() == {"pixels": 200}
+    assert client.post("/api/upload", content=stream.getvalue(), headers=OCTET).json() == {
+        "pixels": 200
+    }
     uploaded = client.post("/api/explain", json={"class": 1, "target": {"kind": "uploaded"}}).json()
     np.testing.assert_array_equal(
         maps_of(uploaded)["seg-hires-grad-cam"], maps_of(shown)["seg-hires-grad-cam"]
@@ -148,20 +152,26 @@ def test_bad_requests_are_refused_and_the_server_goes_on(client_2d):
         response = client.post("/api/explain", json=body)
         assert response.status_code == 400, body
         assert message in response.json()["error"], (body, response.json())
-    assert client.post("/api/explain", content=b"{not json").status_code == 400
-    assert client.post("/api/explain", content=b"[1, 2]").json()["error"].startswith("the request")
+    assert client.post("/api/explain", content=b"{not json", headers=JSON_TYPE).status_code == 400
+    assert (
+        client.post("/api/explain", content=b"[1, 2]", headers=JSON_TYPE)
+        .json()["error"]
+        .startswith("the request")
+    )
     assert "nothing to export" in client.get("/api/export?format=png&method=x").json()["error"]
     # oversized and wrong-type uploads
     session.max_upload_bytes = 1000
-    response = client.post("/api/upload", content=b"\x93NUMPY" + b"0" * 2000)
+    response = client.post("/api/upload", content=b"\x93NUMPY" + b"0" * 2000, headers=OCTET)
     assert response.status_code == 413 and "over the limit of 1000" in response.json()["error"]
     assert (
-        "a .npy array or a PNG" in client.post("/api/upload", content=b"GIF89a...").json()["error"]
+        "a .npy array or a PNG"
+        in client.post("/api/upload", content=b"GIF89a...", headers=OCTET).json()["error"]
     )
     stream = io.BytesIO()
     np.save(stream, np.zeros((3, 3)))
     assert (
-        "has shape (3, 3)" in client.post("/api/upload", content=stream.getvalue()).json()["error"]
+        "has shape (3, 3)"
+        in client.post("/api/upload", content=stream.getvalue(), headers=OCTET).json()["error"]
     )
     # still serving
     assert client.post("/api/explain", json={"class": 1}).status_code == 200
@@ -299,7 +309,9 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
         line = process.stdout.readline()
         assert line.startswith("segcam viewer: http://localhost:"), line
         address = line.split()[2]
-        with urllib.request.urlopen(address + "api/info", timeout=30) as response:
+        base, _, token = address.partition("/?token=")
+        assert len(token) >= 32  # the session's access token, printed once
+        with urllib.request.urlopen(f"{base}/api/info?token={token}", timeout=30) as response:
             info = json.loads(response.read())
         assert info["classes"] == ["bg", "disk", "square"] and info["shape"] == [64, 64]
         assert info["title"] == "scene.npy"

@@ -4,11 +4,26 @@ Routes: ``GET /`` (the page), ``GET /api/info``, ``POST /api/slice``, ``POST /ap
 ``POST /api/upload`` (a mask, raw bytes), ``GET /api/export?format=&method=``. A refused request
 answers 400 (413 for an oversized upload) with ``{"error": message}``; the server keeps running.
 Nothing but the page itself is served from disk.
+
+Only the user's own browser can use a served viewer (:func:`segcam.apps.viewer.serve.serve`
+passes ``token`` and ``port``):
+
+- the ``Host`` header must name the loopback address the server listens on, with its port
+  (127.0.0.1, localhost or [::1]): a page of another site whose name resolves to 127.0.0.1
+  (DNS rebinding) is refused (421);
+- every request carries the session's random token (``?token=`` in the URL printed at start,
+  as Jupyter does, then the ``X-Segcam-Token`` header the page sends): without it, 403;
+- a POST must be ``application/json`` (``application/octet-stream`` for uploads), 415 otherwise,
+  so a cross-site form cannot send one; an ``Origin`` other than the server's own, or a
+  ``Sec-Fetch-Site`` of another site, is refused (403);
+- every response forbids framing (``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``),
+  loads nothing from elsewhere (CSP ``default-src 'self'``), and sends no referrer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +41,64 @@ __all__ = ["create_app"]
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_JSON_BYTES = 64 * 2**20  # a painted 3D slice is at most a few MB of base64
+TOKEN_HEADER = "x-segcam-token"
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+        "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+BODY_TYPES = {"/api/upload": "application/octet-stream"}  # other POSTs: application/json
+
+
+def new_token() -> str:
+    """A random per-session access token (32 URL-safe characters)."""
+    return secrets.token_urlsafe(24)
+
+
+class _RefusedError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _check_request(request: Request, token: str | None, hosts: frozenset[str] | None) -> None:
+    """Refuse a request from anything but the user's own page (see the module docstring)."""
+    if hosts is not None:
+        host = request.headers.get("host", "").lower()
+        if host not in hosts:
+            raise _RefusedError(
+                421, f"this viewer answers only to {sorted(hosts)[0]}; the Host {host!r} is not it"
+            )
+    if token is not None:
+        given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise _RefusedError(
+                403,
+                "this viewer needs its access token: open the address `segcam view` printed "
+                "(it ends in ?token=...)",
+            )
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise _RefusedError(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    if origin is not None and hosts is not None:
+        allowed = {f"http://{h}" for h in hosts}
+        if origin.lower() not in allowed:
+            raise _RefusedError(403, f"cross-origin request refused (Origin: {origin})")
+    if request.method == "POST":
+        wanted = BODY_TYPES.get(request.url.path, "application/json")
+        given_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if given_type != wanted:
+            raise _RefusedError(
+                415, f"{request.url.path} takes {wanted}, not {given_type or 'nothing'}"
+            )
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -52,24 +125,52 @@ class _TooLargeError(Exception):
 
 def _guarded(
     handler: Callable[[Request], Awaitable[Response]],
+    token: str | None = None,
+    hosts: frozenset[str] | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         try:
-            return await handler(request)
-        except _TooLargeError as error:
-            return _error(str(error), 413)
-        except (RequestError, SegCamError) as error:
-            return _error(str(error))
-        except json.JSONDecodeError as error:
-            return _error(f"the request is not valid JSON: {error}")
-        except Exception as error:  # shown in the page; the server keeps running
-            return _error(f"internal error: {type(error).__name__}: {error}", 500)
+            _check_request(request, token, hosts)
+            response = await handler(request)
+        except _RefusedError as error:
+            response = _error(str(error), error.status)
+        except Exception as error:
+            response = _failure(error)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     return run
 
 
-def create_app(session: ViewerSession) -> Starlette:
-    """The application serving ``session``."""
+def _failure(error: Exception) -> Response:
+    """One JSON answer for an error of a handler; the server keeps running."""
+    if isinstance(error, _TooLargeError):
+        return _error(str(error), 413)
+    if isinstance(error, RequestError | SegCamError):
+        return _error(str(error))
+    if isinstance(error, json.JSONDecodeError):
+        return _error(f"the request is not valid JSON: {error}")
+    if isinstance(error, RecursionError):
+        return _error("the request is nested too deeply")
+    return _error(f"internal error: {type(error).__name__}: {error}", 500)
+
+
+def allowed_hosts(port: int, host: str = "127.0.0.1") -> frozenset[str]:
+    """The Host headers a viewer on ``host:port`` answers: loopback names, or the bound host."""
+    names = {*LOOPBACK, host if ":" not in host else f"[{host}]"}
+    return frozenset(f"{name}:{port}" for name in names)
+
+
+def create_app(
+    session: ViewerSession, *, token: str | None = None, hosts: frozenset[str] | None = None
+) -> Starlette:
+    """The application serving ``session``.
+
+    Args:
+        session: what to serve.
+        token: the access token every request must carry (``None``: none, for tests in-process).
+        hosts: the accepted ``Host`` headers (``None``: any; :func:`allowed_hosts` for a server).
+    """
     page = PAGE.read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
@@ -106,12 +207,15 @@ def create_app(session: ViewerSession) -> Starlette:
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
+    def guard(handler: Callable[[Request], Awaitable[Response]]) -> Any:
+        return _guarded(handler, token, hosts)
+
     routes = [
-        Route("/", _guarded(index)),
-        Route("/api/info", _guarded(info)),
-        Route("/api/slice", _guarded(slice_), methods=["POST"]),
-        Route("/api/explain", _guarded(explain), methods=["POST"]),
-        Route("/api/upload", _guarded(upload), methods=["POST"]),
-        Route("/api/export", _guarded(export)),
+        Route("/", guard(index)),
+        Route("/api/info", guard(info)),
+        Route("/api/slice", guard(slice_), methods=["POST"]),
+        Route("/api/explain", guard(explain), methods=["POST"]),
+        Route("/api/upload", guard(upload), methods=["POST"]),
+        Route("/api/export", guard(export)),
     ]
     return Starlette(routes=routes)

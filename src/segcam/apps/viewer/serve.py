@@ -100,7 +100,7 @@ def serve(
     """Serve ``session`` until interrupted; print the address and open it unless told not to."""
     import uvicorn
 
-    from segcam.apps.viewer.app import create_app
+    from segcam.apps.viewer.app import allowed_hosts, create_app, new_token
 
     if host not in (LOCAL, "localhost", "::1"):
         print(
@@ -109,8 +109,11 @@ def serve(
             file=sys.stderr,
         )
     port = port or free_port(host)
-    address = f"http://{host}:{port}/"
-    config = uvicorn.Config(create_app(session), host=host, port=port, log_level="warning")
+    token = new_token()
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{port}/?token={token}"
+    app = create_app(session, token=token, hosts=allowed_hosts(port, host))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
 
     def announce() -> None:  # once the socket listens
@@ -132,11 +135,12 @@ def serve(
 
 @dataclass
 class RunningViewer:
-    """A viewer served from a daemon thread: its address, and :meth:`stop`."""
+    """A viewer served from a daemon thread: its address (with the token), and :meth:`stop`."""
 
     url: str
     server: Any
     thread: threading.Thread
+    token: str = ""
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the server to exit and wait for its thread."""
@@ -151,12 +155,12 @@ def serve_in_thread(session: ViewerSession, timeout: float = 20.0) -> RunningVie
     """
     import uvicorn
 
-    from segcam.apps.viewer.app import create_app
+    from segcam.apps.viewer.app import allowed_hosts, create_app, new_token
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(session), host=LOCAL, port=port, log_level="warning")
-    )
+    token = new_token()
+    app = create_app(session, token=token, hosts=allowed_hosts(port))
+    server = uvicorn.Server(uvicorn.Config(app, host=LOCAL, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -164,4 +168,4 @@ def serve_in_thread(session: ViewerSession, timeout: float = 20.0) -> RunningVie
         if time.monotonic() > deadline or not thread.is_alive():
             raise SegCamError("the viewer did not start")
         time.sleep(0.02)
-    return RunningViewer(f"http://{LOCAL}:{port}/", server, thread)
+    return RunningViewer(f"http://{LOCAL}:{port}/?token={token}", server, thread, token)

@@ -1,0 +1,97 @@
+"""The served viewer answers only the user's own page: Host, token, content type, origin."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+from segcam.apps.viewer import ViewerSession
+from segcam.apps.viewer.serve import serve_in_thread
+from segcam.testing import tiny_segnet
+
+pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+
+
+@pytest.fixture(scope="module")
+def viewer():
+    generator = torch.Generator().manual_seed(0)
+    session = ViewerSession(
+        model=tiny_segnet(3), inputs=torch.randn((1, 6, 12, 10), generator=generator)
+    )
+    running = serve_in_thread(session)
+    yield running
+    running.stop()
+
+
+def request(viewer, method, path, *, body=None, headers=None, token=True, host=None):
+    parts = urlsplit(viewer.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    sent = {"Host": host or parts.netloc}
+    if token:
+        sent["X-Segcam-Token"] = viewer.token
+    sent.update(headers or {})
+    connection.request(method, path, body=body, headers=sent)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def test_the_own_page_is_served_with_locked_down_headers(viewer):
+    status, headers, data = request(viewer, "GET", "/api/info")
+    assert status == 200 and "classes" in json.loads(data)
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert headers["referrer-policy"] == "no-referrer"
+    status, _, page = request(viewer, "GET", f"/?token={viewer.token}", token=False)
+    assert status == 200 and b"X-Segcam-Token" in page
+    body = json.dumps({"class": 1, "target": {"kind": "predicted"}, "axis": 0, "index": 0})
+    status, _, data = request(viewer, "POST", "/api/explain", body=body,
+                              headers={"Content-Type": "application/json",
+                                       "Origin": viewer.url.split("/?")[0],
+                                       "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    assert status == 200, data
+
+
+def test_dns_rebinding_is_refused(viewer):
+    status, _, data = request(viewer, "GET", "/api/info", host="evil.example.com")
+    assert status == 421 and b"Host" in data
+    port = urlsplit(viewer.url).port
+    status, _, _ = request(viewer, "GET", "/api/info", host=f"evil.example.com:{port}")
+    assert status == 421
+    assert request(viewer, "GET", "/api/info", host=f"localhost:{port}")[0] == 200
+
+
+def test_requests_without_the_token_are_refused(viewer):
+    status, _, data = request(viewer, "GET", "/api/info", token=False)
+    assert status == 403 and b"access token" in data
+    assert request(viewer, "GET", "/", token=False)[0] == 403
+    assert (
+        request(viewer, "GET", "/api/info", token=False, headers={"X-Segcam-Token": "x"})[0] == 403
+    )
+    status, _, _ = request(viewer, "GET", "/api/export?format=npz&method=x&token=wrong",
+                           token=False)  # fmt: skip
+    assert status == 403
+
+
+def test_cross_site_posts_are_refused(viewer):
+    body = json.dumps({"class": 1})
+    status, _, data = request(viewer, "POST", "/api/explain", body=body,
+                              headers={"Content-Type": "text/plain"})  # fmt: skip
+    assert status == 415 and b"application/json" in data
+    status, _, _ = request(viewer, "POST", "/api/explain", body=body,
+                           headers={"Content-Type": "application/json",
+                                    "Origin": "http://evil.example.com"})  # fmt: skip
+    assert status == 403
+    status, _, _ = request(viewer, "POST", "/api/explain", body=body,
+                           headers={"Content-Type": "application/json",
+                                    "Sec-Fetch-Site": "cross-site"})  # fmt: skip
+    assert status == 403
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, _ = request(viewer, "POST", "/api/upload", body=b"\x93NUMPY", headers=form)
+    assert status == 415
