@@ -95,3 +95,30 @@ def test_cross_site_posts_are_refused(viewer):
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     status, _, _ = request(viewer, "POST", "/api/upload", body=b"\x93NUMPY", headers=form)
     assert status == 415
+
+
+def test_bombs_and_odd_bodies_are_400_before_any_allocation(viewer):
+    import io
+
+    import numpy as np
+
+    octet = {"Content-Type": "application/octet-stream"}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (2**40, 2**20)}
+    )
+    bomb = b"\x93NUMPY\x01\x00" + header.getvalue()[8:]
+    status, _, data = request(viewer, "POST", "/api/upload", body=bomb, headers=octet)
+    assert status == 400 and b"has shape (1099511627776, 1048576)" in data
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("1", (20000, 8000)).save(png, format="PNG")  # 160 megapixels, a few kB
+    status, _, data = request(viewer, "POST", "/api/upload", body=png.getvalue(), headers=octet)
+    assert status == 400 and b"has shape (8000, 20000)" in data
+    json_type = {"Content-Type": "application/json"}
+    nested = b"[" * 100_000 + b"]" * 100_000
+    assert request(viewer, "POST", "/api/explain", body=nested, headers=json_type)[0] == 400
+    body = json.dumps({"class": 1, "methods": [["a"]]})
+    status, _, data = request(viewer, "POST", "/api/explain", body=body, headers=json_type)
+    assert status == 400 and b"unknown method" in data

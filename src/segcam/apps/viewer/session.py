@@ -11,6 +11,7 @@ import base64
 import io
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -213,6 +214,18 @@ class ViewerSession:
                 f"upload of {len(data)} bytes is over the limit of {self.max_upload_bytes}"
             )
         if data.startswith(b"\x93NUMPY"):
+            stream = io.BytesIO(data)
+            try:  # the header first: shape and dtype are checked before any allocation
+                version = np.lib.format.read_magic(stream)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, _ = read_header(stream)
+            except (ValueError, OSError, SyntaxError) as error:
+                raise RequestError(f"cannot read the .npy upload: {error}") from None
+            self._check_upload_shape(tuple(shape))
             try:
                 array = np.load(io.BytesIO(data), allow_pickle=False)
             except (ValueError, OSError) as error:
@@ -221,7 +234,15 @@ class ViewerSession:
             try:
                 from PIL import Image
 
-                array = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+                with warnings.catch_warnings():  # its size is checked right below
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    image = Image.open(io.BytesIO(data))  # reads the header only
+                width, height = image.size
+            except Exception as error:  # Pillow raises many types for damaged files
+                raise RequestError(f"cannot read the PNG upload: {error}") from None
+            self._check_upload_shape((height, width))  # before decoding (no pixel bombs)
+            try:
+                array = np.asarray(image.convert("L"))
             except Exception as error:  # Pillow raises many types for damaged files
                 raise RequestError(f"cannot read the PNG upload: {error}") from None
         else:
@@ -234,6 +255,12 @@ class ViewerSession:
             raise RequestError(f"the uploaded mask has dtype {array.dtype}, not numbers")
         self._uploaded = np.asarray(array) != 0
         return {"pixels": int(self._uploaded.sum())}
+
+    def _check_upload_shape(self, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != self.spatial:
+            raise RequestError(
+                f"the uploaded mask has shape {tuple(shape)}; the image has {self.spatial}"
+            )
 
     def _target(self, payload: Mapping[str, Any]) -> tuple[segcam.Target, Any]:
         """The target of a request and a hashable key of it."""
@@ -343,7 +370,7 @@ class ViewerSession:
         if not isinstance(methods, list) or not 1 <= len(methods) <= 4:
             raise RequestError("methods must be a list of 1 to 4 method names")
         for method in methods:
-            if method not in REGISTRY:
+            if not isinstance(method, str) or method not in REGISTRY:
                 raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
         target, key = self._target(payload)
         view = self._view(payload)
