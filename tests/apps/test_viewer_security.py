@@ -122,3 +122,26 @@ def test_bombs_and_odd_bodies_are_400_before_any_allocation(viewer):
     body = json.dumps({"class": 1, "methods": [["a"]]})
     status, _, data = request(viewer, "POST", "/api/explain", body=body, headers=json_type)
     assert status == 400 and b"unknown method" in data
+
+
+def test_segcam_view_bad_input_is_one_line_before_loading(tmp_path, capsys):
+    import socket
+
+    import numpy as np
+    from PIL import Image
+
+    from segcam.apps.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["view", "--port", str(port), "--no-browser"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(png)
+    code = main(["view", str(png), "--model", "segcam.apps.demo.models:build_liver_model",
+                 "--model-kwargs", '{"which": "3d"}', "--no-browser"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err and "Conv3d" in err
+    assert len(err.strip().splitlines()) == 1

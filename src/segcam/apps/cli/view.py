@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise MissingExtraError(
             f"the viewer needs the 'viewer' extra: pip install 'segcam[viewer]' ({error})"
         ) from None
+    _check_port(args.host, args.port)  # before minutes of model loading
     if args.nnunet is not None:
         session = _nnunet_session(args)
     elif args.input is None:
@@ -82,6 +83,25 @@ def run(args: argparse.Namespace) -> int:
         )
     serve(session, host=args.host, port=args.port, browser=not args.no_browser)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that is in use (or a bad one) with one line, before loading anything."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: a port is 0 (a free one) to 65535")
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}): choose another "
+                f"--port, or leave it out for a free one"
+            ) from None
 
 
 def _nnunet_session(args: argparse.Namespace) -> Any:

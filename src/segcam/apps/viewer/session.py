@@ -31,7 +31,7 @@ from segcam.errors import (
 )
 from segcam.explainer import Explainer
 from segcam.methods import REGISTRY, get_method
-from segcam.recording import describe_layers, select_logits
+from segcam.recording import check_model_inputs, describe_layers, run_model, select_logits
 from segcam.sliding import blended_logits, explain_sliding_window_methods
 from segcam.viz import grey, overlay
 
@@ -123,7 +123,10 @@ class ViewerSession:
             example = example[(slice(None), slice(None), *(slice(0, r) for r in roi))]
         else:
             with torch.no_grad():
-                logits = select_logits(self.model(example), self.output, self.inputs.ndim + 1)
+                check_model_inputs(self.model, example)  # rank and channels, named
+                logits = select_logits(
+                    run_model(self.model, example), self.output, self.inputs.ndim + 1
+                )
         self.classes = int(logits.shape[1])
         self.prediction = (
             (logits.argmax(1)[0] if self.classes > 1 else (logits[:, 0] > 0).long()[0])
