@@ -182,6 +182,9 @@ def test_the_viewer_on_an_nnunet_case(setup):
         assert info["classes"] == ["background", "liver", "tumour"]
         assert info["shape"] == list(expected_seg.shape)
         assert info["default_layer"] == "decoder.stages.1"
+        labels = {entry["name"]: entry["label"] for entry in info["layers"]}
+        assert labels["decoder.stages.1"] == "decoder stage 1"
+        assert labels["encoder.stages.0"] == "encoder stage 0"
         assert all(m["name"] != "seg-score-cam" for m in info["methods"])
         box = {"kind": "box", "start": [2, 3, 4], "stop": [8, 12, 10]}
         payload = {"class": 2, "target": box, "layer": LAYER, "axis": 0, "index": 5,

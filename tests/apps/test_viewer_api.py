@@ -358,3 +358,24 @@ def test_sliding_window_session():
             np.testing.assert_allclose(shown[method], expected.maps[0, 0], rtol=1e-5, atol=1e-6)
         refused = client.post("/api/explain", json={**body, "methods": ["seg-score-cam"]})
         assert refused.status_code == 400 and "gradient-free" in refused.json()["error"]
+
+
+def test_offered_layers_skip_norms_dropouts_and_activations():
+    from monai.networks.nets import UNet
+
+    model = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1,
+                 dropout=0.1).eval()  # fmt: skip
+    session = ViewerSession(model=model, inputs=torch.zeros((1, 32, 32)))
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    offered = [entry["name"] for entry in session.info()["layers"]]
+    assert offered and session.default_layer in offered
+    assert not [n for n in offered if kinds[n] in ("InstanceNorm2d", "Dropout", "PReLU")]
+    assert all(entry["label"] == "" for entry in session.info()["layers"])
+
+
+def test_the_demo_session_labels_its_layers_by_depth():
+    from segcam.apps.demo.models import DEMO_LAYERS
+    from segcam.apps.viewer.serve import demo_session
+
+    labels = {e["name"]: e["label"] for e in demo_session("2d").info()["layers"]}
+    assert labels == {name: depth for depth, name in DEMO_LAYERS.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from torch import nn
 
 from segcam.errors import MissingExtraError, SegCamError
 
-__all__ = ["NnUNetError", "NnUNetModel", "available_folds", "class_names", "load"]
+__all__ = [
+    "NnUNetError",
+    "NnUNetModel",
+    "available_folds",
+    "block_name",
+    "class_names",
+    "load",
+]
 
 
 class NnUNetError(SegCamError, ValueError):
@@ -67,6 +75,24 @@ class NnUNetModel:
     configuration_manager: Any = field(repr=False)
     label_manager: Any = field(repr=False)
     dataset_json: dict[str, Any] = field(repr=False)
+
+
+_READABLE = (
+    (re.compile(r"^encoder\.stem$"), "stem"),
+    (re.compile(r"^encoder\.stages\.(\d+)$"), "encoder stage {0}"),
+    (re.compile(r"^decoder\.transpconvs\.(\d+)$"), "decoder up-sampling {0}"),
+    (re.compile(r"^decoder\.stages\.(\d+)$"), "decoder stage {0}"),
+    (re.compile(r"^decoder\.seg_layers\.(\d+)$"), "segmentation head {0}"),
+)
+
+
+def block_name(name: str) -> str:
+    """A short description of an nnU-Net (dynamic-network-architectures) block, or ''."""
+    for pattern, text in _READABLE:
+        match = pattern.match(name)
+        if match:
+            return text.format(*match.groups())
+    return ""
 
 
 def class_names(dataset_json: dict[str, Any]) -> tuple[str, ...]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 import torch
@@ -34,28 +33,10 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
-_READABLE = (
-    (re.compile(r"^encoder\.stem$"), "stem"),
-    (re.compile(r"^encoder\.stages\.(\d+)$"), "encoder stage {0}"),
-    (re.compile(r"^decoder\.transpconvs\.(\d+)$"), "decoder up-sampling {0}"),
-    (re.compile(r"^decoder\.stages\.(\d+)$"), "decoder stage {0}"),
-    (re.compile(r"^decoder\.seg_layers\.(\d+)$"), "segmentation head {0}"),
-)
-
-
-def readable_name(name: str) -> str:
-    """A short description of an nnU-Net (dynamic-network-architectures) block, or ''."""
-    for pattern, text in _READABLE:
-        match = pattern.match(name)
-        if match:
-            return text.format(*match.groups())
-    return ""
-
-
 def _run_nnunet(args: argparse.Namespace) -> int:
     """The blocks of an nnU-Net model's network on one patch, with readable names."""
     from segcam import nnunet
-    from segcam.nnunet.model import available_folds
+    from segcam.nnunet.model import available_folds, block_name
 
     if args.model or args.weights:
         raise UsageError("--nnunet: --model and --weights do not apply")
@@ -74,7 +55,7 @@ def _run_nnunet(args: argparse.Namespace) -> int:
           f"{', '.join(model.class_names)}")  # fmt: skip
     print(f"{'layer':40s} {'block':26s} {'type':24s} output shape")
     for info in table:
-        block = readable_name(info.name)
+        block = block_name(info.name)
         if not info.on_path or not (block or args.all):
             continue
         shape_text = str(info.shape) if info.shape is not None else "(not a tensor)"

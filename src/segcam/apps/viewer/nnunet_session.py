@@ -100,6 +100,10 @@ class NnUNetViewerSession(ViewerSession):
             self.default_layer = (decoders or self.layers)[-1]
         if self.affine is None:
             self.affine = _ras_affine(case.properties, len(self.spatial))
+        if not self.layer_labels:
+            from segcam.nnunet.model import block_name
+
+            self.layer_labels = {name: block_name(name) for name in self.layers}
 
     def info(self) -> dict[str, Any]:  # noqa: D102
         result = super().info()

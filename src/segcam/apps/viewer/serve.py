@@ -50,6 +50,7 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         class_names=list(liver.CLASS_NAMES),
         layers=list(DEMO_LAYERS.values()),
         default_layer=DEMO_LAYERS["last decoder"],
+        layer_labels={name: depth for depth, name in DEMO_LAYERS.items()},
         affine=case.affine,
         title=title,
         sliding_window=sliding_window,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import threading
 import time
 import warnings
@@ -74,6 +75,17 @@ def _index_list(value: Any, sizes: Sequence[int], what: str, *, end: bool = Fals
     return result
 
 
+_PLUMBING = re.compile(
+    r"(Norm|Dropout|ReLU|ELU|GELU|SiLU|Sigmoid|Softmax|Tanh|Identity|PReLU|Mish|Hardswish"
+    r"|Flatten|Pad)\w*$"
+)
+
+
+def _plumbing(type_name: str) -> bool:
+    """Norm, dropout, activation and identity modules: they add no block of their own."""
+    return bool(_PLUMBING.search(type_name))
+
+
 @dataclass
 class ViewerSession:
     """One input and one model, explained on request.
@@ -89,6 +101,7 @@ class ViewerSession:
         default_layer: the layer selected at start (default: the middle of ``layers``).
         affine: voxel-to-world matrix for NIfTI export (default identity).
         output: how to find the logits (as for :func:`segcam.explain`).
+        layer_labels: short readable names shown beside layer names (e.g. ``bottleneck``).
     """
 
     model: nn.Module
@@ -102,6 +115,7 @@ class ViewerSession:
     title: str = "segcam"
     max_upload_bytes: int = 16 * 2**20
     sliding_window: Mapping[str, Any] | None = None
+    layer_labels: Mapping[str, str] = field(default_factory=dict)
     _explainers: OrderedDict[str, Explainer] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -150,8 +164,11 @@ class ViewerSession:
         }
         if not self.layers:
             rank = self.inputs.ndim + 1
+            kinds = {info.name: info.type_name for info in table}
             self.layers = [
-                n for n, s in self._layer_shapes.items() if len(s) == rank and s[1] > self.classes
+                n
+                for n, s in self._layer_shapes.items()
+                if len(s) == rank and s[1] > self.classes and not _plumbing(kinds.get(n, ""))
             ] or list(self._layer_shapes)
         unknown = [name for name in self.layers if name not in self._layer_shapes]
         if unknown:
@@ -172,7 +189,12 @@ class ViewerSession:
             "shape": list(self.spatial),
             "classes": list(self.class_names),
             "layers": [
-                {"name": name, "shape": list(self._layer_shapes[name])} for name in self.layers
+                {
+                    "name": name,
+                    "shape": list(self._layer_shapes[name]),
+                    "label": self.layer_labels.get(name, ""),
+                }
+                for name in self.layers
             ],
             "default_layer": self.default_layer,
             "methods": [
