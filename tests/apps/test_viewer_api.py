@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -158,7 +159,8 @@ def test_bad_requests_are_refused_and_the_server_goes_on(client_2d):
         .json()["error"]
         .startswith("the request")
     )
-    assert "nothing to export" in client.get("/api/export?format=png&method=x").json()["error"]
+    refused = client.post("/api/export", json={"format": "png", "method": "x"}).json()
+    assert "unknown method 'x'" in refused["error"]
     # oversized and wrong-type uploads
     session.max_upload_bytes = 1000
     response = client.post("/api/upload", content=b"\x93NUMPY" + b"0" * 2000, headers=OCTET)
@@ -178,19 +180,34 @@ def test_bad_requests_are_refused_and_the_server_goes_on(client_2d):
 
 
 def test_export_formats(client_2d):
+    """Exports name what they are of: computed from the request, not the server's last result."""
     client, session = client_2d
-    client.post("/api/explain", json={"class": 2, "target": {"kind": "predicted"}})
-    png = client.get("/api/export?format=png&method=seg-hires-grad-cam")
+    shown = {"class": 2, "target": {"kind": "predicted"}, "layer": LAYER}
+    client.post("/api/explain", json={"class": 1, "target": {"kind": "predicted"}})  # another tab
+    png = client.post(
+        "/api/export", json={**shown, "format": "png", "method": "seg-hires-grad-cam"}
+    )
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-    arrays = np.load(io.BytesIO(client.get("/api/export?format=npz&method=seg-grad-cam").content))
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(png.content))
+    assert picture.size[0] > 64 and picture.size[1] == 64  # the overlay and its colour bar
+    response = client.post("/api/export", json={**shown, "format": "npz", "method": "seg-grad-cam"})
+    assert "square" in response.headers["content-disposition"]
+    arrays = np.load(io.BytesIO(response.content))
     expected = segcam.explain(
         session.model, session.inputs[None], segcam.Predicted(2), LAYER, "seg-grad-cam"
     )
     np.testing.assert_allclose(arrays["map"], expected.maps[0, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(arrays["pixel_set"], expected.pixel_sets[0, 0])
-    assert (
-        "3D volumes" in client.get("/api/export?format=nifti&method=seg-grad-cam").json()["error"]
-    )
+    metadata = json.loads(str(arrays["metadata"]))
+    assert metadata["class"] == "square" and metadata["method"] == "seg-grad-cam"
+    assert metadata["layer"] == LAYER and metadata["target"] == {"kind": "predicted",
+                                                                  "class_index": 2}  # fmt: skip
+    sidecar = client.post("/api/export", json={**shown, "format": "json", "method": "seg-grad-cam"})
+    assert sidecar.json()["pixels"] == int(expected.pixel_sets[0, 0].sum())
+    nifti = client.post("/api/export", json={**shown, "format": "nifti", "method": "seg-grad-cam"})
+    assert "3D volumes" in nifti.json()["error"]
 
 
 def test_3d_slices_and_nifti():
@@ -231,11 +248,20 @@ def test_3d_slices_and_nifti():
                 rtol=1e-5,
                 atol=1e-6,
             )
-        nifti = client.get("/api/export?format=nifti&method=seg-hires-grad-cam").content
+        response = client.post(
+            "/api/export",
+            json={"class": 1, "target": box, "format": "nifti", "method": "seg-hires-grad-cam"},
+        )
+        assert response.headers["content-disposition"].endswith('.nii.gz"')
+        import gzip
+
         import nibabel
 
-        image = nibabel.Nifti1Image.from_bytes(nifti)
+        image = nibabel.Nifti1Image.from_bytes(gzip.decompress(response.content))
         np.testing.assert_allclose(np.asarray(image.dataobj), full, rtol=1e-6)
+        description = image.header["descrip"].item().decode()
+        assert description.startswith("segcam seg-hires-grad-cam class=class 1 layer=")
+        assert description.endswith("target=box")
         # a brush stroke on a slice
         painted = np.zeros((6, 10), dtype=np.uint8)
         painted[2:4, 3:7] = 1

@@ -71,11 +71,11 @@ def test_requests_without_the_token_are_refused(viewer):
     status, _, data = request(viewer, "GET", "/api/info", token=False)
     assert status == 403 and b"access token" in data
     assert request(viewer, "GET", "/", token=False)[0] == 403
-    assert (
-        request(viewer, "GET", "/api/info", token=False, headers={"X-Segcam-Token": "x"})[0] == 403
-    )
-    status, _, _ = request(viewer, "GET", "/api/export?format=npz&method=x&token=wrong",
-                           token=False)  # fmt: skip
+    other = {"X-Segcam-Token": "x"}
+    assert request(viewer, "GET", "/api/info", token=False, headers=other)[0] == 403
+    body = json.dumps({"format": "npz", "method": "seg-grad-cam", "class": 1})
+    wrong = {"Content-Type": "application/json", "X-Segcam-Token": "wrong"}
+    status, _, _ = request(viewer, "POST", "/api/export", body=body, headers=wrong, token=False)
     assert status == 403
 
 

@@ -202,12 +202,19 @@ def make_dir(path: Path) -> Path:
     return path
 
 
-def nifti_bytes(volume: np.ndarray, affine: np.ndarray, header: Any = None) -> bytes:
-    """A (I, J, K) volume as the bytes of an uncompressed NIfTI-1 file (float32)."""
+def nifti_bytes(
+    volume: np.ndarray, affine: np.ndarray, header: Any = None, *, description: str = ""
+) -> bytes:
+    """A (I, J, K) volume as the bytes of an uncompressed NIfTI-1 file (float32).
+
+    ``description`` goes into the header's ``descrip`` field (at most 79 characters).
+    """
     nibabel = _require("nibabel", "nifti")
     image = nibabel.Nifti1Image(np.asarray(volume, dtype=np.float32), affine, header=header)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    if description:
+        image.header["descrip"] = description[:79].encode("ascii", "replace")
     data: bytes = image.to_bytes()
     return data
 

@@ -1,8 +1,9 @@
 """The viewer's web application: one static page and a JSON API (Starlette).
 
 Routes: ``GET /`` (the page), ``GET /api/info``, ``POST /api/slice``, ``POST /api/explain``,
-``POST /api/upload`` (a mask, raw bytes), ``GET /api/export?format=&method=``. A refused request
-answers 400 (413 for an oversized upload) with ``{"error": message}``; the server keeps running.
+``POST /api/upload`` (a mask, raw bytes), ``POST /api/export`` (a file of a request's map). A
+refused request answers 400 (413 for an oversized upload) with ``{"error": message}``; the
+server keeps running.
 Nothing but the page itself is served from disk.
 
 Only the user's own browser can use a served viewer (:func:`segcam.apps.viewer.serve.serve`
@@ -198,9 +199,8 @@ def create_app(
         return JSONResponse(await run_in_threadpool(session.upload_mask, data))
 
     async def export(request: Request) -> Response:
-        kind = request.query_params.get("format", "npz")
-        method = request.query_params.get("method", "")
-        content, media, name = await run_in_threadpool(session.export, kind, method)
+        data = await payload(request)
+        content, media, name = await run_in_threadpool(session.export, data)
         return Response(
             content,
             media_type=media,
@@ -216,6 +216,6 @@ def create_app(
         Route("/api/slice", guard(slice_), methods=["POST"]),
         Route("/api/explain", guard(explain), methods=["POST"]),
         Route("/api/upload", guard(upload), methods=["POST"]),
-        Route("/api/export", guard(export)),
+        Route("/api/export", guard(export), methods=["POST"]),
     ]
     return Starlette(routes=routes)

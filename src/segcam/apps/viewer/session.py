@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import threading
 import time
@@ -86,6 +87,46 @@ def _plumbing(type_name: str) -> bool:
     return bool(_PLUMBING.search(type_name))
 
 
+def _describe_key(key: Any) -> dict[str, Any]:
+    """A JSON description of a target key (kind, class, and its box, pixel or mask size)."""
+    kind, c, *rest = key
+    described: dict[str, Any] = {"kind": kind, "class_index": int(c)}
+    if kind == "box":
+        described["box"] = [list(pair) for pair in rest[0]]
+    elif kind == "pixel":
+        described["index"] = list(rest[0])
+    return described
+
+
+def _description(metadata: Mapping[str, Any]) -> str:
+    """NIfTI's 80-character description: method, class, layer, target kind."""
+    text = (
+        f"segcam {metadata['method']} class={metadata['class']} layer={metadata['layer']} "
+        f"target={metadata['target']['kind']}"
+    )
+    return text[:79]
+
+
+def _png_with_colour_bar(display: np.ndarray, heat: np.ndarray) -> bytes:
+    """The overlay with a colour bar on its right, from 0 to the map's maximum."""
+    from PIL import Image, ImageDraw
+
+    picture = overlay(display, heat)
+    height = picture.shape[0]
+    ramp = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(12, axis=1)
+    bar = overlay(np.zeros_like(ramp), ramp, alpha=1.0)
+    gap = np.full((height, 4, 3), 255, dtype=np.uint8)
+    label = np.full((height, 64, 3), 255, dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([picture, gap, bar, label], axis=1))
+    draw = ImageDraw.Draw(image)
+    left = picture.shape[1] + 4 + 12 + 2
+    draw.text((left, 0), f"{float(max(heat.max(), 0)):.3g}", fill=(0, 0, 0))
+    draw.text((left, max(height - 12, 0)), "0", fill=(0, 0, 0))
+    stream = io.BytesIO()
+    image.save(stream, format="PNG")
+    return stream.getvalue()
+
+
 @dataclass
 class ViewerSession:
     """One input and one model, explained on request.
@@ -121,7 +162,6 @@ class ViewerSession:
     _layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _cache: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
-    last: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.inputs.ndim not in (3, 4):
@@ -380,16 +420,10 @@ class ViewerSession:
             old.close()
         return explainer
 
-    def explain(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Maps of the requested target for each requested method, cut to the current view.
-
-        The maps are ReLU'd and up-sampled to the input grid, not normalised (the page scales
-        them for display); ``max`` is over the whole map, so the colour bar does not change when
-        the slice does.
-        """
-        started = time.perf_counter()
+    def _request(self, payload: Mapping[str, Any]) -> tuple[str, list[str], segcam.Target, Any]:
+        """The layer, methods and target of a request, checked."""
         layer = payload.get("layer", self.default_layer)
-        if layer not in self.layers:
+        if not isinstance(layer, str) or layer not in self.layers:
             raise RequestError(f"unknown layer {layer!r}; choose one of the listed layers")
         methods = payload.get("methods", list(DEFAULT_METHODS))
         if not isinstance(methods, list) or not 1 <= len(methods) <= 4:
@@ -398,7 +432,12 @@ class ViewerSession:
             if not isinstance(method, str) or method not in REGISTRY:
                 raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
         target, key = self._target(payload)
-        view = self._view(payload)
+        return layer, methods, target, key
+
+    def _maps(
+        self, layer: str, methods: list[str], target: segcam.Target, key: Any
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """The maps of a target for each method (cached for the latest layer and target)."""
         with self._lock:
             explainer = self._explainer(layer)
             self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
@@ -409,14 +448,20 @@ class ViewerSession:
                         "map": expl.maps[0, 0].float().cpu().numpy(),
                         "pixel_set": expl.pixel_sets[0, 0].cpu().numpy(),
                     }
-            maps = {method: self._cache[layer, key, method] for method in methods}
+            return {method: self._cache[layer, key, method] for method in methods}
+
+    def explain(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Maps of the requested target for each requested method, cut to the current view.
+
+        The maps are ReLU'd and up-sampled to the input grid, not normalised (the page scales
+        them for display); ``max`` is over the whole map, so the colour bar does not change when
+        the slice does.
+        """
+        started = time.perf_counter()
+        layer, methods, target, key = self._request(payload)
+        view = self._view(payload)
+        maps = self._maps(layer, methods, target, key)
         pixel_set = next(iter(maps.values()))["pixel_set"]
-        self.last = {
-            "layer": layer,
-            "target": key,
-            "maps": {m: v["map"] for m, v in maps.items()},
-            "pixel_set": pixel_set,
-        }
         cut_set = self._cut(pixel_set, view)
         result = {
             "layer": layer,
@@ -437,35 +482,65 @@ class ViewerSession:
 
     # ------------------------------------------------------------------ export
 
-    def export(self, kind: str, method: str) -> tuple[bytes, str, str]:
-        """The last maps of ``method`` as (content, media type, file name)."""
-        if not self.last:
-            raise RequestError("nothing to export yet: explain a target first")
-        if method not in self.last["maps"]:
-            raise RequestError(f"method {method!r} is not among the shown maps")
-        heat = self.last["maps"][method]
-        stem = f"segcam_{method}"
+    def export(self, payload: Mapping[str, Any]) -> tuple[bytes, str, str]:
+        """A file of the request's map: (content, media type, file name).
+
+        The request names everything (``format``, ``method``, ``class``, ``target``,
+        ``layer``), so each tab exports what it shows. Formats: ``nifti`` (3D, ``.nii.gz`` with
+        the affine and a description), ``json`` (the sidecar: class, layer, target, method),
+        ``png`` (2D, the overlay with a colour bar), ``npz`` (map, pixel set, metadata).
+        """
+        kind = payload.get("format")
+        method = payload.get("method")
+        if not isinstance(method, str) or method not in REGISTRY:
+            raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
+        layer, _, target, key = self._request({**payload, "methods": [method]})
+        value = self._maps(layer, [method], target, key)[method]
+        heat, pixel_set = value["map"], value["pixel_set"]
+        c = int(target.class_index)
+        metadata = {
+            "format": "segcam.viewer.export",
+            "segcam": segcam.__version__,
+            "method": method,
+            "class_index": c,
+            "class": self.class_names[c] if c < len(self.class_names) else str(c),
+            "layer": layer,
+            "layer_label": self.layer_labels.get(layer, ""),
+            "target": _describe_key(key),
+            "pixels": int(pixel_set.sum()),
+            "map_max": float(heat.max()),
+            "shape": list(heat.shape),
+        }
+        stem = "_".join(
+            re.sub(r"[^A-Za-z0-9.-]+", "-", str(part))
+            for part in ("segcam", method, metadata["class"], layer, key[0])
+        )
+        if kind == "json":
+            content = (json.dumps(metadata, indent=1) + "\n").encode()
+            return content, "application/json", f"{stem}.json"
         if kind == "npz":
             stream = io.BytesIO()
-            np.savez_compressed(stream, map=heat, pixel_set=self.last["pixel_set"])
+            np.savez_compressed(
+                stream, map=heat, pixel_set=pixel_set, metadata=np.array(json.dumps(metadata))
+            )
             return stream.getvalue(), "application/octet-stream", f"{stem}.npz"
         if kind == "png":
             if len(self.spatial) != 2:
                 raise RequestError("PNG export is for 2D images; export 3D maps as NIfTI")
-            from PIL import Image
-
             assert self.display is not None
-            stream = io.BytesIO()
-            Image.fromarray(overlay(self.display, heat)).save(stream, format="PNG")
-            return stream.getvalue(), "image/png", f"{stem}.png"
+            return _png_with_colour_bar(self.display, heat), "image/png", f"{stem}.png"
         if kind == "nifti":
             if len(self.spatial) != 3:
                 raise RequestError("NIfTI export is for 3D volumes; export 2D maps as PNG")
+            import gzip
+
             from segcam.io.files import nifti_bytes
 
             affine = np.eye(4) if self.affine is None else self.affine
-            return nifti_bytes(heat, affine), "application/octet-stream", f"{stem}.nii"
-        raise RequestError(f"unknown export format {kind!r}: png, nifti or npz")
+            raw = nifti_bytes(heat, affine, description=_description(metadata))
+            content = gzip.compress(raw, compresslevel=6)
+            return content, "application/gzip", f"{stem}.nii.gz"
+        raise RequestError(f"unknown export format {kind!r}: nifti, json, png or npz")
 
     def close(self) -> None:
         """Free every kept forward graph."""
