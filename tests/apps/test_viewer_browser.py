@@ -157,3 +157,35 @@ def test_3d_slice_slider_and_axis(browser_page):
         assert page.text_content("#sliceLabel") == "3 / 5"
     finally:
         viewer.stop()
+
+
+def test_export_buttons_download_what_the_page_shows(browser_page, tmp_path):
+    import io
+    import json
+
+    session = session_2d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        before = _updates(page)
+        page.select_option("#class", "2")
+        _wait(page, before)
+        with page.expect_download() as download_info:
+            page.click("button[data-export=npz]")
+        download = download_info.value
+        assert download.suggested_filename.endswith(".npz")
+        path = tmp_path / download.suggested_filename
+        download.save_as(path)
+        arrays = np.load(io.BytesIO(path.read_bytes()))
+        metadata = json.loads(str(arrays["metadata"]))
+        method = page.evaluate("() => document.getElementById('method0').value")
+        assert metadata["class_index"] == 2 and metadata["method"] == method
+        expected = _explained(session, segcam.Predicted(2), metadata["layer"], method)
+        np.testing.assert_allclose(arrays["map"], expected, rtol=1e-5, atol=1e-6)
+        with page.expect_download() as download_info:
+            page.click("button[data-export=image]")
+        assert download_info.value.suggested_filename.endswith(".png")
+    finally:
+        viewer.stop()
