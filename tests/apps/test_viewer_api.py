@@ -405,3 +405,47 @@ def test_the_demo_session_labels_its_layers_by_depth():
 
     labels = {e["name"]: e["label"] for e in demo_session("2d").info()["layers"]}
     assert labels == {name: depth for depth, name in DEMO_LAYERS.items()}
+
+
+def test_ctrl_c_stops_the_viewer_at_once_during_a_long_request():
+    """Ctrl+C during a minute-long 3D Score-CAM: exit 130 within a second, one line."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "segcam.apps.cli", "view", "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        base, _, token = process.stdout.readline().split()[2].partition("/?token=")
+        with urllib.request.urlopen(f"{base}/api/info?token={token}", timeout=60) as response:
+            info = json.loads(response.read())
+        bottleneck = info["layers"][0]["name"]
+        body = json.dumps({"class": 1, "target": {"kind": "predicted"}, "axis": 2, "index": 64,
+                           "layer": bottleneck, "methods": ["seg-score-cam"]})  # fmt: skip
+        headers = {"Content-Type": "application/json", "X-Segcam-Token": token}
+        request = urllib.request.Request(f"{base}/api/explain", body.encode(), headers)
+
+        def post():
+            with contextlib.suppress(OSError):  # the server goes away mid-request
+                urllib.request.urlopen(request, timeout=300).read()
+
+        threading.Thread(target=post, daemon=True).start()
+        time.sleep(2)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        assert time.monotonic() - started < 1.5
+        assert process.stderr.read() == "segcam: interrupted\n"
+    finally:
+        process.kill()
+        process.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
             output=output_spec(args.output, args.logits_from),
             sliding_window=args.sliding_window,
         )
-    serve(session, host=args.host, port=args.port, browser=not args.no_browser)
+    try:
+        serve(session, host=args.host, port=args.port, browser=not args.no_browser)
+    except KeyboardInterrupt:
+        # a request may still compute in a worker thread: leave now, with one line
+        print("segcam: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     return 0
 
 

@@ -128,8 +128,17 @@ def serve(
                 ready.set()
 
     threading.Thread(target=announce, daemon=True).start()
+    # The server runs in a daemon thread, so that Ctrl+C reaches this thread at once even while
+    # a request computes (uvicorn would wait for it), and leaves within a second.
+    thread = threading.Thread(target=server.run, daemon=True, name="segcam-viewer")
+    thread.start()
     try:
-        server.run()
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(1.0)
+        raise
     finally:
         session.close()
 
