@@ -63,7 +63,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-class _RefusedError(Exception):
+class _RefusedError(SegCamError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
