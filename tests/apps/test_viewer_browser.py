@@ -189,3 +189,33 @@ def test_export_buttons_download_what_the_page_shows(browser_page, tmp_path):
         assert download_info.value.suggested_filename.endswith(".png")
     finally:
         viewer.stop()
+
+
+def test_colour_scale_per_slice_and_a_note_for_a_zero_slice(browser_page):
+    session = session_3d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        whole = page.text_content("#max0")
+        assert whole.endswith("(whole input)")
+        page.select_option("#scale", "slice")
+        shown = page.evaluate(
+            """() => { const m = segcamViewer.maps[document.getElementById('method0').value];
+                       return Math.max(0, ...Array.from(m)); }"""
+        )
+        text = page.text_content("#max0")
+        assert text.endswith("(this slice)") and float(text.split()[0]) == pytest.approx(
+            shown, rel=1e-2
+        )
+        assert page.text_content("#note0") == ""
+        # a slice where the map is 0: the page says so instead of showing an empty overlay
+        page.evaluate(
+            """() => { const k = document.getElementById('method0').value;
+                       segcamViewer.maps[k] = new Float32Array(segcamViewer.maps[k].length);
+                       render(); }"""
+        )
+        assert "the map is 0 on this slice" in page.text_content("#note0")
+    finally:
+        viewer.stop()
