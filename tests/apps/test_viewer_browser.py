@@ -219,3 +219,27 @@ def test_colour_scale_per_slice_and_a_note_for_a_zero_slice(browser_page):
         assert "the map is 0 on this slice" in page.text_content("#note0")
     finally:
         viewer.stop()
+
+
+def test_a_slice_change_redraws_at_once_in_every_mode(browser_page):
+    session = session_3d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    drawn = "() => document.getElementById('view-prediction').toDataURL()"
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        for mode in ("box", "pixel", "brush"):
+            page.select_option("#mode", mode)
+            before = page.evaluate(drawn)
+            index = int(page.input_value("#slice"))
+            page.fill("#slice", str((index + 3) % 10))
+            page.dispatch_event("#slice", "input")
+            page.wait_for_function(f"() => document.getElementById('view-prediction')"
+                                   f".toDataURL() !== {before!r}")  # fmt: skip
+            label = page.text_content("#sliceLabel")
+            assert label.startswith(f"{(index + 3) % 10} /"), (mode, label)
+            # without a pixel set in this mode, no stale maps of another slice are shown
+            assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 0
+    finally:
+        viewer.stop()
