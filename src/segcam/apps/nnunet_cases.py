@@ -36,6 +36,7 @@ __all__ = [
     "explain_case",
     "folder_facts",
     "load_spec",
+    "resolve_folds",
     "spec_settings",
 ]
 
@@ -61,9 +62,8 @@ def folder_facts(folder: str | Path) -> dict[str, Any]:
     }
 
 
-def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as recorded in the manifest: the folds resolved, each checkpoint's SHA-256."""
-    from segcam.apps.specs import file_sha256
+def resolve_folds(spec: dict[str, Any]) -> list[int | str]:
+    """The spec's folds (``"all"``: every fold present), checked to hold the checkpoint."""
     from segcam.nnunet.model import NnUNetError, available_folds
 
     folder = Path(spec["folder"])
@@ -76,6 +76,16 @@ def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
             f"{folder}: no {checkpoint} for fold(s) {missing or folds}; folds present: "
             f"{present or 'none'}"
         )
+    return folds
+
+
+def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as recorded in the manifest: the folds resolved, each checkpoint's SHA-256."""
+    from segcam.apps.specs import file_sha256
+
+    folder = Path(spec["folder"])
+    checkpoint = spec.get("checkpoint", "checkpoint_final.pth")
+    folds = resolve_folds(spec)
     return {
         **spec,
         "folder": str(folder),
@@ -94,10 +104,9 @@ def load_spec(spec: dict[str, Any], device: Any) -> Any:
     """The nnU-Net model of a spec (:func:`segcam.nnunet.load`)."""
     from segcam import nnunet
 
-    folds = spec_settings(spec)["folds"]
-    return nnunet.load(
+    return nnunet.load(  # the folds only: the manifest's settings hash the checkpoints
         spec["folder"],
-        folds=tuple(_fold(f) for f in folds),
+        folds=tuple(_fold(str(f)) for f in resolve_folds(spec)),
         checkpoint=spec.get("checkpoint", "checkpoint_final.pth"),
         device=device,
         trust_checkpoint=bool(spec.get("trust_checkpoint", False)),
