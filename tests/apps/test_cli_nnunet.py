@@ -133,6 +133,7 @@ def test_usage_errors_are_one_line(setup, tmp_path, capsys):
         (["--target", "all:1", "--model", "monai:UNet"], "--nnunet: --model do not apply"),
         (["--target", "all:1", "-f", "3"], "no checkpoint_final.pth for fold(s) [3]"),
         (["--target", "all:1", "--step-size", "0"], "the step size is a fraction in (0, 1]"),
+        (["--target", "all:1", "--layer", "decoder.stages.9"], "'decoder.stages.9' does not"),
     ]
     for extra, message in cases:
         assert run("explain", "--nnunet", model_folder, *extra, *common) == 2

@@ -52,7 +52,7 @@ from segcam.io.files import (
 )
 from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
 from segcam.methods import get_method
-from segcam.recording import FromProbabilities
+from segcam.recording import FromProbabilities, resolve_layers
 
 try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
     import fcntl
@@ -202,6 +202,8 @@ class BatchJob:
         device = torch.device(self.device)
         facts = folder_facts(self.nnunet["folder"])
         reverse = reverses_axes(facts["reader"])
+        model = load_spec(self.nnunet, device)
+        resolve_layers(model.networks[0], list(self.layers))  # an unknown layer: before any case
         return _Job(
             model=None,
             targets=[parse_case_target(s, facts["classes"], reverse) for s in self.targets],
@@ -213,7 +215,7 @@ class BatchJob:
             settings=self.settings(),
             device=device,
             preprocess=None,
-            nnunet=load_spec(self.nnunet, device),
+            nnunet=model,
             nnunet_spec=dict(self.nnunet),
         )
 
