@@ -268,6 +268,14 @@ class LayerInfo:
     shape: tuple[int, ...] | None  # None when the output is not a tensor
     calls: int
     on_path: bool
+    order: int = -1  # when the module first returned in the forward pass (-1: never ran)
+    same_as: str = ""  # the outermost module returning the very same tensor (a wrapper's child)
+
+
+def _wrapper(outermost: dict[int, str], tensor: torch.Tensor | None, name: str) -> str:
+    """The outermost module that returned ``tensor`` itself, if another than ``name``."""
+    wrapper = outermost.get(id(tensor), name) if tensor is not None else name
+    return "" if wrapper == name else wrapper
 
 
 def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
@@ -281,7 +289,7 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
 
     def hook_for(name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            outputs.setdefault(name, []).append(output)
+            outputs.setdefault(name, []).append(output)  # insertion order: execution order
 
         return hook
 
@@ -299,6 +307,11 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
         final = next((v for v in values if isinstance(v, torch.Tensor)), None)
     reachable = _reachable_nodes(final) if final is not None else {}
     table = []
+    order = {name: position for position, name in enumerate(outputs)}
+    outermost: dict[int, str] = {}  # tensor id -> the last module (outermost) that returned it
+    for name, seen in outputs.items():
+        if len(seen) == 1 and isinstance(seen[0], torch.Tensor):
+            outermost[id(seen[0])] = name
     for name, module in model.named_modules():
         seen = outputs.get(name, [])
         first = seen[0] if seen else None
@@ -311,6 +324,8 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
                 shape=tuple(tensor.shape) if tensor is not None else None,
                 calls=len(seen),
                 on_path=on_path,
+                order=order.get(name, -1),
+                same_as=_wrapper(outermost, tensor, name) if len(seen) == 1 else "",
             )
         )
     return table

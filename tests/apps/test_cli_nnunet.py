@@ -195,8 +195,11 @@ def test_the_viewer_on_an_nnunet_case(setup):
         shown = np.frombuffer(base64.b64decode(response["maps"][0]["data"]), "<f4")
         expected = nnunet.explain(
             model, files, segcam.Box(2, [(2, 8), (3, 12), (4, 10)]), LAYER
-        ).maps[0, 0, 5]
-        np.testing.assert_allclose(shown.reshape(shape), expected.numpy(), rtol=1e-5, atol=1e-6)
+        ).maps[0, 0]
+        # the slice is shown in radiological order (the case's affine)
+        cut = session.plane(0).cut(expected.numpy(), 5)
+        np.testing.assert_allclose(shown.reshape(shape), cut, rtol=1e-5, atol=1e-6)
+        assert session.info()["planes"][0]["labels"]
         predicted = {"class": 1, "target": {"kind": "predicted"}, "layer": LAYER, "axis": 0,
                      "index": 5, "methods": ["seg-hires-grad-cam"]}  # fmt: skip
         response = client.post("/api/explain", json=predicted).json()

@@ -119,7 +119,8 @@ def test_painted_mask_and_upload(client_2d):
     stream = io.BytesIO()
     np.save(stream, painted)
     assert client.post("/api/upload", content=stream.getvalue(), headers=OCTET).json() == {
-        "pixels": 200
+        "pixels": 200,
+        "extent": [[5, 14], [40, 59]],
     }
     uploaded = client.post("/api/explain", json={"class": 1, "target": {"kind": "uploaded"}}).json()
     np.testing.assert_array_equal(
@@ -166,7 +167,7 @@ def test_bad_requests_are_refused_and_the_server_goes_on(client_2d):
     response = client.post("/api/upload", content=b"\x93NUMPY" + b"0" * 2000, headers=OCTET)
     assert response.status_code == 413 and "over the limit of 1000" in response.json()["error"]
     assert (
-        "a .npy array or a PNG"
+        "a .npy array, a PNG image or a NIfTI volume"
         in client.post("/api/upload", content=b"GIF89a...", headers=OCTET).json()["error"]
     )
     stream = io.BytesIO()
@@ -395,8 +396,16 @@ def test_offered_layers_skip_norms_dropouts_and_activations():
     kinds = {name: type(module).__name__ for name, module in model.named_modules()}
     offered = [entry["name"] for entry in session.info()["layers"]]
     assert offered and session.default_layer in offered
-    assert not [n for n in offered if kinds[n] in ("InstanceNorm2d", "Dropout", "PReLU")]
-    assert all(entry["label"] == "" for entry in session.info()["layers"])
+    assert not [n for n in offered if kinds[n] in ("InstanceNorm2d", "Dropout", "PReLU", "ADN")]
+    # a wrapper's child returning the very same tensor is not offered twice
+    assert "model.0.conv.unit0" not in offered and "model.0.conv" in offered
+    labels = {entry["name"]: entry["label"] for entry in session.info()["layers"]}
+    assert labels["model.0"] == "encoder 1 #4" and labels["model.1"] == "decoder 1 #5"
+    assert labels["model.1.submodule.1"].startswith("bottleneck")
+    # the default is the last decoder block at the finest decoder grid
+    assert session.default_layer == "model.1"
+    hidden = {e["name"]: e["hidden"] for e in session.info()["all_layers"]}
+    assert hidden["model.0.conv.unit0.adn.N"] is True
 
 
 def test_the_demo_session_labels_its_layers_by_depth():

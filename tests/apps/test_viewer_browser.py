@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from test_viewer_api import LAYER, session_2d, session_3d
@@ -12,30 +10,6 @@ import segcam
 from segcam.apps.viewer.serve import serve_in_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
-
-
-@pytest.fixture
-def browser_page():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "Chromium is missing: run `make browser` (apt-get install chromium)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 900})
-        outside = []
-        page.on(
-            "request",
-            lambda request: (
-                outside.append(request.url)
-                if not request.url.startswith("http://127.0.0.1")
-                else None
-            ),
-        )
-        yield page
-        browser.close()
-        assert outside == []  # the page never reaches beyond its own server
 
 
 def _updates(page):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcam.apps.cli.options import (
     UsageError,
     add_classes_option,
@@ -41,6 +43,12 @@ def add_parser(commands: Any) -> None:
         "--layer", action="append", default=[], metavar="NAME", help="layers offered (repeatable)"
     )
     add_output_option(parser)
+    parser.add_argument(
+        "--ground-truth",
+        type=Path,
+        metavar="FILE",
+        help="reference labels on the input's grid (NIfTI, .npy, PNG, ...), shown as an outline",
+    )
     parser.add_argument("--demo", choices=["3d", "2d"], default="3d", help="which demo network")
     add_sliding_window_option(
         parser, "explain the sliding-window prediction (inputs larger than the model's window)"
@@ -64,15 +72,23 @@ def run(args: argparse.Namespace) -> int:
     if args.nnunet is not None:
         session = _nnunet_session(args)
     elif args.input is None:
+        if args.ground_truth is not None:
+            raise UsageError("--ground-truth needs an INPUT (the demo shows its own labels)")
         if args.model:
             raise UsageError("--model needs an INPUT to view (without both: the demo CT)")
         session = demo_session(args.demo, args.sliding_window)
     else:
         if not args.input.is_file():
             raise UsageError(f"{args.input}: no such file")
+        truth = _ground_truth(args.ground_truth)  # before the model loads: a bad file is quick
         model = model_from_args(args)
         data = read_input(args.input)
         array = apply_intensity(data.array, **intensity(args))
+        if truth is not None and tuple(truth.shape) != tuple(array.shape[1:]):
+            raise UsageError(
+                f"--ground-truth {args.ground_truth}: shape {tuple(truth.shape)}, but the input's "
+                f"grid is {tuple(array.shape[1:])}"
+            )
         session = file_session(
             model,
             array,
@@ -82,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             title=args.input.name,
             output=output_spec(args.output, args.logits_from),
             sliding_window=args.sliding_window,
+            intensity=data.array,
+            ground_truth=truth,
         )
     try:
         serve(session, host=args.host, port=args.port, browser=not args.no_browser)
@@ -91,6 +109,19 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(130)
     return 0
+
+
+def _ground_truth(path: Path | None) -> np.ndarray | None:
+    """Reference labels as integers (*S); one usage line when unreadable or not labels."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--ground-truth {path}: no such file")
+    labels = read_input(path).array
+    labels = labels[0] if labels.shape[0] == 1 else labels
+    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or labels.min() < 0:
+        raise UsageError(f"--ground-truth {path}: not labels (non-negative integers)")
+    return labels.astype(np.uint8 if labels.max() < 256 else np.int64)
 
 
 def _check_port(host: str, port: int) -> None:

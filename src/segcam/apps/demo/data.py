@@ -170,8 +170,15 @@ class LiverCase:
 
     @property
     def affine(self) -> np.ndarray:
-        """Voxel indices to millimetres, 1 mm isotropic (the source gives no spacing)."""
-        return np.eye(4)
+        """Voxel indices to RAS+ millimetres: 1 mm isotropic, voxel axes toward L, P and S.
+
+        The source gives neither spacing nor orientation. The orientation is read off the
+        anatomy: the liver lies at low indices of axis 0 (the patient's right), the spine at
+        high indices of axis 1 (posterior), the liver's dome at high indices of axis 2
+        (superior): DICOM's LPS voxel order, so a radiological viewer shows the liver on the
+        image's left.
+        """
+        return np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def load_case(directory: Path | None = None, *, offline: bool = False) -> LiverCase:

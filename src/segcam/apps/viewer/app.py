@@ -1,9 +1,11 @@
 """The viewer's web application: one static page and a JSON API (Starlette).
 
 Routes: ``GET /`` (the page), ``GET /api/info``, ``POST /api/slice``, ``POST /api/explain``,
-``POST /api/upload`` (a mask, raw bytes), ``POST /api/export`` (a file of a request's map). A
-refused request answers 400 (413 for an oversized upload) with ``{"error": message}``; the
-server keeps running.
+``POST /api/upload`` (a mask, raw bytes), ``POST /api/export`` (a file of a request's map),
+``POST /api/estimate`` (the cost of gradient-free methods), ``POST /api/cancel`` (the page's
+pending request). A refused request answers 400 (413 for an oversized upload, 409 for a request
+superseded by a newer one of the same page) with ``{"error": message}``; the server keeps
+running. Computing requests run in worker threads: slices and info are answered meanwhile.
 Nothing but the page itself is served from disk.
 
 Only the user's own browser can use a served viewer (:func:`segcam.apps.viewer.serve.serve`
@@ -35,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from segcam.apps.viewer.session import RequestError, ViewerSession
+from segcam.apps.viewer.session import RequestError, SupersededError, ViewerSession
 from segcam.errors import SegCamError
 
 __all__ = ["create_app"]
@@ -147,6 +149,8 @@ def _failure(error: Exception) -> Response:
     """One JSON answer for an error of a handler; the server keeps running."""
     if isinstance(error, _TooLargeError):
         return _error(str(error), 413)
+    if isinstance(error, SupersededError):
+        return JSONResponse({"error": str(error), "superseded": True}, status_code=409)
     if isinstance(error, RequestError | SegCamError):
         return _error(str(error))
     if isinstance(error, json.JSONDecodeError):
@@ -194,6 +198,14 @@ def create_app(
         data = await payload(request)
         return JSONResponse(await run_in_threadpool(session.explain, data))
 
+    async def estimate(request: Request) -> Response:
+        data = await payload(request)
+        return JSONResponse(await run_in_threadpool(session.estimate, data))
+
+    async def cancel(request: Request) -> Response:
+        data = await payload(request)
+        return JSONResponse(session.cancel(data))
+
     async def upload(request: Request) -> Response:
         data = await _body(request, session.max_upload_bytes)
         return JSONResponse(await run_in_threadpool(session.upload_mask, data))
@@ -216,6 +228,8 @@ def create_app(
         Route("/api/slice", guard(slice_), methods=["POST"]),
         Route("/api/explain", guard(explain), methods=["POST"]),
         Route("/api/upload", guard(upload), methods=["POST"]),
+        Route("/api/estimate", guard(estimate), methods=["POST"]),
+        Route("/api/cancel", guard(cancel), methods=["POST"]),
         Route("/api/export", guard(export), methods=["POST"]),
     ]
     return Starlette(routes=routes)

@@ -23,7 +23,6 @@ from segcam.errors import OptionError
 from segcam.explainer import Explainer
 from segcam.methods import get_method
 from segcam.recording import describe_layers
-from segcam.viz import grey
 
 __all__ = ["NnUNetViewerSession", "nnunet_session"]
 
@@ -77,9 +76,7 @@ class NnUNetViewerSession(ViewerSession):
             self.class_names = list(model.class_names)
         if len(self.class_names) != max(heads, 2):
             raise OptionError(f"{len(self.class_names)} class names for {heads} output channels")
-        if self.display is None:
-            self.display = grey(np.asarray(self.original, dtype=np.float32).mean(0))
-        self.display = np.asarray(self.display, dtype=np.float32)
+        self.forward_seconds = float("nan")  # gradient-free methods are not offered here
         network = model.networks[0]
         channels = int(case.data.shape[0])
         patch = tuple(int(p) for p in model.configuration_manager.patch_size)
@@ -98,8 +95,14 @@ class NnUNetViewerSession(ViewerSession):
         if self.default_layer is None:
             decoders = [name for name in self.layers if name.startswith("decoder.")]
             self.default_layer = (decoders or self.layers)[-1]
+        self._all_layers, self._hidden = list(self.layers), set()
         if self.affine is None:
             self.affine = _ras_affine(case.properties, len(self.spatial))
+        schemes = list(getattr(model.configuration_manager, "normalization_schemes", []))
+        if not self.intensity_unit and schemes[:1] == ["CTNormalization"]:
+            self.intensity_unit = "HU"  # the first channel is a CT in Hounsfield units
+        original = np.asarray(self.original, dtype=np.float32)
+        self._arrays(original[0] if self.intensity_unit == "HU" else original.mean(0))
         if not self.layer_labels:
             from segcam.nnunet.model import block_name
 

@@ -40,9 +40,11 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         image = windowed[:, :, 68]
         inputs = torch.from_numpy(np.ascontiguousarray(image))[None]
         title = "demo CT, axial slice 68 (held out), 2D UNet"
+        hounsfield, labels = case.image[:, :, 68], case.labels[:, :, 68]
     else:
         inputs = torch.from_numpy(windowed)[None]
         title = "demo CT volume, 3D UNet"
+        hounsfield, labels = case.image, case.labels
     return ViewerSession(
         model=model,
         inputs=inputs,
@@ -54,6 +56,9 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         affine=case.affine,
         title=title,
         sliding_window=sliding_window,
+        intensity=np.ascontiguousarray(hounsfield, dtype=np.float32),
+        intensity_unit="HU",
+        ground_truth=np.ascontiguousarray(labels, dtype=np.uint8),
     )
 
 
@@ -67,12 +72,28 @@ def file_session(
     title: str,
     output: Any = None,
     sliding_window: dict[str, Any] | None = None,
+    intensity: np.ndarray | None = None,
+    ground_truth: np.ndarray | None = None,
 ) -> ViewerSession:
-    """A session for one input array (C, *S) read and intensity-processed by the CLI."""
+    """A session for one input array (C, *S) read and intensity-processed by the CLI.
+
+    ``intensity``: the values as read, before intensity processing (the crosshair reads them
+    out; a CT's are recognised as HU by their range); ``ground_truth``: reference labels (*S).
+    """
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    unit = ""
+    if intensity is not None:
+        intensity = np.asarray(intensity, dtype=np.float32)
+        if intensity.ndim == inputs.ndim:
+            intensity = intensity.mean(0)
+        if intensity.ndim == 3 and intensity.min() >= -1100 and intensity.max() > 300:
+            unit = "HU"  # a CT volume in Hounsfield units: offer the CT window presets
     return ViewerSession(
         model=model.eval(),
         inputs=inputs,
+        intensity=intensity,
+        intensity_unit=unit,
+        ground_truth=ground_truth,
         class_names=class_names,
         layers=layers,
         default_layer=layers[-1] if layers else None,

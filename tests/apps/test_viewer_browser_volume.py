@@ -1,0 +1,319 @@
+"""The viewer's volume features in Chromium: radiological display, 3D targeting, window/level,
+navigation, overlays, uploads, costs and cancelling (Playwright, headless; make browser)."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import segcam
+from segcam.apps.viewer import ViewerSession
+from segcam.apps.viewer.serve import serve_in_thread
+from segcam.testing import tiny_segnet
+
+pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+SHAPE = (16, 20, 12)
+LPS = np.diag([-0.8, -0.8, 4.0, 1.0])  # voxel axes toward L, P, S; 0.8 x 0.8 x 4 mm
+
+
+def volume_session(model=None, **kwargs):
+    rng = np.random.default_rng(3)
+    hounsfield = rng.normal(40, 200, SHAPE).astype(np.float32)
+    truth = (np.indices(SHAPE)[0] < 5).astype(np.uint8)
+    inputs = torch.from_numpy(hounsfield / 200)[None]
+    return ViewerSession(
+        model=model or tiny_segnet(3), inputs=inputs, affine=LPS, intensity=hounsfield,
+        intensity_unit="HU", ground_truth=truth, **kwargs,
+    )  # fmt: skip
+
+
+def start(page, session):
+    viewer = serve_in_thread(session)
+    page.goto(viewer.url)
+    page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+    return viewer
+
+
+def updates(page):
+    return page.evaluate("() => segcamViewer.timings.length")
+
+
+def wait(page, before):
+    page.wait_for_function("n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before)
+
+
+def pixel_at(page, canvas, row, col):
+    """The page coordinates of a shown pixel's centre on a canvas."""
+    box = page.locator(canvas).bounding_box()
+    s = page.evaluate(
+        """(id) => { const c = document.getElementById(id), a = Number(c.dataset.axis);
+           const d = id.startsWith('tri') ? segcamViewer.tri[a].slice : segcamViewer.slice;
+           return {...scales(a, ...d.shape), pan: segcamViewer.pan}; }""",
+        canvas.lstrip("#"),
+    )
+    return box["x"] + 1 + s["pan"]["x"] + (col + 0.5) * s["x"], box["y"] + 1 + s["pan"]["y"] + (
+        row + 0.5
+    ) * s["y"]
+
+
+def shown_map(page, method):
+    return np.array(page.evaluate(f"() => Array.from(segcamViewer.maps[{method!r}])"))
+
+
+def explained(session, target, method="seg-hires-grad-cam"):
+    return (
+        segcam.explain(session.model, session.inputs[None], target, session.default_layer, method)
+        .maps[0, 0]
+        .numpy()
+    )
+
+
+def test_orientation_labels_physical_aspect_and_the_crosshair_read_out(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        labels = page.evaluate(
+            """() => Object.fromEntries(Array.from(document.querySelectorAll('#view0 ~ .dir'))
+                   .map((e) => [e.classList[1], e.textContent]))"""
+        )
+        assert labels == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+        page.select_option("#axis", "0")  # sagittal: rows 10 slices of 4 mm, columns 20 x 0.8
+        page.wait_for_function("() => segcamViewer.slice.shape[0] === 12")
+        size = page.evaluate("() => [view0.width, view0.height]")
+        assert size[1] / size[0] == pytest.approx((12 * 4.0) / (20 * 0.8), rel=0.02)
+        labels = page.evaluate(
+            """() => Array.from(document.querySelectorAll('#view0 ~ .dir'))
+                   .map((e) => e.textContent)"""
+        )
+        assert sorted(labels) == ["A", "I", "P", "S"]
+        # three planes: a click on the axial plane moves the crosshair; the read-out is the array's
+        before = updates(page)
+        page.select_option("#layout", "three")
+        wait(page, before)
+        before = updates(page)
+        x, y = pixel_at(page, "#tri2", 3, 7)  # axial: row 3 -> axis 1 = 3; col 7 -> axis 0 = 7
+        page.mouse.click(x, y)
+        wait(page, before)
+        readout = page.evaluate("() => segcamViewer.readout")
+        voxel = tuple(readout["index"])
+        assert voxel[:2] == (7, 3)
+        assert readout["intensity"] == pytest.approx(float(session.intensity[voxel]), rel=1e-6)
+        assert readout["truth"] == int(session.ground_truth[voxel])
+        expected = explained(session, segcam.Predicted(1))
+        assert readout["maps"]["seg-hires-grad-cam"] == pytest.approx(
+            float(expected[voxel]), rel=1e-4, abs=1e-6
+        )
+        assert f"{readout['intensity']:.5g}"[:5] in page.text_content("#readout")
+    finally:
+        viewer.stop()
+
+
+def test_brush_strokes_persist_across_slices_and_are_smooth(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        page.select_option("#mode", "brush")
+        page.fill("#radius", "1")
+        page.dispatch_event("#radius", "input")
+        painted = {}
+        for index, row in ((4, 5), (7, 12)):
+            page.fill("#slice", str(index))
+            page.dispatch_event("#slice", "input")
+            page.wait_for_function(
+                f"() => document.getElementById('sliceLabel').textContent.startsWith('{index} /')"
+            )
+            page.wait_for_function("() => !segcamViewer.busy")  # the slice's own update
+            before = updates(page)
+            page.mouse.move(*pixel_at(page, "#view-prediction", row, 0))
+            page.mouse.down()
+            page.mouse.move(*pixel_at(page, "#view-prediction", row, 15), steps=1)  # one fast jump
+            page.mouse.up()
+            wait(page, before)
+            painted[index] = row
+        request = page.evaluate("() => segcamViewer.request.target")
+        assert request["kind"] == "mask" and len(request["slices"]) == 2
+        # the strokes are continuous lines: every column 0..15 on the row, and its neighbours
+        mask = np.zeros(SHAPE, bool)
+        for index, row in painted.items():
+            plane = np.zeros((20, 16), bool)  # axial: rows axis 1, columns axis 0
+            for col in range(16):
+                for dr, dc in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                    if 0 <= col + dc < 16:
+                        plane[row + dr, col + dc] = True
+            session.plane(2).place(plane, mask, index)
+        assert page.evaluate("() => segcamViewer.result.pixels") == int(mask.sum())
+        expected = explained(session, segcam.Mask(1, torch.from_numpy(mask)))
+        np.testing.assert_allclose(
+            shown_map(page, "seg-hires-grad-cam").reshape(20, 16),
+            session.plane(2).cut(expected, 7), rtol=1e-4, atol=1e-6,
+        )  # fmt: skip
+        # back on slice 4 its stroke is still there (drawn and in the set's outline)
+        before = updates(page)
+        page.fill("#slice", "4")
+        page.dispatch_event("#slice", "input")
+        wait(page, before)
+        outline = np.array(page.evaluate("() => Array.from(segcamViewer.result.setSlice)"))
+        assert outline.reshape(20, 16)[5].sum() == 16
+    finally:
+        viewer.stop()
+
+
+def test_a_slab_box_its_extent_and_going_to_the_set(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        page.select_option("#mode", "box")
+        page.fill("#depth", "3")
+        page.fill("#slice", "8")
+        page.dispatch_event("#slice", "input")
+        page.wait_for_function(
+            "() => document.getElementById('sliceLabel').textContent.startsWith('8 /')"
+        )
+        before = updates(page)
+        page.mouse.move(*pixel_at(page, "#view0", 2, 3))
+        page.mouse.down()
+        page.mouse.move(*pixel_at(page, "#view0", 9, 11), steps=3)
+        page.mouse.up()
+        wait(page, before)
+        target = page.evaluate("() => segcamViewer.request.target")
+        # axial rows are axis 1, columns axis 0 (no flips in LPS order); depth 3 around slice 8
+        assert target == {"kind": "box", "start": [3, 2, 7], "stop": [12, 10, 10]}
+        box = segcam.Box(1, [(3, 12), (2, 10), (7, 10)])
+        expected = explained(session, box)
+        np.testing.assert_allclose(
+            shown_map(page, "seg-hires-grad-cam").reshape(20, 16),
+            session.plane(2).cut(expected, 8), rtol=1e-4, atol=1e-6,
+        )  # fmt: skip
+        assert "axial slices 7–9" in page.text_content("#setinfo")
+        page.fill("#slice", "1")
+        page.dispatch_event("#slice", "input")
+        page.wait_for_function(
+            "() => document.getElementById('setinfo').textContent.includes('not on this slice')"
+        )
+        page.click("#goto")
+        page.wait_for_function("() => document.getElementById('slice').value === '8'")
+    finally:
+        viewer.stop()
+
+
+def test_window_level_navigation_zoom_and_overlays(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    drawn = "() => document.getElementById('view-prediction').toDataURL()"
+    try:
+        first = page.evaluate(drawn)
+        page.select_option("#preset", label="bone (L 400, W 1800)")
+        assert page.input_value("#level") == "400" and page.input_value("#width") == "1800"
+        assert page.evaluate(drawn) != first
+        # a grey value is the window's: intensity -> (v - (L - W/2)) / W
+        # right drag: window/level follow the mouse
+        page.mouse.move(*pixel_at(page, "#view0", 5, 5))
+        page.mouse.down(button="right")
+        page.mouse.move(*pixel_at(page, "#view0", 8, 9), steps=2)
+        page.mouse.up(button="right")
+        assert page.input_value("#level") != "400" and page.input_value("#width") != "1800"
+        # wheel and keys move the slice
+        index = int(page.input_value("#slice"))
+        page.mouse.move(*pixel_at(page, "#view0", 5, 5))
+        page.mouse.wheel(0, 100)
+        page.wait_for_function(f"() => document.getElementById('slice').value === '{index + 1}'")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowDown")
+        page.wait_for_function(f"() => document.getElementById('slice').value === '{index - 1}'")
+        # zoom in: a clicked pixel is still the pixel under the mouse
+        page.keyboard.press("+")
+        page.keyboard.press("+")
+        assert page.evaluate("() => segcamViewer.magnify") == pytest.approx(1.5625)
+        page.select_option("#mode", "pixel")
+        before = updates(page)
+        page.mouse.click(*pixel_at(page, "#view0", 6, 4))
+        wait(page, before)
+        assert page.evaluate("() => segcamViewer.request.target.index") == [4, 6, index - 1]
+        # overlays: the prediction and the ground truth can be hidden
+        with_prediction = page.evaluate(drawn)
+        page.uncheck("#showPrediction")
+        assert page.evaluate(drawn) != with_prediction
+        without = page.evaluate(drawn)
+        page.uncheck("#showTruth")
+        assert page.evaluate(drawn) != without
+        page.uncheck("#showMap")
+        assert page.evaluate("() => document.getElementById('view0').toDataURL()") == page.evaluate(
+            "() => document.getElementById('view1').toDataURL()"
+        )
+        # all layers: norm/activation and wrapped modules can be chosen too
+        offered = page.evaluate("() => document.getElementById('layer').options.length")
+        page.check("#allLayers")
+        assert page.evaluate("() => document.getElementById('layer').options.length") > offered
+    finally:
+        viewer.stop()
+
+
+def test_a_nifti_mask_upload_from_the_page(browser_page, tmp_path):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        mask = np.zeros(SHAPE, np.uint8)
+        mask[4:9, 6:12, 2:5] = 1
+        path = tmp_path / "mask.nii.gz"
+        path.write_bytes(gzip.compress(nib.Nifti1Image(mask, LPS).to_bytes()))
+        before = updates(page)
+        page.set_input_files("#upload", str(path))
+        wait(page, before)
+        assert page.evaluate("() => segcamViewer.request.target") == {"kind": "uploaded"}
+        assert page.evaluate("() => segcamViewer.result.pixels") == int(mask.sum())
+    finally:
+        viewer.stop()
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.delay = tiny_segnet(3), 0.0
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def test_a_costly_request_asks_first_shows_busy_and_cancels(browser_page):
+    page, session = browser_page, volume_session(Slow(), layers=["net.body.2"])
+    session.forward_seconds = 3.0  # as a large volume's forward pass takes
+    session.model.delay = 0.5
+    viewer = start(page, session)
+    try:
+        asked = []
+
+        def answer(dialog):
+            asked.append(dialog.message)
+            dialog.dismiss() if len(asked) == 1 else dialog.accept()
+
+        page.on("dialog", answer)
+        page.select_option("#method1", "seg-score-cam")
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.startsWith('not run')"
+        )
+        assert "seg-score-cam: 4 forward passes" in asked[0] and "about 12 s" in asked[0]
+        page.select_option("#class", "2")  # asks again, accepted: it runs
+        page.wait_for_selector("#busy.on")
+        started = time.monotonic()
+        page.click("#cancel")
+        cancelled = "document.getElementById('status').textContent === 'cancelled'"
+        page.wait_for_function(f"() => !segcamViewer.busy && {cancelled}")
+        assert time.monotonic() - started < 1.5 and len(asked) == 2
+        # a new request supersedes the cancelled one and is answered
+        before = updates(page)
+        page.select_option("#method1", "seg-grad-cam")
+        wait(page, before)
+        assert page.evaluate("() => segcamViewer.request.methods") == [
+            "seg-grad-cam",
+            "seg-grad-cam",
+        ]
+    finally:
+        viewer.stop()
