@@ -4,7 +4,8 @@
 
 Starts the viewer (2D: held-out axial slice 68, 128 x 128, 2D UNet; 3D: the 128^3 volume, 3D
 UNet), drives it in headless Chromium, and draws random boxes of the tumour/liver classes at
-the default layer (last decoder) with the two default methods side by side. The time of an
+the default layer (last decoder) with the two default methods side by side; in 3D the boxes are
+slabs 1 to 8 slices deep through the shown slice. The time of an
 update is the page's own: from sending the request to the end of drawing both maps (fetch,
 decode, colour, draw), as ``segcamViewer.timings`` records it; the server's share is reported
 too. Also the first update after switching the layer (a new forward pass). Writes
@@ -49,9 +50,10 @@ def measure(which, count, page_factory):
         for k in range(count):
             start = [rng.randrange(0, s - 16) for s in shape]
             stop = [a + rng.randrange(4, 16) for a in start]
-            if which == "3d":  # a box on the shown axial slice
+            if which == "3d":  # a slab box through the shown axial slice, 1 to 8 slices deep
                 index = int(page.evaluate("() => Number(document.getElementById('slice').value)"))
-                start[2], stop[2] = index, index + 1
+                depth = rng.randrange(1, 9)
+                start[2], stop[2] = index - depth // 2, index - depth // 2 + depth
             before = page.evaluate("() => segcamViewer.timings.length")
             page.evaluate(
                 "([box, c]) => { segcamViewer.box = box; "

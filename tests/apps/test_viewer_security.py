@@ -145,3 +145,29 @@ def test_segcam_view_bad_input_is_one_line_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err and "Conv3d" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_segcam_view_ground_truth_is_checked_before_serving(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from segcam.apps.cli import main
+
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(png)
+    model = ["--model", "segcam.apps.demo.models:build_liver_model", "--model-kwargs",
+             '{"which": "2d"}', "--no-browser"]  # fmt: skip
+    fractions = tmp_path / "fractions.npy"
+    np.save(fractions, np.full((64, 64), 0.5, dtype=np.float32))
+    wrong = tmp_path / "wrong.png"
+    Image.fromarray(np.zeros((32, 64), dtype=np.uint8)).save(wrong)
+    cases = [
+        (["view", "--ground-truth", str(png), "--no-browser"], "needs an INPUT"),
+        (["view", str(png), *model, "--ground-truth", str(tmp_path / "none.png")], "no such file"),
+        (["view", str(png), *model, "--ground-truth", str(fractions)], "not labels"),
+        (["view", str(png), *model, "--ground-truth", str(wrong)], "shape (32, 64)"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
