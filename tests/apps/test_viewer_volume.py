@@ -242,7 +242,7 @@ def test_a_newer_request_of_the_same_page_supersedes_a_computing_one():
         model=Slow(0.0), inputs=torch.randn((1, *SHAPE), generator=generator),
         layers=["net.body.2"],
     )  # fmt: skip
-    session.model.delay = 0.2  # Score-CAM: 4 channels in batches of 1, 0.2 s each
+    session.model.delay = 0.4  # Score-CAM: 4 channels in batches of 1, 0.4 s each: 2 s in all
     base = {"class": 1, "target": {"kind": "predicted"}, "axis": 2, "index": 3,
             "layer": "net.body.2", "client": "tab-a"}  # fmt: skip
     outcome = {}
@@ -266,11 +266,18 @@ def test_a_newer_request_of_the_same_page_supersedes_a_computing_one():
         thread = threading.Thread(target=slow_request)
         thread.start()
         time.sleep(0.5)
+        # meanwhile slices and information are answered at once
+        with TestClient(create_app(session)) as client:
+            asked = time.perf_counter()
+            assert client.post("/api/slice", json={"axis": 2, "index": 3}).status_code == 200
+            assert client.get("/api/info").status_code == 200
+            assert time.perf_counter() - asked < 0.3
+        assert thread.is_alive()  # still computing
         newer = session.explain({**base, "methods": ["seg-grad-cam"]})
         thread.join(10)
     finally:
         object.__setattr__(get_method("seg-score-cam"), "options", original)
-    assert outcome["first"] == "superseded" and outcome["seconds"] < 1.0
+    assert outcome["first"] == "superseded" and outcome["seconds"] < 1.6
     assert newer["maps"][0]["method"] == "seg-grad-cam"
     # another page is not superseded by this one; a cancel answers 409 in the page's own
     with TestClient(create_app(session)) as client:
@@ -315,3 +322,23 @@ def test_the_fast_forward_gives_explains_maps_and_leaves_the_model_as_it_was(mak
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_export_records_the_shown_slice_and_its_plane():
+    import json
+
+    session = session_3d()
+    box = {"kind": "box", "start": [1, 2, 3], "stop": [4, 6, 8]}
+    body = {"class": 1, "target": box, "layer": session.default_layer,
+            "method": "seg-grad-cam", "axis": 0, "index": 2}  # fmt: skip
+    with TestClient(create_app(session)) as client:
+        sidecar = json.loads(client.post("/api/export", json={**body, "format": "json"}).content)
+        archive = client.post("/api/export", json={**body, "format": "nifti"})
+    assert sidecar["view"] == {"axis": 0, "index": 2, "plane": "sagittal"}
+    assert sidecar["target"] == {"kind": "box", "class_index": 1, "box": [[1, 4], [2, 6], [3, 8]]}
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.content))
+    np.testing.assert_allclose(image.affine, LPS)
+    expected = segcam.explain(session.model, session.inputs[None],
+                              segcam.Box(1, [(1, 4), (2, 6), (3, 8)]), session.default_layer,
+                              "seg-grad-cam").maps[0, 0].numpy()  # fmt: skip
+    np.testing.assert_allclose(np.asarray(image.dataobj), expected, rtol=1e-5, atol=1e-6)

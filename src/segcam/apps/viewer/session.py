@@ -754,9 +754,10 @@ class ViewerSession:
         """A file of the request's map: (content, media type, file name).
 
         The request names everything (``format``, ``method``, ``class``, ``target``,
-        ``layer``), so each tab exports what it shows. Formats: ``nifti`` (3D, ``.nii.gz`` with
-        the affine and a description), ``json`` (the sidecar: class, layer, target, method),
-        ``png`` (2D, the overlay with a colour bar), ``npz`` (map, pixel set, metadata).
+        ``layer``, and the shown ``axis`` and ``index``), so each tab exports what it shows.
+        Formats: ``nifti`` (3D, ``.nii.gz`` with the affine and a description), ``json`` (the
+        sidecar: class, layer, target, method, shown slice), ``png`` (2D, the overlay with a
+        colour bar), ``npz`` (map, pixel set, metadata).
         """
         kind = payload.get("format")
         method = payload.get("method")
@@ -779,6 +780,9 @@ class ViewerSession:
             "map_max": float(heat.max()),
             "shape": list(heat.shape),
         }
+        if len(self.spatial) == 3 and "axis" in payload:  # the slice the page showed
+            axis, index = self._view(payload)
+            metadata["view"] = {"axis": axis, "index": index, "plane": self._planes[axis].name}
         stem = "_".join(
             re.sub(r"[^A-Za-z0-9.-]+", "-", str(part))
             for part in ("segcam", method, metadata["class"], layer, key[0])
