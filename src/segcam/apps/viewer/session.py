@@ -588,11 +588,16 @@ class ViewerSession:
             old.close()
         return explainer
 
-    def _request(self, payload: Mapping[str, Any]) -> tuple[str, list[str], segcam.Target, Any]:
-        """The layer, methods and target of a request, checked."""
+    def _layer(self, payload: Mapping[str, Any]) -> str:
+        """The request's layer (any on-path layer of the input's rank), checked."""
         layer = payload.get("layer", self.default_layer)
         if not isinstance(layer, str) or layer not in self._all_layers:
             raise RequestError(f"unknown layer {layer!r}; choose one of the listed layers")
+        return layer
+
+    def _request(self, payload: Mapping[str, Any]) -> tuple[str, list[str], segcam.Target, Any]:
+        """The layer, methods and target of a request, checked."""
+        layer = self._layer(payload)
         methods = payload.get("methods", list(DEFAULT_METHODS))
         if not isinstance(methods, list) or not 1 <= len(methods) <= 4:
             raise RequestError("methods must be a list of 1 to 4 method names")
@@ -671,9 +676,7 @@ class ViewerSession:
         one forward per kept channel (in batches), Eigen-CAM none. ``confirm`` is true when a
         volume's gradient-free request is estimated above :data:`CONFIRM_SECONDS`.
         """
-        layer = payload.get("layer", self.default_layer)
-        if not isinstance(layer, str) or layer not in self._all_layers:
-            raise RequestError(f"unknown layer {layer!r}; choose one of the listed layers")
+        layer = self._layer(payload)
         methods = payload.get("methods", [])
         if not isinstance(methods, list) or not all(
             isinstance(m, str) and m in REGISTRY for m in methods
