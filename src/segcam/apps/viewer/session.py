@@ -350,6 +350,7 @@ class ViewerSession:
                     f"{name} has shape {tuple(array.shape)}; the input's grid is {self.spatial}"
                 )
         self._planes, self.oblique = planes(self.affine) if len(self.spatial) == 3 else ([], False)
+        self._intensity_summary = self._intensity_info()  # range, percentiles: computed once
 
     def _sensible_layer(self) -> str:
         """The last decoder layer (fine grid, semantic features), else the middle of the list."""
@@ -414,7 +415,7 @@ class ViewerSession:
             else None,
             "oriented": self.affine is not None and len(self.spatial) == 3,
             "oblique": self.oblique,
-            "intensity": self._intensity_info(),
+            "intensity": self._intensity_summary,
             "ground_truth": self.ground_truth is not None,
             "max_upload_bytes": self.max_upload_bytes,
             "sliding_window": dict(self.sliding_window) if self.sliding_window else None,
@@ -623,13 +624,15 @@ class ViewerSession:
 
     @contextmanager
     def _supersedable(self, client: str | None) -> Iterator[None]:
-        """Run a request of ``client`` that a newer one of the same page cancels.
+        """Run a request of ``client`` under the lock; a newer one of the same page cancels it.
 
         The check runs before every module's forward (gradient-free methods and new layers run
-        forward passes; a gradient request is short and ends on its own).
+        forward passes; a gradient request is short and ends on its own). ``None`` (an export):
+        never cancelled.
         """
         if client is None:
-            yield
+            with self._lock:
+                yield
             return
         with self._guard:
             self._generation += 1
@@ -657,7 +660,7 @@ class ViewerSession:
         client: str | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
         """The maps of a target for each method (cached for the latest layer and target)."""
-        with self._supersedable(client) if client is not None else self._lock:
+        with self._supersedable(client):
             explainer = self._explainer(layer)
             self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
             missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
