@@ -95,8 +95,11 @@ def test_bad_files(tmp_path):
     expl = segcam.explain(tiny_segnet(2), torch.randn(1, 1, 4, 4), segcam.AllPixels(0), "body")
     with pytest.raises(errors.ExplanationFileError, match=r"\.npz or \.safetensors"):
         expl.save(tmp_path / "maps.png")
-    with pytest.raises(errors.ExplanationFileError, match="missing"):
-        expl.save(tmp_path / "no" / "maps.npz")
+    (tmp_path / "in-the-way").write_text("a file", encoding="utf-8")
+    with pytest.raises(
+        errors.OutputFileError, match=r"cannot create the output folder .*in-the-way"
+    ):
+        expl.save(tmp_path / "in-the-way" / "maps.npz")  # a missing folder is made (io.writing)
     with pytest.raises(errors.ExplanationFileError, match="no such file"):
         segcam.load(tmp_path / "absent.npz")
     damaged = tmp_path / "damaged.npz"

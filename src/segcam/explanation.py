@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from segcam.errors import ExplanationFileError, LayerError
-from segcam.io.files import file_mode
+from segcam.io.writing import atomic_write
 from segcam.targets import Target, TargetLike, as_pixel_set
 
 __all__ = ["Explanation", "SavedTarget", "load"]
@@ -154,7 +153,9 @@ class Explanation:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to ``path`` (``.npz`` or ``.safetensors``) atomically; return the path.
 
-        The file appears complete or not at all: it is written beside the target and renamed.
+        The file appears complete or not at all (:func:`segcam.io.writing.atomic_write`: the
+        folder is created, the data written under a temporary name, synced and renamed); a
+        folder that cannot be made or written raises :class:`~segcam.errors.OutputFileError`.
         """
         target = Path(path)
         suffix = target.suffix.lower()
@@ -162,26 +163,15 @@ class Explanation:
             raise ExplanationFileError(
                 f"cannot save to {target}: use a .npz or .safetensors file name"
             )
-        if not target.parent.is_dir():
-            raise ExplanationFileError(f"cannot save to {target}: folder {target.parent} missing")
         arrays, metadata = self._arrays(), json.dumps(self.metadata())
-        # the same temporary names as segcam.io.files.atomic_write: a rerun removes a killed one
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent
-        )
-        try:
-            os.fchmod(handle, file_mode())
-            with os.fdopen(handle, "wb") as stream:
-                if suffix == ".npz":
-                    numpy_arrays = {key: value.numpy() for key, value in arrays.items()}
-                    numpy_arrays["metadata"] = np.array(metadata)
-                    _write_npz(stream, numpy_arrays)
-                else:
-                    stream.write(_safetensors_bytes(arrays, metadata))
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        payload = None if suffix == ".npz" else _safetensors_bytes(arrays, metadata)
+        with atomic_write(target) as stream:
+            if payload is None:
+                numpy_arrays = {key: value.numpy() for key, value in arrays.items()}
+                numpy_arrays["metadata"] = np.array(metadata)
+                _write_npz(stream, numpy_arrays)
+            else:
+                stream.write(payload)
         return target
 
 

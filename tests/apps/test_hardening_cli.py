@@ -271,7 +271,7 @@ def test_stale_temporary_files_are_removed_by_the_next_run(scene, tmp_path):
 def test_outputs_get_the_umask_mode(scene, tmp_path):
     out = tmp_path / "out"
     assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    from segcam.io.files import file_mode
+    from segcam.io.writing import file_mode
 
     expected = file_mode()
     for path in (out / "scene").iterdir():

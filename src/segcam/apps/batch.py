@@ -45,12 +45,11 @@ from segcam.io.files import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
     InputFile,
-    atomic_write,
-    make_dir,
     read_input,
     write_nifti,
 )
 from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
+from segcam.io.writing import atomic_write, make_dir
 from segcam.methods import get_method
 from segcam.recording import FromProbabilities, resolve_layers
 
@@ -384,7 +383,7 @@ def explain_file(
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
         pending = []
         for method, expl in explanations.items():
-            pending.append(pool.submit(_save, expl, target_dir / f"{method}.npz"))
+            pending.append(pool.submit(expl.save, target_dir / f"{method}.npz"))
             for layer, maps in expl.layer_maps.items():
                 for t, spec in enumerate(job.target_specs):
                     heat = maps[0, t].detach().float().cpu().numpy()
@@ -422,7 +421,7 @@ def _write_case_outputs(job: _Job) -> Callable[..., list[Path]]:
         with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
             pending = [pool.submit(function, *arguments) for function, arguments in extra]
             for method, expl in explanations.items():
-                pending.append(pool.submit(_save, expl, target_dir / f"{method}.npz"))
+                pending.append(pool.submit(expl.save, target_dir / f"{method}.npz"))
                 for layer, maps in expl.layer_maps.items():
                     for t, spec in enumerate(job.target_specs):
                         heat = maps[0, t].detach().float().cpu().numpy()
@@ -466,11 +465,6 @@ def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, job: 
     if chosen in ("auto", "nifti"):
         return write_nifti(folder / f"{stem}.nii.gz", heat, affine, data.nifti_header)
     raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
-
-
-def _save(expl: segcam.Explanation, path: Path) -> Path:
-    make_dir(path.parent)
-    return expl.save(path)
 
 
 def finished(out: Path, path: Path, settings: dict[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""Inputs (PNG/JPEG/TIFF, NIfTI, NumPy) and outputs, written atomically.
+"""Inputs (PNG/JPEG/TIFF, NIfTI, NumPy) and NIfTI maps (written by :mod:`segcam.io.writing`).
 
 Images are read with Pillow (``[images]`` extra), NIfTI with nibabel (``[nifti]`` extra); both are
 imported only when such a file is met, with a message naming the extra when missing. NIfTI data are
@@ -8,17 +8,15 @@ the input's affine and header, so they overlay the input in 3D Slicer or ITK-SNA
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcam.errors import InputFileError, OutputFileError, SegCamError
+from segcam.errors import InputFileError
+from segcam.io.writing import atomic_write
 
 if TYPE_CHECKING:
     from segcam.io.medical import MedicalVolume
@@ -27,17 +25,10 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "InputFile",
     "InputFileError",
-    "atomic_write",
-    "file_mode",
     "input_kind",
-    "make_dir",
     "read_input",
     "write_nifti",
 ]
-
-# The umask, read once at import (reading it means setting it, which is not thread-safe later).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -154,52 +145,6 @@ def _read_image(path: Path) -> np.ndarray:
         else:
             array = np.asarray(image, dtype=np.float32)[None]
     return np.ascontiguousarray(array)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` on success.
-
-    A crash or kill leaves either the old file or the new one, never a half-written one; the
-    temporary is removed on error (a kill can leave a hidden ``.name.*.part`` file, which the next
-    run of the same output ignores and overwrites nothing with).
-    """
-    make_dir(path.parent)
-    try:
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".part", dir=path.parent
-        )
-    except OSError as error:
-        raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
-    try:
-        encoding = None if "b" in mode else "utf-8"  # text files: UTF-8 whatever the locale
-        with os.fdopen(handle, mode, encoding=encoding) as stream:
-            yield stream
-            stream.flush()
-            os.fchmod(stream.fileno(), file_mode())  # mkstemp's 0600 -> what the umask allows
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, SegCamError):
-            raise OutputFileError(f"cannot write {path}: {error.strerror or error}") from error
-        raise
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the process's umask (0o644 under umask 022)."""
-    return 0o666 & ~_UMASK
-
-
-def make_dir(path: Path) -> Path:
-    """Create a folder (and its parents) for outputs; :class:`OutputFileError` names the path."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputFileError(
-            f"cannot create the output folder {path}: {error.strerror or error}"
-        ) from error
-    return path
 
 
 def nifti_bytes(

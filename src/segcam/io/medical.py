@@ -16,7 +16,6 @@ Hounsfield units (the rescale slope and intercept applied by the reader).
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from segcam.errors import InputFileError, MissingExtraError, OutputFileError, user_stacklevel
+from segcam.errors import InputFileError, MissingExtraError, user_stacklevel
+from segcam.io.writing import atomic_path
 
 __all__ = [
     "MAP_FORMATS",
@@ -189,8 +189,8 @@ def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None)
 def write_like(path: Path, volume: np.ndarray, like: MedicalVolume) -> Path:
     """Write a (i, j, k) map (or a (rows, columns) one) with ``like``'s geometry, atomically.
 
-    The format follows ``path``'s suffix (``.nii.gz``, ``.nrrd``, ``.mha``); the file is written
-    under a temporary name and renamed.
+    The format follows ``path``'s suffix (``.nii.gz``, ``.nrrd``, ``.mha``); written through
+    :func:`segcam.io.writing.atomic_path` (folder created, temporary name, fsync, rename).
     """
     sitk = _sitk()
     data = np.asarray(volume, dtype=np.float32)
@@ -200,20 +200,6 @@ def write_like(path: Path, volume: np.ndarray, like: MedicalVolume) -> Path:
         data = data[None]
     image = sitk.GetImageFromArray(np.ascontiguousarray(data))
     image.CopyInformation(like.reference)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent
-    )
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, True)
-        from segcam.io.files import file_mode
-
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, RuntimeError | OSError):
-            raise OutputFileError(f"cannot write {path}: {error}") from error
-        raise
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), True)
     return path

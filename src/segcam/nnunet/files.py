@@ -9,16 +9,14 @@ file is written under a temporary name beside its destination and renamed.
 from __future__ import annotations
 
 import importlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcam.errors import OutputFileError
+from segcam.io.writing import atomic_path
 from segcam.nnunet.model import NnUNetError
 
 __all__ = [
@@ -124,22 +122,8 @@ def reverses_axes(reader_name: str) -> bool:
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent
-    )
-    os.close(handle)
-    try:
-        write(temporary)
-        from segcam.io.files import file_mode
-
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, RuntimeError | OSError):
-            raise OutputFileError(f"cannot write {path}: {error}") from error
-        raise
+    with atomic_path(path) as temporary:
+        write(str(temporary))
     return path
 
 

@@ -34,7 +34,8 @@ import torch
 import segcam
 from segcam.apps.demo import data as liver
 from segcam.apps.demo.models import DEMO_LAYERS, NNUNET_MODEL, held_out_dice, load_liver_model
-from segcam.io.files import atomic_write, make_dir, write_nifti
+from segcam.io.files import write_nifti
+from segcam.io.writing import atomic_write, make_dir
 
 __all__ = ["DEMO_SLICES", "run_demo"]
 

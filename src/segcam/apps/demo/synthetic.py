@@ -22,7 +22,7 @@ import torch
 
 import segcam
 from segcam.apps.demo.models import DEMO_LAYERS, DEMO_MODELS, load_demo_model
-from segcam.io.files import make_dir
+from segcam.io.writing import make_dir
 from segcam.testing.synthetic import CLASS_NAMES, shapes_scene
 
 __all__ = ["HELD_OUT_SEED", "main"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from segcam.errors import OptionError
-from segcam.io.files import atomic_write, make_dir
+from segcam.io.writing import atomic_write, make_dir
 
 __all__ = [
     "Curve",
