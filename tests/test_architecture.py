@@ -34,17 +34,40 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_import_contract_fails_when_a_library_module_imports_an_app(tmp_path):
+def test_both_import_contracts_hold_on_the_tree_as_it_is(tmp_path):
     shutil.copytree(SRC, tmp_path / "src" / "segcam", ignore=shutil.ignore_patterns("*.pt"))
     kept = _lint_imports(tmp_path)
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert "1 kept, 0 broken" in kept.stdout
-    # the one forbidden direction: a library module importing an application
-    core = tmp_path / "src" / "segcam" / "core.py"
-    core.write_text(core.read_text(encoding="utf-8") + "\nimport segcam.apps.batch  # noqa: E402\n")
+    assert "3 kept, 0 broken" in kept.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "imported", "contract"),
+    [
+        ("core.py", "segcam.apps.batch", "layers"),  # the library importing an application
+        ("targets.py", "segcam.core", "layers"),  # a part below importing a driver
+        ("explanation.py", "segcam.metrics", "layers"),  # `|` siblings: a circle begins there
+        ("fusion.py", "segcam.explanation", "layers"),  # the circle that was (fusion below)
+        ("nnunet/windows.py", "segcam.nnunet.predict", "nnU-Net stages"),  # a stage reaching up
+        ("apps/batch.py", "segcam.recording", "public API"),  # an app off the public API
+        ("apps/viewer/session.py", "segcam.core", "public API"),
+    ],
+)
+def test_each_import_contract_breaks_when_its_rule_is_broken(tmp_path, module, imported, contract):
+    shutil.copytree(SRC, tmp_path / "src" / "segcam", ignore=shutil.ignore_patterns("*.pt"))
+    source = tmp_path / "src" / "segcam" / module
+    source.write_text(source.read_text(encoding="utf-8") + f"\nimport {imported}  # noqa\n")
     broken = _lint_imports(tmp_path)
     assert broken.returncode != 0
-    assert "BROKEN" in broken.stdout and "segcam.core -> segcam.apps.batch" in broken.stdout
+    assert "2 kept, 1 broken" in broken.stdout
+    importer = "segcam." + module.removesuffix(".py").replace("/", ".")
+    assert f"{importer} -> {imported}" in broken.stdout
+    name = {
+        "layers": "library layers (docs/architecture.md)",
+        "public API": "applications use the public API only",
+        "nnU-Net stages": "nnU-Net by stage (docs/architecture.md)",
+    }[contract]
+    assert f"{name} BROKEN" in broken.stdout
 
 
 def test_import_contract_fails_for_an_unlisted_library_module(tmp_path):

@@ -452,14 +452,14 @@ def test_a_label_file_mask_and_the_model_left_as_it_was(tmp_path):
 
 def test_predicted_targets_batch_the_mirrorings_and_stay_exact(tmp_path):
     """Predicted runs each window's mirrorings as one batch; the maps equal the static path's."""
-    from segcam.nnunet.explain import _mirror_batch, _plan_for
+    from segcam.nnunet.windows import mirror_batch_size, plan_case
 
     folder = make_model_folder(tmp_path / "m", folds=(0, 1), head_bias=(0.0, 0.0, -1.0))
     model = nnunet.load(folder, folds="all")
     for network in model.networks:
         network.double()
     case = nnunet.read_case(model, (_image((18, 21, 20), seed=9), {"spacing": [1.0] * 3}))
-    assert _mirror_batch(_plan_for(model, case, 0.5, True)) == min(8, torch.get_num_threads())
+    assert mirror_batch_size(plan_case(model, case, 0.5, True)) == min(8, torch.get_num_threads())
     layer = "decoder.stages.0"
     predicted = nnunet.explain(model, case, segcam.Predicted(1), layer, relu=False)
     fixed = segcam.Mask(1, predicted.pixel_sets[0, 0])

@@ -13,7 +13,7 @@ from segcam.explainer import Explainer
 from segcam.explanation import Explanation, load
 from segcam.fusion import fuse_layers
 from segcam.methods import list_methods
-from segcam.recording import FromProbabilities
+from segcam.outputs import FromProbabilities
 from segcam.sliding import explain_sliding_window, explain_sliding_window_methods
 from segcam.targets import (
     AllPixels,

@@ -14,74 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.errors import NonFiniteError, OptionError
-from segcam.explanation import Explanation
-from segcam.methods import Method, MethodContext, get_method
-from segcam.postprocess import NORMALIZATIONS, Normalization, postprocess
-from segcam.recording import (
-    LayerSpec,
-    OutputSpec,
-    RecordedForward,
-    all_finite,
-    record_forward,
-    select_logits,
-)
+from segcam.errors import OptionError
+from segcam.explanation import Explanation, assemble
+from segcam.layers import LayerSpec
+from segcam.methods import Method, MethodContext, MethodOptions, resolve_methods
+from segcam.outputs import OutputSpec
+from segcam.postprocess import Normalization, PostProcessing, check_postprocess
+from segcam.recording import RecordedForward, record_forward
 from segcam.targets import (
     TargetLike,
     as_target_list,
     score_gradient,
     target_pixel_sets,
-    warn_empty_pixel_sets,
 )
 
 __all__ = [
-    "MethodOptions",
     "OutputSpec",
     "Progress",
-    "check_finite_maps",
-    "check_postprocess",
     "explain",
     "explain_methods",
     "explain_recorded",
     "method_maps",
-    "resolve_methods",
-    "select_logits",
 ]
-
-MethodOptions = Mapping[str, Mapping[str, Any] | None]
-"""Options per method name: ``{"seg-xres-cam": {"pool_size": 4}}``."""
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) as work advances: targets of an input, or groups of windows."""
-
-
-def check_postprocess(normalize: Any) -> None:
-    """Raise :class:`~segcam.errors.OptionError` for an unknown ``normalize``."""
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise OptionError(f"normalize must be None, 'max' or 'minmax'; got {normalize!r}")
-
-
-def resolve_methods(
-    methods: str | Sequence[str], method_options: MethodOptions | None = None
-) -> list[tuple[Method, dict[str, Any]]]:
-    """The methods (each once, in order) with their checked options, before any forward pass.
-
-    Raises:
-        MethodNotFoundError: an unknown method.
-        OptionError: options for a method not requested, unknown names or bad values.
-    """
-    names = [methods] if isinstance(methods, str) else list(methods)
-    if not names:
-        raise OptionError("methods is empty: name at least one method (segcam.list_methods())")
-    chosen = [get_method(name) for name in dict.fromkeys(names)]
-    given = dict(method_options or {})
-    stray = sorted(set(given) - {method.name for method in chosen}, key=str)
-    if stray:
-        raise OptionError(
-            f"options given for {', '.join(map(repr, stray))}, which is not among the methods "
-            f"({', '.join(method.name for method in chosen)})"
-        )
-    return [(method, method.resolve_options(given.get(method.name))) for method in chosen]
 
 
 def method_maps(
@@ -127,8 +84,7 @@ def explain_recorded(
         logits = recorded.logits
         pixel_sets = target_pixel_sets(targets, logits)
         stacked_sets = torch.stack(pixel_sets, dim=1)
-        nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T)
-        warn_empty_pixel_sets(nonempty, targets)
+        nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T); empty sets: warned at assembly
         active = [t for t in range(len(targets)) if bool(nonempty[:, t].any())]
 
         raw: dict[str, list[torch.Tensor]] = {}  # method -> per layer (N, T, *grid)
@@ -162,57 +118,19 @@ def explain_recorded(
     finally:
         if not keep_graph:
             recorded.release()
-    for method, _ in methods:
-        for name, layer_raw in zip(recorded.layer_names, raw[method.name], strict=True):
-            check_finite_maps(layer_raw, method.name, name, targets, recorded.inputs)
-
-    result = {}
-    for method, options in methods:
-        layer_maps = {
-            name: postprocess(
-                maps,
-                relu_maps=relu,
-                size=recorded.input_size if upsample else None,
-                normalization=normalize,
-            )
-            for name, maps in zip(recorded.layer_names, raw[method.name], strict=True)
-        }
-        result[method.name] = Explanation(
-            layer_maps=layer_maps,
-            logits=logits,
-            pixel_sets=stacked_sets,
-            targets=tuple(targets),
-            method=method.name,
-            relu=relu,
-            upsampled=upsample,
-            normalize=normalize,
-            layer_shapes=dict(recorded.layer_shapes),
-            method_options=dict(options),
-        )
-    return result
-
-
-def check_finite_maps(
-    maps: torch.Tensor,
-    method: str,
-    layer: str,
-    targets: Sequence[TargetLike],
-    inputs: torch.Tensor,
-) -> None:
-    """Raise :class:`~segcam.errors.NonFiniteError` naming the layer and target of NaN/Inf maps.
-
-    ``maps`` are (N, T, *S); ``inputs`` give the scale named in the message.
-    """
-    if all_finite(maps):
-        return
-    bad = (~torch.isfinite(maps)).flatten(2).any(dim=2)  # (N, T)
-    samples, which = bad.nonzero()[0].tolist()
-    scale = float(inputs.detach().abs().max())
-    raise NonFiniteError(
-        f"{method} maps of layer {layer!r} hold NaN or Inf for target {which} "
-        f"{targets[which]!r} (sample {samples}): the activations or their gradients overflow "
-        f"{maps.dtype} (the input's largest magnitude is {scale:.3g}); scale the input as the "
-        f"model was trained (e.g. --window, --zscore) or explain in float64"
+    return assemble(
+        {
+            method.name: dict(zip(recorded.layer_names, raw[method.name], strict=True))
+            for method, _ in methods
+        },
+        {method.name: options for method, options in methods},
+        logits=logits,
+        pixel_sets=stacked_sets,
+        targets=targets,
+        post=PostProcessing(relu, upsample, normalize),
+        size=recorded.input_size,
+        layer_shapes=recorded.layer_shapes,
+        inputs=recorded.inputs,
     )
 
 
@@ -335,7 +253,7 @@ def explain(
         upsample: resize to the input's spatial size (bilinear 2D, trilinear 3D).
         normalize: ``None``, ``"max"`` or ``"minmax"``, per map; a zero map stays zero.
         output: how to find the logits in the model's output (see
-            :func:`segcam.recording.select_logits`).
+            :func:`segcam.outputs.select_logits`).
         method_options: the method's options (e.g. ``{"pool_size": 4}`` for seg-xres-cam);
             ``segcam methods`` lists them. Checked before the forward pass.
 

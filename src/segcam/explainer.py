@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.core import MethodOptions, check_postprocess, explain_recorded, resolve_methods
+from segcam.core import explain_recorded
 from segcam.errors import ForwardReleasedError, GraphTooLargeError, OptionError
 from segcam.explanation import Explanation
-from segcam.methods import get_method
-from segcam.postprocess import Normalization
-from segcam.recording import LayerSpec, OutputSpec, RecordedForward, record_forward
+from segcam.layers import LayerSpec
+from segcam.methods import MethodOptions, get_method, resolve_methods
+from segcam.outputs import OutputSpec
+from segcam.postprocess import Normalization, check_postprocess
+from segcam.recording import RecordedForward, record_forward
 from segcam.targets import TargetLike, as_target_list
 
 __all__ = ["Explainer", "GraphTooLargeError"]

@@ -10,7 +10,7 @@ import json
 import os
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from segcam.checks import check_finite_maps
 from segcam.errors import ExplanationFileError, LayerError
+from segcam.fusion import fuse_layers
 from segcam.io.writing import atomic_write
-from segcam.targets import Target, TargetLike, as_pixel_set
+from segcam.postprocess import PostProcessing
+from segcam.targets import Target, TargetLike, as_pixel_set, warn_empty_pixel_sets
 
-__all__ = ["Explanation", "SavedTarget", "load"]
+__all__ = ["Explanation", "SavedTarget", "assemble", "load"]
 
 FORMAT_VERSION = 1
 
@@ -124,8 +127,6 @@ class Explanation:
 
     def fused(self, rule: str = "layercam", *, gamma: float = 2.0) -> torch.Tensor:
         """The layers' maps combined into one (N, T, *S_in) map: see :func:`segcam.fuse_layers`."""
-        from segcam.fusion import fuse_layers
-
         return fuse_layers(self, rule, gamma=gamma)
 
     def metadata(self) -> dict[str, Any]:
@@ -173,6 +174,70 @@ class Explanation:
             else:
                 stream.write(payload)
         return target
+
+
+def assemble(
+    raw_maps: Mapping[str, Mapping[str, torch.Tensor]],
+    method_options: Mapping[str, Mapping[str, Any]],
+    *,
+    logits: torch.Tensor,
+    pixel_sets: torch.Tensor,
+    targets: Sequence[TargetLike],
+    post: PostProcessing,
+    size: Sequence[int] | None,
+    layer_shapes: Mapping[str, tuple[int, ...]],
+    inputs: torch.Tensor,
+    info: Mapping[str, Any] | None = None,
+    method_info: Mapping[str, Mapping[str, Any]] | None = None,
+    members: Mapping[str, Mapping[str, Explanation]] | None = None,
+    warn_empty: bool = True,
+) -> dict[str, Explanation]:
+    """The one assembly of explanations from raw maps, shared by every driver.
+
+    Whole inputs (:func:`segcam.explain`), sliding windows and nnU-Net cases all end here: the
+    raw maps are checked to be finite (a :class:`~segcam.errors.NonFiniteError` names the
+    method, layer and target), an empty pixel set is warned about once
+    (:class:`~segcam.errors.SegCamWarning`), and ``post`` is applied (ReLU, up-sampling to
+    ``size``, normalisation).
+
+    Args:
+        raw_maps: method name -> layer name -> raw maps (N, T, *grid), in the output's order.
+        method_options: method name -> its options as used.
+        logits: the logits the scores were taken on (N, K, *S).
+        pixel_sets: the targets' pixel sets (N, T, *S).
+        targets: the targets, in order.
+        post: the post-processing.
+        size: the grid maps are up-sampled to (``None``: maps a driver already placed on
+            their grid).
+        layer_shapes: layer name -> activation shape.
+        inputs: the input, whose scale an overflow message names.
+        info: facts shared by every method's explanation.
+        method_info: method name -> facts that replace ``info`` for that method.
+        members: method name -> its member explanations (nnU-Net's folds).
+        warn_empty: False for explanations assembled as members of another.
+    """
+    for method, layers in raw_maps.items():
+        for layer, maps in layers.items():
+            check_finite_maps(maps, method, layer, targets, inputs)
+    if warn_empty:
+        warn_empty_pixel_sets(pixel_sets.flatten(2).any(dim=2), targets)
+    return {
+        method: Explanation(
+            layer_maps={layer: post.apply(maps, size) for layer, maps in layers.items()},
+            logits=logits,
+            pixel_sets=pixel_sets,
+            targets=tuple(targets),
+            method=method,
+            relu=post.relu,
+            upsampled=post.upsample,
+            normalize=post.normalize,
+            layer_shapes=dict(layer_shapes),
+            method_options=dict(method_options[method]),
+            info=dict((method_info or {}).get(method, info or {})),
+            members=dict((members or {}).get(method, {})),
+        )
+        for method, layers in raw_maps.items()
+    }
 
 
 _PROBE_BYTES = 1 << 20

@@ -7,23 +7,36 @@ maximum. All layers come from the same forward and backward passes: fusing costs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
 from segcam.errors import OptionError
 from segcam.postprocess import normalize, relu, upsample
 
-if TYPE_CHECKING:
-    from segcam.explanation import Explanation
-
-__all__ = ["FUSION_RULES", "fuse_layers"]
+__all__ = ["FUSION_RULES", "LayerMaps", "fuse_layers"]
 
 FUSION_RULES: tuple[str, ...] = ("layercam", "max", "mean")
 
 
+class LayerMaps(Protocol):
+    """What fusion reads of an :class:`~segcam.Explanation`: its maps per layer, its pixel sets.
+
+    (A protocol, so that fusion sits below the explanation it serves.)
+    """
+
+    @property
+    def layer_maps(self) -> Mapping[str, torch.Tensor]:  # noqa: D102
+        ...
+
+    @property
+    def pixel_sets(self) -> torch.Tensor:  # noqa: D102
+        ...
+
+
 def fuse_layers(
-    explanation: Explanation, rule: str = "layercam", *, gamma: float = 2.0
+    explanation: LayerMaps, rule: str = "layercam", *, gamma: float = 2.0
 ) -> torch.Tensor:
     r"""One (N, T, *S) map from all layers of ``explanation``, S the output's grid.
 

@@ -7,14 +7,23 @@ The raw maps are signed and at the layer's resolution; each step here is optiona
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 from segcam.errors import InputError, OptionError
 
-__all__ = ["NORMALIZATIONS", "normalize", "postprocess", "relu", "upsample"]
+__all__ = [
+    "NORMALIZATIONS",
+    "PostProcessing",
+    "check_postprocess",
+    "normalize",
+    "postprocess",
+    "relu",
+    "upsample",
+]
 
 Normalization = Literal["max", "minmax"]
 NORMALIZATIONS: tuple[str, ...] = ("max", "minmax")
@@ -79,3 +88,39 @@ def postprocess(
     if normalization is not None:
         maps = normalize(maps, normalization)
     return maps
+
+
+def check_postprocess(normalize: Any) -> None:
+    """Raise :class:`~segcam.errors.OptionError` for an unknown ``normalize``."""
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise OptionError(f"normalize must be None, 'max' or 'minmax'; got {normalize!r}")
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """The post-processing of raw maps, checked once: ``explain``'s three keywords as one value.
+
+    ``relu``, ``upsample`` and ``normalize`` as :func:`segcam.explain` takes them.
+
+    Raises:
+        OptionError: an unknown ``normalize`` (checked when made, before any forward pass).
+    """
+
+    relu: bool = True
+    upsample: bool = True
+    normalize: Normalization | None = None
+
+    def __post_init__(self) -> None:
+        check_postprocess(self.normalize)
+
+    def apply(self, maps: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+        """:func:`postprocess` of (N, T, *S) maps; up-sampled to ``size`` when ``upsample``.
+
+        ``size=None`` leaves the grid as it is (maps a driver already placed on their grid).
+        """
+        return postprocess(
+            maps,
+            relu_maps=self.relu,
+            size=size if self.upsample else None,
+            normalization=self.normalize,
+        )

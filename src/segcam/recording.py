@@ -18,7 +18,6 @@ model is left as it was: hooks are removed on exit, exceptions included; trainin
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,135 +28,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from segcam.checks import (
+    all_finite,
+    check_inputs,
+    check_model_inputs,
+    run_model,
+    training_dependent,
+)
 from segcam.errors import (
     ForwardReleasedError,
-    InputError,
     LayerError,
-    LayerNotFoundError,
     LayerNotOnPathError,
-    ModelError,
     NonFiniteError,
     OutputError,
-    SegCamError,
     SegCamWarning,
     user_stacklevel,
 )
+from segcam.layers import LayerSpec, depends_on, layer_list, reachable_nodes, resolve_layers
+from segcam.outputs import OutputSpec, select_logits, warn_if_probabilities
 from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
 
-__all__ = [
-    "FromProbabilities",
-    "LayerInfo",
-    "LayerRecorder",
-    "LayerSpec",
-    "OutputSpec",
-    "RecordedForward",
-    "all_finite",
-    "check_inputs",
-    "check_model_inputs",
-    "describe_layers",
-    "layer_list",
-    "logits_from_probabilities",
-    "record_forward",
-    "resolve_layers",
-    "run_model",
-    "select_logits",
-    "warn_if_probabilities",
-]
-
-LayerSpec = str | nn.Module | TokenLayer
-
-
-@dataclass(frozen=True)
-class FromProbabilities:
-    r"""An output spec for models whose output is probabilities: explain logits made from them.
-
-    ``output`` selects the probabilities as for :func:`select_logits`; they become
-
-    - one channel (sigmoid): the exact logit $\log\frac{p}{1-p}$;
-    - K channels (softmax): the log-probabilities $\log p_c = y_c - \log\sum_k e^{y_k}$,
-      the logits up to a shift per pixel.
-
-    What it changes: for a sigmoid model the maps are those of its logits (up to float
-    rounding where p is within ~1e-7 of 0 or 1). For a softmax model the score is
-    $\sum_{p \in M} \log p_c$, whose gradient has a term from every class through the
-    log-sum-exp: it explains the class *against* the others, and does not vanish where the
-    softmax saturates, as the probabilities' gradient does. Probabilities are clamped to
-    [1e-12, 1 - 1e-7] first, so a saturated 0 or 1 gives a finite value.
-    """
-
-    output: str | int | Callable[[Any], torch.Tensor] | None = None
-
-
-OutputSpec = str | int | Callable[[Any], torch.Tensor] | FromProbabilities | None
-
-_SMALLEST_PROBABILITY = 1e-12
-
-
-def logits_from_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
-    """Logits from probabilities (N, K, *S): see :class:`FromProbabilities`."""
-    if probabilities.shape[1] == 1:
-        clamped = probabilities.clamp(_SMALLEST_PROBABILITY, 1 - 1e-7)
-        return torch.log(clamped) - torch.log1p(-clamped)
-    return torch.log(probabilities.clamp_min(_SMALLEST_PROBABILITY))
-
-
-def layer_list(layer: LayerSpec | Sequence[LayerSpec]) -> list[LayerSpec]:
-    """One layer spec or a sequence of them, as a list."""
-    if isinstance(layer, str | nn.Module | TokenLayer):
-        return [layer]
-    if not isinstance(layer, Sequence):
-        raise LayerNotFoundError(
-            f"layer must be a module name (str), a module, a TokenLayer, or a list of them; got "
-            f"{type(layer).__name__}"
-        )
-    return list(layer)
-
-
-def _resolve_one(model: nn.Module, spec: LayerSpec, names: dict[str, nn.Module]) -> str:
-    if isinstance(spec, TokenLayer):
-        spec = spec.layer
-    if isinstance(spec, nn.Module):
-        for name, module in names.items():
-            if module is spec:
-                return name
-        raise LayerNotFoundError(
-            f"the module {type(spec).__name__} passed as layer is not part of the model "
-            f"{type(model).__name__}; pass one of its submodules or a name from "
-            f"model.named_modules()"
-        )
-    if not isinstance(spec, str):
-        raise LayerNotFoundError(
-            f"layer must be a module name (str), a module, or a list of them; got "
-            f"{type(spec).__name__}"
-        )
-    if spec in names:
-        return spec
-    close = difflib.get_close_matches(spec, [n for n in names if n], n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise LayerNotFoundError(
-        f"layer {spec!r} does not exist in {type(model).__name__}{hint} "
-        f"(list them with [n for n, _ in model.named_modules()])"
-    )
-
-
-def resolve_layers(
-    model: nn.Module, layer: LayerSpec | Sequence[LayerSpec]
-) -> list[tuple[str, nn.Module]]:
-    """Turn a name, module, or list of them into (name, module) pairs, in the given order."""
-    specs = layer_list(layer)
-    if not specs:
-        raise LayerNotFoundError("layer is empty: name at least one layer to explain")
-    names = dict(model.named_modules(remove_duplicate=False))
-    resolved: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
-    for spec in specs:
-        name = _resolve_one(model, spec, names)
-        module = names[name]
-        if id(module) in seen:
-            raise LayerError(f"layer {name!r} is listed twice (or under two names)")
-        seen.add(id(module))
-        resolved.append((name, module))
-    return resolved
+__all__ = ["LayerRecorder", "RecordedForward", "record_forward"]
 
 
 @dataclass
@@ -229,336 +120,14 @@ class LayerRecorder:
                     f"model calls"
                 )
             result.append(slot.activation)
-        reachable = _reachable_nodes(logits)
+        reachable = reachable_nodes(logits)
         for slot, activation in zip(self.slots, result, strict=True):
-            if not _depends_on(activation, reachable):
+            if not depends_on(activation, reachable):
                 raise LayerNotOnPathError(
                     f"the model's output does not depend on layer {slot.name!r}: its gradient "
                     f"would be undefined; choose a layer on the path to the output"
                 )
         return result
-
-
-def _reachable_nodes(output: torch.Tensor) -> dict[int, Any]:
-    """The autograd nodes reachable backwards from ``output`` (its history), by id."""
-    seen: dict[int, Any] = {}
-    stack = [] if output.grad_fn is None else [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen[id(node)] = node
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return seen
-
-
-def _depends_on(activation: torch.Tensor, reachable: dict[int, Any]) -> bool:
-    if activation.grad_fn is not None:
-        return id(activation.grad_fn) in reachable
-    # A leaf enters the graph through its gradient-accumulation node, which holds it as .variable.
-    return any(getattr(node, "variable", None) is activation for node in reachable.values())
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One module of a model as seen in one forward pass."""
-
-    name: str
-    type_name: str
-    shape: tuple[int, ...] | None  # None when the output is not a tensor
-    calls: int
-    on_path: bool
-    order: int = -1  # when the module first returned in the forward pass (-1: never ran)
-    same_as: str = ""  # the outermost module returning the very same tensor (a wrapper's child)
-
-
-def _wrapper(outermost: dict[int, str], tensor: torch.Tensor | None, name: str) -> str:
-    """The outermost module that returned ``tensor`` itself, if another than ``name``."""
-    wrapper = outermost.get(id(tensor), name) if tensor is not None else name
-    return "" if wrapper == name else wrapper
-
-
-def describe_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
-    """Every module's output shape in one forward of ``example``, and whether the output uses it.
-
-    The example input requires grad, so every tensor computed from it has a history; a module's
-    output is on the path when the model's output's history contains it. Hooks are removed on exit.
-    """
-    outputs: dict[str, list[Any]] = {}
-    handles = []
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            outputs.setdefault(name, []).append(output)  # insertion order: execution order
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_hook(hook_for(name)))
-        with torch.inference_mode(False), torch.enable_grad():
-            result = run_model(model, example.detach().clone().requires_grad_(True))
-    finally:
-        for handle in handles:
-            handle.remove()
-    final = result if isinstance(result, torch.Tensor) else None
-    if final is None and isinstance(result, dict | tuple | list):
-        values = list(result.values()) if isinstance(result, dict) else list(result)
-        final = next((v for v in values if isinstance(v, torch.Tensor)), None)
-    reachable = _reachable_nodes(final) if final is not None else {}
-    table = []
-    order = {name: position for position, name in enumerate(outputs)}
-    outermost: dict[int, str] = {}  # tensor id -> the last module (outermost) that returned it
-    for name, seen in outputs.items():
-        if len(seen) == 1 and isinstance(seen[0], torch.Tensor):
-            outermost[id(seen[0])] = name
-    for name, module in model.named_modules():
-        seen = outputs.get(name, [])
-        first = seen[0] if seen else None
-        tensor = first if isinstance(first, torch.Tensor) else None
-        on_path = tensor is not None and _depends_on(tensor, reachable)
-        table.append(
-            LayerInfo(
-                name=name,
-                type_name=type(module).__name__,
-                shape=tuple(tensor.shape) if tensor is not None else None,
-                calls=len(seen),
-                on_path=on_path,
-                order=order.get(name, -1),
-                same_as=_wrapper(outermost, tensor, name) if len(seen) == 1 else "",
-            )
-        )
-    return table
-
-
-# ---------------------------------------------------------------- inputs and outputs
-
-
-def _describe_output(raw: Any) -> str:
-    if isinstance(raw, torch.Tensor):
-        return f"tensor of shape {tuple(raw.shape)}"
-    if isinstance(raw, Mapping):
-        return f"dict with keys {list(raw)}"
-    if isinstance(raw, tuple | list):
-        return f"{type(raw).__name__} of {len(raw)} items"
-    return type(raw).__name__
-
-
-def select_logits(raw: Any, output: OutputSpec, input_ndim: int) -> torch.Tensor:
-    """Pick the logits (N, K, *S) out of a model's raw output.
-
-    ``output`` may be a key (dict outputs), an index (tuple/list outputs, or the head of a deep
-    supervision stack of shape (N, H, K, *S)), or a callable applied to the raw output. ``None``
-    accepts a tensor of the input's rank, a dict with an ``"out"`` key (torchvision style) or a
-    single tensor value, and a one-item tuple or list; anything else is ambiguous.
-    :class:`FromProbabilities` wraps any of these for models that output probabilities.
-    """
-    if isinstance(output, FromProbabilities):
-        probabilities = select_logits(raw, output.output, input_ndim)
-        return logits_from_probabilities(probabilities)
-    if callable(output):
-        selected = output(raw)
-    elif isinstance(output, str):
-        if not isinstance(raw, Mapping):
-            raise OutputError(
-                f"output={output!r} is a key, but the model returned {_describe_output(raw)}"
-            )
-        if output not in raw:
-            raise OutputError(f"output key {output!r} not in the model's output keys {list(raw)}")
-        selected = raw[output]
-    elif isinstance(output, int) and not isinstance(output, bool):
-        if isinstance(raw, torch.Tensor) and raw.ndim == input_ndim + 1:
-            if not -raw.shape[1] <= output < raw.shape[1]:
-                raise OutputError(f"output={output} is outside the {raw.shape[1]} stacked heads")
-            selected = raw[:, output]
-        elif isinstance(raw, tuple | list):
-            if not -len(raw) <= output < len(raw):
-                raise OutputError(f"output={output} is outside the model's {len(raw)} outputs")
-            selected = raw[output]
-        else:
-            raise OutputError(
-                f"output={output} is an index, but the model returned {_describe_output(raw)}"
-            )
-    elif output is None:
-        selected = _default_logits(raw, input_ndim)
-    else:
-        raise OutputError(f"output must be None, a key, an index or a callable; got {output!r}")
-    if not isinstance(selected, torch.Tensor):
-        raise OutputError(f"the selected output is {_describe_output(selected)}, not a tensor")
-    if selected.ndim != input_ndim:
-        raise OutputError(
-            f"the logits must have shape (N, K, *S) with the input's rank {input_ndim}; got "
-            f"{tuple(selected.shape)} (for a deep supervision stack pass output=0)"
-        )
-    if not selected.is_floating_point():
-        raise OutputError(f"the logits must be floating point; got {selected.dtype}")
-    return selected
-
-
-def _default_logits(raw: Any, input_ndim: int) -> Any:
-    if isinstance(raw, torch.Tensor):
-        if raw.ndim == input_ndim + 1:
-            raise OutputError(
-                f"the model returned a {raw.ndim}-D tensor {tuple(raw.shape)}, one rank more than "
-                f"the input: a deep supervision stack? pass output=0 for the first head"
-            )
-        return raw
-    if isinstance(raw, Mapping):
-        tensors = [key for key, value in raw.items() if isinstance(value, torch.Tensor)]
-        if "out" in raw:
-            return raw["out"]
-        if len(tensors) == 1:
-            return raw[tensors[0]]
-        raise OutputError(
-            f"the model returned a dict with keys {list(raw)}; pass output=KEY to choose the logits"
-        )
-    if isinstance(raw, tuple | list):
-        if len(raw) == 1:
-            return raw[0]
-        raise OutputError(
-            f"the model returned a {type(raw).__name__} of {len(raw)} items; pass output=INDEX "
-            f"(or a callable) to choose the logits"
-        )
-    raise OutputError(
-        f"the model returned {type(raw).__name__}, not a tensor; pass output= (a key, an index, "
-        f"or a callable returning the logits)"
-    )
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or Inf."""
-    # A NaN or Inf makes the sum non-finite, so one reduction without a mask allocation settles
-    # the common case; only an overflowing sum of finite values needs the element-wise check.
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def check_inputs(inputs: Any) -> None:
-    """Raise :class:`InputError` unless ``inputs`` is a finite float (N, C, *S) tensor, S 2D/3D."""
-    if not isinstance(inputs, torch.Tensor):
-        raise InputError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.ndim not in (4, 5):
-        raise InputError(
-            f"inputs must have shape (N, C, H, W) or (N, C, D, H, W); got {inputs.ndim}-D "
-            f"{tuple(inputs.shape)} (add a batch axis with x[None] or a channel axis with "
-            f"x[:, None])"
-        )
-    if not inputs.is_floating_point():
-        raise InputError(f"inputs must be floating point; got {inputs.dtype}")
-    if min(inputs.shape) == 0:
-        raise InputError(f"inputs {tuple(inputs.shape)} have an empty axis")
-    if inputs.device.type == "meta":
-        raise InputError("inputs are meta tensors, which hold no data; pass real values")
-    if not all_finite(inputs):
-        raise NonFiniteError("inputs hold NaN or Inf values; clean or mask them before explaining")
-
-
-def _first_layer(model: nn.Module) -> nn.Module | None:
-    """The model's first convolution or linear layer, in registration order (None: none)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-            return module
-    return None
-
-
-def _expectation(model: nn.Module) -> str:
-    """What the first layer expects, as a hint for a failed forward (empty when unknown)."""
-    first = _first_layer(model)
-    if isinstance(first, nn.modules.conv._ConvNd):
-        dims = len(first.kernel_size)
-        return (
-            f"; its first convolution ({type(first).__name__}) takes {first.in_channels} "
-            f"channel(s) on a {dims}D grid, i.e. inputs (N, {first.in_channels}, "
-            f"{', '.join('S' + str(i) for i in range(1, dims + 1))})"
-        )
-    return ""
-
-
-def check_model_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
-    """Refuse, before any forward pass, inputs the model cannot take.
-
-    Checked: a TorchScript model (its modules cannot be hooked); the input's device and floating
-    dtype against the model's parameters; rank and channels against the first convolution when
-    it is the model's first layer with parameters (the stem, in the networks people train).
-    """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise LayerError(
-            "the model is a TorchScript module: its submodules cannot be hooked for CAMs; "
-            "explain the Python model (load its state_dict into the original class)"
-        )
-    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if parameter is None:
-        return
-    if parameter.device != inputs.device:
-        raise InputError(
-            f"the input is on {inputs.device} but the model's parameters are on "
-            f"{parameter.device}; move one of them (x.to(device) or model.to(device))"
-        )
-    if parameter.dtype != inputs.dtype:
-        raise InputError(
-            f"the input is {inputs.dtype} but the model's parameters are {parameter.dtype}; "
-            f"convert the input (x.to({parameter.dtype})) or the model"
-        )
-    first = _first_layer(model)
-    owner = next((m for m in model.modules() if any(True for _ in m.parameters(False))), None)
-    if isinstance(first, nn.modules.conv._ConvNd) and first is owner:
-        dims = len(first.kernel_size)
-        if inputs.ndim != dims + 2 or inputs.shape[1] != first.in_channels:
-            raise InputError(
-                f"the input {tuple(inputs.shape)} does not fit the model{_expectation(model)}"
-            )
-
-
-def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()) -> Any:
-    """``model(inputs)``, with an error from the model wrapped in :class:`ModelError`.
-
-    The message names the input, the hooked ``layers`` (if any) and what the model's first
-    layer takes; segcam's own errors (raised by its hooks) pass through unchanged.
-    """
-    try:
-        return model(inputs)
-    except SegCamError:
-        raise
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        hooked = f" with layer(s) {', '.join(map(repr, layers))} hooked" if layers else ""
-        raise ModelError(
-            f"the model failed on the input {tuple(inputs.shape)} ({inputs.dtype}, "
-            f"{inputs.device}){hooked}: {type(error).__name__}: {first_line}"
-            f"{_expectation(model)}"
-        ) from error
-
-
-_PROBABILITY_NODES = ("SoftmaxBackward", "SigmoidBackward")  # log-softmax is fine: logits
-
-
-def warn_if_probabilities(logits: torch.Tensor) -> None:
-    """Warn once when the selected output looks like probabilities rather than raw logits.
-
-    Probabilities: the output's last operation is a softmax or sigmoid, or every value lies in
-    [0, 1] and the channels sum to 1 everywhere. (Log-probabilities are logits up to a shift per
-    pixel and pass.)
-    """
-    node = type(logits.grad_fn).__name__ if logits.grad_fn is not None else ""
-    detached = logits.detach()
-    summed = detached.shape[1] > 1 and bool(
-        (detached.min() >= 0)
-        & (detached.max() <= 1)
-        & torch.allclose(detached.sum(1), torch.ones((), dtype=detached.dtype), atol=1e-3)
-    )
-    ends = node.startswith(_PROBABILITY_NODES)
-    if ends or summed:
-        what = f"ends in {node.removesuffix('0').removesuffix('Backward')}" if ends else "sums to 1"
-        warnings.warn(
-            f"the model's output {what}: it looks like probabilities, not raw logits. The "
-            f"methods are defined on logits, and saturated probabilities have vanishing "
-            f"gradients; remove the final activation, or pass output= a callable that returns "
-            f"the pre-activation logits",
-            SegCamWarning,
-            stacklevel=user_stacklevel(),
-        )
-
-
-# ---------------------------------------------------------------- the recorded forward pass
 
 
 @dataclass
@@ -685,7 +254,7 @@ def record_forward(
     """
     check_inputs(inputs)
     layers = resolve_layers(model, layer)
-    training = _training_dependent(model)
+    training = training_dependent(model)
     if training:
         warnings.warn(
             f"modules that behave differently in training are in training mode ({training}): "
@@ -736,16 +305,3 @@ def record_forward(
 
 def _channels(activation: torch.Tensor, layout: Layout) -> int:
     return int(activation.shape[1] if layout.kind == "channels_first" else activation.shape[-1])
-
-
-_TRAINING_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
-
-def _training_dependent(model: nn.Module) -> str:
-    """Names (at most three) of modules in training mode whose output depends on it."""
-    names = [
-        name or type(module).__name__
-        for name, module in model.named_modules()
-        if module.training and isinstance(module, _TRAINING_DEPENDENT)
-    ]
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

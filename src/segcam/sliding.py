@@ -44,34 +44,25 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from segcam.checks import all_finite, check_inputs
 from segcam.core import (
-    MethodOptions,
     Progress,
-    check_finite_maps,
-    check_postprocess,
     method_maps,
-    resolve_methods,
 )
 from segcam.errors import InputError, NonFiniteError, OptionError
-from segcam.explanation import Explanation
-from segcam.methods import Method
-from segcam.postprocess import Normalization, postprocess
+from segcam.explanation import Explanation, assemble
+from segcam.layers import LayerSpec
+from segcam.methods import Method, MethodOptions, resolve_methods
+from segcam.outputs import OutputSpec, select_logits
+from segcam.postprocess import Normalization, PostProcessing
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import (
-    LayerSpec,
-    OutputSpec,
-    all_finite,
-    check_inputs,
-    record_forward,
-    select_logits,
-)
+from segcam.recording import record_forward
 from segcam.targets import (
     TargetLike,
     as_target_list,
     score_gradient,
     target_pixel_sets,
     uses_logits,
-    warn_empty_pixel_sets,
 )
 
 __all__ = [
@@ -439,23 +430,11 @@ def _run_group(
                     accumulator.add(name, window_maps, group, t, batch, plan.roi)
 
 
-def _finish(
-    run: _SlidingRun,
-    inputs: torch.Tensor,
-    relu: bool,
-    upsample: bool,
-    normalize: Normalization | None,
-) -> dict[str, Explanation]:
-    """Divide the blended logits, check the maps, warn about empty pixel sets, post-process."""
+def _finish(run: _SlidingRun, inputs: torch.Tensor, post: PostProcessing) -> dict[str, Explanation]:
+    """Divide the blended logits, then the one assembly (finite check, empty sets, post)."""
     plan = run.plan
-    for name, layer in zip(run.layer_names, run.layers, strict=True):
-        for method, maps in layer.maps.items():
-            check_finite_maps(maps, method, name, run.targets, inputs)
     assert run.blended is not None and run.pixel_sets is not None and run.layers
     blended = run.blended.div_(plan.count) if run.static else run.blended  # in place
-    _check_blended(blended)
-    stacked_sets = torch.stack(run.pixel_sets, dim=1)
-    warn_empty_pixel_sets(stacked_sets.flatten(2).any(dim=2), run.targets)
     info = {
         "sliding_window": {
             "roi_size": list(plan.roi),
@@ -475,30 +454,26 @@ def _finish(
         name: (blended.shape[0], -1, *layer.maps[run.methods[0][0].name].shape[2:])
         for name, layer in zip(run.layer_names, run.layers, strict=True)
     }
-    return {
-        method.name: Explanation(
-            layer_maps={
-                name: postprocess(
-                    layer.maps[method.name],
-                    relu_maps=relu,
-                    size=plan.spatial if upsample else None,
-                    normalization=normalize,
-                )
+    explanations = assemble(
+        {
+            method.name: {
+                name: layer.maps[method.name]
                 for name, layer in zip(run.layer_names, run.layers, strict=True)
-            },
-            logits=blended,
-            pixel_sets=stacked_sets,
-            targets=tuple(run.targets),
-            method=method.name,
-            relu=relu,
-            upsampled=upsample,
-            normalize=normalize,
-            layer_shapes=layer_shapes,
-            method_options=options,
-            info=info,
-        )
-        for method, options in run.methods
-    }
+            }
+            for method, _ in run.methods
+        },
+        {method.name: options for method, options in run.methods},
+        logits=blended,
+        pixel_sets=torch.stack(run.pixel_sets, dim=1),
+        targets=run.targets,
+        post=post,
+        size=plan.spatial,
+        layer_shapes=layer_shapes,
+        inputs=inputs,
+        info=info,
+    )
+    _check_blended(blended)  # after the maps' check: an overflowing map is named first
+    return explanations
 
 
 def explain_sliding_window_methods(
@@ -529,7 +504,7 @@ def explain_sliding_window_methods(
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
         method.require_sliding_window()
-    check_postprocess(normalize)
+    post = PostProcessing(relu, upsample, normalize)
     plan = plan_windows(
         inputs,
         roi_size,
@@ -548,7 +523,7 @@ def explain_sliding_window_methods(
         _run_group(run, model, inputs, group, layer, output)
         if progress is not None:
             progress(done, len(plan.groups))
-    return _finish(run, inputs, relu, upsample, normalize)
+    return _finish(run, inputs, post)
 
 
 def explain_sliding_window(

@@ -122,15 +122,19 @@ def target_pixel_sets(targets: Sequence[TargetLike], logits: torch.Tensor) -> li
     return result
 
 
-def score_gradient(logits: torch.Tensor, class_index: int, weights: torch.Tensor) -> torch.Tensor:
+def score_gradient(
+    logits: torch.Tensor, class_index: int, weights: torch.Tensor, *, sigmoid_pair: bool = True
+) -> torch.Tensor:
     """D y^c_M / d logits: ``weights`` (the pixel set, 0/1 or blended) in channel c, else 0.
 
-    For a single-channel output, class 1 is the logit and class 0 its negation, so the gradient
-    is negated for class 0.
+    ``weights`` are (N, *S), one set per sample (a batch of windows may weigh each its own).
+    For a single-channel output, class 1 is the logit and class 0 its negation (the two classes
+    of one sigmoid), so the gradient is negated for class 0 unless ``sigmoid_pair=False``
+    (nnU-Net's region heads, where each channel is a region of its own).
     """
     grad = torch.zeros_like(logits)
     weights = weights.to(logits.dtype)
-    if logits.shape[1] == 1:
+    if logits.shape[1] == 1 and sigmoid_pair:
         grad[:, 0] = weights if class_index == 1 else -weights
     else:
         grad[:, class_index] = weights

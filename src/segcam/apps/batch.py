@@ -39,7 +39,6 @@ from segcam.apps.specs import (
     load_model,
     parse_target,
 )
-from segcam.core import resolve_methods
 from segcam.errors import InputFileError, OptionError, OutputFileError, SegCamError
 from segcam.io.files import (
     IMAGE_SUFFIXES,
@@ -50,8 +49,9 @@ from segcam.io.files import (
 )
 from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
 from segcam.io.writing import atomic_write, make_dir
-from segcam.methods import get_method
-from segcam.recording import FromProbabilities, resolve_layers
+from segcam.layers import resolve_layers
+from segcam.methods import get_method, resolve_methods
+from segcam.outputs import FromProbabilities
 
 try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
     import fcntl

@@ -27,7 +27,7 @@ sliding windows) live here, once.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeAlias, overload
 
@@ -47,11 +47,13 @@ __all__ = [
     "Method",
     "MethodContext",
     "MethodKind",
+    "MethodOptions",
     "OptionValidator",
     "check_positive_int",
     "get_method",
     "list_methods",
     "register",
+    "resolve_methods",
     "resolve_options",
 ]
 
@@ -294,3 +296,29 @@ def list_methods() -> list[str]:
 # Importing the method modules fills the registry.
 from segcam.methods import gradient as gradient  # noqa: E402
 from segcam.methods import gradient_free as gradient_free  # noqa: E402
+
+MethodOptions = Mapping[str, Mapping[str, Any] | None]
+"""Options per method name: ``{"seg-xres-cam": {"pool_size": 4}}``."""
+
+
+def resolve_methods(
+    methods: str | Sequence[str], method_options: MethodOptions | None = None
+) -> list[tuple[Method, dict[str, Any]]]:
+    """The methods (each once, in order) with their checked options, before any forward pass.
+
+    Raises:
+        MethodNotFoundError: an unknown method.
+        OptionError: options for a method not requested, unknown names or bad values.
+    """
+    names = [methods] if isinstance(methods, str) else list(methods)
+    if not names:
+        raise OptionError("methods is empty: name at least one method (segcam.list_methods())")
+    chosen = [get_method(name) for name in dict.fromkeys(names)]
+    given = dict(method_options or {})
+    stray = sorted(set(given) - {method.name for method in chosen}, key=str)
+    if stray:
+        raise OptionError(
+            f"options given for {', '.join(map(repr, stray))}, which is not among the methods "
+            f"({', '.join(method.name for method in chosen)})"
+        )
+    return [(method, method.resolve_options(given.get(method.name))) for method in chosen]

@@ -10,6 +10,9 @@ Localisation (against a region R: the pixel set M, or a ground-truth mask):
 - :func:`relevance_rank_accuracy`: share of the |R| highest-ranked positions inside R (Arras et
   al., "CLEVR-XAI", Information Fusion 2022).
 
+Agreement: :func:`fold_agreement`, the mean pairwise :func:`spearman` of several models' maps
+(nnU-Net's folds) inside and around each pixel set.
+
 Faithfulness: :func:`deletion_insertion` (Petsiuk et al., RISE, BMVC 2018) on the target score
 y^c_M. Sanity: :func:`cascading_randomization` (Adebayo et al., NeurIPS 2018) with
 :func:`spearman`.
@@ -18,8 +21,9 @@ y^c_M. Sanity: :func:`cascading_randomization` (Adebayo et al., NeurIPS 2018) wi
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +40,7 @@ __all__ = [
     "cascading_randomization",
     "deletion_insertion",
     "energy_inside",
+    "fold_agreement",
     "pointing_game",
     "relevance_rank_accuracy",
     "spearman",
@@ -128,6 +133,46 @@ def spearman(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     denominator = (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
     correlation = (a * b).sum(dim=1) / denominator
     return torch.where(denominator > 0, correlation, torch.full_like(correlation, math.nan))
+
+
+def fold_agreement(
+    fold_maps: Mapping[str, Mapping[str, torch.Tensor]], pixel_sets: torch.Tensor, margin: int = 3
+) -> dict[str, list[dict[str, float | None]]]:
+    """Mean pairwise Spearman rank correlation of several models' maps, inside and around M.
+
+    Args:
+        fold_maps: model (fold) name -> layer -> maps (1, T, *S) of the same targets.
+        pixel_sets: (1, T, *S) the targets' pixel sets M.
+        margin: "around" is the ring of voxels within ``margin`` (max norm) of M, outside it.
+
+    Returns:
+        layer -> per target ``{"inside": r, "around": r}``: the mean over model pairs of the
+        Spearman correlation of the maps' values there (a constant map counts as 0); ``None``
+        with fewer than two models or fewer than 3 voxels in the region.
+    """
+    names = list(fold_maps)
+    sets = pixel_sets[0].float()
+    pool = F.max_pool3d if sets.ndim - 1 == 3 else F.max_pool2d
+    around = pool(sets[:, None], 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
+    result: dict[str, list[dict[str, float | None]]] = {}
+    for layer in fold_maps[names[0]]:
+        per_target = []
+        for t in range(sets.shape[0]):
+            inside = sets[t] > 0
+            scores: dict[str, float | None] = {}
+            for label, region in (("inside", inside), ("around", around[t] & ~inside)):
+                values = [fold_maps[n][layer][0, t][region].double() for n in names]
+                if len(names) < 2 or values[0].numel() < 3:
+                    scores[label] = None
+                    continue
+                correlations = []
+                for i, j in itertools.combinations(range(len(names)), 2):
+                    rho = float(spearman(values[i][None], values[j][None])[0])
+                    correlations.append(rho if math.isfinite(rho) else 0.0)
+                scores[label] = sum(correlations) / len(correlations)
+            per_target.append(scores)
+        result[layer] = per_target
+    return result
 
 
 Baseline = Literal["blur", "constant", "mean"] | float | torch.Tensor

@@ -4,20 +4,17 @@
   builds them (:mod:`segcam.nnunet.model`).
 - :func:`read_case` reads and preprocesses a case with nnU-Net's own code
   (:mod:`segcam.nnunet.case`).
+- :func:`predict` is nnU-Net's own prediction and export, without gradients
+  (:mod:`segcam.nnunet.predict`, over the windows of :mod:`segcam.nnunet.windows`).
 - :func:`explain` / :func:`explain_methods` explain nnU-Net's whole-case prediction exactly, on
-  the original image's grid (:mod:`segcam.nnunet.explain`, :mod:`segcam.nnunet.geometry`);
-  :func:`predict` is nnU-Net's own prediction and export, without gradients.
+  the original image's grid (:mod:`segcam.nnunet.explain`, :mod:`segcam.nnunet.geometry`), for
+  targets resolved by :mod:`segcam.nnunet.targets`.
 """
 
 from segcam.nnunet.case import NnUNetCase, read_case
-from segcam.nnunet.explain import (
-    NnUNetPrediction,
-    explain,
-    explain_and_predict,
-    explain_methods,
-    predict,
-)
+from segcam.nnunet.explain import explain, explain_and_predict, explain_methods
 from segcam.nnunet.model import NnUNetError, NnUNetModel, load
+from segcam.nnunet.predict import NnUNetPrediction, predict
 
 __all__ = [
     "NnUNetCase",

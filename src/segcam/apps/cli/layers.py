@@ -13,7 +13,7 @@ from segcam.apps.cli.options import (
     add_nnunet_options,
     model_from_args,
 )
-from segcam.recording import describe_layers
+from segcam.layers import describe_layers
 
 __all__ = ["add_parser", "run"]
 

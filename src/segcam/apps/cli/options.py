@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.core import resolve_methods
 from segcam.errors import SegCamError
-from segcam.recording import FromProbabilities, OutputSpec
+from segcam.methods import resolve_methods
+from segcam.outputs import FromProbabilities, OutputSpec
 
 __all__ = [
     "UsageError",

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import segcam
+from segcam import Explainer
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import OptionError
-from segcam.explainer import Explainer
+from segcam.layers import describe_layers
 from segcam.methods import get_method
-from segcam.recording import describe_layers
 
 __all__ = ["NnUNetViewerSession", "nnunet_session"]
 

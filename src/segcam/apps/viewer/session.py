@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 import segcam
+from segcam import Explainer
 from segcam.apps.viewer.planes import Plane, planes
 from segcam.apps.viewer.uploads import read_mask
+from segcam.checks import check_model_inputs, run_model
 from segcam.errors import (
     InputError,
     LayerNotOnPathError,
@@ -40,9 +42,9 @@ from segcam.errors import (
     OptionError,
     SegCamError,
 )
-from segcam.explainer import Explainer
+from segcam.layers import describe_layers
 from segcam.methods import REGISTRY, get_method
-from segcam.recording import check_model_inputs, describe_layers, run_model, select_logits
+from segcam.outputs import select_logits
 from segcam.sliding import blended_logits, explain_sliding_window_methods
 from segcam.viz import grey, overlay
 
