@@ -208,7 +208,7 @@ def test_nifti_masks_upload_on_the_volumes_grid_and_bad_ones_are_refused():
 
 def test_the_cost_of_gradient_free_methods_is_estimated_before_they_run():
     session = session_3d()
-    channels = session._layer_shapes[session.default_layer][1]
+    channels = session.menu.shapes[session.default_layer][1]
     estimate = session.estimate(
         {"layer": session.default_layer, "methods": ["seg-score-cam", "seg-grad-cam"]}
     )

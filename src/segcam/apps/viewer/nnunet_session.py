@@ -19,6 +19,7 @@ import torch
 
 import segcam
 from segcam import Explainer
+from segcam.apps.viewer.layers import LayerMenu, on_path_shapes
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import OptionError
 from segcam.layers import describe_layers
@@ -81,21 +82,16 @@ class NnUNetViewerSession(ViewerSession):
         channels = int(case.data.shape[0])
         patch = tuple(int(p) for p in model.configuration_manager.patch_size)
         table = describe_layers(network, torch.zeros((1, channels, *patch)))
-        self._layer_shapes = {
-            info.name: info.shape
-            for info in table
-            if info.on_path and info.shape is not None and info.calls == 1 and info.name
-        }
-        if not self.layers:
-            self.layers = [name for name in self._layer_shapes if _BLOCK.match(name)]
-        unknown = [name for name in self.layers if name not in self._layer_shapes]
+        shapes = on_path_shapes(table)
+        layers = list(self.layers) or [name for name in shapes if _BLOCK.match(name)]
+        unknown = [name for name in layers if name not in shapes]
         if unknown:
             raise OptionError(f"layers not on the network's path (or unknown): {unknown}")
-        self.layers = list(self.layers)
         if self.default_layer is None:
-            decoders = [name for name in self.layers if name.startswith("decoder.")]
-            self.default_layer = (decoders or self.layers)[-1]
-        self._all_layers, self._hidden = list(self.layers), set()
+            decoders = [name for name in layers if name.startswith("decoder.")]
+            self.default_layer = (decoders or layers)[-1]
+        if self.default_layer not in layers:
+            raise OptionError(f"default layer {self.default_layer!r} is not among the layers")
         if self.affine is None:
             self.affine = _ras_affine(case.properties, len(self.spatial))
         schemes = list(getattr(model.configuration_manager, "normalization_schemes", []))
@@ -103,10 +99,10 @@ class NnUNetViewerSession(ViewerSession):
             self.intensity_unit = "HU"  # the first channel is a CT in Hounsfield units
         original = np.asarray(self.original, dtype=np.float32)
         self._arrays(original[0] if self.intensity_unit == "HU" else original.mean(0))
-        if not self.layer_labels:
-            from segcam.nnunet.model import block_name
+        from segcam.nnunet.model import block_name
 
-            self.layer_labels = {name: block_name(name) for name in self.layers}
+        labels = self.layer_labels or {name: block_name(name) for name in layers}
+        self._set_menu(LayerMenu(shapes, set(), layers, layers, labels, self.default_layer))
 
     def info(self) -> dict[str, Any]:  # noqa: D102
         result = super().info()

@@ -1,0 +1,153 @@
+"""How the viewer computes: kept forwards per layer, the fast 3D layout, one request at a time.
+
+- :class:`KeptForwards`: an :class:`~segcam.Explainer` per recently used layer (its forward and
+  graph kept), so a new pixel set costs one backward pass; the oldest is freed beyond
+  :data:`MAX_EXPLAINERS`.
+- On the CPU, a float32 volume's 3D convolutions get channels-last inputs (oneDNN's fast
+  kernels; the same maps to float32 rounding), unless the model needs contiguous tensors.
+- :class:`RequestGate`: requests run one at a time under a lock; a newer request of the same
+  page cancels an older one still waiting or computing, at the next forward of a module.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcam import Explainer
+from segcam.apps.viewer.requests import SupersededError
+from segcam.errors import ModelError
+
+__all__ = [
+    "MAX_EXPLAINERS",
+    "KeptForwards",
+    "RequestGate",
+    "channels_last_convolutions",
+    "channels_last_helps",
+]
+
+MAX_EXPLAINERS = 3  # kept forwards (one per recently used layer)
+
+
+def channels_last_helps(inputs: torch.Tensor) -> bool:
+    """Whether the fast channels-last forward applies: a float32 volume on the CPU."""
+    return inputs.ndim == 5 and inputs.device.type == "cpu" and inputs.dtype == torch.float32
+
+
+@contextmanager
+def channels_last_convolutions(model: nn.Module) -> Iterator[None]:
+    """Feed every 3D (transposed) convolution a channels-last input while the block runs.
+
+    The recorded graph keeps the channels-last tensors, so its backward passes run the fast
+    kernels too. The values are the same up to float32 summation order. Hooks are removed on
+    exit, exceptions included; the model's parameters are not touched.
+    """
+
+    def to_channels_last(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.ndim == 5 and first.dtype == torch.float32:
+            return (first.contiguous(memory_format=torch.channels_last_3d), *args[1:])
+        return None
+
+    kinds = (nn.Conv3d, nn.ConvTranspose3d)
+    handles = [
+        m.register_forward_pre_hook(to_channels_last)
+        for m in model.modules()
+        if isinstance(m, kinds)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class KeptForwards:
+    """One kept forward (an :class:`~segcam.Explainer`) per recently used layer."""
+
+    model: nn.Module
+    inputs: torch.Tensor  # (1, C, *S)
+    output: Any = None
+    explainers: OrderedDict[str, Explainer] = field(default_factory=OrderedDict, repr=False)
+
+    def get(self, layer: str) -> Explainer:
+        """The layer's explainer, its forward run now if it is not kept."""
+        if layer in self.explainers:
+            self.explainers.move_to_end(layer)
+            return self.explainers[layer]
+        explainer = Explainer(self.model, layer, relu=True, upsample=True, output=self.output)
+        if channels_last_helps(self.inputs):
+            try:
+                with channels_last_convolutions(self.model):
+                    explainer.forward(self.inputs)
+            except ModelError:  # a model that needs contiguous tensors (e.g. .view): as is
+                explainer.forward(self.inputs)
+        else:
+            explainer.forward(self.inputs)
+        self.explainers[layer] = explainer
+        while len(self.explainers) > MAX_EXPLAINERS:
+            _, old = self.explainers.popitem(last=False)
+            old.close()
+        return explainer
+
+    def close(self) -> None:
+        """Free every kept forward graph."""
+        for explainer in self.explainers.values():
+            explainer.close()
+        self.explainers.clear()
+
+
+@dataclass
+class RequestGate:
+    """Requests one at a time; a newer request of the same page supersedes an older one."""
+
+    model: nn.Module
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _latest: dict[str, int] = field(default_factory=dict, repr=False)
+    _generation: int = field(default=0, repr=False)
+
+    def _next(self, client: str) -> int:
+        with self._guard:
+            self._generation += 1
+            self._latest[client] = self._generation
+            return self._generation
+
+    def cancel(self, client: str) -> None:
+        """Cancel the page's pending or computing request (it raises SupersededError)."""
+        self._next(client)
+
+    @contextmanager
+    def run(self, client: str | None) -> Iterator[None]:
+        """Run a request of ``client`` under the lock; a newer one of the same page cancels it.
+
+        The check runs before every module's forward (gradient-free methods and new layers run
+        forward passes; a gradient request is short and ends on its own). ``None`` (an export):
+        never cancelled.
+        """
+        if client is None:
+            with self._lock:
+                yield
+            return
+        mine = self._next(client)
+
+        def check(*_: Any) -> None:
+            if self._latest.get(client) != mine:
+                raise SupersededError("superseded by a newer request of this page")
+
+        handles = [m.register_forward_pre_hook(check) for m in self.model.modules()]
+        try:
+            with self._lock:
+                check()
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,112 @@
+"""The viewer's exports: the shown map as a file, made from the request, never from state.
+
+Each export names everything it holds (method, class, layer, target, the shown slice) in its
+metadata, so two tabs never export each other's maps. Formats: ``nifti`` (3D, ``.nii.gz`` with
+the input's affine and a description), ``json`` (the metadata as a sidecar), ``png`` (2D, the
+overlay with a colour bar) and ``npz`` (map, pixel set, metadata). Files are made in memory;
+the page downloads them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from segcam.apps.viewer.requests import RequestError, TargetKey
+from segcam.viz import overlay
+
+__all__ = ["EXPORT_FORMATS", "describe_key", "export_file", "export_stem"]
+
+EXPORT_FORMATS = ("nifti", "json", "png", "npz")
+
+
+def describe_key(key: TargetKey) -> dict[str, Any]:
+    """A JSON description of a target key (kind, class, and its box, pixel or mask size)."""
+    kind, c, *rest = key
+    described: dict[str, Any] = {"kind": kind, "class_index": int(c)}
+    if kind == "box":
+        described["box"] = [list(pair) for pair in rest[0]]
+    elif kind == "pixel":
+        described["index"] = list(rest[0])
+    return described
+
+
+def export_stem(method: str, class_name: str, layer: str, kind: str) -> str:
+    """``segcam_METHOD_CLASS_LAYER_TARGET`` with anything but letters, digits, ``.-`` as ``-``."""
+    return "_".join(
+        re.sub(r"[^A-Za-z0-9.-]+", "-", part)
+        for part in ("segcam", method, class_name, layer, kind)
+    )
+
+
+def _description(metadata: Mapping[str, Any]) -> str:
+    """NIfTI's 80-character description: method, class, layer, target kind."""
+    text = (
+        f"segcam {metadata['method']} class={metadata['class']} layer={metadata['layer']} "
+        f"target={metadata['target']['kind']}"
+    )
+    return text[:79]
+
+
+def _png_with_colour_bar(display: np.ndarray, heat: np.ndarray) -> bytes:
+    """The overlay with a colour bar on its right, from 0 to the map's maximum."""
+    from PIL import Image, ImageDraw
+
+    picture = overlay(display, heat)
+    height = picture.shape[0]
+    ramp = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(12, axis=1)
+    bar = overlay(np.zeros_like(ramp), ramp, alpha=1.0)
+    gap = np.full((height, 4, 3), 255, dtype=np.uint8)
+    label = np.full((height, 64, 3), 255, dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([picture, gap, bar, label], axis=1))
+    draw = ImageDraw.Draw(image)
+    left = picture.shape[1] + 4 + 12 + 2
+    draw.text((left, 0), f"{float(max(heat.max(), 0)):.3g}", fill=(0, 0, 0))
+    draw.text((left, max(height - 12, 0)), "0", fill=(0, 0, 0))
+    stream = io.BytesIO()
+    image.save(stream, format="PNG")
+    return stream.getvalue()
+
+
+def export_file(
+    kind: Any,
+    heat: np.ndarray,
+    pixel_set: np.ndarray,
+    metadata: Mapping[str, Any],
+    *,
+    spatial: Sequence[int],
+    display: np.ndarray,
+    affine: np.ndarray | None,
+) -> tuple[bytes, str, str]:
+    """(content, media type, file name) of one map in the format ``kind``."""
+    stem = export_stem(
+        metadata["method"], str(metadata["class"]), metadata["layer"], metadata["target"]["kind"]
+    )
+    if kind == "json":
+        content = (json.dumps(metadata, indent=1) + "\n").encode()
+        return content, "application/json", f"{stem}.json"
+    if kind == "npz":
+        stream = io.BytesIO()
+        np.savez_compressed(
+            stream, map=heat, pixel_set=pixel_set, metadata=np.array(json.dumps(metadata))
+        )
+        return stream.getvalue(), "application/octet-stream", f"{stem}.npz"
+    if kind == "png":
+        if len(spatial) != 2:
+            raise RequestError("PNG export is for 2D images; export 3D maps as NIfTI")
+        return _png_with_colour_bar(display, heat), "image/png", f"{stem}.png"
+    if kind == "nifti":
+        if len(spatial) != 3:
+            raise RequestError("NIfTI export is for 3D volumes; export 2D maps as PNG")
+        from segcam.io.files import nifti_bytes
+
+        affine = np.eye(4) if affine is None else affine
+        raw = nifti_bytes(heat, affine, description=_description(metadata))
+        return gzip.compress(raw, compresslevel=6), "application/gzip", f"{stem}.nii.gz"
+    raise RequestError(f"unknown export format {kind!r}: nifti, json, png or npz")
