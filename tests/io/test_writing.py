@@ -11,7 +11,7 @@ import SimpleITK as sitk  # noqa: N813  (the [medical] extra, dev)
 import torch
 
 import segcam
-from segcam.apps import batch
+from segcam.apps.batch import outputs as batch_outputs
 from segcam.apps.cli import main
 from segcam.errors import OutputFileError
 from segcam.io.writing import atomic_path, atomic_write, file_mode
@@ -79,7 +79,7 @@ def test_every_format_lands_while_another_writer_thread_is_slow(tmp_path, monkey
     source = tmp_path / "scan.mha"
     sitk.WriteImage(image, str(source))
     others_done = threading.Event()
-    pool_class = batch.ThreadPoolExecutor
+    pool_class = batch_outputs.ThreadPoolExecutor
 
     class NpzLastPool(pool_class):  # the .npz writer waits until a map has been written
         def submit(self, function, *arguments, **keywords):
@@ -99,7 +99,7 @@ def test_every_format_lands_while_another_writer_thread_is_slow(tmp_path, monkey
 
             return super().submit(signalling, *arguments, **keywords)
 
-    monkeypatch.setattr(batch, "ThreadPoolExecutor", NpzLastPool)
+    monkeypatch.setattr(batch_outputs, "ThreadPoolExecutor", NpzLastPool)
     out = tmp_path / "out"
     code = main(
         [

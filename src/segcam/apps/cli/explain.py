@@ -7,18 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from segcam.apps.batch import (
-    BACKENDS,
-    BatchJob,
-    explain_file,
-    explain_files,
-    finished,
-    output_folder,
-)
+from segcam.apps.batch import BACKENDS, BatchJob, explain_files
 from segcam.apps.cli.options import (
     UsageError,
     add_classes_option,
@@ -35,7 +27,7 @@ from segcam.apps.cli.options import (
 )
 from segcam.apps.cli.progress import ProgressDisplay
 from segcam.apps.specs import parse_target
-from segcam.errors import InputFileError, MethodNotSupportedError
+from segcam.errors import MethodNotSupportedError
 from segcam.methods import REGISTRY, get_method
 from segcam.postprocess import NORMALIZATIONS
 
@@ -139,7 +131,7 @@ def add_parser(commands: Any) -> None:
 
 def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: Any) -> BatchJob:
     """``--nnunet``: the options nnU-Net does not take are refused; targets use its classes."""
-    from segcam.apps.nnunet_cases import folder_facts, parse_case_target
+    from segcam.apps.batch.nnunet_cases import folder_facts, parse_case_target
 
     given = [
         flag
@@ -237,25 +229,14 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Explain every input; 0 when all succeed, 1 when some failed."""
+    """Explain every input; 0 when all succeed, 1 when some failed.
+
+    One input and many go the same way (:func:`segcam.apps.batch.explain_files`); a single
+    input explained here raises its error, which is then the command's (one line, exit 2).
+    """
     job = job_from_args(args)
     files = job.expand(args.inputs, exclude=args.out)
     with ProgressDisplay(len(files), quiet=args.quiet) as display:
-        if len(files) == 1 and args.backend == "local":  # one input: its error is the command's
-            if not files[0].exists():
-                raise InputFileError(f"{files[0]}: no such file")
-            settings = job.settings()
-            with output_folder(args.out, settings, overwrite=args.overwrite):
-                if args.overwrite or not finished(args.out, files[0], settings):
-                    built = job.build()
-                    started = time.perf_counter()
-                    written = explain_file(files[0], built, args.out, display.within)
-                    seconds = time.perf_counter() - started
-                    display.line(f"[1/1] {files[0]}: {len(written)} files in {seconds:.1f}s")
-                else:
-                    display.line(f"[1/1] {files[0]}: already done, skipped")
-            print(f"outputs in {args.out}")
-            return 0
         result = explain_files(
             files,
             job,
@@ -267,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_worker=args.gpus_per_worker,
             progress=display.line,
             within=display.within,
+            raise_errors=len(files) == 1 and args.backend == "local",
         )
     print(f"outputs in {args.out}")
     if result.failed:

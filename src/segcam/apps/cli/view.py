@@ -145,7 +145,7 @@ def _check_port(host: str, port: int) -> None:
 
 def _nnunet_session(args: argparse.Namespace) -> Any:
     """``--nnunet MODEL_FOLDER CASE_0000.nii.gz``: the case's other channels lie beside it."""
-    from segcam.apps.nnunet_cases import folder_facts
+    from segcam.apps.batch.nnunet_cases import folder_facts
     from segcam.apps.viewer.nnunet_session import nnunet_session
     from segcam.nnunet.files import channel_files
 

@@ -1,4 +1,4 @@
-"""The batch's nnU-Net inputs: cases of channel files, explained with :mod:`segcam.nnunet`.
+"""The batch's nnU-Net input kind: cases of channel files, explained with :mod:`segcam.nnunet`.
 
 A batch job with an ``nnunet`` spec (``segcam explain --nnunet MODEL_FOLDER``) takes raw cases
 as ``nnUNetv2_predict -i`` does (a case is named by its ``_0000`` file, its other channels lie
@@ -19,21 +19,29 @@ the model's own reader, so they share the case's array order.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import torch
 
+from segcam.apps.batch.inputs import explain_options
+from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
 from segcam.errors import TargetError
 from segcam.targets import Box, Pixel, Region, Target
 
+if TYPE_CHECKING:
+    from segcam.apps.batch.job import BatchJob
+
 __all__ = [
+    "CaseExplainer",
+    "NnUNetCases",
     "case_digest",
     "case_name",
     "expand_cases",
-    "explain_case",
     "folder_facts",
     "load_spec",
     "resolve_folds",
@@ -185,61 +193,105 @@ def parse_case_target(spec: str, classes: Sequence[str], reverse: bool) -> Targe
     return to_reader_order(parse_target(spec, classes), reverse)
 
 
-def explain_case(
-    path: Path,
-    job: Any,
-    out: Path,
-    progress: Callable[[int, int], None] | None,
-    write: Callable[..., list[Path]],
-) -> tuple[list[Path], dict[str, Any]]:
-    """Explain one case; write its files with ``write``; return them and the input's record."""
-    from segcam import nnunet
-    from segcam.nnunet.files import write_map, write_segmentation
+@dataclass(frozen=True)
+class NnUNetCases:
+    """nnU-Net cases of channel files, explained with :mod:`segcam.nnunet` (an input kind)."""
 
-    spec = job.nnunet_spec
-    model = job.nnunet
-    facts = folder_facts(spec["folder"])
-    files = _files(path, spec)
-    case = nnunet.read_case(model, files)
-    explanations, prediction = nnunet.explain_and_predict(
-        model,
-        case,
-        job.targets,
-        job.layers,
-        job.methods,
-        step_size=float(spec.get("step_size", 0.5)),
-        mirroring=bool(spec.get("mirroring", True)),
-        **{
-            k: v
-            for k, v in job.options["explain"].items()
-            if k in ("relu", "upsample", "normalize")
-        },
-        method_options={m: job.method_options[m] for m in job.methods if m in job.method_options},
-        progress=progress,
-    )
-    ending, name = facts["file_ending"], case_name(path, spec)
+    spec: dict[str, Any]
 
-    def map_writer(folder: Path, stem: str, heat: np.ndarray) -> Path:
-        return write_map(folder / f"{stem}{ending}", heat, facts["reader"], case.properties)
+    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:  # noqa: D102
+        return expand_cases(inputs, self.spec, exclude)
 
-    extra: list[tuple[Callable[..., Path], tuple[Any, ...]]] = []
-    if spec.get("save_seg"):
-        writer = model.plans_manager.image_reader_writer_class()
-        extra.append(
-            (
-                write_segmentation,
-                (out / name / f"{name}{ending}", prediction.segmentation, writer, case.properties),
-            )
+    def name(self, path: Path) -> str:  # noqa: D102
+        return case_name(path, self.spec)
+
+    def digest(self, path: Path) -> str:  # noqa: D102
+        return case_digest(path, self.spec)
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return {"nnunet": spec_settings(self.spec)}
+
+    def build(self, job: BatchJob) -> CaseExplainer:  # noqa: D102
+        from segcam.layers import resolve_layers
+        from segcam.nnunet.files import reverses_axes
+
+        facts = folder_facts(self.spec["folder"])
+        reverse = reverses_axes(facts["reader"])
+        model = load_spec(self.spec, torch.device(job.device))
+        resolve_layers(model.networks[0], list(job.layers))  # an unknown layer: before any case
+        return CaseExplainer(
+            job=job,
+            spec=dict(self.spec),
+            model=model,
+            targets=[parse_case_target(s, facts["classes"], reverse) for s in job.targets],
+            settings=job.settings(),
         )
-    written = write(explanations, out / name, case.original_shape, map_writer, extra)
-    record = {
-        "path": str(path),
-        "files": [str(f) for f in files],
-        "sha256": case_digest(path, spec),
-        "shape": [len(files), *case.original_shape],
-        "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
-    }
-    return written, record
+
+
+@dataclass
+class CaseExplainer:
+    """A loaded nnU-Net model and parsed targets: explains one case and writes its outputs."""
+
+    job: BatchJob
+    spec: dict[str, Any]
+    model: Any  # a segcam.nnunet.NnUNetModel
+    targets: list[Target]
+    settings: dict[str, Any]
+
+    def explain(
+        self, path: Path, out: Path, progress: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Explain one case (nnU-Net's whole inference); its files, the manifest last."""
+        from segcam import nnunet
+        from segcam.nnunet.files import write_map, write_segmentation
+
+        started = time.perf_counter()
+        job, spec, model = self.job, self.spec, self.model
+        facts = folder_facts(spec["folder"])
+        ending, name = facts["file_ending"], case_name(path, spec)
+        clear_previous(out / name)
+        files = _files(path, spec)
+        case = nnunet.read_case(model, files)
+        explain = explain_options(job.explain)
+        explanations, prediction = nnunet.explain_and_predict(
+            model,
+            case,
+            self.targets,
+            list(job.layers),
+            list(job.methods),
+            step_size=float(spec.get("step_size", 0.5)),
+            mirroring=bool(spec.get("mirroring", True)),
+            **{k: v for k, v in explain.items() if k in ("relu", "upsample", "normalize")},
+            method_options={
+                m: job.method_options[m] for m in job.methods if m in job.method_options
+            },
+            progress=progress,
+        )
+
+        def map_writer(folder: Path, stem: str, heat: np.ndarray) -> Path:
+            return write_map(folder / f"{stem}{ending}", heat, facts["reader"], case.properties)
+
+        extra: list[tuple[Callable[..., Path], tuple[Any, ...]]] = []
+        if spec.get("save_seg"):
+            writer = model.plans_manager.image_reader_writer_class()
+            segmentation = out / name / f"{name}{ending}"
+            extra.append(
+                (
+                    write_segmentation,
+                    (segmentation, prediction.segmentation, writer, case.properties),
+                )
+            )
+        written = write_outputs(
+            explanations, out / name, job.targets, tuple(case.original_shape), map_writer, extra
+        )
+        record = {
+            "path": str(path),
+            "files": [str(f) for f in files],
+            "sha256": case_digest(path, spec),
+            "shape": [len(files), *case.original_shape],
+            "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
+        }
+        return write_manifest(written, record, self.settings, out / name, started)
 
 
 def _reverses(facts: dict[str, Any]) -> bool:

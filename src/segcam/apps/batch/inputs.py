@@ -1,0 +1,258 @@
+"""The kinds of input a batch explains: plain files here, nnU-Net cases beside it.
+
+An :class:`InputKind` finds a job's inputs among the given paths, names each one's output folder,
+digests it (what a rerun compares), adds its own settings to the manifest, and builds, once per
+worker, the :class:`InputExplainer` that explains one input and writes its files. The batch
+(:mod:`segcam.apps.batch.run`) knows nothing else about them: a new kind of input is a class
+here, not a branch there.
+
+Plain files (:class:`FileInputs`): PNG/JPEG/TIFF, NIfTI, NRRD, MetaImage, DICOM series and
+``.npy``, explained whole or window by window; maps in the input's own geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+import segcam
+from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
+from segcam.apps.specs import apply_intensity, file_sha256, load_callable, load_model, parse_target
+from segcam.errors import InputFileError, OptionError
+from segcam.io.files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, InputFile, read_input, write_nifti
+from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
+from segcam.io.writing import atomic_write
+from segcam.outputs import FromProbabilities
+
+if TYPE_CHECKING:
+    from segcam.apps.batch.job import BatchJob
+
+__all__ = [
+    "SUPPORTED",
+    "FileInputs",
+    "InputExplainer",
+    "InputKind",
+    "Progress",
+    "expand_inputs",
+    "explain_options",
+    "output_name",
+]
+
+SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, *MEDICAL_SUFFIXES, ".npy")
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) within one input: windows or targets."""
+
+
+class InputExplainer(Protocol):
+    """What a worker builds once: explains one input into ``out`` and writes its files."""
+
+    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
+        """Explain ``path`` into ``out/<name>/``, its manifest last; return the files written."""
+        ...
+
+
+class InputKind(Protocol):
+    """One kind of input of a batch: plain files, or nnU-Net cases."""
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:
+        """The inputs among ``inputs`` (files, folders), none under ``exclude``."""
+        ...
+
+    def name(self, path: Path) -> str:
+        """The name of the input's output folder (safe: inside ``out``)."""
+        ...
+
+    def digest(self, path: Path) -> str:
+        """The input's SHA-256, as its manifest records it."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """What this kind adds to the job's settings (recorded, compared on a rerun)."""
+        ...
+
+    def build(self, job: BatchJob) -> InputExplainer:
+        """The explainer a worker keeps: the model loaded, the targets parsed."""
+        ...
+
+
+def explain_options(explain: dict[str, Any]) -> dict[str, Any]:
+    """The job's explain options as keyword arguments of ``segcam.explain_methods``."""
+    options = dict(explain)
+    if options.pop("logits_from", "logits") == "probabilities":
+        options["output"] = FromProbabilities(options.get("output"))
+    return options
+
+
+def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
+    """Files, and the supported files inside folders (recursively, sorted).
+
+    A folder holding DICOM files is one input (a series), not one input per slice. Files under
+    ``exclude`` (the output folder, when it lies inside an input folder) are left out, so a rerun
+    never reads its own outputs as inputs.
+    """
+    skip = exclude.resolve() if exclude is not None else None
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir() and not is_dicom_folder(path):
+            found = []
+            for folder, names, filenames in os.walk(path):
+                here = Path(folder)
+                names[:] = sorted(n for n in names if not n.startswith("."))
+                if skip is not None and here.resolve().is_relative_to(skip):
+                    names[:] = []
+                    continue
+                if is_dicom_folder(here) and here != path:
+                    found.append(here)
+                    names[:] = []
+                    continue
+                found.extend(
+                    here / name
+                    for name in filenames
+                    if name.lower().endswith(SUPPORTED)
+                    and not name.lower().endswith(".dcm")
+                    and not name.startswith(".")
+                )
+            if not found:
+                raise InputFileError(
+                    f"{path}: no supported files (PNG/JPEG/TIFF, NIfTI, NRRD, MetaImage, DICOM "
+                    f"series, .npy) inside"
+                )
+            files.extend(sorted(found))
+        else:
+            files.append(path)
+    return files
+
+
+def output_name(path: Path) -> str:
+    """The output folder name of an input: its file name without the suffix, made safe.
+
+    Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``, and a name that
+    is empty or starts with a dot gets a leading ``_``: the folder always lies inside ``--out``.
+    """
+    name = path.name
+    for suffix in (".nii.gz", *SUPPORTED):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = path.name if path.is_dir() else path.stem
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return safe if safe and not safe.startswith(".") else f"_{safe}"
+
+
+@dataclass(frozen=True)
+class FileInputs:
+    """Plain files: images, volumes with their geometry, arrays."""
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:  # noqa: D102
+        return expand_inputs(inputs, exclude=exclude)
+
+    def name(self, path: Path) -> str:  # noqa: D102
+        return output_name(path)
+
+    def digest(self, path: Path) -> str:  # noqa: D102
+        return file_sha256(path)
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return {}
+
+    def build(self, job: BatchJob) -> FileExplainer:  # noqa: D102
+        model = load_model(
+            job.model,
+            Path(job.weights) if job.weights else None,
+            job.model_kwargs,
+            trust_pickle=job.trust_pickle,
+            weights_key=job.weights_key,
+        )
+        device = torch.device(job.device)
+        model.to(device)
+        return FileExplainer(
+            job=job,
+            model=model,
+            targets=[parse_target(spec, list(job.classes)) for spec in job.targets],
+            device=device,
+            preprocess=load_callable(job.preprocess, "--preprocess") if job.preprocess else None,
+            settings=job.settings(),
+        )
+
+
+@dataclass
+class FileExplainer:
+    """A loaded model and parsed targets: explains one file and writes its outputs."""
+
+    job: BatchJob
+    model: torch.nn.Module
+    targets: list[segcam.Target]
+    device: torch.device
+    preprocess: Any
+    settings: dict[str, Any]
+
+    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
+        """Read, explain (whole or by windows: every method from each pass), write, manifest."""
+        started = time.perf_counter()
+        job = self.job
+        data: InputFile = read_input(path, series_uid=job.series_uid)
+        array = apply_intensity(data.array, preprocess=self.preprocess, **job.intensity)
+        x = torch.from_numpy(array)[None].to(self.device)
+        folder = out / output_name(path)
+        clear_previous(folder)
+        method_options = {m: job.method_options[m] for m in job.methods if m in job.method_options}
+        common = {
+            **explain_options(job.explain),
+            "method_options": method_options,
+            "progress": progress,
+        }
+        if job.sliding_window:  # every method from each window's one forward and backward passes
+            explanations = segcam.explain_sliding_window_methods(
+                self.model, x, self.targets, list(job.layers), methods=list(job.methods),
+                **job.sliding_window, **common,
+            )  # fmt: skip
+        else:  # every method from one forward and one backward pass per target
+            explanations = segcam.explain_methods(
+                self.model, x, self.targets, list(job.layers), list(job.methods), **common
+            )
+
+        def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
+            if data.spatial_dims == 2:
+                return _overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
+            return _write_map(where, stem, heat, data, job.map_format)
+
+        written = write_outputs(
+            explanations, folder, job.targets, tuple(array.shape[1:]), write_map
+        )
+        record = {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)}
+        return write_manifest(written, record, self.settings, folder, started)
+
+
+def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
+    from PIL import Image
+
+    from segcam.viz import overlay
+
+    with atomic_write(path) as stream:
+        Image.fromarray(overlay(image, heat)).save(stream, format="PNG")
+    return path
+
+
+def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, chosen: str) -> Path:
+    """A 3D map in the input's geometry: its own format, or ``--map-format``'s.
+
+    NIfTI inputs keep their affine and header (nibabel); DICOM, NRRD and MetaImage inputs keep
+    their spacing, origin and direction (SimpleITK); a DICOM input gets NIfTI unless told.
+    """
+    if data.medical is not None:
+        own = {"dicom": "nifti"}.get(data.medical.format, data.medical.format)
+        suffix = MAP_FORMATS[own if chosen == "auto" else chosen]
+        return write_like(folder / f"{stem}{suffix}", heat, data.medical)
+    affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
+    if chosen in ("auto", "nifti"):
+        return write_nifti(folder / f"{stem}.nii.gz", heat, affine, data.nifti_header)
+    raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")

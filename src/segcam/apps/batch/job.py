@@ -1,0 +1,110 @@
+"""A batch job: what to explain, as plain data that travels to worker processes and Ray actors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segcam
+from segcam.apps.batch.inputs import FileInputs, InputExplainer, InputKind
+from segcam.apps.specs import file_sha256
+
+__all__ = ["BatchJob"]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What to explain, as plain data (it is sent to worker processes and Ray actors).
+
+    Attributes:
+        model: ``package.module:factory`` or ``monai:NetName`` (see ``segcam explain``).
+        weights: a state_dict file (or ``None``).
+        targets: target specifications (``predicted:1``, ``box:liver:...``, ...).
+        layers: layer names.
+        methods: registered method names.
+        classes: class names for the targets and outputs.
+        model_kwargs, trust_pickle, weights_key: as for ``--model-kwargs``, ``--trust-pickle``
+            and ``--weights-key``.
+        method_options: method name -> options.
+        intensity: ``window``, ``zscore``, ``minmax``.
+        explain: ``relu``, ``upsample``, ``normalize``, ``output``, ``logits_from``
+            (``"probabilities"``: :class:`segcam.FromProbabilities`).
+        sliding_window: ``{"roi_size", "overlap"}`` or ``None``.
+        preprocess: ``package.module:function`` or ``None``.
+        device: where the model runs (``cpu``, ``cuda``, ...).
+        map_format: 3D maps as ``"auto"`` (the input's own format; NIfTI for DICOM),
+            ``"nifti"``, ``"nrrd"`` or ``"mha"``.
+        series_uid: the DICOM series to read from a folder holding several.
+        nnunet: an nnU-Net model instead of ``model``: ``folder``, ``folds`` (or ``"all"``),
+            ``checkpoint``, ``step_size``, ``mirroring``, ``save_seg``, ``trust_checkpoint``;
+            inputs are then cases (:mod:`segcam.apps.batch.nnunet_cases`).
+    """
+
+    model: str | None
+    weights: str | None
+    targets: tuple[str, ...]
+    layers: tuple[str, ...]
+    methods: tuple[str, ...] = ("seg-hires-grad-cam",)
+    classes: tuple[str, ...] = ()
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    weights_key: str | None = None
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intensity: dict[str, Any] = field(default_factory=dict)
+    explain: dict[str, Any] = field(default_factory=dict)
+    sliding_window: dict[str, Any] | None = None
+    preprocess: str | None = None
+    device: str = "cpu"
+    map_format: str = "auto"
+    series_uid: str | None = None
+    nnunet: dict[str, Any] | None = None
+
+    def kind(self) -> InputKind:
+        """The job's kind of input: plain files, or nnU-Net cases (with an ``nnunet`` spec)."""
+        if self.nnunet is not None:
+            from segcam.apps.batch.nnunet_cases import NnUNetCases
+
+            return NnUNetCases(self.nnunet)
+        return FileInputs()
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
+        """The job's inputs: files (and folders' files), or nnU-Net cases."""
+        return self.kind().expand(inputs, exclude)
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records, and what a rerun must match to skip an input."""
+        weights = Path(self.weights) if self.weights else None
+        settings = {
+            "segcam": segcam.__version__,
+            "torch": torch.__version__,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "weights": str(weights) if weights else None,
+            "weights_sha256": file_sha256(weights) if weights else None,
+            "weights_key": self.weights_key,
+            "methods": list(self.methods),
+            "method_options": self.method_options,
+            "layers": list(self.layers),
+            "targets": list(self.targets),
+            "classes": list(self.classes),
+            "options": {
+                **self.intensity,
+                **self.explain,
+                "preprocess": self.preprocess,
+                "sliding_window": self.sliding_window,
+                "map_format": self.map_format,
+                "series_uid": self.series_uid,
+            },
+            **self.kind().settings(),
+        }
+        result: dict[str, Any] = json.loads(json.dumps(settings))  # as the manifest reads back
+        return result
+
+    def build(self) -> InputExplainer:
+        """Load the model and parse the targets: what a worker needs, built once per worker."""
+        return self.kind().build(self)
