@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from segcam.targets import as_pixel_set
+from segcam.pixel_sets import as_pixel_set
 
 # Under pytest-xdist each worker gets one core; more torch threads than cores thrash.
 if os.environ.get("PYTEST_XDIST_WORKER"):

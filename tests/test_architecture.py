@@ -44,12 +44,12 @@ def test_both_import_contracts_hold_on_the_tree_as_it_is(tmp_path):
 @pytest.mark.parametrize(
     ("module", "imported", "contract"),
     [
-        ("core.py", "segcam.apps.batch", "layers"),  # the library importing an application
+        ("core.py", "segcam.apps.batch.run", "layers"),  # the library importing an application
         ("targets.py", "segcam.core", "layers"),  # a part below importing a driver
         ("explanation.py", "segcam.metrics", "layers"),  # `|` siblings: a circle begins there
         ("fusion.py", "segcam.explanation", "layers"),  # the circle that was (fusion below)
         ("nnunet/windows.py", "segcam.nnunet.predict", "nnU-Net stages"),  # a stage reaching up
-        ("apps/batch.py", "segcam.recording", "public API"),  # an app off the public API
+        ("apps/batch/run.py", "segcam.recording", "public API"),  # an app off the public API
         ("apps/viewer/session.py", "segcam.core", "public API"),
     ],
 )
@@ -59,7 +59,6 @@ def test_each_import_contract_breaks_when_its_rule_is_broken(tmp_path, module, i
     source.write_text(source.read_text(encoding="utf-8") + f"\nimport {imported}  # noqa\n")
     broken = _lint_imports(tmp_path)
     assert broken.returncode != 0
-    assert "2 kept, 1 broken" in broken.stdout
     importer = "segcam." + module.removesuffix(".py").replace("/", ".")
     assert f"{importer} -> {imported}" in broken.stdout
     name = {

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 import segcam
-from segcam.targets import largest_component
+from segcam.pixel_sets import largest_component
 from segcam.testing import HandNet
 
 LOGITS = torch.tensor(
@@ -52,7 +52,7 @@ def test_pixel_box_all():
 def test_mask_layouts():
     mask = np.array([[1, 0], [0, 1]])
     broadcast = segcam.Mask(0, mask)
-    from segcam.targets import as_pixel_set
+    from segcam.pixel_sets import as_pixel_set
 
     as_set = as_pixel_set(broadcast.pixel_set(LOGITS), LOGITS, "m")
     assert as_set.shape == (2, 2, 2) and torch.equal(as_set[0], as_set[1])

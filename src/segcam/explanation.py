@@ -23,8 +23,9 @@ from segcam.checks import check_finite_maps
 from segcam.errors import ExplanationFileError, LayerError
 from segcam.fusion import fuse_layers
 from segcam.io.writing import atomic_write
+from segcam.pixel_sets import as_pixel_set
 from segcam.postprocess import PostProcessing
-from segcam.targets import Target, TargetLike, as_pixel_set, warn_empty_pixel_sets
+from segcam.targets import Target, TargetLike, warn_empty_pixel_sets
 
 __all__ = ["Explanation", "SavedTarget", "assemble", "load"]
 
@@ -247,10 +248,9 @@ def _write_npz(stream: Any, arrays: dict[str, np.ndarray]) -> None:
     """An ``.npz`` (a zip of ``.npy`` members) that ``np.load`` reads, written fast.
 
     Each member is streamed into the archive (no in-memory copy), deflated at level 1, or stored
-    when a 1 MiB probe of it shrinks by less than a fifth: float logits barely compress (0.90 of
-    their size at level 6, in 0.9 s for a 128^3 3-class volume), while maps and pixel sets do
-    (0.25 and 0.02) and level 1 compresses them within a few percent of level 6, about twice as
-    fast.
+    when a 1 MiB probe of it shrinks by less than a fifth: float logits barely compress, while
+    maps and pixel sets do, and level 1 compresses them within a few percent of level 6 (the
+    benchmarks page, "Choices measured", has the figures).
     """
     with zipfile.ZipFile(
         stream, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, allowZip64=True

@@ -90,7 +90,8 @@ def test_written_maps_equal_explain(scenes, tmp_path, capsys):
         for layer in (LAYER, "model.0"):
             torch.testing.assert_close(written.layer_maps[layer], expected.layer_maps[layer])
     pngs = sorted(p.name for p in folder.glob("*.png"))
-    assert len(pngs) == 2 * 2 * 4 and "seg-hires-grad-cam__model.0__t1-mask-2.png" in pngs
+    # the class name where one is known (--classes): mask:2 is the square
+    assert len(pngs) == 2 * 2 * 4 and "seg-hires-grad-cam__model.0__t1-mask-square.png" in pngs
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["methods"] == ["seg-grad-cam", "seg-hires-grad-cam"]
     assert manifest["weights_sha256"] == segcam.apps.specs.file_sha256(WEIGHTS)

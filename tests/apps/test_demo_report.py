@@ -35,16 +35,19 @@ def test_nnunet_maps_share_the_case_geometry(demo_out):
     segmentation = sitk.ReadImage(str(folder / "heldout.nii.gz"))
     assert case.GetSize() == segmentation.GetSize() == (128, 128, 24)
     predicted = sitk.GetArrayFromImage(segmentation)
-    for name in ("liver", "tumour"):
+    for t, name in enumerate(("liver", "tumour")):
         for method in ("seg-grad-cam", "seg-hires-grad-cam"):
-            image = sitk.ReadImage(str(folder / f"{method}__decoder.stages.2__{name}.nii.gz"))
+            stem = f"{method}__decoder.stages.2__t{t}-predicted-{name}"
+            image = sitk.ReadImage(str(folder / f"{stem}.nii.gz"))
             assert image.GetSize() == case.GetSize()
             assert image.GetSpacing() == case.GetSpacing()
             assert image.GetOrigin() == case.GetOrigin()
             heat = sitk.GetArrayFromImage(image)
             assert heat.max() == pytest.approx(1.0) and heat.min() >= 0
     liver = sitk.GetArrayFromImage(
-        sitk.ReadImage(str(folder / "seg-hires-grad-cam__decoder.stages.2__liver.nii.gz"))
+        sitk.ReadImage(
+            str(folder / "seg-hires-grad-cam__decoder.stages.2__t0-predicted-liver.nii.gz")
+        )
     )
     assert liver[predicted == 1].sum() > liver[predicted != 1].sum()
 
@@ -52,8 +55,8 @@ def test_nnunet_maps_share_the_case_geometry(demo_out):
 def test_nifti_files_are_aligned(demo_out, capsys):
     nibabel = pytest.importorskip("nibabel")
     names = ["ct", "labels", "prediction"] + [
-        f"heatmap_{c}_{m}"
-        for c in ("liver", "tumour")
+        f"{m}__model.1.submodule.2__t{t}-predicted-{c}"
+        for t, c in enumerate(("liver", "tumour"))
         for m in ("seg-grad-cam", "seg-hires-grad-cam")
     ]
     images = {name: nibabel.load(demo_out / f"{name}.nii.gz") for name in names}
@@ -63,7 +66,9 @@ def test_nifti_files_are_aligned(demo_out, capsys):
     labels = np.asarray(images["labels"].dataobj)
     prediction = np.asarray(images["prediction"].dataobj)
     assert set(np.unique(labels)) == {0, 1, 2} and (prediction == 1).sum() > 100_000
-    hires = np.asarray(images["heatmap_liver_seg-hires-grad-cam"].dataobj)
+    hires = np.asarray(
+        images["seg-hires-grad-cam__model.1.submodule.2__t0-predicted-liver"].dataobj
+    )
     assert hires.max() == pytest.approx(1.0) and hires.min() >= 0
     # the liver map lies mostly on the predicted liver: positive evidence inside the target
     assert hires[prediction == 1].sum() > hires[prediction != 1].sum()

@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from segcam.errors import MetricError
-from segcam.targets import TargetLike, as_pixel_set, class_logits
+from segcam.pixel_sets import as_pixel_set, class_logits
+from segcam.targets import TargetLike
 
 __all__ = [
     "Curves",

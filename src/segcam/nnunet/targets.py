@@ -20,7 +20,8 @@ import torch
 
 from segcam.errors import ClassIndexError, TargetError
 from segcam.nnunet.model import NnUNetModel
-from segcam.targets import Predicted, Region, Target, TargetLike, as_pixel_set, as_target_list
+from segcam.pixel_sets import as_pixel_set
+from segcam.targets import Predicted, Region, Target, TargetLike, as_target_list
 
 if TYPE_CHECKING:
     from segcam.nnunet.predict import NnUNetPrediction

@@ -148,9 +148,8 @@ def mirror_batch_size(plan: WindowPlan) -> int:
     """How many mirrorings of a window go through the network together (at least 1).
 
     As many as torch has threads (and mirrorings), while the batch's patch voxels stay within
-    :data:`MIRROR_BATCH_VOXELS`: small patches run faster in small batches (the benchmarks page
-    has the figures), and nnU-Net's usual 128^3 patches stay at 1, so one forward's graph bounds
-    the memory.
+    :data:`MIRROR_BATCH_VOXELS`: small patches run faster in small batches, and nnU-Net's usual
+    128^3 patches stay at 1, so one forward's graph bounds the memory.
     """
     voxels = math.prod(plan.patch)
     fits = MIRROR_BATCH_VOXELS // max(voxels, 1)

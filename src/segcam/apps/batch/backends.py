@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,6 +24,17 @@ from segcam.apps.batch.job import BatchJob
 from segcam.errors import SegCamError
 
 __all__ = ["Outcome", "run_here", "run_one", "run_processes", "run_ray"]
+
+
+class Outcome(NamedTuple):
+    """What became of one input."""
+
+    position: int  # among the job's inputs, from 1
+    path: Path
+    ok: bool
+    message: str  # the error, when not ok
+    files: int  # files written
+    seconds: float
 
 
 def run_one(
@@ -63,13 +74,10 @@ def run_here(
         if raise_errors:
             started = time.perf_counter()
             written = explainer.explain(path, out, within)
-            yield index, path, True, "", len(written), time.perf_counter() - started
+            yield Outcome(index, path, True, "", len(written), time.perf_counter() - started)
         else:
-            yield (index, path, *run_one(explainer, path, out, within))
+            yield Outcome(index, path, *run_one(explainer, path, out, within))
 
-
-Outcome = tuple[int, Path, bool, str, int, float]
-"""(index, input, ok, error message, files written, seconds)."""
 
 _WORKER: InputExplainer | None = None
 
@@ -103,7 +111,7 @@ def run_processes(
                 ok, message, count, seconds = future.result()
             except Exception as error:  # a worker that died: reported, the others go on
                 ok, message, count, seconds = False, f"worker failed: {error}", 0, 0.0
-            yield index, path, ok, message, count, seconds
+            yield Outcome(index, path, ok, message, count, seconds)
 
 
 def run_ray(
@@ -136,7 +144,7 @@ def run_ray(
                 self.job = spec.build()
 
             def run(self, index: int, path: str, where: str) -> Outcome:
-                return (index, Path(path), *run_one(self.job, Path(path), Path(where)))
+                return Outcome(index, Path(path), *run_one(self.job, Path(path), Path(where)))
 
         remote: Any = Worker
         actors = [remote.remote(job) for _ in range(min(workers, len(todo)))]
@@ -156,7 +164,9 @@ def run_ray(
             try:
                 outcome: Outcome = ray.get(ref)
             except ray.exceptions.RayError as error:  # failed even after its retries
-                outcome = (index, path, False, f"worker failed: {type(error).__name__}", 0, 0.0)
+                outcome = Outcome(
+                    index, path, False, f"worker failed: {type(error).__name__}", 0, 0.0
+                )
             yield outcome
             submit(actor)
     finally:

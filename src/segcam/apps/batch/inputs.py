@@ -24,6 +24,7 @@ import torch
 
 import segcam
 from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
+from segcam.apps.naming import folder_name, spec_class_name
 from segcam.apps.specs import apply_intensity, file_sha256, load_callable, load_model, parse_target
 from segcam.errors import InputFileError, OptionError
 from segcam.io.files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, InputFile, read_input, write_nifti
@@ -144,8 +145,7 @@ def output_name(path: Path) -> str:
             break
     else:
         name = path.name if path.is_dir() else path.stem
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return safe if safe and not safe.startswith(".") else f"_{safe}"
+    return folder_name(name)
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,8 @@ class FileExplainer:
                 return _overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
             return _write_map(where, stem, heat, data, job.map_format)
 
-        written = write_outputs(
-            explanations, folder, job.targets, tuple(array.shape[1:]), write_map
-        )
+        names = [spec_class_name(spec, job.classes) for spec in job.targets]
+        written = write_outputs(explanations, folder, names, tuple(array.shape[1:]), write_map)
         record = {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)}
         return write_manifest(written, record, self.settings, folder, started)
 

@@ -30,6 +30,7 @@ import torch
 
 from segcam.apps.batch.inputs import explain_options
 from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
+from segcam.apps.naming import folder_name, spec_class_name
 from segcam.errors import TargetError
 from segcam.targets import Box, Pixel, Region, Target
 
@@ -136,8 +137,7 @@ def case_name(path: Path, spec: dict[str, Any]) -> str:
     from segcam.nnunet.files import case_id
 
     name = case_id(path, folder_facts(spec["folder"])["file_ending"])
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return safe if safe and not safe.startswith(".") else f"_{safe}"
+    return folder_name(name)
 
 
 def _files(path: Path, spec: dict[str, Any]) -> list[Path]:
@@ -281,9 +281,9 @@ class CaseExplainer:
                     (segmentation, prediction.segmentation, writer, case.properties),
                 )
             )
-        written = write_outputs(
-            explanations, out / name, job.targets, tuple(case.original_shape), map_writer, extra
-        )
+        names = [spec_class_name(spec, facts["classes"]) for spec in job.targets]
+        grid = tuple(case.original_shape)
+        written = write_outputs(explanations, out / name, names, grid, map_writer, extra)
         record = {
             "path": str(path),
             "files": [str(f) for f in files],

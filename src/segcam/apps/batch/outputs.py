@@ -2,10 +2,10 @@
 
 Per input, into ``out/<input name>/``: one ``<method>.npz`` per method (the whole explanation),
 one map file per method, layer and target (PNG overlays for images; volumes in the input's own
-format and geometry) named by :func:`map_stem`, and ``manifest.json`` last: an input counts as
-done only once its manifest is there and every file it lists is unaltered. The folder itself is
-held by one run at a time (an OS file lock) and records the settings of the results it holds
-(``.segcam-run.json``), so results of different settings never mix.
+format and geometry) named as :mod:`segcam.apps.naming` says, and ``manifest.json`` last: an
+input counts as done only once its manifest is there and every file it lists is unaltered. The
+folder itself is held by one run at a time (an OS file lock) and records the settings of the
+results it holds (``.segcam-run.json``), so results of different settings never mix.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import segcam
+from segcam.apps.naming import map_stem
 from segcam.apps.specs import file_sha256
 from segcam.errors import OutputFileError, SegCamError
 from segcam.io.writing import atomic_write, make_dir
@@ -42,9 +43,7 @@ __all__ = [
     "OutputFolderError",
     "clear_previous",
     "finished",
-    "map_stem",
     "output_folder",
-    "safe_name",
     "write_manifest",
     "write_outputs",
 ]
@@ -55,26 +54,18 @@ MapWriter = Callable[[Path, str, np.ndarray], Path]
 """``write(folder, stem, map) -> path``: one map (on the input's grid) in the input's format."""
 
 
-def safe_name(name: str) -> str:
-    """Letters, digits, ``-``, ``_`` and ``.`` kept, anything else ``_`` (``root`` if empty)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "root"
-
-
-def map_stem(method: str, layer: str, t: int, spec: str) -> str:
-    """A map file's name without its suffix: ``METHOD__LAYER__t<i>-KIND-CLASS``."""
-    kind, _, rest = spec.partition(":")
-    return f"{method}__{safe_name(layer)}__t{t}-{kind}-{safe_name(rest.partition(':')[0])}"
-
-
 def write_outputs(
     explanations: dict[str, segcam.Explanation],
     folder: Path,
-    target_specs: Sequence[str],
+    target_names: Sequence[tuple[str, str]],
     grid: tuple[int, ...],
     write_map: MapWriter,
     extra: Sequence[tuple[Callable[..., Path], tuple[Any, ...]]] = (),
 ) -> list[Path]:
     """An input's files: ``.npz`` per method, a map per method, layer and target, ``extra``.
+
+    ``target_names`` are each target's (kind, class name) for the map names
+    (:mod:`segcam.apps.naming`).
 
     The files are independent: they are compressed and written on a few threads (zlib and the
     tensor-to-bytes copies release the GIL), each through :mod:`segcam.io.writing` (which makes
@@ -85,10 +76,10 @@ def write_outputs(
         for method, explanation in explanations.items():
             pending.append(pool.submit(explanation.save, folder / f"{method}.npz"))
             for layer, maps in explanation.layer_maps.items():
-                for t, spec in enumerate(target_specs):
+                for t, (kind, class_name) in enumerate(target_names):
                     heat = maps[0, t].detach().float().cpu().numpy()
                     if heat.shape == tuple(grid):
-                        stem = map_stem(method, layer, t, spec)
+                        stem = map_stem(method, layer, t, kind, class_name)
                         pending.append(pool.submit(write_map, folder, stem, heat))
         return [future.result() for future in pending]
 

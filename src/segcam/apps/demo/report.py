@@ -9,13 +9,14 @@ Writes into the output folder:
   through the volume.
 - NIfTI files of the 3D case, all with one affine (1 mm isotropic: the source gives no spacing),
   so they open aligned in 3D Slicer or ITK-SNAP: ``ct.nii.gz`` (HU), ``labels.nii.gz``,
-  ``prediction.nii.gz`` and ``heatmap_<class>_<method>.nii.gz`` (last decoder block).
+  ``prediction.nii.gz`` and one map per method and class at the last decoder block, named as
+  every segcam map is (:mod:`segcam.apps.naming`: ``<method>__<layer>__t<i>-predicted-<class>``).
 - ``maps_2d_<method>.npz`` and ``maps_3d_<method>.npz``: the maps as segcam explanations.
 - With the ``[nnunet]`` extra, a section on the committed nnU-Net v2 model
   (:data:`~segcam.apps.demo.models.NNUNET_MODEL`, trained by ``scripts/train_nnunet.py``): the
   held-out slab as an nnU-Net case (``nnunet/heldout_0000.nii.gz``), nnU-Net's own segmentation
   of it (``nnunet/heldout.nii.gz``) and the exact whole-case maps in the case's geometry
-  (``nnunet/<method>__<layer>__<class>.nii.gz``), shown beside the segmentation.
+  (``nnunet/<method>__<layer>__t<i>-predicted-<class>.nii.gz``), shown beside the segmentation.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import segcam
 from segcam.apps.demo import data as liver
 from segcam.apps.demo.models import DEMO_LAYERS, NNUNET_MODEL, held_out_dice, load_liver_model
+from segcam.apps.naming import map_stem
 from segcam.io.files import write_nifti
 from segcam.io.writing import atomic_write, make_dir
 
@@ -163,7 +165,8 @@ def _section_3d(
         name = liver.CLASS_NAMES[target.class_index]
         for method in METHODS:
             heat = explanations[method].layer_maps[last][0, t].numpy()
-            written.append(write_nifti(out / f"heatmap_{name}_{method}.nii.gz", heat, affine))
+            stem = map_stem(method, last, t, "predicted", name)
+            written.append(write_nifti(out / f"{stem}.nii.gz", heat, affine))
     # Cuts through the middle; the axial one in the held-out slab. Axial cuts are transposed,
     # the others rotated so that the head end (high axial index) is up.
     views = {
@@ -252,7 +255,7 @@ def _section_nnunet(
         name = liver.CLASS_NAMES[target.class_index]
         for method in METHODS:
             heat = explanations[method].layer_maps[last][0, t].numpy()
-            path = folder / f"{method}__{last}__{name}.nii.gz"
+            path = folder / f"{map_stem(method, last, t, 'predicted', name)}.nii.gz"
             written.append(write_map(path, heat, "SimpleITKIO", read.properties))
     figures = []
     for z in (2, 8, 14, 20):  # held-out axial slices 58, 64, 70, 76

@@ -12,16 +12,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from segcam.apps.naming import map_stem
 from segcam.apps.viewer.requests import RequestError, TargetKey
 from segcam.viz import overlay
 
-__all__ = ["EXPORT_FORMATS", "describe_key", "export_file", "export_stem"]
+__all__ = ["EXPORT_FORMATS", "describe_key", "export_file"]
 
 EXPORT_FORMATS = ("nifti", "json", "png", "npz")
 
@@ -35,14 +35,6 @@ def describe_key(key: TargetKey) -> dict[str, Any]:
     elif kind == "pixel":
         described["index"] = list(rest[0])
     return described
-
-
-def export_stem(method: str, class_name: str, layer: str, kind: str) -> str:
-    """``segcam_METHOD_CLASS_LAYER_TARGET`` with anything but letters, digits, ``.-`` as ``-``."""
-    return "_".join(
-        re.sub(r"[^A-Za-z0-9.-]+", "-", part)
-        for part in ("segcam", method, class_name, layer, kind)
-    )
 
 
 def _description(metadata: Mapping[str, Any]) -> str:
@@ -85,8 +77,9 @@ def export_file(
     affine: np.ndarray | None,
 ) -> tuple[bytes, str, str]:
     """(content, media type, file name) of one map in the format ``kind``."""
-    stem = export_stem(
-        metadata["method"], str(metadata["class"]), metadata["layer"], metadata["target"]["kind"]
+    # the one naming scheme of map files (segcam.apps.naming): the viewer explains one target
+    stem = map_stem(
+        metadata["method"], metadata["layer"], 0, metadata["target"]["kind"], str(metadata["class"])
     )
     if kind == "json":
         content = (json.dumps(metadata, indent=1) + "\n").encode()

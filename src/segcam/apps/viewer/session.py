@@ -47,8 +47,9 @@ from segcam.errors import InputError, MethodNotSupportedError, OptionError
 from segcam.layers import describe_layers
 from segcam.methods import REGISTRY, get_method
 from segcam.outputs import select_logits
-from segcam.sliding import blended_logits, explain_sliding_window_methods
+from segcam.sliding import explain_sliding_window_methods
 from segcam.viz import grey
+from segcam.windows import blended_logits
 
 __all__ = ["DEFAULT_METHODS", "RequestError", "SupersededError", "ViewerSession", "depth_labels"]
 

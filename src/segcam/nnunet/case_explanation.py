@@ -1,0 +1,325 @@
+"""The explanation pass of one nnU-Net case: every fold, window and mirroring, exactly.
+
+:class:`CaseExplanation` runs nnU-Net's fold/window loop (:func:`segcam.nnunet.predict.run_folds`)
+with recorded forwards; per window it takes the score's gradient output of each target met
+there (the targets' own rule, with the weights of :mod:`segcam.nnunet.explain`'s formula), one
+partial backward to the layers, and sums each map, up-sampled to its window and flipped back, on
+the padded preprocessed grid. :meth:`CaseExplanation.assemble` brings the sums to the original
+grid as nnU-Net brings its logits and hands them to :func:`segcam.explanation.assemble`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcam.core import method_maps
+from segcam.explanation import Explanation, assemble
+from segcam.layers import LayerSpec, resolve_layers
+from segcam.methods import Method
+from segcam.metrics import fold_agreement
+from segcam.nnunet.case import NnUNetCase
+from segcam.nnunet.model import NnUNetModel
+from segcam.nnunet.predict import NnUNetPrediction, run_folds
+from segcam.nnunet.windows import (
+    Window,
+    WindowPlan,
+    flip,
+    mirror_batch_size,
+    network_dtype_device,
+    window_input,
+)
+from segcam.pixel_sets import as_pixel_set
+from segcam.postprocess import PostProcessing
+from segcam.postprocess import upsample as upsample_maps
+from segcam.recording import record_forward
+from segcam.targets import TargetLike, score_gradient
+
+__all__ = ["CaseExplanation", "LayerSums", "case_facts"]
+
+LayerSums = list[dict[str, torch.Tensor]]
+"""Per layer: method name -> summed maps (T, *padded) on the padded preprocessed grid."""
+
+
+class CaseExplanation:
+    r"""The explanation pass of one case over folds, windows and mirrors (one graph at a time).
+
+    Per window: the score's gradient output for each target met there (the targets' own rule,
+    :func:`segcam.targets.score_gradient`, with the weights $\Omega$ of the module's
+    docstring), one partial backward to the layers, and each map up-sampled to the window
+    (:func:`segcam.postprocess.upsample`), flipped back and summed on the padded grid.
+    """
+
+    def __init__(
+        self,
+        model: NnUNetModel,
+        case: NnUNetCase,
+        plan: WindowPlan,
+        targets: list[TargetLike],
+        methods: list[tuple[Method, dict[str, Any]]],
+        layer: LayerSpec | Sequence[LayerSpec],
+        per_fold: bool,
+    ) -> None:
+        self.model, self.case, self.plan = model, case, plan
+        self.targets, self.methods, self.layer, self.per_fold = targets, methods, layer, per_fold
+        self.dtype, self.device = network_dtype_device(model.networks[0])
+        heads = model.label_manager.num_segmentation_heads
+        stand_in = torch.zeros((), device=self.device).expand(1, heads, *case.geometry.original)
+        self.pixel_sets = [
+            as_pixel_set(t.pixel_set(stand_in), stand_in, repr(t))[0] for t in targets
+        ]
+        # W = E^T M per target, zero-padded like the input (the exact weights of the export)
+        weights = case.geometry.from_original(
+            torch.stack(self.pixel_sets).to(device=self.device, dtype=torch.float64)
+        )
+        storage = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.weights = weights.new_zeros((len(targets), *plan.padded), dtype=storage)
+        self.weights[(slice(None), *plan.unpad)] = weights
+        self.sigmoid_pair = not model.label_manager.has_regions
+        self.mirror_batch = mirror_batch_size(plan)
+        self.forwards = 0
+        self.backward_passes = 0
+        self.windows_skipped = 0
+        self.layer_names: tuple[str, ...] = ()
+        self.layer_shapes: dict[str, tuple[int, ...]] = {}
+        self.fold: LayerSums = []  # the current fold's sums
+        self.sums: LayerSums = []  # all folds' sums
+        self.fold_sums: list[LayerSums] = []  # each fold's, with per_fold
+
+    def run(
+        self, *, blend: bool, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor | None:
+        """Every fold and window; with ``blend``, also nnU-Net's blended logits (float16).
+
+        Blending needs every window's logits at batch 1 (nnU-Net's forwards, bit for bit), so
+        windows that meet no target run too; without it they are skipped.
+        """
+        plan = self.plan
+
+        def step(
+            network: nn.Module, padded: torch.Tensor, window: Window
+        ) -> list[torch.Tensor] | None:
+            active = [t for t in range(len(self.targets)) if bool(self.weights[(t, *window)].any())]
+            if not active:
+                self.windows_skipped += 1
+                if not blend:
+                    return None
+            return self._window(network, padded, window, active, 1 if blend else self.mirror_batch)
+
+        return run_folds(
+            self.model,
+            self.case,
+            plan,
+            step,
+            blend=blend,
+            end_fold=self._end_fold,
+            progress=progress,
+        )
+
+    def _gradient_output(self, t: int, window: Window) -> torch.Tensor:
+        r"""$\Omega$ on the window: W~ g / sum g over the forwards, exact in float64."""
+        plan = self.plan
+        share = self.weights[(t, *window)] * plan.gaussian.double() / plan.counts[window]
+        return share / (len(self.model.networks) * len(plan.mirrors))
+
+    def _window(
+        self,
+        network: nn.Module,
+        padded: torch.Tensor,
+        window: Window,
+        active: list[int],
+        batch: int,
+    ) -> list[torch.Tensor]:
+        """Forward one window under every mirroring; backward for the active targets.
+
+        ``batch`` mirrorings share one forward (a batch of flipped inputs): faster, but its
+        logits differ from nnU-Net's batch-1 forwards by float rounding, so the blending pass
+        (whose logits are nnU-Net's) uses 1. Returns the logits per mirroring, in order.
+        """
+        plan = self.plan
+        outputs: list[torch.Tensor] = []
+        shares = {t: self._gradient_output(t, window) for t in active}
+        for first in range(0, len(plan.mirrors), batch):
+            group = plan.mirrors[first : first + batch]
+            x = torch.cat([window_input(padded, plan, window, axes) for axes in group])
+            self.forwards += len(group)
+            if not active:
+                with torch.no_grad():
+                    logits = network(x)
+                outputs.extend(logits[k : k + 1] for k in range(len(group)))
+                continue
+            with record_forward(network, x, self.layer) as recorded:
+                outputs.extend(recorded.logits[k : k + 1] for k in range(len(group)))
+                self._start_fold(recorded.layer_names, recorded.layer_shapes, recorded.logits)
+                gradients = (
+                    score_gradient(
+                        recorded.logits,
+                        self.targets[t].class_index,
+                        torch.stack([flip(shares[t], axes, 0) for axes in group]),
+                        sigmoid_pair=self.sigmoid_pair,
+                    )
+                    for t in active
+                )
+                self.backward_passes += len(active) * len(group)
+                for t, maps in zip(
+                    active, method_maps(recorded, gradients, self.methods), strict=True
+                ):
+                    self._accumulate(t, window, group, maps)
+        return outputs
+
+    def _start_fold(
+        self, names: tuple[str, ...], shapes: Mapping[str, tuple[int, ...]], like: torch.Tensor
+    ) -> None:
+        if not self.layer_names:
+            self.layer_names = names
+            self.layer_shapes = {k: (1, *tuple(v)[1:]) for k, v in shapes.items()}
+        if not self.fold:
+            size = (len(self.targets), *self.plan.padded)
+            self.fold = [{m.name: like.new_zeros(size) for m, _ in self.methods} for _ in names]
+
+    def _accumulate(
+        self,
+        t: int,
+        window: Window,
+        group: Sequence[tuple[int, ...]],
+        maps: Mapping[str, tuple[torch.Tensor, ...]],
+    ) -> None:
+        """Each layer's map (B, *grid) up-sampled to the window, flipped back, summed."""
+        for name, per_layer in maps.items():
+            for index, layer_map in enumerate(per_layer):
+                up = upsample_maps(layer_map[:, None], self.plan.patch)
+                total = self.fold[index][name][(t, *window)]
+                for k, axes in enumerate(group):
+                    total += flip(up[k, 0], axes, 0)
+
+    def _end_fold(self) -> None:
+        fold, self.fold = self.fold, []
+        if not fold:
+            return
+        if self.per_fold:
+            self.fold_sums.append([{k: v.clone() for k, v in d.items()} for d in fold])
+        if not self.sums:
+            self.sums = fold
+        else:
+            for total, part in zip(self.sums, fold, strict=True):
+                for name in total:
+                    total[name] += part[name]
+
+    def assemble(
+        self, prediction: NnUNetPrediction, post: PostProcessing, info: dict[str, Any]
+    ) -> dict[str, Explanation]:
+        """The explanations on the original grid (or the preprocessed one: ``upsample=False``)."""
+        plan, geometry = self.plan, self.case.geometry
+        if not self.sums:  # no window met any target: every map is zero
+            self._zero_maps()
+
+        def place(sums: LayerSums, scale: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
+            placed: dict[str, dict[str, torch.Tensor]] = {}
+            for method, _ in self.methods:
+                placed[method.name] = {}
+                for name, layer_sums in zip(self.layer_names, sums, strict=True):
+                    grid = layer_sums[method.name][(slice(None), *plan.unpad)]
+                    grid = grid * scale if scale != 1.0 else grid
+                    placed[method.name][name] = (
+                        geometry.to_original(grid) if post.upsample else grid
+                    )[None]
+            return placed
+
+        logits = prediction.original_logits()[None]
+        pixel_sets = torch.stack(self.pixel_sets)[None].to(logits.device)
+        options = {m.name: o for m, o in self.methods}
+
+        def assemble_placed(
+            raw: dict[str, dict[str, torch.Tensor]], **facts: Any
+        ) -> dict[str, Explanation]:
+            return assemble(
+                raw,
+                options,
+                logits=logits,
+                pixel_sets=pixel_sets,
+                targets=self.targets,
+                post=post,
+                size=None,  # placed on their grid already
+                layer_shapes=self.layer_shapes,
+                inputs=self.case.data[None],
+                **facts,
+            )
+
+        members: dict[str, dict[str, Explanation]] = {m.name: {} for m, _ in self.methods}
+        per_fold = zip(self.model.folds, self.fold_sums, strict=True) if self.per_fold else ()
+        for fold, fold_sums in per_fold:
+            scale = float(len(self.model.folds))  # a fold's own maps: F times its share
+            fold_info = {"nnunet": {"fold": str(fold)}}
+            for method, member in assemble_placed(
+                place(fold_sums, scale), info=fold_info, warn_empty=False
+            ).items():
+                members[method][f"fold_{fold}"] = member
+        method_info = {
+            method: {
+                "nnunet": {
+                    **info["nnunet"],
+                    "fold_agreement": fold_agreement(
+                        {name: member.layer_maps for name, member in folds.items()}, pixel_sets
+                    ),
+                }
+            }
+            for method, folds in members.items()
+            if folds
+        }
+        return assemble_placed(
+            place(self.sums), info=info, method_info=method_info, members=members
+        )
+
+    def _zero_maps(self) -> None:
+        """Layer names and zero maps when no forward was recorded (every target empty)."""
+        names = [name for name, _ in resolve_layers(self.model.networks[0], self.layer)]
+        self.layer_names = tuple(names)
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        size = (len(self.targets), *self.plan.padded)
+        self.sums = [{m.name: like.new_zeros(size) for m, _ in self.methods} for _ in names]
+        if self.per_fold:
+            self.fold_sums = [
+                [{k: v.clone() for k, v in d.items()} for d in self.sums] for _ in self.model.folds
+            ]
+
+
+def case_facts(
+    model: NnUNetModel,
+    plan: WindowPlan,
+    case: NnUNetCase,
+    explanation: CaseExplanation,
+    mirroring: bool,
+    step_size: float,
+    upsample: bool,
+) -> dict[str, Any]:
+    """``info["nnunet"]``: the model, the windows and passes, and the way back to the image."""
+    from importlib.metadata import version
+
+    geometry = case.geometry
+    return {
+        "nnunet": {
+            "model": str(model.folder),
+            "configuration": model.configuration,
+            "folds": [str(f) for f in model.folds],
+            "mirror_axes": list(model.mirroring_axes or ()) if mirroring else [],
+            "step_size": float(step_size),
+            "windows": len(plan.windows),
+            "forwards": explanation.forwards,
+            "backward_passes": explanation.backward_passes,
+            "windows_skipped": explanation.windows_skipped,
+            "patch_size": list(plan.patch),
+            "grid": "original" if upsample else "preprocessed",
+            "geometry": {
+                "preprocessed": list(geometry.preprocessed),
+                "cropped": list(geometry.cropped),
+                "bbox": [list(b) for b in geometry.bbox],
+                "original": list(geometry.original),
+                "transpose_backward": list(geometry.transpose_backward),
+                "separate_z_axis": geometry.separate_z_axis,
+            },
+            "nnunetv2": version("nnunetv2"),
+        }
+    }
