@@ -9,6 +9,7 @@ recorded forward and targets into explanations (shared with :class:`segcam.Expla
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,14 +22,10 @@ from segcam.methods import Method, MethodContext, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec
 from segcam.postprocess import Normalization, PostProcessing, check_postprocess
 from segcam.recording import RecordedForward, record_forward
-from segcam.targets import (
-    TargetLike,
-    as_target_list,
-    score_gradient,
-    target_pixel_sets,
-)
+from segcam.targets import ResolvedTargets, TargetLike, as_target_list
 
 __all__ = [
+    "MapRecord",
     "OutputSpec",
     "Progress",
     "explain",
@@ -41,26 +38,48 @@ Progress = Callable[[int, int], None]
 """Called with (done, total) as work advances: targets of an input, or groups of windows."""
 
 
+@dataclass(frozen=True, eq=False)
+class MapRecord:
+    """One raw map from one backward pass: of target ``target``, by ``method``, at a layer.
+
+    ``layer`` is the layer's position among the recorded layers; ``map`` is (N, *grid).
+    """
+
+    target: int
+    method: str
+    layer: int
+    map: torch.Tensor
+
+
 def method_maps(
     recorded: RecordedForward,
-    score_gradients: Iterable[torch.Tensor],
+    scores: Iterable[tuple[int, torch.Tensor]],
     methods: Sequence[tuple[Method, Mapping[str, Any]]],
     *,
     keep_graph: bool = False,
-) -> Iterator[dict[str, tuple[torch.Tensor, ...]]]:
-    """Per score: method name -> one raw map (N, *grid) per layer, from one backward pass.
+) -> Iterator[MapRecord]:
+    """The maps of each score's one backward pass, as flat records, target by target.
 
-    The single loop ``autograd.grad -> channels-first -> method`` of segcam: every gradient
-    method shares each score's backward pass. ``methods`` must be gradient methods.
+    ``scores`` are (target index, d score / d logits). The single loop ``autograd.grad ->
+    channels-first -> method`` of segcam: every gradient method shares each score's backward
+    pass. ``methods`` must be gradient methods.
     """
-    for gradients in recorded.layer_gradients(score_gradients, keep_graph=keep_graph):
-        yield {
-            method.name: tuple(
-                method.compute(activation, gradient, **options)
-                for activation, gradient in zip(recorded.activations, gradients, strict=True)
-            )
-            for method, options in methods
-        }
+    order: list[int] = []
+
+    def gradients() -> Iterator[torch.Tensor]:
+        for t, gradient in scores:
+            order.append(t)
+            yield gradient
+
+    passes = recorded.layer_gradients(gradients(), keep_graph=keep_graph)
+    for k, layer_gradients in enumerate(passes):
+        for method, options in methods:
+            for index, (activation, gradient) in enumerate(
+                zip(recorded.activations, layer_gradients, strict=True)
+            ):
+                yield MapRecord(
+                    order[k], method.name, index, method.compute(activation, gradient, **options)
+                )
 
 
 def explain_recorded(
@@ -81,40 +100,12 @@ def explain_recorded(
     included).
     """
     try:
-        logits = recorded.logits
-        pixel_sets = target_pixel_sets(targets, logits)
-        stacked_sets = torch.stack(pixel_sets, dim=1)
-        nonempty = stacked_sets.flatten(2).any(dim=2)  # (N, T); empty sets: warned at assembly
-        active = [t for t in range(len(targets)) if bool(nonempty[:, t].any())]
-
-        raw: dict[str, list[torch.Tensor]] = {}  # method -> per layer (N, T, *grid)
+        resolved = ResolvedTargets.resolve(targets, recorded.logits)
         gradient_methods = [(m, o) for m, o in methods if m.needs_gradient]
-        if gradient_methods:
-            zero = [a.new_zeros((a.shape[0], *a.shape[2:])) for a in recorded.activations]
-            # method -> layer -> target -> (N, *grid); empty targets keep the zero map
-            collected = {
-                method.name: [[layer_zero] * len(targets) for layer_zero in zero]
-                for method, _ in gradient_methods
-            }
-            score_gradients = (
-                score_gradient(logits, targets[t].class_index, pixel_sets[t]) for t in active
-            )
-            maps_per_target = method_maps(
-                recorded, score_gradients, gradient_methods, keep_graph=keep_graph
-            )
-            for done, (t, maps) in enumerate(zip(active, maps_per_target, strict=True), 1):
-                for name, per_layer in maps.items():
-                    for index, layer_map in enumerate(per_layer):
-                        collected[name][index][t] = layer_map
-                if progress is not None:
-                    progress(done, len(active))
-            for name, per_layer_maps in collected.items():
-                raw[name] = [torch.stack(maps, dim=1) for maps in per_layer_maps]
+        raw = _gradient_maps(recorded, resolved, gradient_methods, keep_graph, progress)
         for method, options in methods:
             if not method.needs_gradient:
-                raw[method.name] = _gradient_free_maps(
-                    recorded, method, options, targets, pixel_sets, stacked_sets, nonempty
-                )
+                raw[method.name] = _gradient_free_maps(recorded, method, options, resolved)
     finally:
         if not keep_graph:
             recorded.release()
@@ -124,8 +115,8 @@ def explain_recorded(
             for method, _ in methods
         },
         {method.name: options for method, options in methods},
-        logits=logits,
-        pixel_sets=stacked_sets,
+        logits=recorded.logits,
+        pixel_sets=resolved.stacked,
         targets=targets,
         post=PostProcessing(relu, upsample, normalize),
         size=recorded.input_size,
@@ -134,28 +125,54 @@ def explain_recorded(
     )
 
 
+def _gradient_maps(
+    recorded: RecordedForward,
+    resolved: ResolvedTargets,
+    methods: Sequence[tuple[Method, Mapping[str, Any]]],
+    keep_graph: bool,
+    progress: Progress | None,
+) -> dict[str, list[torch.Tensor]]:
+    """Method -> per layer (N, T, *grid): one backward pass per active target for all methods."""
+    if not methods:
+        return {}
+    zero = [a.new_zeros((a.shape[0], *a.shape[2:])) for a in recorded.activations]
+    # method -> layer -> target -> (N, *grid); empty targets keep the zero map
+    collected = {
+        method.name: [[layer_zero] * len(resolved.targets) for layer_zero in zero]
+        for method, _ in methods
+    }
+    scores = ((t, resolved.score_gradient(t, recorded.logits)) for t in resolved.active)
+    per_target = len(methods) * len(zero)
+    records = method_maps(recorded, scores, methods, keep_graph=keep_graph)
+    for count, record in enumerate(records, 1):
+        collected[record.method][record.layer][record.target] = record.map
+        if progress is not None and count % per_target == 0:
+            progress(count // per_target, len(resolved.active))
+    return {
+        name: [torch.stack(maps, dim=1) for maps in per_layer]
+        for name, per_layer in collected.items()
+    }
+
+
 def _gradient_free_maps(
     recorded: RecordedForward,
     method: Method,
     options: Mapping[str, Any],
-    targets: Sequence[TargetLike],
-    pixel_sets: list[torch.Tensor],
-    stacked_sets: torch.Tensor,
-    nonempty: torch.Tensor,
+    resolved: ResolvedTargets,
 ) -> list[torch.Tensor]:
     """(N, T, *grid) per layer from a gradient-free method, all targets at once."""
     score = None
     if method.kind == "model":
         weights = torch.stack(
-            [
-                score_gradient(recorded.logits, target.class_index, pixel_set)
-                for target, pixel_set in zip(targets, pixel_sets, strict=True)
-            ],
+            [resolved.score_gradient(t, recorded.logits) for t in range(len(resolved.targets))],
             dim=1,
         )  # (N, T, K, *S): y^c_M = <weights, logits>
         score = recorded.scores(weights)
     context = MethodContext(
-        pixel_sets=stacked_sets, nonempty=nonempty, inputs=recorded.inputs, score=score
+        pixel_sets=resolved.stacked,
+        nonempty=resolved.nonempty,
+        inputs=recorded.inputs,
+        score=score,
     )
     return [method.compute(activation, context, **options) for activation in recorded.activations]
 

@@ -54,12 +54,11 @@ from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec, select_logits
 from segcam.postprocess import Normalization, PostProcessing
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import record_forward
+from segcam.recording import RecordedForward, record_forward
 from segcam.targets import (
+    ResolvedTargets,
     TargetLike,
     as_target_list,
-    score_gradient,
-    target_pixel_sets,
     uses_logits,
 )
 from segcam.windows import (
@@ -152,7 +151,7 @@ class _SlidingRun:
     methods: list[tuple[Method, dict[str, Any]]]
     sets_fixed: bool  # no target reads the logits' values: no first prediction pass
     blended: torch.Tensor | None = None
-    pixel_sets: list[torch.Tensor] | None = None
+    resolved: ResolvedTargets | None = None  # the targets' sets on the whole input
     layers: list[_LayerAccumulator] = field(default_factory=list)
     layer_names: tuple[str, ...] = ()
     windows_run: int = 0
@@ -160,9 +159,10 @@ class _SlidingRun:
 
     def touched(self, group: Sequence[Window]) -> bool:
         """Whether some window of the group meets some target's pixel set (or M is unknown)."""
-        if self.pixel_sets is None:
+        if self.resolved is None:
             return True
-        return any(bool(p[(slice(None), *w)].any()) for p in self.pixel_sets for w in group)
+        sets = self.resolved.pixel_sets
+        return any(bool(p[(slice(None), *w)].any()) for p in sets for w in group)
 
 
 def _run_group(
@@ -186,7 +186,7 @@ def _run_group(
         window_logits = recorded.logits
         if run.sets_fixed:
             run.blended = plan.blend(run.blended, window_logits, group)
-        if run.pixel_sets is None:
+        if run.resolved is None:
             # fixed sets read only the shape and device: a zero-stride stand-in will do
             reference = (
                 window_logits.new_zeros(()).expand(batch, window_logits.shape[1], *plan.spatial)
@@ -194,7 +194,7 @@ def _run_group(
                 else run.blended
             )
             assert reference is not None  # a run whose sets read the logits predicted first
-            run.pixel_sets = target_pixel_sets(run.targets, reference)
+            run.resolved = ResolvedTargets.resolve(run.targets, reference)
         if not run.layers:
             run.layer_names = recorded.layer_names
             run.layers = [
@@ -207,32 +207,34 @@ def _run_group(
                 )
                 for name in recorded.layer_names
             ]
-        scale = plan.gradient_scale(group, batch)
-        active = []
-        for t, target in enumerate(run.targets):
-            window_sets = torch.cat([run.pixel_sets[t][(slice(None), *w)] for w in group])
-            if bool(window_sets.any()):
-                active.append(
-                    (
-                        t,
-                        score_gradient(
-                            window_logits, target.class_index, window_sets.to(scale.dtype) * scale
-                        ),
-                    )
-                )
-        if active:
-            run.windows_backward += len(group)
-        maps_per_target = method_maps(recorded, (g for _, g in active), run.methods)
-        for (t, _), maps in zip(active, maps_per_target, strict=True):
-            for name, per_layer in maps.items():
-                for accumulator, window_maps in zip(run.layers, per_layer, strict=True):
-                    accumulator.add(name, window_maps, group, t, batch, plan.roi)
+        _backward_passes(run, recorded, group, batch)
+
+
+def _backward_passes(
+    run: _SlidingRun, recorded: RecordedForward, group: list[Window], batch: int
+) -> None:
+    """One backward pass per target the group's windows meet; window maps accumulated."""
+    plan, resolved = run.plan, run.resolved
+    assert resolved is not None
+    scale = plan.gradient_scale(group, batch)
+    scores = []
+    for t in range(len(run.targets)):
+        window_sets = torch.cat([resolved.pixel_sets[t][(slice(None), *w)] for w in group])
+        if bool(window_sets.any()):
+            weights = window_sets.to(scale.dtype) * scale
+            scores.append((t, resolved.score_gradient(t, recorded.logits, weights)))
+    if scores:
+        run.windows_backward += len(group)
+    for record in method_maps(recorded, scores, run.methods):
+        run.layers[record.layer].add(
+            record.method, record.map, group, record.target, batch, plan.roi
+        )
 
 
 def _finish(run: _SlidingRun, inputs: torch.Tensor, post: PostProcessing) -> dict[str, Explanation]:
     """Divide the blended logits, then the one assembly (finite check, empty sets, post)."""
     plan = run.plan
-    assert run.blended is not None and run.pixel_sets is not None and run.layers
+    assert run.blended is not None and run.resolved is not None and run.layers
     blended = run.blended.div_(plan.count) if run.sets_fixed else run.blended  # in place
     info = {
         "sliding_window": {
@@ -263,7 +265,7 @@ def _finish(run: _SlidingRun, inputs: torch.Tensor, post: PostProcessing) -> dic
         },
         {method.name: options for method, options in run.methods},
         logits=blended,
-        pixel_sets=torch.stack(run.pixel_sets, dim=1),
+        pixel_sets=run.resolved.stacked,
         targets=run.targets,
         post=post,
         size=plan.spatial,

@@ -58,6 +58,7 @@ __all__ = [
     "Predicted",
     "Probability",
     "Region",
+    "ResolvedTargets",
     "Target",
     "TargetLike",
     "as_target_list",
@@ -126,6 +127,49 @@ def target_pixel_sets(targets: Sequence[TargetLike], logits: torch.Tensor) -> li
         check_class_index(target.class_index, logits)
         result.append(as_pixel_set(target.pixel_set(logits), logits, repr(target)))
     return result
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedTargets:
+    """Targets resolved once on one forward's logits, for every driver to consume.
+
+    Attributes:
+        targets: the targets, in order.
+        pixel_sets: each target's pixel set M (N, *S) bool, its class index checked.
+        stacked: the pixel sets as one (N, T, *S) tensor.
+        nonempty: (N, T): whether M holds a pixel, per sample and target.
+        active: the targets with a non-empty M in some sample (the others take no backward pass
+            and keep a zero map).
+    """
+
+    targets: tuple[TargetLike, ...]
+    pixel_sets: tuple[torch.Tensor, ...]
+    stacked: torch.Tensor = field(repr=False)
+    nonempty: torch.Tensor = field(repr=False)
+    active: tuple[int, ...]
+
+    @classmethod
+    def resolve(cls, targets: Sequence[TargetLike], logits: torch.Tensor) -> ResolvedTargets:
+        """Each target's pixel set on ``logits`` (N, K, *S) (:func:`target_pixel_sets`)."""
+        pixel_sets = tuple(target_pixel_sets(targets, logits))
+        stacked = torch.stack(pixel_sets, dim=1)
+        nonempty = stacked.flatten(2).any(dim=2)
+        active = tuple(t for t in range(len(targets)) if bool(nonempty[:, t].any()))
+        return cls(tuple(targets), pixel_sets, stacked, nonempty, active)
+
+    def score_gradient(
+        self,
+        t: int,
+        logits: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        *,
+        sigmoid_pair: bool = True,
+    ) -> torch.Tensor:
+        """Target t's score gradient on ``logits`` (:func:`score_gradient`); weights M if none."""
+        pixel_set = self.pixel_sets[t] if weights is None else weights
+        return score_gradient(
+            logits, self.targets[t].class_index, pixel_set, sigmoid_pair=sigmoid_pair
+        )
 
 
 def score_gradient(

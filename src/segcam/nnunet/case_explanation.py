@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcam.core import method_maps
+from segcam.core import MapRecord, method_maps
 from segcam.explanation import Explanation, assemble
 from segcam.layers import LayerSpec, resolve_layers
 from segcam.methods import Method
@@ -32,11 +32,10 @@ from segcam.nnunet.windows import (
     network_dtype_device,
     window_input,
 )
-from segcam.pixel_sets import as_pixel_set
 from segcam.postprocess import PostProcessing
 from segcam.postprocess import upsample as upsample_maps
 from segcam.recording import record_forward
-from segcam.targets import TargetLike, score_gradient
+from segcam.targets import ResolvedTargets, TargetLike
 
 __all__ = ["CaseExplanation", "LayerSums", "case_facts"]
 
@@ -68,9 +67,8 @@ class CaseExplanation:
         self.dtype, self.device = network_dtype_device(model.networks[0])
         heads = model.label_manager.num_segmentation_heads
         stand_in = torch.zeros((), device=self.device).expand(1, heads, *case.geometry.original)
-        self.pixel_sets = [
-            as_pixel_set(t.pixel_set(stand_in), stand_in, repr(t))[0] for t in targets
-        ]
+        self.resolved = ResolvedTargets.resolve(targets, stand_in)  # sets on the original grid
+        self.pixel_sets = [pixel_set[0] for pixel_set in self.resolved.pixel_sets]
         # W = E^T M per target, zero-padded like the input (the exact weights of the export)
         weights = case.geometry.from_original(
             torch.stack(self.pixel_sets).to(device=self.device, dtype=torch.float64)
@@ -154,20 +152,21 @@ class CaseExplanation:
             with record_forward(network, x, self.layer) as recorded:
                 outputs.extend(recorded.logits[k : k + 1] for k in range(len(group)))
                 self._start_fold(recorded.layer_names, recorded.layer_shapes, recorded.logits)
-                gradients = (
-                    score_gradient(
-                        recorded.logits,
-                        self.targets[t].class_index,
-                        torch.stack([flip(shares[t], axes, 0) for axes in group]),
-                        sigmoid_pair=self.sigmoid_pair,
+                scores = [
+                    (
+                        t,
+                        self.resolved.score_gradient(
+                            t,
+                            recorded.logits,
+                            torch.stack([flip(shares[t], axes, 0) for axes in group]),
+                            sigmoid_pair=self.sigmoid_pair,
+                        ),
                     )
                     for t in active
-                )
+                ]
                 self.backward_passes += len(active) * len(group)
-                for t, maps in zip(
-                    active, method_maps(recorded, gradients, self.methods), strict=True
-                ):
-                    self._accumulate(t, window, group, maps)
+                for record in method_maps(recorded, scores, self.methods):
+                    self._accumulate(record, window, group)
         return outputs
 
     def _start_fold(
@@ -181,19 +180,13 @@ class CaseExplanation:
             self.fold = [{m.name: like.new_zeros(size) for m, _ in self.methods} for _ in names]
 
     def _accumulate(
-        self,
-        t: int,
-        window: Window,
-        group: Sequence[tuple[int, ...]],
-        maps: Mapping[str, tuple[torch.Tensor, ...]],
+        self, record: MapRecord, window: Window, group: Sequence[tuple[int, ...]]
     ) -> None:
-        """Each layer's map (B, *grid) up-sampled to the window, flipped back, summed."""
-        for name, per_layer in maps.items():
-            for index, layer_map in enumerate(per_layer):
-                up = upsample_maps(layer_map[:, None], self.plan.patch)
-                total = self.fold[index][name][(t, *window)]
-                for k, axes in enumerate(group):
-                    total += flip(up[k, 0], axes, 0)
+        """A layer's window map (B, *grid) up-sampled to the window, flipped back, summed."""
+        up = upsample_maps(record.map[:, None], self.plan.patch)
+        total = self.fold[record.layer][record.method][(record.target, *window)]
+        for k, axes in enumerate(group):
+            total += flip(up[k, 0], axes, 0)
 
     def _end_fold(self) -> None:
         fold, self.fold = self.fold, []
