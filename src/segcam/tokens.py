@@ -153,33 +153,7 @@ def infer_layout(
     rank = len(shape)
     layout = spec.layout if spec is not None else "auto"
     if layout == "auto":
-        if rank == 3 and dims in (2, 3):
-            layout = "tokens"
-        elif rank == dims + 2:
-            first, last = tuple(shape[2:]), tuple(shape[1:-1])
-            producer = _producer(module) if module is not None else "unknown"
-            if spec is not None and spec.grid is not None:
-                layout = "channels_last" if last == tuple(spec.grid) else "auto"
-            elif producer == "channels_first":
-                layout = "auto"
-            elif not _proportional(first, input_size) and _proportional(last, input_size):
-                if producer != "last_axis" and _whole_downsampling(first, input_size):
-                    raise LayerError(
-                        f"layer {name!r} returns shape {shape}: channels-first (N, C={shape[1]}, "
-                        f"grid {first}) and channels-last (grid {last}, C={shape[-1]}) both fit "
-                        f"the input {input_size}; say which with "
-                        f"segcam.TokenLayer({name!r}, layout='channels_first') or "
-                        f"layout='channels_last'"
-                    )
-                layout = "channels_last"
-        if layout == "auto":
-            if rank != dims + 2:
-                raise LayerError(
-                    f"layer {name!r} returns a tensor of shape {shape}, which cannot be laid on "
-                    f"the {dims}D grid of the input: expected (N, C, *S), tokens (N, L, C), "
-                    f"or channels-last (N, *S, C) (see segcam.TokenLayer)"
-                )
-            return Layout("channels_first", tuple(shape[2:]))
+        layout = _guess_layout(name, shape, input_size, spec, module)
     if layout == "channels_first":
         if rank != dims + 2:
             raise LayerError(
@@ -190,20 +164,7 @@ def infer_layout(
     if layout == "tokens":
         if rank != 3:
             raise LayerError(f"layer {name!r} returns shape {shape}, not tokens (N, L, C)")
-        if spec is not None and spec.grid is not None:
-            grid = tuple(int(g) for g in spec.grid)
-            prefix = (
-                shape[1] - math.prod(grid) if spec.prefix_tokens is None else spec.prefix_tokens
-            )
-            if prefix < 0 or prefix + math.prod(grid) != shape[1]:
-                raise LayerError(
-                    f"layer {name!r} returns {shape[1]} tokens; the grid {grid} with "
-                    f"{prefix} extra tokens does not account for them"
-                )
-            return Layout("tokens", grid, prefix)
-        prefix_given = None if spec is None else spec.prefix_tokens
-        grid, prefix = _token_grid(name, shape[1], input_size, prefix_given)
-        return Layout("tokens", grid, prefix)
+        return _token_layout(name, shape, input_size, spec)
     if rank != dims + 2:
         raise LayerError(
             f"layer {name!r} returns shape {shape}, not a channels-last {dims}D grid (N, *S, C)"
@@ -219,3 +180,58 @@ def to_channels_first(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
         return tensor.movedim(-1, 1)
     patches = tensor[:, layout.prefix_tokens :, :]
     return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], *layout.grid)
+
+
+def _guess_layout(
+    name: str,
+    shape: tuple[int, ...],
+    input_size: tuple[int, ...],
+    spec: TokenLayer | None,
+    module: nn.Module | None,
+) -> Literal["tokens", "channels_last", "channels_first"]:
+    """``infer_layout``'s reading of an ``auto`` layout (see there)."""
+    dims, rank = len(input_size), len(shape)
+    if rank == 3 and dims in (2, 3):
+        return "tokens"
+    if rank == dims + 2:
+        first, last = tuple(shape[2:]), tuple(shape[1:-1])
+        producer = _producer(module) if module is not None else "unknown"
+        if spec is not None and spec.grid is not None:
+            if last == tuple(spec.grid):
+                return "channels_last"
+        elif producer != "channels_first" and (
+            not _proportional(first, input_size) and _proportional(last, input_size)
+        ):
+            if producer != "last_axis" and _whole_downsampling(first, input_size):
+                raise LayerError(
+                    f"layer {name!r} returns shape {shape}: channels-first (N, C={shape[1]}, "
+                    f"grid {first}) and channels-last (grid {last}, C={shape[-1]}) both fit "
+                    f"the input {input_size}; say which with "
+                    f"segcam.TokenLayer({name!r}, layout='channels_first') or "
+                    f"layout='channels_last'"
+                )
+            return "channels_last"
+        return "channels_first"
+    raise LayerError(
+        f"layer {name!r} returns a tensor of shape {shape}, which cannot be laid on "
+        f"the {dims}D grid of the input: expected (N, C, *S), tokens (N, L, C), "
+        f"or channels-last (N, *S, C) (see segcam.TokenLayer)"
+    )
+
+
+def _token_layout(
+    name: str, shape: tuple[int, ...], input_size: tuple[int, ...], spec: TokenLayer | None
+) -> Layout:
+    """The grid and prefix of a token layer (N, L, C): given, or inferred from L."""
+    if spec is not None and spec.grid is not None:
+        grid = tuple(int(g) for g in spec.grid)
+        prefix = shape[1] - math.prod(grid) if spec.prefix_tokens is None else spec.prefix_tokens
+        if prefix < 0 or prefix + math.prod(grid) != shape[1]:
+            raise LayerError(
+                f"layer {name!r} returns {shape[1]} tokens; the grid {grid} with "
+                f"{prefix} extra tokens does not account for them"
+            )
+        return Layout("tokens", grid, prefix)
+    prefix_given = None if spec is None else spec.prefix_tokens
+    grid, prefix = _token_grid(name, shape[1], input_size, prefix_given)
+    return Layout("tokens", grid, prefix)

@@ -205,21 +205,11 @@ class CaseExplanation:
         self, prediction: NnUNetPrediction, post: PostProcessing, info: dict[str, Any]
     ) -> dict[str, Explanation]:
         """The explanations on the original grid (or the preprocessed one: ``upsample=False``)."""
-        plan, geometry = self.plan, self.case.geometry
         if not self.sums:  # no window met any target: every map is zero
             self._zero_maps()
 
         def place(sums: LayerSums, scale: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
-            placed: dict[str, dict[str, torch.Tensor]] = {}
-            for method, _ in self.methods:
-                placed[method.name] = {}
-                for name, layer_sums in zip(self.layer_names, sums, strict=True):
-                    grid = layer_sums[method.name][(slice(None), *plan.unpad)]
-                    grid = grid * scale if scale != 1.0 else grid
-                    placed[method.name][name] = (
-                        geometry.to_original(grid) if post.upsample else grid
-                    )[None]
-            return placed
+            return self._placed(sums, post.upsample, scale)
 
         logits = prediction.original_logits()[None]
         pixel_sets = torch.stack(self.pixel_sets)[None].to(logits.device)
@@ -265,6 +255,21 @@ class CaseExplanation:
         return assemble_placed(
             place(self.sums), info=info, method_info=method_info, members=members
         )
+
+    def _placed(
+        self, sums: LayerSums, upsample: bool, scale: float
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Method -> layer -> maps (1, T, *grid): unpadded, scaled, on the original grid."""
+        placed: dict[str, dict[str, torch.Tensor]] = {}
+        for method, _ in self.methods:
+            placed[method.name] = {}
+            for name, layer_sums in zip(self.layer_names, sums, strict=True):
+                grid = layer_sums[method.name][(slice(None), *self.plan.unpad)]
+                grid = grid * scale if scale != 1.0 else grid
+                placed[method.name][name] = (
+                    self.case.geometry.to_original(grid) if upsample else grid
+                )[None]
+        return placed
 
     def _zero_maps(self) -> None:
         """Layer names and zero maps when no forward was recorded (every target empty)."""

@@ -214,40 +214,16 @@ def load(
     for name in ("plans.json", "dataset.json"):
         if not (folder / name).is_file():
             raise NnUNetError(f"{folder}: no {name}; expected an nnU-Net trained-model folder")
-    available = available_folds(folder, checkpoint)
-    chosen = (
-        list(available) if folds == "all" else [folds] if isinstance(folds, int) else list(folds)
-    )
-    repeated = sorted({str(fold) for fold in chosen if chosen.count(fold) > 1})
-    if repeated:
-        raise NnUNetError(f"fold(s) {', '.join(repeated)} given more than once")
-    missing = [fold for fold in chosen if fold not in available]
-    if missing or not chosen:
-        raise NnUNetError(
-            f"{folder}: no {checkpoint} for fold(s) {missing or chosen}; folds present: "
-            f"{available or 'none'}"
-        )
+    chosen = _chosen_folds(folder, folds, checkpoint)
     plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     checkpoints = [
         _read_checkpoint(folder / f"fold_{fold}" / checkpoint, trust_checkpoint) for fold in chosen
     ]
     trainer_name = checkpoints[0]["trainer_name"]
-    configuration = checkpoints[0]["init_args"]["configuration"]
-    for fold, other in zip(chosen[1:], checkpoints[1:], strict=True):
-        if other["init_args"]["configuration"] != configuration:
-            raise NnUNetError(
-                f"{folder}: fold {fold} is {other['init_args']['configuration']}, fold "
-                f"{chosen[0]} is {configuration}; explain folds of one configuration"
-            )
-    configuration_manager = plans_manager.get_configuration(configuration)
-    previous = configuration_manager.previous_stage_name
-    if previous is not None:
-        raise NnUNetError(
-            f"{folder}: {configuration} is a cascade stage: its input includes the segmentation "
-            f"of {previous}, which segcam does not run; explain {previous} itself or a full-"
-            f"resolution configuration"
-        )
+    configuration, configuration_manager = _configuration(
+        folder, chosen, checkpoints, plans_manager
+    )
     label_manager = plans_manager.get_label_manager(dataset_json)
     trainer = _find_trainer(trainer_name, recursive_find_trainer_class_by_name)
     if trainer is None:
@@ -256,18 +232,7 @@ def load(
     outputs = label_manager.num_segmentation_heads
     networks = []
     for fold, saved in zip(chosen, checkpoints, strict=True):
-        if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
-            network = trainer.build_network_architecture(
-                plans_manager, configuration_manager, inputs, outputs,
-                enable_deep_supervision=False,
-            )  # fmt: skip
-        else:  # the older signature of custom trainers
-            network = trainer.build_network_architecture(
-                configuration_manager.network_arch_class_name,
-                configuration_manager.network_arch_init_kwargs,
-                configuration_manager.network_arch_init_kwargs_req_import,
-                inputs, outputs, enable_deep_supervision=False,
-            )  # fmt: skip
+        network = _build_network(trainer, (plans_manager, configuration_manager), inputs, outputs)
         try:
             network.load_state_dict(_strip_compile_prefix(saved["network_weights"]))
         except RuntimeError as error:
@@ -290,3 +255,62 @@ def load(
         label_manager=label_manager,
         dataset_json=dataset_json,
     )
+
+
+def _chosen_folds(folder: Path, folds: Any, checkpoint: str) -> list[int | str]:
+    """The folds asked for (``"all"``: every fold present), each once and holding the checkpoint."""
+    available = available_folds(folder, checkpoint)
+    chosen: list[int | str] = (
+        list(available) if folds == "all" else [folds] if isinstance(folds, int) else list(folds)
+    )
+    repeated = sorted({str(fold) for fold in chosen if chosen.count(fold) > 1})
+    if repeated:
+        raise NnUNetError(f"fold(s) {', '.join(repeated)} given more than once")
+    missing = [fold for fold in chosen if fold not in available]
+    if missing or not chosen:
+        raise NnUNetError(
+            f"{folder}: no {checkpoint} for fold(s) {missing or chosen}; folds present: "
+            f"{available or 'none'}"
+        )
+    return chosen
+
+
+def _build_network(trainer: Any, managers: tuple[Any, Any], inputs: int, outputs: int) -> nn.Module:
+    """A fold's network, built as its trainer builds it (weights not loaded)."""
+    plans_manager, configuration_manager = managers
+    if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
+        network = trainer.build_network_architecture(
+            plans_manager, configuration_manager, inputs, outputs,
+            enable_deep_supervision=False,
+        )  # fmt: skip
+    else:  # the older signature of custom trainers
+        network = trainer.build_network_architecture(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            inputs, outputs, enable_deep_supervision=False,
+        )  # fmt: skip
+    result: nn.Module = network
+    return result
+
+
+def _configuration(
+    folder: Path, folds: list[int | str], checkpoints: list[dict[str, Any]], plans_manager: Any
+) -> tuple[str, Any]:
+    """The folds' one configuration and its manager; a cascade stage is refused."""
+    configuration = str(checkpoints[0]["init_args"]["configuration"])
+    for fold, other in zip(folds[1:], checkpoints[1:], strict=True):
+        if other["init_args"]["configuration"] != configuration:
+            raise NnUNetError(
+                f"{folder}: fold {fold} is {other['init_args']['configuration']}, fold "
+                f"{folds[0]} is {configuration}; explain folds of one configuration"
+            )
+    configuration_manager = plans_manager.get_configuration(configuration)
+    previous = configuration_manager.previous_stage_name
+    if previous is not None:
+        raise NnUNetError(
+            f"{folder}: {configuration} is a cascade stage: its input includes the segmentation "
+            f"of {previous}, which segcam does not run; explain {previous} itself or a full-"
+            f"resolution configuration"
+        )
+    return configuration, configuration_manager

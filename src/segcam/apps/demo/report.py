@@ -257,29 +257,42 @@ def _section_nnunet(
             heat = explanations[method].layer_maps[last][0, t].numpy()
             path = folder / f"{map_stem(method, last, t, 'predicted', name)}.nii.gz"
             written.append(write_map(path, heat, "SimpleITKIO", read.properties))
-    figures = []
-    for z in (2, 8, 14, 20):  # held-out axial slices 58, 64, 70, 76
-        rows = []
-        for t, target in enumerate(TARGETS):
-            name = liver.CLASS_NAMES[target.class_index]
-            columns = {}
-            for depth, layer in NNUNET_LAYERS.items():
-                for method in METHODS:
-                    maps = explanations[method].layer_maps[layer]
-                    columns[f"{METHOD_LABELS[method]}\n{depth}"] = maps[0, t, z].numpy()
-            rows.append(
-                (
-                    f"axial slice {start + z}: nnU-Net's {name}",
-                    liver.window(slab[z]),
-                    truth[z],
-                    segmentation[z],
-                    explanations[METHODS[0]].pixel_sets[0, t, z].numpy(),
-                    columns,
-                )
-            )
-        figures.append(_figure_png(rows))
+    figures = [
+        _figure_png(_nnunet_rows(explanations, z, start, slab, truth, segmentation))
+        for z in (2, 8, 14, 20)  # held-out axial slices 58, 64, 70, 76
+    ]
     dice = {liver.CLASS_NAMES[c]: _dice(segmentation == c, truth == c) for c in (1, 2)}
     return figures, dice, written
+
+
+def _nnunet_rows(
+    explanations: dict[str, segcam.Explanation],
+    z: int,
+    start: int,
+    slab: np.ndarray,
+    truth: np.ndarray,
+    segmentation: np.ndarray,
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """One figure's rows (one per class) at axial slice ``z`` of the held-out slab."""
+    rows = []
+    for t, target in enumerate(TARGETS):
+        name = liver.CLASS_NAMES[target.class_index]
+        columns = {}
+        for depth, layer in NNUNET_LAYERS.items():
+            for method in METHODS:
+                maps = explanations[method].layer_maps[layer]
+                columns[f"{METHOD_LABELS[method]}\n{depth}"] = maps[0, t, z].numpy()
+        rows.append(
+            (
+                f"axial slice {start + z}: nnU-Net's {name}",
+                liver.window(slab[z]),
+                truth[z],
+                segmentation[z],
+                explanations[METHODS[0]].pixel_sets[0, t, z].numpy(),
+                columns,
+            )
+        )
+    return rows
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
