@@ -11,7 +11,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 import segcam
-from conftest import assert_close_scaled, reference_maps
+from references import assert_close_scaled, reference_maps
+from segcam import errors
 from segcam.explainer import GraphTooLargeError
 from segcam.testing import tiny_segnet
 
@@ -156,3 +157,45 @@ def test_explain_methods_shares_one_backward_per_target(monkeypatch):
                 torch.testing.assert_close(
                     together[method].layer_maps[layer], alone.layer_maps[layer]
                 )
+
+
+torch.manual_seed(0)
+UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+LAYER = "model.1.submodule"
+
+
+def explain(*args, **kwargs):
+    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
+    return segcam.explain(UNET, *args, **kwargs)
+
+
+class Counting(nn.Module):
+    """Counts forward calls of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_max_graph_bytes_is_checked_at_construction():
+    model = Counting(UNET)
+    with pytest.raises(errors.OptionError, match="max_graph_bytes must be None or a number"):
+        segcam.Explainer(model, "model." + LAYER, max_graph_bytes="1GB")
+    assert model.calls == 0
+
+
+def test_explainer_keeps_a_snapshot_of_its_input():
+    x = X.clone()
+    explainer = segcam.Explainer(UNET, LAYER, method="seg-score-cam")
+    explainer.forward(x)
+    options = {"max_channels": 4}
+    before = explainer.explain(segcam.AllPixels(1), method_options=options).maps
+    x.mul_(0)  # the caller changes x in place after the forward
+    after = explainer.explain(segcam.AllPixels(1), method_options=options).maps
+    explainer.close()
+    torch.testing.assert_close(after, before)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import tracemalloc
+import zipfile
+
 import numpy as np
 import pytest
 import torch
+from monai.networks.nets import UNet
 
 import segcam
 from segcam import errors
 from segcam.postprocess import normalize, relu, upsample
-from segcam.testing import tiny_segnet
+from segcam.testing import HeadNet, tiny_segnet
 
 
 def test_normalize_values():
@@ -133,3 +137,40 @@ def test_list_methods_is_the_registry():
             venue in method.reference
             for venue in ("MELBA", "AAAI", "TIP", "BMVC", "WACV", "CVPR", "IJCNN")
         )
+
+
+torch.manual_seed(0)
+UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+
+
+def explain(*args, **kwargs):
+    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
+    return segcam.explain(UNET, *args, **kwargs)
+
+
+def test_load_reads_only_the_members_it_needs(tmp_path):
+    expl = segcam.explain(HeadNet(2), torch.rand(1, 1, 8, 8), segcam.AllPixels(1), "body.3")
+    path = expl.save(tmp_path / "maps.npz")
+    with (
+        zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive,
+        archive.open("extra.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array(member, np.zeros(64 << 20, dtype=np.float32))
+    assert path.stat().st_size < 1 << 20  # a small file that would decompress to 256 MiB
+    tracemalloc.start()
+    loaded = segcam.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    torch.testing.assert_close(loaded.maps, expl.maps)
+    assert peak < 16 << 20
+
+
+def test_load_checks_shapes_against_the_metadata(tmp_path):
+    expl = segcam.explain(HeadNet(2), torch.rand(1, 1, 8, 8), segcam.AllPixels(1), "body.3")
+    path = expl.save(tmp_path / "maps.npz")
+    with np.load(path) as archive:
+        members = {key: archive[key] for key in archive.files}
+    members["map_0"] = np.zeros(7, dtype=np.float32)
+    np.savez(tmp_path / "bad.npz", **members)
+    with pytest.raises(errors.ExplanationFileError, match=r"'map_0' has shape \(7,\)"):
+        segcam.load(tmp_path / "bad.npz")

@@ -9,7 +9,8 @@ from captum.attr import LayerGradCam, LayerGradientXActivation
 from monai.networks.nets import UNet
 
 import segcam
-from conftest import assert_close_scaled, import_pytorch_grad_cam
+from harness import import_pytorch_grad_cam
+from references import assert_close_scaled
 
 LAYERS = {
     "full resolution": "model.2.0",  # last decoder convolution, at the input's grid

@@ -7,9 +7,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from monai.networks.nets import UNet
 from scipy import ndimage
 
 import segcam
+from segcam import errors
 from segcam.pixel_sets import largest_component
 from segcam.testing import HandNet
 
@@ -142,3 +144,56 @@ def test_predicted_equals_argmax_with_ties(classes):
     for c in range(classes):
         expected = logits.argmax(dim=1) == c
         assert torch.equal(segcam.Predicted(c).pixel_set(logits), expected)
+
+
+torch.manual_seed(0)
+UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+LAYER = "model.1.submodule"
+
+
+def explain(*args, **kwargs):
+    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
+    return segcam.explain(UNET, *args, **kwargs)
+
+
+def test_mask_on_another_device_is_moved_or_refused():
+    mask = torch.zeros(64, 64, dtype=torch.bool, device="meta")
+    with pytest.raises(errors.TargetError, match="cannot move the mask from meta"):
+        explain(X, segcam.Mask(1, mask), LAYER)
+
+
+@pytest.mark.parametrize("targets", [None, 3, "predicted"])
+def test_targets_that_are_not_targets(targets):
+    with pytest.raises(errors.TargetError, match="targets must be a target or a sequence"):
+        explain(X, targets, LAYER)
+
+
+def test_pixel_index_as_a_tensor():
+    by_tensor = explain(X, segcam.Pixel(1, torch.tensor([5, 6])), LAYER)
+    by_tuple = explain(X, segcam.Pixel(1, (5, 6)), LAYER)
+    torch.testing.assert_close(by_tensor.maps, by_tuple.maps)
+    per_sample = explain(X, segcam.Pixel(1, torch.tensor([[5, 6], [7, 8]])), LAYER)
+    assert per_sample.pixel_sets[0, 0, 5, 6] and per_sample.pixel_sets[1, 0, 7, 8]
+
+
+@pytest.mark.parametrize(
+    ("target", "pattern"),
+    [
+        (segcam.Pixel(1, (2.7, 3.9)), "coordinates must be integers; got 2.7"),
+        (segcam.Box(1, [(0.5, 10), (0, 10)]), "coordinates must be integers; got 0.5"),
+        (segcam.Box(1, [slice(0, 1000), (0, 10)]), r"\(0, 1000\) on axis 0 lie outside 0..64"),
+        (segcam.Box(1, [(0, 100), (0, 10)]), r"\(0, 100\) on axis 0 lie outside 0..64"),
+        (segcam.Box(1, [(10, 5), (0, 10)]), "start > stop"),
+        (segcam.Box(1, [slice(-10, None), (0, 10)]), "lie outside"),
+    ],
+)
+def test_coordinates_are_integers_and_boxes_follow_one_rule(target, pattern):
+    with pytest.raises(errors.TargetError, match=pattern):
+        explain(X, target, LAYER)
+
+
+def test_box_with_open_slice_ends():
+    open_ended = explain(X, segcam.Box(1, [slice(None, 10), slice(50, None)]), LAYER)
+    explicit = explain(X, segcam.Box(1, [(0, 10), (50, 64)]), LAYER)
+    torch.testing.assert_close(open_ended.maps, explicit.maps)

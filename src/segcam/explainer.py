@@ -18,7 +18,6 @@ graph larger than a budget; ``close`` (or leaving the ``with`` block) frees it e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -182,10 +181,5 @@ class Explainer:
     def __enter__(self) -> Explainer:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()

@@ -62,6 +62,7 @@ from segcam.targets import (
     uses_logits,
 )
 from segcam.windows import (
+    SlidingWindowOptions,
     SlidingWindowPlan,
     Window,
     blended_logits,
@@ -306,14 +307,7 @@ def explain_sliding_window_methods(
     for method, _ in chosen:
         method.require_sliding_window()
     post = PostProcessing(relu, upsample, normalize)
-    plan = plan_windows(
-        inputs,
-        roi_size,
-        overlap=overlap,
-        mode=mode,
-        sigma_scale=sigma_scale,
-        sw_batch_size=sw_batch_size,
-    )
+    plan = SlidingWindowOptions(roi_size, overlap, mode, sigma_scale, sw_batch_size).plan(inputs)
     target_list = as_target_list(targets)
     run = _SlidingRun(
         plan, target_list, chosen, sets_fixed=not any(uses_logits(t) for t in target_list)

@@ -28,6 +28,7 @@ from segcam.errors import InputError, NonFiniteError, OptionError
 from segcam.outputs import OutputSpec, select_logits
 
 __all__ = [
+    "SlidingWindowOptions",
     "SlidingWindowPlan",
     "Window",
     "blended_logits",
@@ -199,6 +200,28 @@ def plan_windows(
     return SlidingWindowPlan(spatial, roi, tuple(overlaps), mode, windows, groups, weight, count)
 
 
+@dataclass(frozen=True)
+class SlidingWindowOptions:
+    """The five sliding-window options as one value (the keywords of the public functions)."""
+
+    roi_size: int | Sequence[int]
+    overlap: float | Sequence[float] = 0.25
+    mode: str = "gaussian"
+    sigma_scale: float = 0.125
+    sw_batch_size: int = 1
+
+    def plan(self, inputs: torch.Tensor) -> SlidingWindowPlan:
+        """:func:`plan_windows` of ``inputs`` with these options (checked there)."""
+        return plan_windows(
+            inputs,
+            self.roi_size,
+            overlap=self.overlap,
+            mode=self.mode,
+            sigma_scale=self.sigma_scale,
+            sw_batch_size=self.sw_batch_size,
+        )
+
+
 def blended_logits(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -215,15 +238,8 @@ def blended_logits(
     The same windows and weights as :func:`explain_sliding_window` (and MONAI's
     ``sliding_window_inference``).
     """
-    plan = plan_windows(
-        inputs,
-        roi_size,
-        overlap=overlap,
-        mode=mode,
-        sigma_scale=sigma_scale,
-        sw_batch_size=sw_batch_size,
-    )
-    return predict_blended(model, inputs, plan, output)
+    options = SlidingWindowOptions(roi_size, overlap, mode, sigma_scale, sw_batch_size)
+    return predict_blended(model, inputs, options.plan(inputs), output)
 
 
 def predict_blended(

@@ -17,7 +17,7 @@ pytest.importorskip("nnunetv2")
 import SimpleITK as sitk  # noqa: N813
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from conftest import fake_torchvision_ops
+from harness import fake_torchvision_ops
 from segcam import nnunet
 from segcam.apps.demo import data as liver
 from segcam.apps.demo.models import NNUNET_MODEL

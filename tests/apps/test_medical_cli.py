@@ -10,8 +10,8 @@ import SimpleITK as sitk  # noqa: N813  (the [medical] extra, dev)
 import torch
 
 import segcam
+from medical_volumes import VOLUME, oblique_image, write_series
 from segcam.apps.cli import main
-from test_medical import VOLUME, oblique_image, write_series
 
 MODEL = ["--model", "segcam.testing:tiny_segnet", "--model-kwargs", '{"spatial_dims": 3}']
 ARGS = [*MODEL, "--target", "all:1", "--layer", "body.3", "--minmax"]

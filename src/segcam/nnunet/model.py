@@ -30,6 +30,7 @@ __all__ = [
     "NnUNetModel",
     "available_folds",
     "block_name",
+    "choose_folds",
     "class_names",
     "load",
 ]
@@ -214,7 +215,7 @@ def load(
     for name in ("plans.json", "dataset.json"):
         if not (folder / name).is_file():
             raise NnUNetError(f"{folder}: no {name}; expected an nnU-Net trained-model folder")
-    chosen = _chosen_folds(folder, folds, checkpoint)
+    chosen = choose_folds(folder, folds, checkpoint)
     plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     checkpoints = [
@@ -257,7 +258,7 @@ def load(
     )
 
 
-def _chosen_folds(folder: Path, folds: Any, checkpoint: str) -> list[int | str]:
+def choose_folds(folder: Path, folds: Any, checkpoint: str) -> list[int | str]:
     """The folds asked for (``"all"``: every fold present), each once and holding the checkpoint."""
     available = available_folds(folder, checkpoint)
     chosen: list[int | str] = (

@@ -73,19 +73,13 @@ def folder_facts(folder: str | Path) -> dict[str, Any]:
 
 def resolve_folds(spec: dict[str, Any]) -> list[int | str]:
     """The spec's folds (``"all"``: every fold present), checked to hold the checkpoint."""
-    from segcam.nnunet.model import NnUNetError, available_folds
+    from segcam.nnunet.model import choose_folds
 
-    folder = Path(spec["folder"])
-    checkpoint = spec.get("checkpoint", "checkpoint_final.pth")
-    present = available_folds(folder, checkpoint)
-    folds = present if spec.get("folds") in (None, "all") else list(spec["folds"])
-    missing = [fold for fold in folds if fold not in present]
-    if missing or not folds:
-        raise NnUNetError(
-            f"{folder}: no {checkpoint} for fold(s) {missing or folds}; folds present: "
-            f"{present or 'none'}"
-        )
-    return folds
+    folds = spec.get("folds")
+    chosen = "all" if folds in (None, "all") else list(folds)
+    return choose_folds(
+        Path(spec["folder"]), chosen, spec.get("checkpoint", "checkpoint_final.pth")
+    )
 
 
 def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:

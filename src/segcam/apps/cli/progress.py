@@ -9,7 +9,6 @@ gives one line as it finishes. ``--quiet`` shows neither; errors and the final s
 from __future__ import annotations
 
 import sys
-from types import TracebackType
 from typing import Any, TextIO
 
 __all__ = ["ProgressDisplay"]
@@ -76,12 +75,7 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self._close_within()
         if self._inputs is not None:
             self._inputs.close()

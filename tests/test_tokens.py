@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from monai.networks.nets import UNETR, SwinUNETR
+from monai.networks.nets import UNETR, SwinUNETR, UNet
 from torch import nn
 
 import segcam
@@ -190,3 +190,30 @@ def test_layouts_inferred_from_shapes():
         infer_layout("a", (1, 5), (8, 8), None)
     with pytest.raises(LayerError, match="not tokens"):
         infer_layout("a", (1, 5, 4, 4), (8, 8), segcam.TokenLayer("a", layout="tokens"))
+
+
+torch.manual_seed(0)
+UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+
+
+def explain(*args, **kwargs):
+    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
+    return segcam.explain(UNET, *args, **kwargs)
+
+
+class PooledNet(nn.Module):
+    """A channels-first layer of shape (N, 32, 32, 8): 32 channels after AvgPool2d((2, 8))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 32, 3, padding=1)
+        self.pool = nn.AvgPool2d((2, 8))
+        self.head = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        return nn.functional.interpolate(self.head(self.pool(self.conv(x))), size=x.shape[2:])
+
+
+def test_channels_first_pooling_output_is_not_read_as_channels_last():
+    expl = segcam.explain(PooledNet().eval(), torch.rand(1, 1, 64, 64), segcam.AllPixels(1), "pool")
+    assert expl.layer_shapes["pool"] == (1, 32, 32, 8)

@@ -17,7 +17,7 @@ from segcam.errors import (
     SegCamError,
 )
 from segcam.methods import REGISTRY, register
-from segcam.testing import tiny_segnet
+from segcam.testing import HeadNet, tiny_segnet
 
 
 class CountingNet(torch.nn.Module):
@@ -177,3 +177,69 @@ def test_a_registered_method_with_a_validator(monkeypatch):
         segcam.explain(
             model, x, segcam.AllPixels(1), "body.3", "power-cam", method_options={"power": 3}
         )
+
+
+def _setup(seed, spatial_dims):
+    net = HeadNet(spatial_dims, in_channels=2, features=5, num_classes=3, seed=seed).eval()
+    generator = torch.Generator().manual_seed(seed)
+    spatial = (6, 7) if spatial_dims == 2 else (3, 5, 4)
+    x = torch.randn((2, 2, *spatial), generator=generator)
+    mask = torch.rand((2, *spatial), generator=generator) > 0.5
+    with torch.no_grad():
+        features = net.body(x)  # A, the head's input (post-ReLU)
+    return net, x, mask, features
+
+
+def test_cli_and_registry_list_the_new_methods(capsys):
+    from segcam.apps.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "seg-layer-cam" in out and "seg-xgrad-cam" in out and "BMVC 2020" in out
+
+
+def test_method_options_are_checked():
+    net, x, mask, _ = _setup(0, 2)
+    with pytest.raises(ValueError, match=r"no option 'pool_sise'.*pool_size, pool"):
+        segcam.explain(
+            net, x, segcam.Mask(1, mask), "body", "seg-xres-cam", method_options={"pool_sise": 2}
+        )
+    with pytest.raises(ValueError, match="pool must be 'max' or 'mean'"):
+        segcam.explain(
+            net, x, segcam.Mask(1, mask), "body", "seg-xres-cam", method_options={"pool": "median"}
+        )
+    with pytest.raises(ValueError, match="pool_size must be"):
+        segcam.explain(
+            net,
+            x,
+            segcam.Mask(1, mask),
+            "body",
+            "seg-xres-cam",
+            method_options={"pool_size": (2, 2, 2)},
+        )
+    with pytest.raises(ValueError, match=r"has no option 'batch_size'.*none"):
+        segcam.explain(
+            net,
+            x,
+            segcam.Mask(1, mask),
+            "body",
+            "seg-hires-grad-cam",
+            method_options={"batch_size": 2},
+        )
+
+
+def test_methods_in_the_registry_have_kinds_and_options():
+    from segcam.methods import REGISTRY
+
+    kinds = {name: method.kind for name, method in REGISTRY.items()}
+    assert kinds["seg-eigen-cam"] == "activation" and kinds["seg-score-cam"] == "model"
+    assert {n for n, k in kinds.items() if k == "gradient"} >= {
+        "seg-hires-grad-cam",
+        "seg-grad-cam",
+        "seg-layer-cam",
+        "seg-xgrad-cam",
+        "seg-grad-cam++",
+        "seg-xres-cam",
+    }
+    assert REGISTRY["seg-xres-cam"].options == {"pool_size": 2, "pool": "max"}
+    assert REGISTRY["seg-score-cam"].options == {"batch_size": 32, "max_channels": None}

@@ -1,4 +1,4 @@
-"""The fast path against a slow reference written straight from the equations (conftest)."""
+"""The fast path against the slow references written straight from the equations (references.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, UNet
 
 import segcam
-from conftest import assert_close_scaled, reference_maps
+from references import REFERENCES, assert_close_scaled, reference_maps
 
 # Untrained nets may predict no pixel of a class: empty pixel sets are part of what is compared.
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
@@ -17,6 +17,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 RAW = {"relu": False, "upsample": False, "normalize": None}
 METHODS = segcam.list_methods()
 PRECISE = {"seg-xgrad-cam", "seg-grad-cam++", "seg-score-cam"}
+
+
+def test_every_registered_method_has_its_slow_reference():
+    # a new method without its textbook version fails here (zennit pairs each rule so)
+    assert sorted(REFERENCES) == sorted(segcam.list_methods())
 
 
 def unet(dims):
