@@ -123,3 +123,16 @@ def test_no_bare_built_in_error_is_raised(path):
             if isinstance(called, ast.Name) and called.id in BUILT_IN_RAISES:
                 bare.append(f"line {node.lineno}: raise {called.id}")
     assert not bare, bare
+
+
+def test_no_module_takes_part_in_an_import_circle():
+    import grimp
+
+    graph = grimp.build_graph("segcam")
+    circles = []
+    for importer in sorted(graph.modules):
+        for imported in sorted(graph.find_modules_directly_imported_by(importer)):
+            back = graph.find_shortest_chain(importer=imported, imported=importer)
+            if back is not None:
+                circles.append((importer, *back))
+    assert circles == []

@@ -156,7 +156,9 @@ def test_registration_errors():
 
 
 def test_a_registered_method_with_a_validator(monkeypatch):
-    monkeypatch.setattr("segcam.methods.REGISTRY", dict(REGISTRY))  # leave the registry as it was
+    registry = dict(REGISTRY)  # leave the registry as it was
+    monkeypatch.setattr("segcam.methods.registry.REGISTRY", registry)
+    monkeypatch.setattr("segcam.methods.REGISTRY", registry)
     from segcam import methods
 
     def check(options):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from segcam.errors import OptionError
-from segcam.methods import register
+from segcam.methods.registry import register
 
 __all__ = [
     "seg_grad_cam",

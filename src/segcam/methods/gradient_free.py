@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from segcam.errors import MethodNotSupportedError
-from segcam.methods import MethodContext, check_positive_int, register
+from segcam.methods.registry import MethodContext, check_positive_int, register
 from segcam.postprocess import upsample
 
 __all__ = ["layer_pixel_weights", "seg_eigen_cam", "seg_score_cam"]

@@ -15,8 +15,10 @@ manifest matches the job's settings and the input's digest is skipped; one faili
 stops the others: it is reported with its error.
 """
 
+# importing the input kinds registers them (plain files, nnU-Net cases)
 from segcam.apps.batch.inputs import expand_inputs, output_name
 from segcam.apps.batch.job import BatchJob
+from segcam.apps.batch.nnunet_cases import NnUNetCases
 from segcam.apps.batch.outputs import LOCK_FILE, RUN_FILE, OutputFolderError, output_folder
 from segcam.apps.batch.run import BACKENDS, BatchResult, explain_files
 
@@ -26,6 +28,7 @@ __all__ = [
     "RUN_FILE",
     "BatchJob",
     "BatchResult",
+    "NnUNetCases",
     "OutputFolderError",
     "expand_inputs",
     "explain_files",

@@ -19,8 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from segcam.apps.batch.inputs import InputExplainer, Progress
-from segcam.apps.batch.job import BatchJob
+from segcam.apps.batch.job import BatchJob, InputExplainer, Progress
 from segcam.errors import SegCamError
 
 __all__ = ["Outcome", "run_here", "run_one", "run_processes", "run_ray"]

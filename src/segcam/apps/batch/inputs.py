@@ -1,10 +1,11 @@
 """The kinds of input a batch explains: plain files here, nnU-Net cases beside it.
 
-An :class:`InputKind` finds a job's inputs among the given paths, names each one's output folder,
-digests it (what a rerun compares), adds its own settings to the manifest, and builds, once per
-worker, the :class:`InputExplainer` that explains one input and writes its files. The batch
-(:mod:`segcam.apps.batch.run`) knows nothing else about them: a new kind of input is a class
-here, not a branch there.
+An input kind (:class:`~segcam.apps.batch.job.InputKind`) finds a job's inputs among the given
+paths, names each one's output folder, digests it (what a rerun compares), adds its own settings
+to the manifest, and builds, once per worker, the explainer that explains one input and writes
+its files. The batch (:mod:`segcam.apps.batch.run`) knows nothing else about them: a new kind of
+input is a class implementing the protocol, registered with
+:func:`~segcam.apps.batch.job.register_input_kind`, not a branch there.
 
 Plain files (:class:`FileInputs`): PNG/JPEG/TIFF, NIfTI, NRRD, MetaImage, DICOM series and
 ``.npy``, explained whole or window by window; maps in the input's own geometry.
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 import segcam
+from segcam.apps.batch.job import BatchJob, Progress, register_input_kind
 from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
 from segcam.apps.naming import folder_name, spec_class_name
 from segcam.apps.specs import apply_intensity, file_sha256, load_callable, load_model, parse_target
@@ -32,56 +34,15 @@ from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, wr
 from segcam.io.writing import atomic_write
 from segcam.outputs import FromProbabilities
 
-if TYPE_CHECKING:
-    from segcam.apps.batch.job import BatchJob
-
 __all__ = [
     "SUPPORTED",
     "FileInputs",
-    "InputExplainer",
-    "InputKind",
-    "Progress",
     "expand_inputs",
     "explain_options",
     "output_name",
 ]
 
 SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, *MEDICAL_SUFFIXES, ".npy")
-
-Progress = Callable[[int, int], None]
-"""Called with (done, total) within one input: windows or targets."""
-
-
-class InputExplainer(Protocol):
-    """What a worker builds once: explains one input into ``out`` and writes its files."""
-
-    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
-        """Explain ``path`` into ``out/<name>/``, its manifest last; return the files written."""
-        ...
-
-
-class InputKind(Protocol):
-    """One kind of input of a batch: plain files, or nnU-Net cases."""
-
-    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:
-        """The inputs among ``inputs`` (files, folders), none under ``exclude``."""
-        ...
-
-    def name(self, path: Path) -> str:
-        """The name of the input's output folder (safe: inside ``out``)."""
-        ...
-
-    def digest(self, path: Path) -> str:
-        """The input's SHA-256, as its manifest records it."""
-        ...
-
-    def settings(self) -> dict[str, Any]:
-        """What this kind adds to the job's settings (recorded, compared on a rerun)."""
-        ...
-
-    def build(self, job: BatchJob) -> InputExplainer:
-        """The explainer a worker keeps: the model loaded, the targets parsed."""
-        ...
 
 
 def explain_options(explain: dict[str, Any]) -> dict[str, Any]:
@@ -255,3 +216,6 @@ def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, chose
     if chosen in ("auto", "nifti"):
         return write_nifti(folder / f"{stem}.nii.gz", heat, affine, data.nifti_header)
     raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
+
+
+register_input_kind("files", lambda job: FileInputs())

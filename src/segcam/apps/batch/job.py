@@ -1,20 +1,70 @@
-"""A batch job: what to explain, as plain data that travels to worker processes and Ray actors."""
+"""A batch job: what to explain, as plain data that travels to worker processes and Ray actors.
+
+Also the protocol every kind of input implements (:class:`InputKind`: find, name, digest,
+settings, build) and the registry of kinds (:func:`register_input_kind`).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 import segcam
-from segcam.apps.batch.inputs import FileInputs, InputExplainer, InputKind
 from segcam.apps.specs import file_sha256
 
-__all__ = ["BatchJob"]
+__all__ = ["BatchJob", "InputExplainer", "InputKind", "Progress", "register_input_kind"]
+
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) within one input: windows or targets."""
+
+
+class InputExplainer(Protocol):
+    """What a worker builds once: explains one input into ``out`` and writes its files."""
+
+    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
+        """Explain ``path`` into ``out/<name>/``, its manifest last; return the files written."""
+        ...
+
+
+class InputKind(Protocol):
+    """One kind of input of a batch: plain files, or nnU-Net cases."""
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:
+        """The inputs among ``inputs`` (files, folders), none under ``exclude``."""
+        ...
+
+    def name(self, path: Path) -> str:
+        """The name of the input's output folder (safe: inside ``out``)."""
+        ...
+
+    def digest(self, path: Path) -> str:
+        """The input's SHA-256, as its manifest records it."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """What this kind adds to the job's settings (recorded, compared on a rerun)."""
+        ...
+
+    def build(self, job: BatchJob) -> InputExplainer:
+        """The explainer a worker keeps: the model loaded, the targets parsed."""
+        ...
+
+
+_INPUT_KINDS: dict[str, Callable[[BatchJob], InputKind]] = {}
+
+
+def register_input_kind(name: str, factory: Callable[[BatchJob], InputKind]) -> None:
+    """Make ``factory(job)`` the input kind of jobs of kind ``name`` (``files``, ``nnunet``).
+
+    The kinds register themselves when :mod:`segcam.apps.batch` is imported.
+    """
+    _INPUT_KINDS[name] = factory
 
 
 @dataclass(frozen=True)
@@ -66,11 +116,7 @@ class BatchJob:
 
     def kind(self) -> InputKind:
         """The job's kind of input: plain files, or nnU-Net cases (with an ``nnunet`` spec)."""
-        if self.nnunet is not None:
-            from segcam.apps.batch.nnunet_cases import NnUNetCases
-
-            return NnUNetCases(self.nnunet)
-        return FileInputs()
+        return _INPUT_KINDS["nnunet" if self.nnunet is not None else "files"](self)
 
     def expand(self, inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
         """The job's inputs: files (and folders' files), or nnU-Net cases."""

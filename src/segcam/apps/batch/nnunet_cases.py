@@ -23,19 +23,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from segcam.apps.batch.inputs import explain_options
+from segcam.apps.batch.job import BatchJob, register_input_kind
 from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
 from segcam.apps.naming import folder_name, spec_class_name
 from segcam.errors import TargetError
 from segcam.targets import Box, Pixel, Region, Target
-
-if TYPE_CHECKING:
-    from segcam.apps.batch.job import BatchJob
 
 __all__ = [
     "CaseExplainer",
@@ -292,3 +290,6 @@ def _reverses(facts: dict[str, Any]) -> bool:
     from segcam.nnunet.files import reverses_axes
 
     return reverses_axes(facts["reader"])
+
+
+register_input_kind("nnunet", lambda job: NnUNetCases(dict(job.nnunet or {})))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +26,6 @@ from segcam.apps.naming import map_stem
 from segcam.apps.specs import file_sha256
 from segcam.errors import OutputFileError, SegCamError
 from segcam.io.writing import atomic_write, make_dir
-
-if TYPE_CHECKING:
-    from segcam.apps.batch.inputs import InputKind
 
 try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
     import fcntl
@@ -105,9 +102,12 @@ def write_manifest(
     return written
 
 
-def finished(out: Path, path: Path, settings: dict[str, Any], kind: InputKind) -> bool:
-    """Whether ``out`` holds a manifest of ``path`` made with these settings, outputs intact."""
-    manifest = out / kind.name(path) / "manifest.json"
+def finished(folder: Path, digest: str, settings: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds a manifest made with these settings of an input of ``digest``.
+
+    And every output it lists is there, unaltered.
+    """
+    manifest = folder / "manifest.json"
     if not manifest.is_file():
         return False
     try:
@@ -115,7 +115,7 @@ def finished(out: Path, path: Path, settings: dict[str, Any], kind: InputKind) -
     except (OSError, json.JSONDecodeError):
         return False
     same = all(saved.get(key) == value for key, value in settings.items())
-    if not same or saved.get("input", {}).get("sha256") != kind.digest(path):
+    if not same or saved.get("input", {}).get("sha256") != digest:
         return False
     files = saved.get("files")
     if not isinstance(files, dict) or not files:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segcam.apps.batch.backends import Outcome, run_here, run_processes, run_ray
-from segcam.apps.batch.inputs import Progress
-from segcam.apps.batch.job import BatchJob
+from segcam.apps.batch.job import BatchJob, Progress
 from segcam.apps.batch.outputs import finished, output_folder
 from segcam.errors import InputFileError, OptionError
 from segcam.methods import get_method, resolve_methods
@@ -92,7 +91,7 @@ def explain_files(
         todo = []
         result = BatchResult()
         for index, path in enumerate(files, start=1):
-            if not overwrite and finished(out, path, settings, kind):
+            if not overwrite and finished(out / kind.name(path), kind.digest(path), settings):
                 say(f"[{index}/{len(files)}] {path}: already done, skipped")
                 result.skipped.append(path)
             else:
