@@ -1,59 +1,21 @@
-"""Issue 13's command-line and data-safety rows: one clear line (exit 2), a batch that goes on
-(exit 1), no traceback, and output folders that stay consistent."""
+"""segcam explain: every input or option the command cannot use is one line and exit 2, before any
+work; any argument vector exits cleanly."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
-import stat
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import EXPLAIN, LAYER, MODEL, one_line, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from segcam.apps.batch import LOCK_FILE, output_folder
 from segcam.apps.cli import main
-from segcam.apps.demo.models import WEIGHTS_DIR
-from segcam.errors import SegCamError
-from segcam.testing.synthetic import shapes_scene
-
-WEIGHTS = WEIGHTS_DIR / "synthetic_unet2d.pt"
-MODEL = ["--model", "segcam.apps.demo.models:build_demo_model", "--weights", str(WEIGHTS)]
-LAYER = "model.1.submodule.2"
-EXPLAIN = [*MODEL, "--target", "all:1", "--layer", LAYER]
-
-
-def run(*args):
-    return main([str(a) for a in args])
-
-
-def one_line(capsys, *fragments):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("segcam: error:"), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
-@pytest.fixture
-def scene(tmp_path):
-    image, _ = shapes_scene(1_000_011)
-    path = tmp_path / "scene.npy"
-    np.save(path, image[0])
-    return path
-
-
-# ------------------------------------------------------------------ bad inputs for the model
 
 
 @pytest.mark.parametrize(
@@ -112,9 +74,6 @@ def test_layers_with_an_input_shape_the_net_cannot_take(capsys):
     one_line(capsys, "the model failed on the input (1, 1, 60, 60)")
 
 
-# ------------------------------------------------------------------ bad options
-
-
 @pytest.mark.parametrize(
     ("option", "fragment"),
     [
@@ -163,140 +122,6 @@ REFUSED_KWARGS = [
 def test_a_factory_refusing_its_arguments(capsys, kwargs):
     assert run("layers", "--model", "monai:UNet", "--model-kwargs", kwargs) == 2
     one_line(capsys, "--model monai:UNet with --model-kwargs")
-
-
-# ------------------------------------------------------------------ a batch goes on
-
-
-@pytest.fixture
-def folder_with_a_bad_input(tmp_path):
-    folder = tmp_path / "inputs"
-    folder.mkdir()
-    for seed in range(3):
-        image, _ = shapes_scene(1_000_020 + seed)
-        np.save(folder / f"good{seed}.npy", image[0])
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "rgb.png")  # 3 channels
-    np.save(folder / "odd.npy", np.zeros((60, 60), np.float32))  # the model itself fails
-    return folder
-
-
-@pytest.mark.parametrize(
-    "backend", [["--num-workers", "1"], ["--num-workers", "2"], ["--backend", "ray"]]
-)
-def test_a_batch_goes_on_past_bad_inputs(folder_with_a_bad_input, tmp_path, capsys, backend):
-    out = tmp_path / "out"
-    code = run("explain", folder_with_a_bad_input, *EXPLAIN, *backend, "--out", out)
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
-    assert "2 of 5 inputs failed" in err
-    assert "rgb.png: the input (1, 3, 64, 64) does not fit the model" in err
-    assert "odd.npy: the model failed on the input (1, 1, 60, 60)" in err
-    done = sorted(p.parent.name for p in out.rglob("manifest.json"))
-    assert done == ["good0", "good1", "good2"]
-
-
-# ------------------------------------------------------------------ output folders
-
-
-def test_another_target_into_the_same_folder_is_refused(scene, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert run("explain", scene, *MODEL, "--target", "all:2", "--layer", LAYER, "--out", out) == 2
-    one_line(capsys, "holds results made with other settings (targets: ['all:1'] -> ['all:2'])")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-
-
-def test_odd_input_names_stay_inside_out(tmp_path, capsys):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    image, _ = shapes_scene(1_000_030)
-    np.save(inputs / "...npy", image[0])  # name "..": would be the parent folder
-    out = tmp_path / "nest" / "out"
-    assert run("explain", inputs / "...npy", *EXPLAIN, "--out", out) == 0
-    assert (out / "_..").is_dir() and (out / "_.." / "manifest.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "nest").iterdir()) == ["out"]
-
-
-def test_a_deleted_or_altered_output_is_redone(scene, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    npz = out / "scene" / "seg-hires-grad-cam.npz"
-    npz.unlink()
-    capsys.readouterr()
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    assert "files in" in capsys.readouterr().err and npz.is_file()
-    png = next((out / "scene").glob("*.png"))
-    png.write_bytes(b"altered")
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    assert "files in" in capsys.readouterr().err and png.read_bytes().startswith(b"\x89PNG")
-
-
-def test_a_second_writer_is_refused_while_the_first_holds_the_folder(scene, tmp_path, capsys):
-    out = tmp_path / "out"
-    held, release = threading.Event(), threading.Event()
-
-    def first_run():  # holds the folder as a running batch would
-        with output_folder(out, {"settings": 1}, overwrite=False):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=first_run)
-    thread.start()
-    held.wait(30)
-    try:
-        code = subprocess.run(
-            [sys.executable, "-m", "segcam.apps.cli", "explain", str(scene), *EXPLAIN, "--out",
-             str(out)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    finally:
-        release.set()
-        thread.join()
-    assert code.returncode == 2 and "being written by another segcam run" in code.stderr
-    assert "Traceback" not in code.stderr
-
-
-def test_stale_temporary_files_are_removed_by_the_next_run(scene, tmp_path):
-    out = tmp_path / "out"
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    stale = [out / "scene" / ".seg-hires-grad-cam.npz.k1ll3d.part", out / ".x.part"]
-    for path in stale:
-        path.write_bytes(b"left by a killed save")
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0  # skipped, but cleaned
-    assert not any(path.exists() for path in stale)
-
-
-def test_outputs_get_the_umask_mode(scene, tmp_path):
-    out = tmp_path / "out"
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    from segcam.io.writing import file_mode
-
-    expected = file_mode()
-    for path in (out / "scene").iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == expected, path
-    assert expected == 0o666 & ~_current_umask()
-
-
-def _current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def test_out_inside_the_input_folder_is_not_read_as_input(tmp_path, capsys):
-    inputs = tmp_path / "images"
-    inputs.mkdir()
-    image, _ = shapes_scene(1_000_040)
-    Image.fromarray((image[0] * 255).astype(np.uint8)).save(inputs / "scan.png")
-    out = inputs / "maps"
-    for _ in range(2):
-        assert run("explain", inputs, *EXPLAIN, "--out", out) == 0
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["scan"]
-
-
-# ------------------------------------------------------------------ property: any argv
 
 
 INPUT_CHOICES = ["good.npy", "rgb.png", "odd.npy", "missing.npy", "folder", "empty"]
@@ -365,21 +190,3 @@ def test_any_argument_vector_gives_a_clean_exit(inputs, options, debug):
         after = {p for p in root.rglob("*")}
         outside = [p for p in after - before if not p.is_relative_to(root / "out")]
         assert outside == [], (argv, outside)
-
-
-def test_manifest_lists_every_file_with_its_digest(scene, tmp_path):
-    out = tmp_path / "out"
-    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
-    manifest = json.loads((out / "scene" / "manifest.json").read_text(encoding="utf-8"))
-    from segcam.apps.specs import file_sha256
-
-    assert sorted(manifest["files"]) == sorted(manifest["outputs"])
-    for name, digest in manifest["files"].items():
-        assert file_sha256(out / "scene" / name) == digest
-
-
-def test_output_folder_errors_are_segcam_errors():
-    from segcam.apps.batch import OutputFolderError
-
-    assert issubclass(OutputFolderError, SegCamError)
-    assert LOCK_FILE.startswith(".")

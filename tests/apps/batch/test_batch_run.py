@@ -1,0 +1,59 @@
+"""segcam.apps.batch.run: a batch goes on past bad inputs on every backend; one folder, one set of
+settings; --out inside an input folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cli_runs import EXPLAIN, LAYER, MODEL, one_line, run
+from PIL import Image
+
+from segcam.testing.synthetic import shapes_scene
+
+
+@pytest.fixture
+def folder_with_a_bad_input(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for seed in range(3):
+        image, _ = shapes_scene(1_000_020 + seed)
+        np.save(folder / f"good{seed}.npy", image[0])
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "rgb.png")  # 3 channels
+    np.save(folder / "odd.npy", np.zeros((60, 60), np.float32))  # the model itself fails
+    return folder
+
+
+@pytest.mark.parametrize(
+    "backend", [["--num-workers", "1"], ["--num-workers", "2"], ["--backend", "ray"]]
+)
+def test_a_batch_goes_on_past_bad_inputs(folder_with_a_bad_input, tmp_path, capsys, backend):
+    out = tmp_path / "out"
+    code = run("explain", folder_with_a_bad_input, *EXPLAIN, *backend, "--out", out)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "2 of 5 inputs failed" in err
+    assert "rgb.png: the input (1, 3, 64, 64) does not fit the model" in err
+    assert "odd.npy: the model failed on the input (1, 1, 60, 60)" in err
+    done = sorted(p.parent.name for p in out.rglob("manifest.json"))
+    assert done == ["good0", "good1", "good2"]
+
+
+def test_another_target_into_the_same_folder_is_refused(scene, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run("explain", scene, *MODEL, "--target", "all:2", "--layer", LAYER, "--out", out) == 2
+    one_line(capsys, "holds results made with other settings (targets: ['all:1'] -> ['all:2'])")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_out_inside_the_input_folder_is_not_read_as_input(tmp_path, capsys):
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    image, _ = shapes_scene(1_000_040)
+    Image.fromarray((image[0] * 255).astype(np.uint8)).save(inputs / "scan.png")
+    out = inputs / "maps"
+    for _ in range(2):
+        assert run("explain", inputs, *EXPLAIN, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["scan"]
