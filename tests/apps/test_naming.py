@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from segcam.apps.cli import main
-from segcam.apps.naming import folder_name, map_stem, spec_class_name
+from segcam.apps.naming import MAX_PART, folder_name, map_stem, spec_class_name
 
 
 def test_map_stem_names_method_layer_target_kind_and_class():
@@ -16,12 +16,24 @@ def test_map_stem_names_method_layer_target_kind_and_class():
     assert map_stem("m", "a/b c", 12, "box", "") == "m__a_b_c__t12-box-root"
 
 
+def test_names_are_ascii_short_and_never_hidden():
+    # a download's file name must be ASCII (HTTP headers); a part stays far below 255 bytes
+    assert map_stem("m", "body", 0, "predicted", "肝臓 Tümör") == "m__body__t0-predicted-___T_m_r"
+    long = map_stem("m", "body", 0, "all", "x" * 260)
+    cut = long.rsplit("-", 1)[1]
+    assert len(cut) == MAX_PART and cut.startswith("x" * 51 + "~")
+    assert map_stem("m", "body", 0, "all", "x" * 259) != long  # the hash keeps them apart
+    assert map_stem("../evil", "body", 0, "all", "1").startswith("_.._evil__")  # not hidden
+    assert map_stem("seg-grad-cam++", "body", 0, "all", "1").startswith("seg-grad-cam++__")
+
+
 def test_the_class_name_is_used_where_one_is_known():
     classes = ["background", "liver", "tumour"]
     assert spec_class_name("predicted:1", classes) == ("predicted", "liver")
     assert spec_class_name("box:tumour:0,0,4,4", classes) == ("box", "tumour")
     assert spec_class_name("predicted:1", []) == ("predicted", "1")
     assert spec_class_name("all:7", classes) == ("all", "7")  # no such class: the index stays
+    assert spec_class_name("all:1", ["a", "", "b"]) == ("all", "1")  # an empty name: the index
 
 
 def test_folder_names_stay_inside_the_output_folder():

@@ -458,3 +458,25 @@ def test_ctrl_c_stops_the_viewer_at_once_during_a_long_request():
     finally:
         process.kill()
         process.wait()
+
+
+def test_an_export_of_a_class_named_outside_ascii_downloads(tmp_path):
+    # the file name reaches an HTTP header: it is ASCII whatever the class is called
+    image, _ = shapes_scene(1_000_009)
+    session = ViewerSession(
+        model=load_demo_model(),
+        inputs=torch.from_numpy(image.astype(np.float32)),
+        class_names=["bg", "肝臓", "Tümör<b>/x"],
+        layers=[LAYER],
+        default_layer=LAYER,
+    )
+    with TestClient(create_app(session)) as client:
+        for c in (1, 2):
+            shown = {"class": c, "target": {"kind": "predicted"}, "layer": LAYER}
+            response = client.post(
+                "/api/export", json={**shown, "format": "json", "method": "seg-grad-cam"}
+            )
+            assert response.status_code == 200
+            disposition = response.headers["content-disposition"]
+            assert disposition.isascii() and "/" not in disposition.split("filename=")[1]
+            assert response.json()["class"] == session.class_names[c]  # the real name kept

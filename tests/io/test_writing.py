@@ -40,6 +40,14 @@ def test_atomic_path_keeps_the_format_suffix_and_a_unique_name(tmp_path):
     assert (tmp_path / "map.nii.gz").read_bytes() == b"x"
 
 
+def test_a_name_near_the_file_system_limit_still_has_room_for_its_temporary(tmp_path):
+    destination = tmp_path / ("z" * 240 + ".npz")  # 244 bytes: a temporary of the whole is not
+    with atomic_write(destination) as stream:
+        stream.write(b"data")
+    assert destination.read_bytes() == b"data"
+    assert os.listdir(tmp_path) == [destination.name]
+
+
 def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
     destination = tmp_path / "out.bin"
     destination.write_bytes(b"old")

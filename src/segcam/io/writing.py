@@ -35,6 +35,14 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+_TEMPORARY_NAME = 200  # bytes of the destination's name kept in its temporary's
+
+
+def _cut(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes of UTF-8, never inside a character."""
+    return name.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+
+
 def file_mode() -> int:
     """The mode a new file gets under the process's umask (0o644 under umask 022)."""
     return 0o666 & ~_UMASK
@@ -78,8 +86,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary: Path | None = None
     try:
         make_dir(destination.parent)
-        handle, name = tempfile.mkstemp(
-            prefix=f".{destination.name}.",
+        handle, name = tempfile.mkstemp(  # the name cut: the temporary fits where the file does
+            prefix=f".{_cut(destination.name, _TEMPORARY_NAME)}.",
             suffix=f".part{_suffix(destination)}",
             dir=destination.parent,
         )

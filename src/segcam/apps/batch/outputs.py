@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import segcam
-from segcam.apps.naming import map_stem
+from segcam.apps.naming import map_stem, method_file_name
 from segcam.apps.specs import file_sha256
 from segcam.errors import OutputFileError, SegCamError
 from segcam.io.writing import atomic_write, make_dir
@@ -71,7 +71,8 @@ def write_outputs(
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
         pending = [pool.submit(function, *arguments) for function, arguments in extra]
         for method, explanation in explanations.items():
-            pending.append(pool.submit(explanation.save, folder / f"{method}.npz"))
+            npz = folder / f"{method_file_name(method)}.npz"
+            pending.append(pool.submit(explanation.save, npz))
             for layer, maps in explanation.layer_maps.items():
                 for t, (kind, class_name) in enumerate(target_names):
                     heat = maps[0, t].detach().float().cpu().numpy()
