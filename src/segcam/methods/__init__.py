@@ -8,36 +8,7 @@ Score-CAM. Importing this package fills the registry; register your own with
 
 from segcam.methods import gradient as gradient
 from segcam.methods import gradient_free as gradient_free
-from segcam.methods.registry import (
-    REGISTRY,
-    GradientFreeMapFunction,
-    GradientMapFunction,
-    Method,
-    MethodContext,
-    MethodKind,
-    MethodOptions,
-    OptionValidator,
-    check_positive_int,
-    get_method,
-    list_methods,
-    register,
-    resolve_methods,
-    resolve_options,
-)
+from segcam.methods import registry
+from segcam.methods.registry import *  # noqa: F403  (the registry's public names, listed there)
 
-__all__ = [
-    "REGISTRY",
-    "GradientFreeMapFunction",
-    "GradientMapFunction",
-    "Method",
-    "MethodContext",
-    "MethodKind",
-    "MethodOptions",
-    "OptionValidator",
-    "check_positive_int",
-    "get_method",
-    "list_methods",
-    "register",
-    "resolve_methods",
-    "resolve_options",
-]
+__all__ = list(registry.__all__)
