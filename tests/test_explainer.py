@@ -15,6 +15,7 @@ from references import assert_close_scaled, reference_maps
 from segcam import errors
 from segcam.explainer import GraphTooLargeError
 from segcam.testing import tiny_segnet
+from small_nets import LAYER, UNET, Counting, X
 
 LAYERS = ["model.1.submodule", "model.2"]
 
@@ -157,29 +158,6 @@ def test_explain_methods_shares_one_backward_per_target(monkeypatch):
                 torch.testing.assert_close(
                     together[method].layer_maps[layer], alone.layer_maps[layer]
                 )
-
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-LAYER = "model.1.submodule"
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
-
-
-class Counting(nn.Module):
-    """Counts forward calls of the wrapped model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
 
 
 def test_max_graph_bytes_is_checked_at_construction():

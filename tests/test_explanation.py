@@ -8,7 +8,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import UNet
 
 import segcam
 from segcam import errors
@@ -137,15 +136,6 @@ def test_list_methods_is_the_registry():
             venue in method.reference
             for venue in ("MELBA", "AAAI", "TIP", "BMVC", "WACV", "CVPR", "IJCNN")
         )
-
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
 
 
 def test_load_reads_only_the_members_it_needs(tmp_path):

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from monai.networks.nets import UNet
 
 import segcam
 from segcam import errors
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
+from small_nets import X, explain
 
 
 def test_layer_given_as_a_number():

@@ -7,13 +7,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from monai.networks.nets import UNet
 from scipy import ndimage
 
 import segcam
 from segcam import errors
 from segcam.pixel_sets import largest_component
 from segcam.testing import HandNet
+from small_nets import LAYER, X, explain
 
 LOGITS = torch.tensor(
     [
@@ -144,17 +144,6 @@ def test_predicted_equals_argmax_with_ties(classes):
     for c in range(classes):
         expected = logits.argmax(dim=1) == c
         assert torch.equal(segcam.Predicted(c).pixel_set(logits), expected)
-
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-LAYER = "model.1.submodule"
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
 
 
 def test_mask_on_another_device_is_moved_or_refused():

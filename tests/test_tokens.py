@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from monai.networks.nets import UNETR, SwinUNETR, UNet
+from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
 
 import segcam
@@ -190,15 +190,6 @@ def test_layouts_inferred_from_shapes():
         infer_layout("a", (1, 5), (8, 8), None)
     with pytest.raises(LayerError, match="not tokens"):
         infer_layout("a", (1, 5, 4, 4), (8, 8), segcam.TokenLayer("a", layout="tokens"))
-
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
 
 
 class PooledNet(nn.Module):

@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import UNet
 
 import segcam
+from head_nets import RAW, head_setup
 from segcam import errors
 from segcam.testing import HeadNet
-
-RAW = {"relu": False, "upsample": False, "normalize": None}
-
-
-def _setup(seed, spatial_dims):
-    net = HeadNet(spatial_dims, in_channels=2, features=5, num_classes=3, seed=seed).eval()
-    generator = torch.Generator().manual_seed(seed)
-    spatial = (6, 7) if spatial_dims == 2 else (3, 5, 4)
-    x = torch.randn((2, 2, *spatial), generator=generator)
-    mask = torch.rand((2, *spatial), generator=generator) > 0.5
-    with torch.no_grad():
-        features = net.body(x)  # A, the head's input (post-ReLU)
-    return net, x, mask, features
+from small_nets import LAYER, X, explain
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_layer_cam_closed_form(spatial_dims, seed):
-    net, x, mask, features = _setup(seed, spatial_dims)
+    net, x, mask, features = head_setup(seed, spatial_dims)
     weights = net.head.weight.detach().flatten(1)  # (classes, features)
     expl = segcam.explain(net, x, segcam.Mask(1, mask), "body", "seg-layer-cam", **RAW)
     positive = weights[1].clamp_min(0).view(1, -1, *[1] * spatial_dims)
@@ -40,7 +28,7 @@ def test_layer_cam_closed_form(spatial_dims, seed):
 
 
 def test_layer_cam_equals_hires_for_non_negative_gradients():
-    net, x, mask, _ = _setup(0, 2)
+    net, x, mask, _ = head_setup(0, 2)
     with torch.no_grad():
         net.head.weight.abs_()
     target = segcam.Mask(2, mask)
@@ -52,7 +40,7 @@ def test_layer_cam_equals_hires_for_non_negative_gradients():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_xgrad_cam_closed_form_and_the_cam_case(spatial_dims, seed):
-    net, x, mask, features = _setup(seed, spatial_dims)
+    net, x, mask, features = head_setup(seed, spatial_dims)
     weights = net.head.weight.detach().flatten(1)
     axes = tuple(range(2, features.ndim))
     inside = (features * mask.unsqueeze(1)).sum(axes)  # sum over M of A_k, (N, C)
@@ -84,7 +72,7 @@ def test_xgrad_cam_zero_channel_gets_zero_weight():
 def test_grad_cam_plus_plus_closed_form(spatial_dims, seed):
     # At the head's input G_k = w_ck * 1[M]: a = w^2 / (2 w^2 + w^3 S_k) on M (S_k = sum_p A_k),
     # so w_k = |M| * ReLU(w_ck) * w_ck^2 / (2 w_ck^2 + w_ck^3 S_k).
-    net, x, mask, _ = _setup(seed, spatial_dims)
+    net, x, mask, _ = head_setup(seed, spatial_dims)
     net, x = net.double(), x.double()
     with torch.no_grad():
         features = net.body(x)
@@ -115,7 +103,7 @@ def test_grad_cam_plus_plus_is_grad_cam_shaped_when_gradients_are_one_positive_c
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_xres_cam_limits(spatial_dims):
-    net, x, mask, _ = _setup(3, spatial_dims)
+    net, x, mask, _ = head_setup(3, spatial_dims)
     targets = [segcam.Mask(1, mask), segcam.Box(0, [(0, 2)] * spatial_dims)]
     hires = segcam.explain(net, x, targets, "body.1", **RAW)
     one = segcam.explain(
@@ -185,17 +173,6 @@ def test_grad_cam_plus_plus_weights_agree_with_pytorch_grad_cam():
     torch.testing.assert_close(
         seg_grad_cam_plus_plus(activation, gradient), expected, rtol=1e-5, atol=1e-8
     )
-
-
-torch.manual_seed(0)
-UNET = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
-X = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-LAYER = "model.1.submodule"
-
-
-def explain(*args, **kwargs):
-    """The issue's E(...): segcam.explain(UNet2D, rand(2,1,64,64), AllPixels(1), layer, ...)."""
-    return segcam.explain(UNET, *args, **kwargs)
 
 
 def test_pool_size_true_is_refused():

@@ -7,20 +7,7 @@ import pytest
 import torch
 
 import segcam
-from segcam.testing import HeadNet
-
-RAW = {"relu": False, "upsample": False, "normalize": None}
-
-
-def _setup(seed, spatial_dims):
-    net = HeadNet(spatial_dims, in_channels=2, features=5, num_classes=3, seed=seed).eval()
-    generator = torch.Generator().manual_seed(seed)
-    spatial = (6, 7) if spatial_dims == 2 else (3, 5, 4)
-    x = torch.randn((2, 2, *spatial), generator=generator)
-    mask = torch.rand((2, *spatial), generator=generator) > 0.5
-    with torch.no_grad():
-        features = net.body(x)  # A, the head's input (post-ReLU)
-    return net, x, mask, features
+from head_nets import RAW, head_setup
 
 
 def test_eigen_cam_agrees_with_pytorch_grad_cam_up_to_sign():
@@ -29,7 +16,7 @@ def test_eigen_cam_agrees_with_pytorch_grad_cam_up_to_sign():
     import_pytorch_grad_cam()
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-    net, x, mask, features = _setup(6, 2)
+    net, x, mask, features = head_setup(6, 2)
     expl = segcam.explain(net, x, segcam.Mask(1, mask), "body", "seg-eigen-cam", **RAW)
     theirs = torch.from_numpy(get_2d_projection(features.numpy()))
     for n in range(x.shape[0]):
@@ -39,7 +26,7 @@ def test_eigen_cam_agrees_with_pytorch_grad_cam_up_to_sign():
 
 
 def test_eigen_cam_sign_follows_the_target():
-    net, x, _, _ = _setup(7, 2)
+    net, x, _, _ = head_setup(7, 2)
     first = torch.zeros((2, *x.shape[2:]), dtype=torch.bool)
     first[:, :3] = True
     targets = [
@@ -68,7 +55,7 @@ def test_score_cam_agrees_with_pytorch_grad_cam():
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
-    net, x, mask, _ = _setup(8, 2)
+    net, x, mask, _ = head_setup(8, 2)
     net, x = net.double(), x.double()
     x = x[:1]
     cam = ScoreCAM(model=net, target_layers=[net.body])
@@ -101,7 +88,7 @@ def _masked_scores(net, x, mask):
 
 
 def test_score_cam_batching_and_channel_cap():
-    net, x, mask, _ = _setup(9, 3)
+    net, x, mask, _ = head_setup(9, 3)
     net, x = net.double(), x.double()
     with torch.no_grad():
         features = net.body(x)
@@ -138,7 +125,7 @@ def test_score_cam_batching_and_channel_cap():
 
 
 def test_gradient_free_methods_take_no_backward_pass(monkeypatch):
-    net, x, mask, _ = _setup(0, 2)
+    net, x, mask, _ = head_setup(0, 2)
     calls = []
     original = torch.autograd.grad
     monkeypatch.setattr(

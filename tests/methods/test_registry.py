@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import segcam
+from head_nets import head_setup
 from segcam.apps.cli import main
 from segcam.apps.demo.models import WEIGHTS_DIR
 from segcam.errors import (
@@ -17,7 +18,7 @@ from segcam.errors import (
     SegCamError,
 )
 from segcam.methods import REGISTRY, register
-from segcam.testing import HeadNet, tiny_segnet
+from segcam.testing import tiny_segnet
 
 
 class CountingNet(torch.nn.Module):
@@ -181,17 +182,6 @@ def test_a_registered_method_with_a_validator(monkeypatch):
         )
 
 
-def _setup(seed, spatial_dims):
-    net = HeadNet(spatial_dims, in_channels=2, features=5, num_classes=3, seed=seed).eval()
-    generator = torch.Generator().manual_seed(seed)
-    spatial = (6, 7) if spatial_dims == 2 else (3, 5, 4)
-    x = torch.randn((2, 2, *spatial), generator=generator)
-    mask = torch.rand((2, *spatial), generator=generator) > 0.5
-    with torch.no_grad():
-        features = net.body(x)  # A, the head's input (post-ReLU)
-    return net, x, mask, features
-
-
 def test_cli_and_registry_list_the_new_methods(capsys):
     from segcam.apps.cli import main
 
@@ -201,7 +191,7 @@ def test_cli_and_registry_list_the_new_methods(capsys):
 
 
 def test_method_options_are_checked():
-    net, x, mask, _ = _setup(0, 2)
+    net, x, mask, _ = head_setup(0, 2)
     with pytest.raises(ValueError, match=r"no option 'pool_sise'.*pool_size, pool"):
         segcam.explain(
             net, x, segcam.Mask(1, mask), "body", "seg-xres-cam", method_options={"pool_sise": 2}
