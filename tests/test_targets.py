@@ -12,7 +12,7 @@ from scipy import ndimage
 import segcam
 from segcam import errors
 from segcam.pixel_sets import largest_component
-from segcam.testing import HandNet
+from segcam.testing import HandNet, tiny_segnet
 from small_nets import LAYER, X, explain
 
 LOGITS = torch.tensor(
@@ -186,3 +186,31 @@ def test_box_with_open_slice_ends():
     open_ended = explain(X, segcam.Box(1, [slice(None, 10), slice(50, None)]), LAYER)
     explicit = explain(X, segcam.Box(1, [(0, 10), (50, 64)]), LAYER)
     torch.testing.assert_close(open_ended.maps, explicit.maps)
+
+
+@pytest.mark.parametrize(
+    ("target", "pattern"),
+    [
+        (segcam.Probability(1, "0.5"), r"threshold must be a number in \[0, 1\); got '0.5'"),
+        (segcam.Mask(1, "mask.npy"), r"the mask is a file name \('mask.npy'\), not an array"),
+        (segcam.Mask(1, np.full((16, 16), "a")), "not a numeric or bool array"),
+    ],
+)
+def test_wrong_kinds_of_values_are_one_target_error(target, pattern):
+    # these raised TypeError from deep inside before (issue 22)
+    model, x = tiny_segnet(2).eval(), torch.rand(1, 1, 16, 16)
+    with pytest.raises(errors.TargetError, match=pattern):
+        segcam.explain(model, x, target, "body.3")
+
+
+def test_a_pixel_given_as_zero_dimensional_tensors_is_one_pixel():
+    model, x = tiny_segnet(2).eval(), torch.rand(2, 1, 16, 16)
+    zero_d = segcam.Pixel(1, [torch.tensor(5), torch.tensor(6)])
+    as_tensors = segcam.explain(model, x, zero_d, "body.3")
+    plain = segcam.explain(model, x, segcam.Pixel(1, (5, 6)), "body.3")
+    assert torch.equal(as_tensors.pixel_sets, plain.pixel_sets)
+    assert int(as_tensors.pixel_sets.sum()) == 2
+    rows = segcam.Pixel(1, [torch.tensor([5, 6]), (1, 2)])  # one index per sample
+    per_sample = segcam.explain(model, x, rows, "body.3").pixel_sets
+    assert bool(per_sample[0, 0, 5, 6]) and bool(per_sample[1, 0, 1, 2])
+    assert int(per_sample.sum()) == 2

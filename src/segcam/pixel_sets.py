@@ -10,6 +10,8 @@ Classes of a single-channel (sigmoid) output are {0, 1}: 1 the logit, 0 its nega
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ __all__ = [
     "class_logits",
     "class_probabilities",
     "largest_component",
+    "mask_values_as_set",
     "num_classes",
     "predicted_as",
 ]
@@ -86,6 +89,48 @@ def predicted_as(logits: torch.Tensor, class_index: int) -> torch.Tensor:
     return result
 
 
+def mask_values_as_set(values: Any, label: int | Sequence[int], what: str) -> Any:
+    """A mask, or a label map, as the pixel set a user means by it for a class of ``label``.
+
+    - bool values, or one value besides 0 (0/1, or 0/255 as image editors save masks): the
+      pixels that are not 0;
+    - whole numbers with several values besides 0 (a label map, such as a ground truth file):
+      the pixels whose value is ``label`` (one of ``label``, for a region of several labels);
+    - anything else (a soft mask, negative values): left to :func:`as_pixel_set`, which refuses
+      it with the reason.
+
+    A tensor stays a tensor, anything else becomes a NumPy array. So a label map read from a file
+    and the same labels given as an array give the same set. A label map holding one class only
+    reads as a mask of it: name the label explicitly (``values == c``) where that matters.
+    """
+    if isinstance(values, str | os.PathLike):
+        return values  # as_pixel_set says what to do with a file name
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.is_complex() or values.numel() == 0:
+            return values
+        finite = torch.isfinite(values) if values.is_floating_point() else None
+        whole = bool(((values == values.round()) & finite).all()) if finite is not None else True
+        if not whole or not bool((values >= 0).all()):
+            return values
+        if torch.unique(values[values != 0]).numel() <= 1:
+            return values != 0
+        wanted = torch.as_tensor(np.ravel(label), device=values.device).to(values.dtype)
+        return torch.isin(values, wanted)
+    try:
+        array = np.asarray(values)
+    except Exception:  # as_pixel_set reports what cannot be read
+        return values
+    if array.dtype.kind not in "biuf" or array.dtype == bool or array.size == 0:
+        return array
+    with np.errstate(invalid="ignore"):
+        whole = bool(np.all(np.isfinite(array) & (array == np.round(array))))
+    if not whole or not bool(np.all(array >= 0)):
+        return array
+    if np.unique(array[array != 0]).size <= 1:
+        return array != 0
+    return np.isin(array, np.ravel(label))
+
+
 def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
     """Validate ``mask`` against the output grid and return a (N, *S) bool tensor on its device.
 
@@ -102,11 +147,17 @@ def as_pixel_set(mask: Any, logits: torch.Tensor, what: str) -> torch.Tensor:
                 f"{logits.device} ({error})"
             ) from error
     else:
+        if isinstance(mask, str | os.PathLike):
+            raise TargetError(
+                f"{what}: the mask is a file name ({os.fspath(mask)!r}), not an array; read it "
+                f"first (numpy.load, segcam.io.read_input), or give it to the command line as "
+                f"--target mask:CLASS:FILE"
+            )
         try:
             array = np.asarray(mask)
         except Exception as error:  # numpy raises many types for ragged input
             raise TargetError(f"{what}: cannot read the mask as an array ({error})") from error
-        if array.dtype == object:
+        if array.dtype == object or array.dtype.kind in "USV":
             raise TargetError(f"{what}: the mask is not a numeric or bool array")
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(logits.device)
     shape = tuple(int(s) for s in tensor.shape)

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from segcam.checks import run_model
 from segcam.core import (
     Progress,
     method_maps,
@@ -180,7 +181,8 @@ def _run_group(
     if not run.touched(group):
         if run.sets_fixed:  # the blended logits still need this window's prediction
             with torch.inference_mode(False), torch.no_grad():
-                logits = select_logits(model(plan.crops(inputs, group)), output, inputs.ndim)
+                crops = plan.crops(inputs, group)
+                logits = select_logits(run_model(model, crops), output, inputs.ndim)
             run.blended = plan.blend(run.blended, logits, group)
         return
     with record_forward(model, plan.crops(inputs, group), layer, output) as recorded:

@@ -46,6 +46,7 @@ from segcam.pixel_sets import (
     class_logits,
     class_probabilities,
     largest_component,
+    mask_values_as_set,
     num_classes,
     predicted_as,
 )
@@ -233,7 +234,9 @@ class Mask(Target):
 
     Args:
         class_index: the class c whose logits are summed.
-        mask: bool or 0/1 tensor or array over the output grid.
+        mask: bool or 0/1 tensor or array over the output grid, or a label map (whole numbers
+            beyond 0 and 1, such as a ground truth): then the pixels labelled c
+            (:func:`segcam.pixel_sets.mask_values_as_set`).
     """
 
     uses_logits = False  # reads only the logits' shape and device
@@ -242,7 +245,8 @@ class Mask(Target):
     mask: Any = field(repr=False)
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return as_pixel_set(self.mask, logits, f"Mask(class {self.class_index})")
+        what = f"Mask(class {self.class_index})"
+        return as_pixel_set(mask_values_as_set(self.mask, self.class_index, what), logits, what)
 
     def __repr__(self) -> str:
         shape = tuple(getattr(self.mask, "shape", ()))
@@ -269,7 +273,13 @@ class Probability(Target):
     threshold: float = 0.5
 
     def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if not 0.0 <= self.threshold < 1.0:
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating):
+            raise TargetError(
+                f"Probability threshold must be a number in [0, 1); got {threshold!r} "
+                f"({type(threshold).__name__})"
+            )
+        if not 0.0 <= threshold < 1.0:
             raise TargetError(f"Probability threshold must lie in [0, 1), got {self.threshold}")
         return class_probabilities(logits, self.class_index) > self.threshold
 
@@ -332,7 +342,8 @@ class Pixel(Target):
             index = index.tolist()  # a (D,) or (N, D) array of coordinates
         if not isinstance(index, Sequence) or isinstance(index, str) or not index:
             raise TargetError(f"{what}: index must be (i, j[, k]) or one such per sample")
-        if isinstance(index[0], Sequence | torch.Tensor | np.ndarray):
+        first = index[0]
+        if isinstance(first, Sequence) or getattr(first, "ndim", 0) >= 1:  # one row per sample
             rows = [tuple(_coordinate(v, what) for v in row) for row in index]
             if len(rows) != batch:
                 raise TargetError(f"{what}: {len(rows)} indices for a batch of {batch}")
@@ -426,7 +437,9 @@ class Region(Target):
         if self.mask is None:
             base = Predicted(self.class_index).pixel_set(logits)
         else:
-            base = as_pixel_set(self.mask, logits, f"Region(class {self.class_index})")
+            what = f"Region(class {self.class_index})"
+            given = mask_values_as_set(self.mask, self.class_index, what)
+            base = as_pixel_set(given, logits, what)
         return largest_component(base)
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from segcam.checks import all_finite, check_inputs
+from segcam.checks import all_finite, check_inputs, run_model
 from segcam.errors import InputError, NonFiniteError, OptionError
 from segcam.outputs import OutputSpec, select_logits
 
@@ -249,7 +249,8 @@ def predict_blended(
     blended: torch.Tensor | None = None
     with torch.inference_mode(False), torch.no_grad():
         for group in plan.groups:
-            logits = select_logits(model(plan.crops(inputs, group)), output, inputs.ndim)
+            crops = plan.crops(inputs, group)
+            logits = select_logits(run_model(model, crops), output, inputs.ndim)
             blended = plan.blend(blended, logits, group)
     assert blended is not None  # a plan has at least one window
     return blended.div_(plan.count)

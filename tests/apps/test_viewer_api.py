@@ -480,3 +480,18 @@ def test_an_export_of_a_class_named_outside_ascii_downloads(tmp_path):
             disposition = response.headers["content-disposition"]
             assert disposition.isascii() and "/" not in disposition.split("filename=")[1]
             assert response.json()["class"] == session.class_names[c]  # the real name kept
+
+
+def test_an_uploaded_label_map_gives_each_class_its_own_pixels(client_2d):
+    # a ground truth uploaded once: each request's class takes its label's pixels (issue 22)
+    client, _ = client_2d
+    labels = np.zeros((64, 64), dtype=np.uint8)
+    labels[5:15, 40:60] = 1
+    labels[30:34, 10:12] = 2
+    stream = io.BytesIO()
+    np.save(stream, labels)
+    answer = client.post("/api/upload", content=stream.getvalue(), headers=OCTET).json()
+    assert answer["pixels"] == 200 + 8  # every labelled pixel lies in the upload
+    for c, count in ((1, 200), (2, 8)):
+        shown = client.post("/api/explain", json={"class": c, "target": {"kind": "uploaded"}})
+        assert shown.json()["pixels"] == count

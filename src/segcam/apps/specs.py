@@ -272,7 +272,8 @@ def load_model(
 
 def parse_class(text: str, class_names: Sequence[str]) -> int:
     """A class by index (``2``) or by name from ``--classes`` (``tumour``)."""
-    if text.lstrip("-").isdigit():
+    digits = text.removeprefix("-")
+    if digits.isascii() and digits.isdigit():  # not '²' or other Unicode digits int() refuses
         return int(text)
     if text in class_names:
         return list(class_names).index(text)
@@ -287,11 +288,20 @@ def _ints(text: str, what: str) -> list[int]:
         raise TargetError(f"{what}: {text!r} is not a comma-separated list of integers") from None
 
 
+def split_label(argument: str, spec: str) -> tuple[str, int | None]:
+    """``FILE=LABEL`` -> (FILE, LABEL); a plain ``FILE`` -> (FILE, None)."""
+    path, equals, label = argument.rpartition("=")
+    if not equals or not label.isascii() or not label.isdigit() or Path(argument).is_file():
+        return argument, None
+    return path, int(label)
+
+
 def parse_target(spec: str, class_names: Sequence[str] = ()) -> target_module.Target:
     """Parse one ``--target``.
 
-    Forms: ``predicted:C``, ``probability:C[:THRESHOLD]``, ``all:C``, ``mask:C:FILE``,
-    ``region:C[:FILE]``, ``pixel:C:I,J[,K]``, ``box:C:I0,J0,I1,J1`` (2D) or
+    Forms: ``predicted:C``, ``probability:C[:THRESHOLD]``, ``all:C``, ``mask:C:FILE[=LABEL]``,
+    ``region:C[:FILE[=LABEL]]`` (a 0/1 mask gives its ones, a label map the voxels labelled C,
+    ``=LABEL`` those of that value), ``pixel:C:I,J[,K]``, ``box:C:I0,J0,I1,J1`` (2D) or
     ``box:C:I0,J0,K0,I1,J1,K1`` (3D; ends exclusive). C is an index or a name from ``--classes``.
     """
     kind, _, rest = spec.partition(":")
@@ -316,13 +326,18 @@ def parse_target(spec: str, class_names: Sequence[str] = ()) -> target_module.Ta
             if kind == "region":
                 return target_module.Region(c)
             raise TargetError(f"--target {spec!r}: mask needs a file, mask:CLASS:FILE")
+        path, label = split_label(argument, spec)
         try:
-            mask = read_input(argument).array
+            mask = read_input(path).array
         except InputFileError as error:
             raise TargetError(f"--target {spec!r}: {error}") from error
-        boolean = mask[0] != 0 if mask.shape[0] == 1 else mask.any(axis=0)
+        # one channel: its values, read as Mask reads an array (a label map: the class's label);
+        # several: any of them. FILE=LABEL takes the voxels of that label value.
+        values = mask[0] if mask.shape[0] == 1 else mask.any(axis=0)
+        if label is not None:
+            values = values == label
         return (
-            target_module.Region(c, boolean) if kind == "region" else target_module.Mask(c, boolean)
+            target_module.Region(c, values) if kind == "region" else target_module.Mask(c, values)
         )
     if kind == "pixel":
         return target_module.Pixel(c, tuple(_ints(argument, f"--target {spec!r}")))

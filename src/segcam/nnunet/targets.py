@@ -20,7 +20,7 @@ import torch
 
 from segcam.errors import ClassIndexError, TargetError
 from segcam.nnunet.model import NnUNetModel
-from segcam.pixel_sets import as_pixel_set
+from segcam.pixel_sets import as_pixel_set, mask_values_as_set
 from segcam.targets import Predicted, Region, Target, TargetLike, as_target_list
 
 if TYPE_CHECKING:
@@ -83,19 +83,41 @@ def _with_class(target: TargetLike, index: int) -> TargetLike:
     return dataclasses.replace(target, class_index=index)
 
 
+def _class_labels(model: NnUNetModel, index: int) -> list[int]:
+    """The label value(s) of output channel ``index`` in ``dataset.json`` (a region: several)."""
+    value = model.dataset_json.get("labels", {}).get(model.class_names[index], index)
+    return [int(v) for v in np.ravel(value)]
+
+
 def _read_mask_file(model: NnUNetModel, target: TargetLike) -> TargetLike:
+    """A mask given as a label file (``FILE`` or ``FILE=LABEL``), read with the plans' reader.
+
+    A 0/1 mask gives its ones, a label map the voxels of the class's label(s) in
+    ``dataset.json``, ``FILE=LABEL`` the voxels of that value.
+    """
     mask = getattr(target, "mask", None)
     if not isinstance(mask, str | Path):
         return target
-    path = Path(mask)
+    path, label = Path(mask), None
+    head, equals, tail = str(mask).rpartition("=")
+    if not path.is_file() and equals and tail.isascii() and tail.isdigit():
+        path, label = Path(head), int(tail)
+    what = type(target).__name__
     if not path.is_file():
-        raise TargetError(f"{type(target).__name__}: no such label file {path}")
+        raise TargetError(f"{what}: no such label file {path}")
     reader = model.plans_manager.image_reader_writer_class()
     try:
         labels, _ = reader.read_seg(str(path))
     except Exception as error:  # readers raise many types
-        raise TargetError(f"{type(target).__name__}: cannot read {path}: {error}") from error
-    return dataclasses.replace(target, mask=np.asarray(labels[0]) != 0)  # type: ignore[type-var]
+        raise TargetError(f"{what}: cannot read {path}: {error}") from error
+    values = np.asarray(labels[0])
+    if label is not None:
+        chosen = values == label
+    else:
+        chosen = np.asarray(
+            mask_values_as_set(values, _class_labels(model, target.class_index), what)
+        )
+    return dataclasses.replace(target, mask=chosen)  # type: ignore[type-var]
 
 
 def resolve_targets(

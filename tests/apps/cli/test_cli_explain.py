@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from segcam.apps.cli import main
+from segcam.errors import ClassIndexError
 
 
 @pytest.mark.parametrize(
@@ -190,3 +191,32 @@ def test_any_argument_vector_gives_a_clean_exit(inputs, options, debug):
         after = {p for p in root.rglob("*")}
         outside = [p for p in after - before if not p.is_relative_to(root / "out")]
         assert outside == [], (argv, outside)
+
+
+TINY = ["--model", "segcam.testing:tiny_segnet", "--model-kwargs", '{"spatial_dims": 2}']
+
+
+def test_a_class_written_with_a_unicode_digit_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((16, 16), np.float32))
+    code = run("explain", tmp_path / "a.npy", *TINY, "--layer", "body.3", "--target",
+               "predicted:²", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    one_line(capsys, "unknown class '²'")
+
+
+def test_a_model_error_in_the_sliding_window_prediction_pass_is_one_line(tmp_path, capsys):
+    # the pass without gradients (a target that reads the prediction) wraps the model's error
+    # as every recorded forward does (it was an "unexpected error" with a traceback hint)
+    np.save(tmp_path / "w.npy", np.random.default_rng(0).random((24, 24), np.float32))
+    model = ["--model", "picky_net:picky", "--layer", "body"]
+    window = ["--target", "predicted:1", "--sliding-window", "12"]
+    code = run("explain", tmp_path / "w.npy", *model, *window, "--out", tmp_path / "out")
+    assert code == 2
+    one_line(capsys, "the model failed on the input (1, 1, 12, 12)", "needs 16 pixels")
+
+
+def test_debug_is_taken_after_the_command_too(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((16, 16), np.float32))
+    arguments = ["explain", tmp_path / "a.npy", *TINY, "--layer", "body.3", "--target", "all:9"]
+    with pytest.raises(ClassIndexError, match="class index 9 is out of range"):
+        run(*arguments, "--out", tmp_path / "out", "--debug")  # the traceback, as asked

@@ -169,7 +169,7 @@ def to_reader_order(target: Target, reverse: bool) -> Target:
 
 def parse_case_target(spec: str, classes: Sequence[str], reverse: bool) -> Target:
     """A ``--target`` for nnU-Net cases: mask and region files are read by the model's reader."""
-    from segcam.apps.specs import parse_class, parse_target
+    from segcam.apps.specs import parse_class, parse_target, split_label
 
     kind, _, rest = spec.partition(":")
     class_text, _, argument = rest.partition(":")
@@ -177,8 +177,9 @@ def parse_case_target(spec: str, classes: Sequence[str], reverse: bool) -> Targe
         if not class_text:
             raise TargetError(f"--target {spec!r}: expected KIND:CLASS:FILE")
         c = parse_class(class_text, classes)
-        if not Path(argument).is_file():
-            raise TargetError(f"--target {spec!r}: no such file {argument}")
+        path, _ = split_label(argument, spec)  # FILE=LABEL: read by segcam.nnunet.targets
+        if not Path(path).is_file():
+            raise TargetError(f"--target {spec!r}: no such file {path}")
         from segcam.targets import Mask
 
         return Region(c, argument) if kind == "region" else Mask(c, argument)

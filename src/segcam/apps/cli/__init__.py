@@ -63,10 +63,23 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def _debug_anywhere(argv: list[str]) -> list[str]:
+    """``--debug`` anywhere on the line, not only before the command: moved to the front.
+
+    Every error says "run again with --debug"; arguments after ``--`` are left alone.
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    rest = [a for a in argv[:end] if a != "--debug"]
+    return ["--debug", *rest, *argv[end:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segcam`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(_debug_anywhere(given)))
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         status: int = args.run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
@@ -69,12 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_nnunet(args)
     model = model_from_args(args)
     if args.input_shape:
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            raise UsageError(
-                f"--input-shape {args.input_shape!r}: expected N,C,H,W or N,C,D,H,W"
-            ) from None
+        shape = _input_shape(args.input_shape)
     else:
         dims = getattr(model, "dimensions", None) or getattr(model, "spatial_dims", None) or 2
         in_channels = getattr(model, "in_channels", None) or 1
@@ -92,3 +88,25 @@ def run(args: argparse.Namespace) -> int:
             f"{calls}"
         )
     return 0
+
+
+MAX_EXAMPLE_BYTES = 2**30
+"""The largest example input ``segcam layers`` allocates (its float32 zeros): 1 GiB."""
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape N,C,H,W`` (or N,C,D,H,W): positive sizes, an input that fits in memory."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: expected N,C,H,W or N,C,D,H,W") from None
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise UsageError(f"--input-shape {text!r}: expected N,C,H,W or N,C,D,H,W of positive sizes")
+    needed = 4 * math.prod(shape)
+    if needed > MAX_EXAMPLE_BYTES:
+        raise UsageError(
+            f"--input-shape {text!r}: the example input alone would take {needed / 2**30:.3g} GiB "
+            f"(at most {MAX_EXAMPLE_BYTES / 2**30:.0f} GiB); a smaller input of the same rank "
+            f"shows the same layers"
+        )
+    return shape

@@ -228,7 +228,8 @@ class ViewerSession:
             )
         affine = self.affine if len(self.spatial) == 3 else None
         self._uploaded = read_mask(data, self.spatial, affine, RequestError)
-        return {"pixels": int(self._uploaded.sum()), **self.grid.extent(self._uploaded)}
+        labelled = self._uploaded != 0
+        return {"pixels": int(labelled.sum()), **self.grid.extent(labelled)}
 
     # ------------------------------------------------------------------ explain
 

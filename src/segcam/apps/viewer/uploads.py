@@ -28,7 +28,11 @@ def read_mask(
     affine: np.ndarray | None,
     error: Callable[[str], Exception],
 ) -> np.ndarray:
-    """The uploaded mask as a bool array of shape ``spatial``; ``error(message)`` to refuse."""
+    """The uploaded mask (or label map) of shape ``spatial``; ``error(message)`` to refuse.
+
+    Its values are kept: a request's class reads them as :class:`segcam.Mask` does (a mask's
+    nonzero pixels, or a label map's pixels of that class).
+    """
     if data.startswith(b"\x93NUMPY"):
         array = _npy(data, spatial, error)
     elif data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -45,7 +49,7 @@ def read_mask(
         raise error(f"the uploaded mask has dtype {array.dtype}, not numbers")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise error("the uploaded mask holds NaN or infinite values")
-    return np.asarray(np.asarray(array) != 0, dtype=bool)
+    return np.asarray(array) if array.dtype == np.bool_ else np.asarray(array, dtype=np.float32)
 
 
 def _check_shape(
