@@ -52,3 +52,13 @@ def test_mask_of_a_label_map_explains_the_class_pixels():
     from_mask = segcam.explain(model, x, segcam.Mask(2, labels == 2), "body.3")
     assert torch.equal(from_labels.pixel_sets, from_mask.pixel_sets)
     torch.testing.assert_close(from_labels.maps, from_mask.maps, rtol=0, atol=0)
+
+
+def test_a_class_out_of_range_names_the_single_channel_rule_only_for_one_channel():
+    from segcam.pixel_sets import check_class_index
+
+    with pytest.raises(errors.ClassIndexError) as two_channels:
+        check_class_index(2, torch.zeros(1, 2, 4, 4))
+    assert "single-channel" not in str(two_channels.value)
+    with pytest.raises(errors.ClassIndexError, match=r"single-channel output: 1 = the logit"):
+        check_class_index(2, torch.zeros(1, 1, 4, 4))

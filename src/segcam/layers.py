@@ -22,6 +22,7 @@ from segcam.errors import LayerError, LayerNotFoundError
 from segcam.tokens import TokenLayer
 
 __all__ = [
+    "LIST_LAYERS_HINT",
     "LayerInfo",
     "LayerSpec",
     "depends_on",
@@ -30,6 +31,9 @@ __all__ = [
     "reachable_nodes",
     "resolve_layers",
 ]
+
+LIST_LAYERS_HINT = "(list them with [n for n, _ in model.named_modules()])"
+"""How a misspelt layer's error says to list the layers (the command line says its own way)."""
 
 LayerSpec = str | nn.Module | TokenLayer
 
@@ -68,8 +72,7 @@ def _resolve_one(model: nn.Module, spec: LayerSpec, names: dict[str, nn.Module])
     close = difflib.get_close_matches(spec, [n for n in names if n], n=5, cutoff=0.5)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     raise LayerNotFoundError(
-        f"layer {spec!r} does not exist in {type(model).__name__}{hint} "
-        f"(list them with [n for n, _ in model.named_modules()])"
+        f"layer {spec!r} does not exist in {type(model).__name__}{hint} {LIST_LAYERS_HINT}"
     )
 
 

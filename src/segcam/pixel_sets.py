@@ -45,7 +45,8 @@ def check_class_index(class_index: int, logits: torch.Tensor) -> None:
             f"class index must be an int, got {class_index!r} ({type(class_index).__name__})"
         )
     if not 0 <= class_index < count:
-        kind = " (single-channel output: 1 = the logit, 0 = its negation)" if count == 2 else ""
+        single = int(logits.shape[1]) == 1  # not a two-channel output, which also has 2 classes
+        kind = " (single-channel output: 1 = the logit, 0 = its negation)" if single else ""
         raise ClassIndexError(
             f"class index {class_index} is out of range: the output has {count} classes{kind}, "
             f"so valid indices are 0..{count - 1}"

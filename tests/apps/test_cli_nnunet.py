@@ -217,3 +217,13 @@ def test_worker_processes_explain_cases_as_one_process_does(setup, tmp_path):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / case / name)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "two" / case / name)))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_out_that_is_the_cases_folder_is_refused(setup, capsys):
+    # it found no case, exited 0 and wrote its run file and lock among the cases (issue 22)
+    model_folder, raw = setup
+    code = run("explain", "--nnunet", model_folder, "--target", "all:1", "--layer", LAYER,
+               "--out", raw, raw)  # fmt: skip
+    assert code == 2
+    assert "lies in the output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in raw.iterdir()) == ["liver_1_0000.nii.gz", "liver_2_0000.nii.gz"]

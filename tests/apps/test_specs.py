@@ -60,3 +60,11 @@ def test_split_label_keeps_a_file_whose_name_holds_an_equals_sign(tmp_path):
 def test_unicode_digits_are_not_class_indices(spec):
     with pytest.raises(segcam.errors.TargetError, match="unknown class"):
         parse_target(spec)
+
+
+@pytest.mark.parametrize("window", [(0.0, float("inf")), (float("nan"), 1.0)])
+def test_apply_intensity_refuses_a_window_that_is_not_finite(window):
+    from segcam.apps.specs import SpecError, apply_intensity
+
+    with pytest.raises(SpecError, match="the bounds must be finite numbers"):
+        apply_intensity(np.ones((1, 4, 4), np.float32), window=window)

@@ -71,3 +71,14 @@ def test_intensity_options():
     np.testing.assert_allclose(apply_intensity(hounsfield, minmax=True).max(), 1.0)
     negate = load_callable("numpy:negative", "--preprocess")
     np.testing.assert_allclose(apply_intensity(hounsfield, preprocess=negate), -hounsfield)
+
+
+def test_a_multi_page_tiff_says_which_page_it_explains(tmp_path):
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((6, 7), v, np.uint8)) for v in (10, 20, 30)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match=r"stack.tif holds 3 pages; explaining the first"):
+        data = read_input(path)
+    assert data.array.shape == (1, 6, 7) and float(data.array.max()) == 10.0

@@ -371,6 +371,8 @@ def apply_intensity(
     result = array.astype(np.float32)
     if window is not None:
         low, high = window
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise SpecError(f"--window {low},{high}: the bounds must be finite numbers")
         if not high > low:
             raise SpecError(f"--window {low},{high}: the upper bound must exceed the lower")
         result = (np.clip(result, low, high) - low) / (high - low)

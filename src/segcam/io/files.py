@@ -9,13 +9,14 @@ the input's affine and header, so they overlay the input in 3D Slicer or ITK-SNA
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcam.errors import InputFileError
+from segcam.errors import InputFileError, user_stacklevel
 from segcam.io.writing import atomic_write
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ def read_input(
     except InputFileError:
         raise
     except Exception as error:  # the readers raise many types for corrupt files
-        raise InputFileError(f"{source}: cannot read ({type(error).__name__}: {error})") from error
+        reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise InputFileError(f"{source}: cannot read ({type(error).__name__}: {reason})") from error
     if data.dtype.kind not in "biuf":
         raise InputFileError(f"{source}: array of dtype {data.dtype}; expected numbers")
     if data.ndim == 2:
@@ -139,6 +141,14 @@ def read_input(
 def _read_image(path: Path) -> np.ndarray:
     image_module = _require("PIL.Image", "images")
     with image_module.open(path) as image:
+        pages = int(getattr(image, "n_frames", 1))
+        if pages > 1:  # a multi-page TIFF: say what is left out
+            warnings.warn(
+                f"{path} holds {pages} pages; explaining the first (save the others as files of "
+                f"their own, or the stack as a volume: .npy, NIfTI)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         image.load()
         if image.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
             array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)

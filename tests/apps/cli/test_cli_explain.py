@@ -220,3 +220,36 @@ def test_debug_is_taken_after_the_command_too(tmp_path):
     arguments = ["explain", tmp_path / "a.npy", *TINY, "--layer", "body.3", "--target", "all:9"]
     with pytest.raises(ClassIndexError, match="class index 9 is out of range"):
         run(*arguments, "--out", tmp_path / "out", "--debug")  # the traceback, as asked
+
+
+@pytest.mark.parametrize("window", ["0,inf", "-inf,3", "nan,1"])
+def test_a_window_that_is_not_finite_is_refused(tmp_path, capsys, window):
+    # 0,inf made every input zeros and exited 0 (issue 22)
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((16, 16), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        run("explain", tmp_path / "a.npy", *TINY, "--layer", "body.3", "--target", "all:1",
+            "--window", window, "--out", tmp_path / "out")  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "expected finite LOW,HIGH" in capsys.readouterr().err
+
+
+def test_a_misspelt_layer_points_to_segcam_layers(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((16, 16), np.float32))
+    code = run("explain", tmp_path / "a.npy", *TINY, "--layer", "body.33", "--target", "all:1",
+               "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    err = one_line(capsys, "'body.33' does not exist", "list them with segcam layers")
+    assert "named_modules" not in err
+
+
+def test_a_truncated_nifti_is_one_line(tmp_path, capsys):
+    import nibabel
+
+    path = tmp_path / "cut.nii"
+    nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:-700])
+    code = run("explain", path, "--model", "segcam.testing:tiny_segnet", "--model-kwargs",
+               '{"spatial_dims": 3}', "--layer", "body.3", "--target", "all:1",
+               "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    one_line(capsys, "cut.nii: cannot read")  # one line: no newline inside the reason

@@ -117,11 +117,16 @@ def load_spec(spec: dict[str, Any], device: Any) -> Any:
 def expand_cases(inputs: Sequence[Path], spec: dict[str, Any], exclude: Path | None) -> list[Path]:
     """The cases among the inputs (folders of raw cases, case files), each as its ``_0000`` file."""
     from segcam.nnunet.files import group_cases
+    from segcam.nnunet.model import NnUNetError
 
     facts = folder_facts(spec["folder"])
     skip = exclude.resolve() if exclude is not None else None
-    kept = [p for p in inputs if skip is None or not p.resolve().is_relative_to(skip)]
-    return group_cases(kept, facts["file_ending"], facts["channels"])
+    for path in inputs:
+        if skip is not None and path.resolve().is_relative_to(skip):
+            raise NnUNetError(
+                f"{path}: lies in the output folder {exclude}; choose an --out outside the cases"
+            )
+    return group_cases(list(inputs), facts["file_ending"], facts["channels"])
 
 
 def case_name(path: Path, spec: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import segcam
 from segcam.apps.cli import demo, evaluate, explain, layers, methods, view
 from segcam.apps.cli.options import UsageError
 from segcam.errors import SegCamError
+from segcam.layers import LIST_LAYERS_HINT
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
@@ -63,6 +64,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+CLI_LAYERS_HINT = "(list them with segcam layers and the same model options)"
+
+
 def _debug_anywhere(argv: list[str]) -> list[str]:
     """``--debug`` anywhere on the line, not only before the command: moved to the front.
 
@@ -90,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegCamError as error:
         if args.debug:
             raise
-        print(f"segcam: error: {error}", file=sys.stderr)
+        message = str(error).replace(LIST_LAYERS_HINT, CLI_LAYERS_HINT)
+        print(f"segcam: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a bug or an unforeseen failure: one line, the traceback on demand
         if args.debug:
