@@ -25,7 +25,12 @@ import torch
 
 import segcam
 from segcam.apps.batch.job import BatchJob, Progress, register_input_kind
-from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
+from segcam.apps.batch.outputs import (
+    check_unchanged,
+    clear_previous,
+    write_manifest,
+    write_outputs,
+)
 from segcam.apps.naming import folder_name, spec_class_name
 from segcam.apps.specs import apply_intensity, file_sha256, load_callable, load_model, parse_target
 from segcam.errors import InputFileError, OptionError
@@ -160,6 +165,7 @@ class FileExplainer:
         """Read, explain (whole or by windows: every method from each pass), write, manifest."""
         started = time.perf_counter()
         job = self.job
+        before = file_sha256(path)  # the digest of what is read, checked again at the end
         data: InputFile = read_input(path, series_uid=job.series_uid)
         array = apply_intensity(data.array, preprocess=self.preprocess, **job.intensity)
         x = torch.from_numpy(array)[None].to(self.device)
@@ -188,7 +194,8 @@ class FileExplainer:
 
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
         written = write_outputs(explanations, folder, names, tuple(array.shape[1:]), write_map)
-        record = {"path": str(path), "sha256": file_sha256(path), "shape": list(array.shape)}
+        check_unchanged(path, before, file_sha256(path), written)
+        record = {"path": str(path), "sha256": before, "shape": list(array.shape)}
         return write_manifest(written, record, self.settings, folder, started)
 
 

@@ -146,6 +146,7 @@ class BatchJob:
                 "map_format": self.map_format,
                 "series_uid": self.series_uid,
             },
+            "depends_on": _dependencies(self.targets, self.model, self.preprocess),
             **self.kind().settings(),
         }
         result: dict[str, Any] = json.loads(json.dumps(settings))  # as the manifest reads back
@@ -154,3 +155,44 @@ class BatchJob:
     def build(self) -> InputExplainer:
         """Load the model and parse the targets: what a worker needs, built once per worker."""
         return self.kind().build(self)
+
+
+def _dependencies(
+    targets: Sequence[str], model: str | None, preprocess: str | None
+) -> dict[str, str]:
+    """SHA-256 of the files a result depends on besides the input and the weights.
+
+    The mask and region files of the targets, and the Python files of a ``package.module:name``
+    model factory and ``--preprocess`` function: a rerun after one of them changed is not an
+    "already done" (the folder's settings differ, and it says which).
+    """
+    from segcam.apps.specs import split_label
+
+    files: dict[str, str] = {}
+    for spec in targets:
+        kind, _, rest = spec.partition(":")
+        argument = rest.partition(":")[2]
+        if kind in ("mask", "region") and argument:
+            path = Path(split_label(argument, spec)[0])
+            if path.is_file():
+                files[str(path)] = file_sha256(path)
+    for callable_spec in (model, preprocess):
+        text = callable_spec or ""
+        module = text.partition(":")[0] if ":" in text else ""
+        if module and module != "monai":
+            source = _module_file(module)
+            if source is not None:
+                files[str(source)] = file_sha256(source)
+    return files
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of an importable module (None: not found, or not a file)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(found, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None

@@ -30,7 +30,12 @@ import torch
 
 from segcam.apps.batch.inputs import explain_options
 from segcam.apps.batch.job import BatchJob, register_input_kind
-from segcam.apps.batch.outputs import clear_previous, write_manifest, write_outputs
+from segcam.apps.batch.outputs import (
+    check_unchanged,
+    clear_previous,
+    write_manifest,
+    write_outputs,
+)
 from segcam.apps.naming import folder_name, spec_class_name
 from segcam.errors import TargetError
 from segcam.targets import Box, Pixel, Region, Target
@@ -81,7 +86,10 @@ def resolve_folds(spec: dict[str, Any]) -> list[int | str]:
 
 
 def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as recorded in the manifest: the folds resolved, each checkpoint's SHA-256."""
+    """The spec as the manifest records it: folds resolved, SHA-256 of what makes the model.
+
+    Each checkpoint, ``plans.json`` and ``dataset.json``.
+    """
     from segcam.apps.specs import file_sha256
 
     folder = Path(spec["folder"])
@@ -94,6 +102,9 @@ def spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
         "checkpoint_sha256": {
             str(f): file_sha256(folder / f"fold_{f}" / checkpoint) for f in folds
         },
+        # the preprocessing (normalisation, spacing) and the labels are the model too
+        "plans_sha256": file_sha256(folder / "plans.json"),
+        "dataset_sha256": file_sha256(folder / "dataset.json"),
     }
 
 
@@ -248,6 +259,7 @@ class CaseExplainer:
         facts = folder_facts(spec["folder"])
         ending, name = facts["file_ending"], case_name(path, spec)
         clear_previous(out / name)
+        before = case_digest(path, spec)  # what is read, checked again at the end
         files = _files(path, spec)
         case = nnunet.read_case(model, files)
         explain = explain_options(job.explain)
@@ -282,10 +294,11 @@ class CaseExplainer:
         names = [spec_class_name(spec, facts["classes"]) for spec in job.targets]
         grid = tuple(case.original_shape)
         written = write_outputs(explanations, out / name, names, grid, map_writer, extra)
+        check_unchanged(path, before, case_digest(path, spec), written)
         record = {
             "path": str(path),
             "files": [str(f) for f in files],
-            "sha256": case_digest(path, spec),
+            "sha256": before,
             "shape": [len(files), *case.original_shape],
             "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
         }

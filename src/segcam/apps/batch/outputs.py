@@ -24,7 +24,7 @@ import numpy as np
 import segcam
 from segcam.apps.naming import map_stem, method_file_name
 from segcam.apps.specs import file_sha256
-from segcam.errors import OutputFileError, SegCamError
+from segcam.errors import InputFileError, OutputFileError, SegCamError
 from segcam.io.writing import atomic_write, make_dir
 
 try:  # the output folder's lock; without fcntl (Windows) runs are not locked against each other
@@ -38,6 +38,7 @@ __all__ = [
     "WRITER_THREADS",
     "MapWriter",
     "OutputFolderError",
+    "check_unchanged",
     "clear_previous",
     "finished",
     "output_folder",
@@ -80,6 +81,22 @@ def write_outputs(
                         stem = map_stem(method, layer, t, kind, class_name)
                         pending.append(pool.submit(write_map, folder, stem, heat))
         return [future.result() for future in pending]
+
+
+def check_unchanged(path: Path, before: str, after: str, written: list[Path]) -> None:
+    """Refuse to record an input that changed while it was explained: its outputs go.
+
+    Raises:
+        InputFileError: ``after`` (the input's digest now) is not ``before`` (when it was read).
+    """
+    if after == before:
+        return
+    for output in written:
+        output.unlink(missing_ok=True)
+    raise InputFileError(
+        f"{path}: changed while it was explained (SHA-256 {before[:12]}... when read, "
+        f"{after[:12]}... after); its outputs were removed: explain it again"
+    )
 
 
 def write_manifest(
