@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -94,3 +97,40 @@ def test_missing_pieces_are_clear_errors(tmp_path):
     with pytest.raises(NnUNetError, match=r"no plans\.json"):
         load(folder)
     assert issubclass(NnUNetError, SegCamError)
+
+
+def _truncate_checkpoint(folder):
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _drop_labels(folder):
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    del dataset["labels"]
+    (folder / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
+
+
+def _unknown_network(folder):
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    for configuration in plans["configurations"].values():
+        if "architecture" in configuration:
+            configuration["architecture"]["network_class_name"] = "no.such.Net"
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        (_truncate_checkpoint, r"checkpoint_final\.pth: cannot read the checkpoint \(RuntimeError"),
+        (_drop_labels, r"dataset\.json: no 'labels'"),
+        (lambda f: (f / "plans.json").write_text("{not json"), r"plans\.json: cannot read it"),
+        (_unknown_network, r"cannot build no\.such\.Net for 3d_fullres"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_clear_error(tmp_path, damage, pattern):
+    # each was a raw RuntimeError, KeyError or JSONDecodeError (issue 22)
+    folder = make_model_folder(tmp_path / "model")
+    damage(folder)
+    with pytest.raises(NnUNetError, match=pattern), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nnU-Net's own note on the class search
+        load(folder)

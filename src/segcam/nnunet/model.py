@@ -126,24 +126,34 @@ def _numpy_globals() -> list[Any]:
 
 
 def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
-    if trust:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        try:
-            with torch.serialization.safe_globals(_numpy_globals()):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            detail = next(
-                (line.strip() for line in str(error).splitlines() if "GLOBAL" in line), ""
-            )
-            raise NnUNetError(
-                f"{path}: the checkpoint pickles objects beyond tensors and plain types "
-                f"({detail or type(error).__name__}); load it with trust_checkpoint=True only if "
-                f"you trust its source (unpickling runs code from the file)"
-            ) from None
+    try:
+        checkpoint = _load_checkpoint(path, trust)
+    except NnUNetError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # a damaged or foreign file
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise NnUNetError(
+            f"{path}: cannot read the checkpoint ({type(error).__name__}: {first}); the file is "
+            f"damaged or not a PyTorch checkpoint (copy it again from its source)"
+        ) from None
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise NnUNetError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
     return checkpoint
+
+
+def _load_checkpoint(path: Path, trust: bool) -> Any:
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+        raise NnUNetError(
+            f"{path}: the checkpoint pickles objects beyond tensors and plain types "
+            f"({detail or type(error).__name__}); load it with trust_checkpoint=True only if "
+            f"you trust its source (unpickling runs code from the file)"
+        ) from None
 
 
 def _strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,8 +226,13 @@ def load(
         if not (folder / name).is_file():
             raise NnUNetError(f"{folder}: no {name}; expected an nnU-Net trained-model folder")
     chosen = choose_folds(folder, folds, checkpoint)
-    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
-    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    plans_manager = PlansManager(_read_json(folder / "plans.json"))
+    dataset_json = _read_json(folder / "dataset.json")
+    if not isinstance(dataset_json.get("labels"), dict) or not dataset_json["labels"]:
+        raise NnUNetError(
+            f"{folder / 'dataset.json'}: no 'labels' (class name -> label value); nnU-Net "
+            f"writes them when it plans a dataset"
+        )
     checkpoints = [
         _read_checkpoint(folder / f"fold_{fold}" / checkpoint, trust_checkpoint) for fold in chosen
     ]
@@ -233,7 +248,17 @@ def load(
     outputs = label_manager.num_segmentation_heads
     networks = []
     for fold, saved in zip(chosen, checkpoints, strict=True):
-        network = _build_network(trainer, (plans_manager, configuration_manager), inputs, outputs)
+        try:
+            network = _build_network(
+                trainer, (plans_manager, configuration_manager), inputs, outputs
+            )
+        except Exception as error:  # an unknown class, a package missing: nnU-Net's own errors
+            name = getattr(configuration_manager, "network_arch_class_name", "the network")
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+            raise NnUNetError(
+                f"{folder}: cannot build {name} for {configuration} ({type(error).__name__}: "
+                f"{first}); is the package that defines it installed?"
+            ) from error
         try:
             network.load_state_dict(_strip_compile_prefix(saved["network_weights"]))
         except RuntimeError as error:
@@ -315,3 +340,14 @@ def _configuration(
             f"resolution configuration"
         )
     return configuration, configuration_manager
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file as a dict, or one clear NnUNetError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise NnUNetError(f"{path}: cannot read it as JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise NnUNetError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
