@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import segcam
+from segcam.apps.batch import RUN_FILE
 from segcam.apps.cli import main
 from segcam.apps.demo.models import WEIGHTS_DIR, build_demo_model, load_demo_model
 from segcam.testing.synthetic import shapes_scene
@@ -101,22 +102,26 @@ def test_written_maps_equal_explain(scenes, tmp_path, capsys):
     )
 
 
+def _stamps(out):
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != RUN_FILE}
+
+
 def test_folder_resume_and_overwrite(scenes, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["explain", scenes, *MODEL, "--target", "predicted:1", "--layer", LAYER, "--out", out]
     assert run(*args) == 0
     first = capsys.readouterr().err
     assert first.count("files in") == 6  # 3 scenes + 3 masks, all .npy inputs
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    stamps = _stamps(out)
     assert run(*args) == 0
     second = capsys.readouterr().err
     assert second.count("already done, skipped") == 6
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    assert _stamps(out) == stamps  # the results untouched (the run file records each run's id)
     # Other settings into the same folder are refused (issue 13: they would overwrite or mix
     # with these results); nothing is touched.
     assert run(*args, "--method", "seg-grad-cam") == 2
-    assert "holds results made with other settings (methods:" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    assert "holds results of 6 inputs made with other settings (methods:" in capsys.readouterr().err
+    assert _stamps(out) == stamps
     # In another folder they are new work; with --overwrite they replace these results whole.
     assert run(*args[:-1], tmp_path / "other", "--method", "seg-grad-cam") == 0
     assert capsys.readouterr().err.count("files in") == 6

@@ -3,11 +3,14 @@ settings; --out inside an input folder."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from cli_runs import EXPLAIN, LAYER, MODEL, one_line, run
 from PIL import Image
 
+from segcam.apps.batch import RUN_FILE
 from segcam.testing.synthetic import shapes_scene
 
 
@@ -44,7 +47,10 @@ def test_another_target_into_the_same_folder_is_refused(scene, tmp_path, capsys)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert run("explain", scene, *MODEL, "--target", "all:2", "--layer", LAYER, "--out", out) == 2
-    one_line(capsys, "holds results made with other settings (targets: ['all:1'] -> ['all:2'])")
+    one_line(
+        capsys,
+        "holds results of 1 input made with other settings (targets: ['all:1'] -> ['all:2'])",
+    )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -57,3 +63,60 @@ def test_out_inside_the_input_folder_is_not_read_as_input(tmp_path, capsys):
     for _ in range(2):
         assert run("explain", inputs, *EXPLAIN, "--out", out) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["scan"]
+
+
+def _two_inputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for seed in range(2):
+        image, _ = shapes_scene(1_000_060 + seed)
+        np.save(folder / f"v{seed}.npy", image[0])
+    return folder / "v0.npy", folder / "v1.npy"
+
+
+def _settings_of(out):
+    recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["settings"]
+    manifests = {
+        m.parent.name: json.loads(m.read_text(encoding="utf-8"))
+        for m in out.glob("*/manifest.json")
+    }
+    return recorded, manifests
+
+
+def test_overwrite_on_a_subset_removes_the_old_setting_for_every_input(tmp_path, capsys):
+    v0, v1 = _two_inputs(tmp_path)
+    out = tmp_path / "out"
+    a = [*MODEL, "--target", "all:1", "--layer", LAYER]
+    b = [*MODEL, "--target", "all:2", "--layer", LAYER]
+    assert run("explain", v0, v1, *a, "--out", out) == 0
+    capsys.readouterr()
+    assert run("explain", v0, *b, "--overwrite", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "--overwrite: removed the results of 2 inputs made with other settings" in err
+    recorded, manifests = _settings_of(out)
+    assert recorded["targets"] == ["all:2"] and sorted(manifests) == ["v0"]
+    assert not (out / "v1").exists()  # v1's results of A are gone, folder and all
+    for saved in manifests.values():
+        assert all(saved[key] == value for key, value in recorded.items())
+    assert run("explain", v1, *b, "--out", out) == 0  # the folder's settings: never refused
+    assert sorted(_settings_of(out)[1]) == ["v0", "v1"]
+
+
+def test_a_failed_first_run_does_not_claim_the_folder(tmp_path, capsys):
+    v0, _ = _two_inputs(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()  # the user's folder: kept, whatever happens
+    bad = np.zeros((60, 60), np.float32)  # the model fails on it
+    np.save(tmp_path / "odd.npy", bad)
+    assert run("explain", tmp_path / "odd.npy", *EXPLAIN, "--out", out) == 2
+    assert out.is_dir() and not (out / "odd").exists()  # no empty folder for the failed input
+    capsys.readouterr()
+    assert run("explain", v0, *MODEL, "--target", "all:2", "--layer", LAYER, "--out", out) == 0
+    assert _settings_of(out)[0]["targets"] == ["all:2"]
+
+
+def test_a_run_that_made_its_folder_and_failed_removes_it(tmp_path, capsys):
+    np.save(tmp_path / "odd.npy", np.zeros((60, 60), np.float32))
+    out = tmp_path / "new" / "out"
+    assert run("explain", tmp_path / "odd.npy", *EXPLAIN, "--out", out) == 2
+    assert not (tmp_path / "new").exists()

@@ -9,20 +9,35 @@ yields one :data:`Outcome` per input as it finishes; one failing input never sto
   ``None`` starts a local one, ``"auto"`` joins a running one, ``"ray://host:10001"`` a remote
   one), ``gpus_per_worker`` GPUs each. Workers write the outputs, so ``out`` must be on a file
   system every node sees.
+
+A worker that dies (the OOM killer, a segfault in a C reader, a kill) fails only the input it
+held: a new worker takes its place and the input is tried once more; a second death is its
+failure ("worker died (signal 9, SIGKILL)"), the others go on. A job that a worker cannot load
+(a bad model) is the batch's one error, as in this process. Workers stop when the run's process
+dies (Linux: a parent-death signal; elsewhere they check before each input) and commit a
+manifest only while the folder's run id is still their run's
+(:meth:`~segcam.apps.batch.outputs.RunClaim.committing`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from segcam.apps.batch.job import BatchJob, InputExplainer, Progress
+from segcam.apps.batch.outputs import RunClaim
 from segcam.errors import SegCamError
 
-__all__ = ["Outcome", "run_here", "run_one", "run_processes", "run_ray"]
+__all__ = ["Outcome", "WorkerError", "run_here", "run_one", "run_processes", "run_ray"]
 
 
 class Outcome(NamedTuple):
@@ -34,23 +49,36 @@ class Outcome(NamedTuple):
     message: str  # the error, when not ok
     files: int  # files written
     seconds: float
+    retried: str = ""  # why it was tried a second time (its first worker died), or ""
+
+
+class WorkerError(SegCamError, RuntimeError):
+    """A worker could not load the job (the batch's error, not one input's)."""
 
 
 def run_one(
-    explainer: InputExplainer, path: Path, out: Path, within: Progress | None = None
+    explainer: InputExplainer,
+    path: Path,
+    out: Path,
+    within: Progress | None = None,
+    run: RunClaim | None = None,
 ) -> tuple[bool, str, int, float]:
     """Explain one input: (ok, error message, files written, seconds); never raises."""
-    import time
-
     started = time.perf_counter()
     try:
-        written = explainer.explain(path, out, within)
+        written = explainer.explain(path, out, within, run)
     except SegCamError as error:
-        return False, str(error), 0, time.perf_counter() - started
+        return False, _without_path(str(error), path), 0, time.perf_counter() - started
     except Exception as error:  # any failure of one input is reported; the others go on
         message = f"{type(error).__name__}: {error}"
         return False, message, 0, time.perf_counter() - started
     return True, "", len(written), time.perf_counter() - started
+
+
+def _without_path(message: str, path: Path) -> str:
+    """An input's error without its own path in front: the report's line names it already."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def run_here(
@@ -58,59 +86,202 @@ def run_here(
     todo: list[tuple[int, Path]],
     out: Path,
     within: Progress | None,
+    run: RunClaim | None = None,
     *,
     raise_errors: bool = False,
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     """In this process: the job built once, the inputs in order.
 
     With ``raise_errors`` an input's error is raised, not reported (a single input's error is
     the command's).
     """
-    import time
-
     explainer = job.build()
     for index, path in todo:
         if raise_errors:
             started = time.perf_counter()
-            written = explainer.explain(path, out, within)
+            written = explainer.explain(path, out, within, run)
             yield Outcome(index, path, True, "", len(written), time.perf_counter() - started)
         else:
-            yield Outcome(index, path, *run_one(explainer, path, out, within))
+            yield Outcome(index, path, *run_one(explainer, path, out, within, run))
 
 
-_WORKER: InputExplainer | None = None
+def _death(exitcode: int | None) -> str:
+    """How a worker ended: "worker died (signal 9, SIGKILL)" or "worker exited with status 3"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = f", {signal.Signals(-exitcode).name}"
+        except ValueError:
+            name = ""
+        return f"worker died (signal {-exitcode}{name})"
+    return f"worker exited with status {exitcode} while explaining it"
 
 
-def _init_worker(job: BatchJob) -> None:
-    global _WORKER
+@dataclass
+class _Attempts:
+    """The inputs still to do; one whose worker died goes back to the front, once."""
+
+    todo: deque[tuple[int, Path]]
+    deaths: dict[int, str] = field(default_factory=dict)
+
+    def died(self, index: int, path: Path, reason: str) -> Outcome | None:
+        """Its worker died: tried again (None), or, the second time, its failure."""
+        if index in self.deaths:
+            return Outcome(index, path, False, f"{reason}, twice: not tried again", 0, 0.0)
+        self.deaths[index] = reason
+        self.todo.appendleft((index, path))
+        return None
+
+    def outcome(self, index: int, path: Path, result: tuple[bool, str, int, float]) -> Outcome:
+        """An input's outcome, noting a first attempt whose worker died."""
+        return Outcome(index, path, *result, retried=self.deaths.get(index, ""))
+
+
+def _parent_death_signal() -> None:
+    """Linux: this process is killed when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the liveness checks remain
+        pass
+
+
+def _worker_main(job: BatchJob, connection: Any, run: RunClaim) -> None:
+    """A worker process: load the job once, then explain the inputs it is sent, one at a time."""
+    _parent_death_signal()
+    if not run.alive():  # the parent died before the signal was armed
+        os._exit(0)
     torch.set_num_threads(1)
-    _WORKER = job.build()
+    try:
+        explainer = job.build()
+    except Exception as error:  # the batch's error: sent, raised by the parent
+        connection.send(("build-failed", _portable(error)))
+        return
+    connection.send(("ready",))
+    while True:
+        try:
+            task = connection.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None or not run.alive():
+            return
+        index, path = task
+        result = run_one(explainer, Path(path), run.out, None, run)
+        connection.send(("done", index, result))
 
 
-def _work(path: str, out: str) -> tuple[bool, str, int, float]:
-    assert _WORKER is not None
-    return run_one(_WORKER, Path(path), Path(out))
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling, else a :class:`WorkerError` with its message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return WorkerError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _build_failed(error: Exception) -> Exception:
+    if isinstance(error, SegCamError):
+        return error
+    return WorkerError(f"a worker could not load the job: {type(error).__name__}: {error}")
+
+
+@dataclass
+class _Process:
+    process: Any
+    connection: Any
+    ready: bool = False
+    held: tuple[int, Path] | None = None
 
 
 def run_processes(
-    job: BatchJob, todo: list[tuple[int, Path]], out: Path, workers: int
-) -> Iterator[Outcome]:
-    """``workers`` spawned processes, each building the job once; a dead worker is reported."""
+    job: BatchJob,
+    todo: list[tuple[int, Path]],
+    out: Path,
+    workers: int,
+    run: RunClaim | None = None,
+) -> Generator[Outcome, None, None]:
+    """``workers`` spawned processes, each loading the job once; a dead one fails only its input.
+
+    Each worker has its own pipe, so the input a dead worker held is known: it goes back to the
+    front of the queue once, a new worker takes the dead one's place, and the others go on.
+    """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(job,)
-    ) as pool:
-        futures = {pool.submit(_work, str(path), str(out)): (index, path) for index, path in todo}
-        for future in as_completed(futures):
-            index, path = futures[future]
-            try:
-                ok, message, count, seconds = future.result()
-            except Exception as error:  # a worker that died: reported, the others go on
-                ok, message, count, seconds = False, f"worker failed: {error}", 0, 0.0
-            yield Outcome(index, path, ok, message, count, seconds)
+    claim = (run or RunClaim(out, "")).in_worker()
+    attempts = _Attempts(deque(todo))
+    pool: list[_Process] = []
+
+    def start() -> None:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_worker_main, args=(job, child_end, claim), daemon=True)
+        process.start()
+        child_end.close()
+        pool.append(_Process(process, parent_end))
+
+    def dispatch(worker: _Process) -> None:
+        if attempts.todo:
+            worker.held = attempts.todo.popleft()
+            worker.connection.send((worker.held[0], str(worker.held[1])))
+        else:
+            worker.held = None
+            worker.connection.send(None)
+
+    try:
+        for _ in range(min(workers, len(todo))):
+            start()
+        while pool:
+            waiting = {w.connection: w for w in pool} | {w.process.sentinel: w for w in pool}
+            for ready in wait(list(waiting)):
+                worker = waiting[ready]
+                if worker not in pool:
+                    continue
+                message = None
+                try:
+                    if worker.connection.poll():
+                        message = worker.connection.recv()
+                except (EOFError, OSError):
+                    message = None
+                if message is None and ready is worker.connection and worker.process.is_alive():
+                    worker.process.join(10)  # its pipe closed: it is ending
+                if message is None and not worker.process.is_alive():  # stopped, or died
+                    worker.process.join()
+                    pool.remove(worker)
+                    ended = _death(worker.process.exitcode)
+                    if not worker.ready:
+                        raise WorkerError(f"a worker ended while loading the job: {ended}")
+                    if worker.held is not None:
+                        failed = attempts.died(*worker.held, ended)
+                        if failed is not None:
+                            yield failed
+                    if attempts.todo and len(pool) < min(workers, len(attempts.todo)):
+                        start()
+                    continue
+                if message is None:
+                    continue
+                if message[0] == "build-failed":
+                    raise _build_failed(message[1])
+                if message[0] == "ready":
+                    worker.ready = True
+                else:
+                    _, index, result = message
+                    assert worker.held is not None
+                    path = worker.held[1]
+                    worker.held = None
+                    yield attempts.outcome(index, path, result)
+                dispatch(worker)
+    finally:
+        for worker in pool:
+            if worker.process.is_alive():
+                worker.process.kill()
+            worker.process.join()
+            worker.connection.close()
 
 
 def run_ray(
@@ -120,8 +291,13 @@ def run_ray(
     workers: int,
     address: str | None,
     gpus: float,
-) -> Iterator[Outcome]:
-    """A pool of Ray actors (restarted twice at most), ``gpus`` GPUs each."""
+    run: RunClaim | None = None,
+) -> Generator[Outcome, None, None]:
+    """A pool of Ray actors, ``gpus`` GPUs each; a dead actor fails only its input.
+
+    As with processes: the input of an actor that died is tried once more on a new actor, and
+    the others go on. Ray's own restarts are off, so each input is tried at most twice.
+    """
     try:
         import ray
     except ImportError:
@@ -134,39 +310,55 @@ def run_ray(
             log_to_driver=False,
             configure_logging=False,
         )
+    claim = run or RunClaim(out, "")
     try:
 
-        @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+        @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         class Worker:
             def __init__(self, spec: BatchJob) -> None:
                 torch.set_num_threads(1)
-                self.job = spec.build()
+                self.failed: Exception | None = None
+                try:
+                    self.job: InputExplainer | None = spec.build()
+                except Exception as error:  # the batch's error: returned, raised by the driver
+                    self.job, self.failed = None, _portable(error)
 
-            def run(self, index: int, path: str, where: str) -> Outcome:
-                return Outcome(index, Path(path), *run_one(self.job, Path(path), Path(where)))
+            def run(self, path: str) -> tuple[bool, str, int, float] | Exception:
+                if self.job is None:
+                    assert self.failed is not None
+                    return self.failed
+                return run_one(self.job, Path(path), claim.out, None, claim)
 
         remote: Any = Worker
-        actors = [remote.remote(job) for _ in range(min(workers, len(todo)))]
-        queue = list(todo)
+        attempts = _Attempts(deque(todo))
         running: dict[Any, tuple[Any, int, Path]] = {}
 
         def submit(actor: Any) -> None:
-            if queue:
-                index, path = queue.pop(0)
-                running[actor.run.remote(index, str(path), str(out))] = (actor, index, path)
+            if attempts.todo:
+                index, path = attempts.todo.popleft()
+                running[actor.run.remote(str(path))] = (actor, index, path)
 
-        for actor in actors:
-            submit(actor)
+        for _ in range(min(workers, len(todo))):
+            submit(remote.remote(job))
         while running:
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, index, path = running.pop(ref)
             try:
-                outcome: Outcome = ray.get(ref)
-            except ray.exceptions.RayError as error:  # failed even after its retries
-                outcome = Outcome(
-                    index, path, False, f"worker failed: {type(error).__name__}", 0, 0.0
-                )
-            yield outcome
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:  # the actor died holding this input
+                failed = attempts.died(index, path, f"worker died ({type(error).__name__})")
+                if failed is not None:
+                    yield failed
+                if attempts.todo:
+                    submit(remote.remote(job))
+                continue
+            except ray.exceptions.RayError as error:
+                yield attempts.outcome(index, path, (False, f"{type(error).__name__}", 0, 0.0))
+                submit(actor)
+                continue
+            if isinstance(result, Exception):
+                raise _build_failed(result)
+            yield attempts.outcome(index, path, result)
             submit(actor)
     finally:
         if started_here:

@@ -26,6 +26,7 @@ import torch
 import segcam
 from segcam.apps.batch.job import BatchJob, Progress, register_input_kind
 from segcam.apps.batch.outputs import (
+    RunClaim,
     check_unchanged,
     clear_previous,
     write_manifest,
@@ -161,7 +162,13 @@ class FileExplainer:
     preprocess: Any
     settings: dict[str, Any]
 
-    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
+    def explain(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> list[Path]:
         """Read, explain (whole or by windows: every method from each pass), write, manifest."""
         started = time.perf_counter()
         job = self.job
@@ -196,7 +203,7 @@ class FileExplainer:
         written = write_outputs(explanations, folder, names, tuple(array.shape[1:]), write_map)
         check_unchanged(path, before, file_sha256(path), written)
         record = {"path": str(path), "sha256": before, "shape": list(array.shape)}
-        return write_manifest(written, record, self.settings, folder, started)
+        return write_manifest(written, record, self.settings, folder, started, run)
 
 
 def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:

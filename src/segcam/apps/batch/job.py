@@ -10,12 +10,15 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 import segcam
 from segcam.apps.specs import file_sha256
+
+if TYPE_CHECKING:
+    from segcam.apps.batch.outputs import RunClaim
 
 __all__ = ["BatchJob", "InputExplainer", "InputKind", "Progress", "register_input_kind"]
 
@@ -27,8 +30,17 @@ Progress = Callable[[int, int], None]
 class InputExplainer(Protocol):
     """What a worker builds once: explains one input into ``out`` and writes its files."""
 
-    def explain(self, path: Path, out: Path, progress: Progress | None = None) -> list[Path]:
-        """Explain ``path`` into ``out/<name>/``, its manifest last; return the files written."""
+    def explain(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> list[Path]:
+        """Explain ``path`` into ``out/<name>/``, its manifest last; return the files written.
+
+        The manifest is committed only while ``run`` holds ``out`` (when given).
+        """
         ...
 
 

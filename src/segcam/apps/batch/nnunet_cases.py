@@ -31,6 +31,7 @@ import torch
 from segcam.apps.batch.inputs import explain_options
 from segcam.apps.batch.job import BatchJob, register_input_kind
 from segcam.apps.batch.outputs import (
+    RunClaim,
     check_unchanged,
     clear_previous,
     write_manifest,
@@ -248,7 +249,11 @@ class CaseExplainer:
     settings: dict[str, Any]
 
     def explain(
-        self, path: Path, out: Path, progress: Callable[[int, int], None] | None = None
+        self,
+        path: Path,
+        out: Path,
+        progress: Callable[[int, int], None] | None = None,
+        run: RunClaim | None = None,
     ) -> list[Path]:
         """Explain one case (nnU-Net's whole inference); its files, the manifest last."""
         from segcam import nnunet
@@ -302,7 +307,7 @@ class CaseExplainer:
             "shape": [len(files), *case.original_shape],
             "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
         }
-        return write_manifest(written, record, self.settings, out / name, started)
+        return write_manifest(written, record, self.settings, out / name, started, run)
 
 
 def _reverses(facts: dict[str, Any]) -> bool:

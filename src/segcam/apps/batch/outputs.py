@@ -11,10 +11,13 @@ results it holds (``.segcam-run.json``), so results of different settings never 
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,15 +36,19 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "COMMIT_LOCK",
     "LOCK_FILE",
     "RUN_FILE",
     "WRITER_THREADS",
     "MapWriter",
     "OutputFolderError",
+    "RunClaim",
+    "RunEndedError",
     "check_unchanged",
     "clear_previous",
     "finished",
     "output_folder",
+    "remove_if_empty",
     "write_manifest",
     "write_outputs",
 ]
@@ -105,8 +112,15 @@ def write_manifest(
     settings: dict[str, Any],
     folder: Path,
     started: float,
+    run: RunClaim | None = None,
 ) -> list[Path]:
-    """Write the input's manifest, last: the input counts as done only once it is there."""
+    """Write the input's manifest, last: the input counts as done only once it is there.
+
+    With ``run`` (every batch passes its own), the manifest is committed only while that run
+    still holds the output folder (:meth:`RunClaim.committing`); otherwise the input's files
+    are removed and :class:`RunEndedError` raised: a worker of a run that died never records a
+    result in a folder another run now holds.
+    """
     manifest = {
         **settings,
         "input": record,
@@ -115,8 +129,18 @@ def write_manifest(
         "seconds": round(time.perf_counter() - started, 3),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_write(folder / "manifest.json", "w") as stream:
-        json.dump(manifest, stream, indent=1)
+    if run is None:
+        with atomic_write(folder / "manifest.json", "w") as stream:
+            json.dump(manifest, stream, indent=1)
+        return written
+    try:
+        with run.committing(), atomic_write(folder / "manifest.json", "w") as stream:
+            json.dump(manifest, stream, indent=1)
+    except RunEndedError:
+        for output in written:
+            output.unlink(missing_ok=True)
+        remove_if_empty(folder)
+        raise
     return written
 
 
@@ -132,8 +156,11 @@ def finished(folder: Path, digest: str, settings: dict[str, Any]) -> bool:
         saved = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    same = all(saved.get(key) == value for key, value in settings.items())
-    if not same or saved.get("input", {}).get("sha256") != digest:
+    if (
+        not isinstance(saved, dict)
+        or not _same_settings(saved, settings)
+        or saved.get("input", {}).get("sha256") != digest
+    ):
         return False
     files = saved.get("files")
     if not isinstance(files, dict) or not files:
@@ -141,8 +168,8 @@ def finished(folder: Path, digest: str, settings: dict[str, Any]) -> bool:
     folder = manifest.parent
     # every output listed is there, unaltered: otherwise the input is done again
     return all(
-        (folder / name).is_file() and file_sha256(folder / name) == digest
-        for name, digest in files.items()
+        (folder / name).is_file() and file_sha256(folder / name) == expected
+        for name, expected in files.items()
     )
 
 
@@ -169,30 +196,160 @@ def clear_previous(folder: Path) -> None:
 
 RUN_FILE = ".segcam-run.json"
 LOCK_FILE = ".segcam.lock"
+COMMIT_LOCK = ".segcam.commit.lock"
+_FOLDER_FILES = (RUN_FILE, COMMIT_LOCK, LOCK_FILE)  # what a run keeps in the folder itself
 
 
 class OutputFolderError(SegCamError, RuntimeError):
     """The output folder is in use by another run, or holds results made with other settings."""
 
 
-def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-    return "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in keys[:4])
+class RunEndedError(OutputFolderError):
+    """A worker's run no longer holds the output folder: it died, or another run took it."""
+
+
+@dataclass(frozen=True)
+class RunClaim:
+    """The run that holds an output folder, as its workers carry it.
+
+    Attributes:
+        out: the output folder.
+        run_id: the run's id, recorded in ``out/.segcam-run.json`` while it holds the folder.
+        parent: in a worker process, the pid of the run's process: the run has ended when the
+            worker's parent is another (Linux also kills workers when their parent dies).
+    """
+
+    out: Path
+    run_id: str
+    parent: int | None = None
+
+    def in_worker(self) -> RunClaim:
+        """The claim a worker process of this run carries (its parent: this process)."""
+        return replace(self, parent=os.getpid())
+
+    def alive(self) -> bool:
+        """Whether the run's process is still this worker's parent (always, in the run's own)."""
+        return self.parent is None or os.getppid() == self.parent
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """Hold the folder's commit lock (shared) while the run id is still this run's.
+
+        A new run writes its run id under the same lock, exclusively: once it has, no manifest
+        of an earlier run is committed.
+
+        Raises:
+            RunEndedError: the run's process died, or another run holds the folder now.
+        """
+        if not self.alive():
+            raise RunEndedError(f"{self.out}: the run this worker belonged to has ended")
+        with _locked(self.out / COMMIT_LOCK, fcntl.LOCK_SH if fcntl is not None else 0):
+            if _read_run_file(self.out)[1] != self.run_id:
+                raise RunEndedError(f"{self.out} is held by another run now")
+            yield
 
 
 @contextmanager
-def output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> Iterator[None]:
-    """Hold ``out`` for one run: a lock, and one set of settings per folder.
+def _locked(path: Path, operation: int) -> Iterator[None]:
+    """``flock`` ``path`` (created if missing) for the block; blocking."""
+    try:
+        stream = path.open("a+")
+    except OSError as error:
+        raise OutputFileError(f"cannot create {path}: {error.strerror}") from error
+    try:
+        if fcntl is not None:
+            fcntl.flock(stream.fileno(), operation)
+        yield
+    finally:
+        stream.close()  # closing releases the lock
+
+
+def _read_run_file(out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The settings and run id recorded in ``out/.segcam-run.json`` (None where unreadable)."""
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(recorded, dict):
+        return None, None
+    if isinstance(recorded.get("settings"), dict) and isinstance(recorded.get("run"), dict):
+        run_id = recorded["run"].get("id")
+        return recorded["settings"], run_id if isinstance(run_id, str) else None
+    return recorded, None  # written by segcam before runs had ids: the settings alone
+
+
+def _same_settings(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
+    return all(saved.get(key) == value for key, value in settings.items())
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    keys = sorted(k for k in settings if recorded.get(k) != settings[k])
+    return "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in keys[:4])
+
+
+def _results(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every input folder in ``out`` holding a readable manifest, with the manifest."""
+    for folder in sorted(out.iterdir()):
+        manifest = folder / "manifest.json"
+        if not folder.is_dir() or not manifest.is_file():
+            continue
+        try:
+            saved = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not a result: its input is done again when it is in a run
+        if isinstance(saved, dict):
+            yield folder, saved
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove an input's folder holding nothing (but temporaries of a killed write)."""
+    if not folder.is_dir():
+        return
+    for stale in folder.glob(".*.part*"):
+        stale.unlink(missing_ok=True)
+    with suppress(OSError):  # not empty: kept
+        folder.rmdir()
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+@contextmanager
+def output_folder(
+    out: Path,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool,
+    say: Callable[[str], None] | None = None,
+) -> Iterator[RunClaim]:
+    """Hold ``out`` for one run: a lock, one set of settings per folder, the run's id.
 
     - A second run into the same folder while this one holds it is refused
       (:class:`OutputFolderError`): the lock is an OS file lock on ``out/.segcam.lock``, released
       when the process ends, even when killed.
-    - ``out/.segcam-run.json`` records the settings of the results in the folder. A run with
-      other settings (targets, methods, layers, model, weights, options) is refused, so results
-      of different settings never overwrite or mix with each other; ``overwrite`` replaces them
-      (each input's previous files are removed before its new ones are written).
+    - One folder, one setting: a folder holding results (input folders with a manifest) made
+      with other settings (targets, methods, layers, model, weights, options, files depended
+      on) is refused, so results never mix; ``overwrite`` removes those results, for every
+      input in the folder, not only the ones of this run, and says how many. A folder whose
+      earlier runs left no result (they failed) takes the new settings without ``overwrite``.
+    - ``out/.segcam-run.json`` records the settings and a new run id, written under the commit
+      lock; workers commit a manifest only while the id is their run's
+      (:meth:`RunClaim.committing`).
     - Temporary files left by killed runs are removed: under the lock none is in flight.
+    - A folder this run created and left without results is removed again when it ends.
+
+    Yields:
+        The run's claim, for the explainers' manifests.
     """
+    tell = say or (lambda line: None)
+    created = _missing_ancestor(out)
     make_dir(out)
     try:
         lock = (out / LOCK_FILE).open("a+")
@@ -207,26 +364,54 @@ def output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> It
                     f"{out} is being written by another segcam run; wait for it to finish or "
                     f"choose another --out"
                 ) from None
-        run_file = out / RUN_FILE
-        recorded: dict[str, Any] | None = None
-        if run_file.is_file():
-            try:
-                recorded = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                recorded = None
-        if recorded is not None and recorded != settings and not overwrite:
-            differences = _differences(recorded, settings)
-            raise OutputFolderError(
-                f"{out} holds results made with other settings ({differences}); choose another "
-                f"--out, or --overwrite to replace them"
-            )
-        if recorded != settings:
-            with atomic_write(run_file, "w") as stream:
-                json.dump(settings, stream, indent=1)
+        others = [(f, saved) for f, saved in _results(out) if not _same_settings(saved, settings)]
+        if others:
+            differences = _differences(others[0][1], settings)
+            count = f"{len(others)} input{'s' if len(others) > 1 else ''}"
+            if not overwrite:
+                raise OutputFolderError(
+                    f"{out} holds results of {count} made with other settings ({differences}); "
+                    f"choose another --out, or --overwrite to replace them"
+                )
+            for folder, _ in others:
+                clear_previous(folder)
+                remove_if_empty(folder)
+            tell(f"--overwrite: removed the results of {count} made with other settings")
+        run_id = uuid.uuid4().hex
+        with _locked(out / COMMIT_LOCK, fcntl.LOCK_EX if fcntl is not None else 0):
+            run = {
+                "id": run_id,
+                "pid": os.getpid(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            with atomic_write(out / RUN_FILE, "w") as stream:
+                json.dump({"settings": settings, "run": run}, stream, indent=1)
         for stale in [*out.glob(".*.part*"), *out.glob("*/.*.part*")]:
             stale.unlink(missing_ok=True)
-        yield
+        yield RunClaim(out, run_id)
     finally:
+        if created is not None and not any(True for _ in _results(out)):
+            _remove_folder(out, created)  # made by this run, holding no result: not left behind
         if fcntl is not None:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
         lock.close()
+
+
+def _remove_folder(out: Path, created: Path) -> None:
+    """Remove ``out`` (and the folders above it up to ``created``) where they hold nothing else."""
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.is_dir():
+            remove_if_empty(child)
+    for name in _FOLDER_FILES:
+        (out / name).unlink(missing_ok=True)
+    for stale in out.glob(".*.part*"):
+        stale.unlink(missing_ok=True)
+    for folder in [out, *out.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or not ours to remove): kept
+        if folder == created:
+            return

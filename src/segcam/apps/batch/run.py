@@ -15,7 +15,7 @@ from pathlib import Path
 
 from segcam.apps.batch.backends import Outcome, run_here, run_processes, run_ray
 from segcam.apps.batch.job import BatchJob, Progress
-from segcam.apps.batch.outputs import finished, output_folder
+from segcam.apps.batch.outputs import finished, output_folder, remove_if_empty
 from segcam.errors import InputFileError, OptionError
 from segcam.methods import get_method, resolve_methods
 
@@ -87,7 +87,7 @@ def explain_files(
             get_method(method).require_sliding_window()
     out = Path(out)
     say = progress or (lambda line: None)
-    with output_folder(out, settings, overwrite=overwrite):
+    with output_folder(out, settings, overwrite=overwrite, say=say) as run:
         todo = []
         result = BatchResult()
         for index, path in enumerate(files, start=1):
@@ -98,23 +98,29 @@ def explain_files(
                 todo.append((index, path))
         if todo:
             if backend == "ray":
-                outcomes = run_ray(job, todo, out, num_workers, address, gpus_per_worker)
+                outcomes = run_ray(job, todo, out, num_workers, address, gpus_per_worker, run)
             elif min(num_workers, len(todo)) > 1:  # one input left: no pool for it
-                outcomes = run_processes(job, todo, out, min(num_workers, len(todo)))
+                outcomes = run_processes(job, todo, out, min(num_workers, len(todo)), run)
             else:
-                outcomes = run_here(job, todo, out, within, raise_errors=raise_errors)
-            _report(outcomes, len(files), result, say)
+                outcomes = run_here(job, todo, out, within, run, raise_errors=raise_errors)
+            try:
+                _report(outcomes, len(files), result, say)
+            finally:
+                outcomes.close()  # workers stopped before anything is tidied
+                for _, path in todo:  # a failed input leaves no empty folder
+                    remove_if_empty(out / kind.name(path))
         return result
 
 
 def _report(
     outcomes: Iterator[Outcome], total: int, result: BatchResult, say: Callable[[str], None]
 ) -> None:
-    for index, path, ok, message, count, seconds in outcomes:
+    for index, path, ok, message, count, seconds, retried in outcomes:
         prefix = f"[{index}/{total}] {path}"
+        again = f" (tried again: the first {retried})" if retried else ""
         if ok:
             result.done.append(path)
-            say(f"{prefix}: {count} files in {seconds:.1f}s")
+            say(f"{prefix}: {count} files in {seconds:.1f}s{again}")
         else:
             result.failed.append((path, message))
-            say(f"{prefix}: FAILED: {message}")
+            say(f"{prefix}: FAILED: {message}{again}")
