@@ -4,6 +4,8 @@ MetaImage read with their geometry; maps written back overlay them voxel for vox
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,33 @@ def test_a_series_written_from_the_demo_ct(tmp_path):
     assert volume.geometry.spacing == pytest.approx((0.8, 0.7, 2.5))
     assert volume.geometry.direction == pytest.approx(OBLIQUE, abs=1e-5)
     assert volume.array.min() < -500 and volume.array.max() > 100  # air and tissue, in HU
+
+
+def test_what_itk_prints_to_stderr_becomes_part_of_the_one_error(tmp_path):
+    header = tmp_path / "a.mhd"
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_FLOAT\n"
+        "ElementDataFile = missing.raw\n"
+    )
+    script = (
+        "import sys\nfrom segcam.io.medical import read_medical\nfrom segcam.errors import "
+        "InputFileError\ntry:\n    read_medical(sys.argv[1])\nexcept InputFileError as e:\n"
+        "    print(e, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(header)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stderr.count("\n") == 1, done.stderr  # ITK's own line no longer beside it
+    assert "a.mhd: cannot read (MetaImage: Read: Cannot open data file;" in done.stderr
+    assert "0x" not in done.stderr  # no object address
+
+
+def test_the_capture_leaves_python_stderr_and_the_descriptor_as_they_were(tmp_path, capfd):
+    from segcam.io.medical import _c_stderr
+
+    with _c_stderr() as said:
+        os.write(2, b"printed by C code\n")
+        print("printed by Python", file=sys.stderr)
+    assert said.lines == ["printed by C code"]
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "printed by Python\nafter\n"

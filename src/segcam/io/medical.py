@@ -15,15 +15,21 @@ Hounsfield units (the rescale slope and intercept applied by the reader).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
+import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcam.errors import InputFileError, MissingExtraError, user_stacklevel
+from segcam.errors import InputFileError, MissingExtraError, SegCamWarning, user_stacklevel
 from segcam.io.writing import atomic_path
 
 __all__ = [
@@ -53,6 +59,71 @@ def _sitk() -> Any:
     # ITK prints its warnings straight to stderr; segcam reports what matters as one error line
     module.ProcessObject_SetGlobalWarningDisplay(False)
     return module
+
+
+@dataclass
+class _Said:
+    """What a C library printed to the process's stderr while it ran."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "; ".join(self.lines)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _c_stderr() -> Iterator[_Said]:
+    """Capture what C code prints straight to file descriptor 2 (ITK's MetaIO, GDCM) meanwhile.
+
+    ITK's readers print lines such as "MetaImage: Read: Cannot open data file" beside the
+    exception they raise; captured, they become part of segcam's one error line (or a warning)
+    instead of a second, unexplained line on the terminal. Descriptor 2 is process-wide, so
+    captures are serialised, and Python's own ``sys.stderr`` is pointed at the real descriptor
+    meanwhile: segcam's warnings and other threads' lines still reach the terminal.
+    """
+    said = _Said()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 to capture: nothing to hide
+        yield said
+        return
+    python_stderr = sys.stderr
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        if _writes_to_fd_2(python_stderr):  # Python's own lines (warnings) still reach the terminal
+            sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+        try:
+            yield said
+        finally:
+            if sys.stderr is not python_stderr:
+                sys.stderr.close()
+                sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            said.lines[:] = [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _writes_to_fd_2(stream: Any) -> bool:
+    try:
+        return bool(stream.fileno() == 2)
+    except (AttributeError, OSError, ValueError):  # replaced (a test's capture): left alone
+        return False
+
+
+def _itk_reason(error: BaseException, said: _Said) -> str:
+    """ITK's exception as one short reason, with what its reader printed first."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = next((line for line in lines if "Exception" not in line), str(error).strip())
+    reason = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", reason)
+    if said.lines:
+        reason = f"{said.text()}; {reason}"
+    return reason[:300]
 
 
 @dataclass(frozen=True)
@@ -155,22 +226,27 @@ def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None)
     sitk = _sitk()
     source = Path(path)
     try:
-        if source.is_dir():
-            files = _choose_series(source, series_uid)
-            _check_consistent(files, source)
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
-            kind = "dicom"
-        else:
-            image = sitk.ReadImage(str(source))
-            kind = _FORMAT_OF.get(source.suffix.lower(), "mha")
+        with _c_stderr() as said:
+            if source.is_dir():
+                files = _choose_series(source, series_uid)
+                _check_consistent(files, source)
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+                image = reader.Execute()
+                kind = "dicom"
+            else:
+                image = sitk.ReadImage(str(source))
+                kind = _FORMAT_OF.get(source.suffix.lower(), "mha")
     except (InputFileError, MissingExtraError):
         raise
     except Exception as error:  # ITK raises RuntimeError with long messages for bad files
-        first = str(error).strip().splitlines()
-        reason = next((line for line in first if "Exception" not in line and line), str(error))
-        raise InputFileError(f"{source}: cannot read ({reason.strip()[:200]})") from error
+        raise InputFileError(f"{source}: cannot read ({_itk_reason(error, said)})") from error
+    if said.lines:  # read, but the reader printed something: said once, as segcam's warning
+        warnings.warn(
+            f"{source}: the reader said: {said.text()[:300]}",
+            SegCamWarning,
+            stacklevel=user_stacklevel(),
+        )
     components = image.GetNumberOfComponentsPerPixel()
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (k, j, i[, C])
     array = array[None] if components == 1 else np.moveaxis(array, -1, 0)

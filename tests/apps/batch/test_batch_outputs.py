@@ -11,9 +11,10 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 from cli_runs import EXPLAIN, run
 
-from segcam.apps.batch import LOCK_FILE, output_folder
+from segcam.apps.batch import LOCK_FILE, RUN_FILE, output_folder
 from segcam.errors import SegCamError
 from segcam.testing.synthetic import shapes_scene
 
@@ -111,3 +112,40 @@ def test_output_folder_errors_are_segcam_errors():
 
     assert issubclass(OutputFolderError, SegCamError)
     assert LOCK_FILE.startswith(".")
+
+
+def test_a_manifest_is_committed_only_while_its_run_holds_the_folder(tmp_path):
+    from segcam.apps.batch.outputs import RunClaim, RunEndedError, write_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_folder(out, {"s": 1}, overwrite=False) as first:
+        pass
+    with output_folder(out, {"s": 1}, overwrite=False) as second:  # another run holds it now
+        folder = out / "x"
+        folder.mkdir()
+        late = folder / "late.txt"
+        late.write_text("a worker of the first run")
+        with pytest.raises(RunEndedError, match="held by another run"):
+            write_manifest([late], {"sha256": "0"}, {"s": 1}, folder, 0.0, first)
+        assert not late.exists() and not folder.exists()  # its files went, and its folder
+        orphan = RunClaim(out, second.run_id, parent=os.getpid() + 10_000_000)
+        assert not orphan.alive()
+        with pytest.raises(RunEndedError, match="has ended"):
+            write_manifest([], {"sha256": "0"}, {"s": 1}, out / "y", 0.0, orphan)
+        mine = out / "z"
+        mine.mkdir()
+        (mine / "map.txt").write_text("this run's")
+        write_manifest([mine / "map.txt"], {"sha256": "0"}, {"s": 1}, mine, 0.0, second)
+        assert (mine / "manifest.json").is_file()
+    recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    assert recorded["settings"] == {"s": 1} and recorded["run"]["id"] == second.run_id
+
+
+def test_a_run_file_of_an_older_segcam_is_read_as_its_settings(tmp_path, scene, capsys):
+    out = tmp_path / "out"
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    settings = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["settings"]
+    (out / RUN_FILE).write_text(json.dumps(settings), encoding="utf-8")  # the old layout
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    assert "already done, skipped" in capsys.readouterr().err
