@@ -329,7 +329,7 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
     )
     try:
         assert process.stdout is not None
@@ -344,7 +344,14 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
         assert info["title"] == "scene.npy"
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a hang is a bug to find: every thread's stack
+            process.send_signal(signal.SIGABRT)  # faulthandler prints them
+            _, stacks = process.communicate(timeout=30)
+            raise AssertionError(f"segcam view did not stop on SIGINT:\n{stacks}") from None
+    assert process.returncode == 130
+    assert process.stderr is not None and process.stderr.read() == "segcam: interrupted\n"
     # a missing input is one clear line
     run = subprocess.run(
         [

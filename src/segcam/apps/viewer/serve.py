@@ -157,11 +157,12 @@ def serve(
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
+        # Leave at once: a request may still compute with the session's kept graphs, so they are
+        # not freed under it (the process ends); the server thread gets a second to stop.
         server.should_exit = True
         thread.join(1.0)
         raise
-    finally:
-        session.close()
+    session.close()
 
 
 @dataclass
