@@ -154,6 +154,10 @@ def test_registration_errors():
     with pytest.raises(MethodRegistrationError, match="kind must be"):
         register("bad-kind", summary="", reference="", kind="other")  # type: ignore[call-overload]
     assert not {"no-default", "var-kw", "bad-kind"} & set(REGISTRY)
+    for name in ("../evil", "a/b", "cam:x", "", " cam", "-cam", "x" * 65, 3):
+        with pytest.raises(MethodRegistrationError, match="letters, digits"):
+            register(name, summary="", reference="")  # type: ignore[arg-type]
+    assert not {"../evil", "a/b", "cam:x"} & set(REGISTRY)
 
 
 def test_a_registered_method_with_a_validator(monkeypatch):

@@ -27,6 +27,7 @@ sliding windows) live here, once.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeAlias, overload
@@ -199,6 +200,9 @@ def _signature_options(name: str, function: Callable[..., Any]) -> dict[str, Any
     return options
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
 @overload
 def register(
     name: str,
@@ -241,11 +245,17 @@ def register(
             forward pass.
 
     Raises:
-        MethodRegistrationError: a taken name, an unknown kind, or an option without a default.
+        MethodRegistrationError: a taken name, a name that is no file name or command-line
+            word, an unknown kind, or an option without a default.
     """
     if kind not in KINDS:
         raise MethodRegistrationError(
             f"kind must be 'gradient', 'activation' or 'model'; got {kind!r}"
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise MethodRegistrationError(
+            f"method name {name!r}: use letters, digits and . _ + - (starting with a letter or "
+            f"digit, at most 64), e.g. 'my-cam': names become file names and command-line words"
         )
 
     def decorator(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -14,7 +14,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import segcam
 from segcam.apps.cli import demo, evaluate, explain, layers, methods, view
@@ -27,9 +27,16 @@ __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 COMMANDS = (explain, layers, methods, view, evaluate, demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage itself is behind ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: each command module declares its own subcommand."""
-    parser = argparse.ArgumentParser(prog="segcam", description=segcam.__doc__.splitlines()[0])
+    parser = _Parser(prog="segcam", description=segcam.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segcam {segcam.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)

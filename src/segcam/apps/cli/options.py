@@ -122,7 +122,17 @@ def check_device(text: str) -> None:
 
 
 def _class_names(text: str) -> list[str]:
-    return text.split(",")
+    """``NAME,NAME,...``: each class once, none empty (spaces around a name are dropped)."""
+    names = [name.strip() for name in text.split(",")]
+    if any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty class name; give NAME,NAME,...")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, twice))} named more than once: a target by name would be "
+            f"ambiguous; give each class its own name"
+        )
+    return names
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
