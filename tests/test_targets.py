@@ -214,3 +214,21 @@ def test_a_pixel_given_as_zero_dimensional_tensors_is_one_pixel():
     per_sample = segcam.explain(model, x, rows, "body.3").pixel_sets
     assert bool(per_sample[0, 0, 5, 6]) and bool(per_sample[1, 0, 1, 2])
     assert int(per_sample.sum()) == 2
+
+
+@pytest.mark.parametrize(
+    ("bounds", "expected"),
+    [
+        ([(np.int64(0), np.int64(8)), (0, 8)], [[0, 8], [0, 8]]),
+        ([slice(torch.tensor(0), torch.tensor(8)), (torch.tensor(0), 8)], [[0, 8], [0, 8]]),
+        ([slice(None, np.int32(8)), slice(0, None)], [[None, 8], [0, None]]),
+    ],
+)
+def test_a_box_with_numpy_or_tensor_bounds_saves_and_reads_back(tmp_path, bounds, expected):
+    model = tiny_segnet(spatial_dims=2).eval()
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    given = segcam.explain(model, x, segcam.Box(1, bounds), "body.3")
+    plain = segcam.explain(model, x, segcam.Box(1, [(0, 8), (0, 8)]), "body.3")
+    torch.testing.assert_close(given.maps, plain.maps, rtol=0, atol=0)
+    given.save(tmp_path / "box.npz")  # was "Object of type int64/Tensor is not JSON serializable"
+    assert segcam.load(tmp_path / "box.npz").targets[0].description["slices"] == expected

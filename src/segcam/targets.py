@@ -410,8 +410,14 @@ class Box(Target):
         return result
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
+        what = f"Box(class {self.class_index})"
+
+        def plain(value: Any) -> int | None:  # NumPy and 0-d tensor bounds as JSON integers
+            return None if value is None else _coordinate(value, what)
+
         bounds = [
-            [b.start, b.stop] if isinstance(b, slice) else [int(v) for v in b] for b in self.slices
+            [plain(b.start), plain(b.stop)] if isinstance(b, slice) else [plain(v) for v in b]
+            for b in self.slices
         ]
         return {**super().describe(), "slices": bounds}
 
