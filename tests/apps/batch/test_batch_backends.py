@@ -292,3 +292,25 @@ def _state(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
     except OSError:
         return "gone"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(tmp_path):
+    inputs = _marked_inputs(tmp_path / "in", 6, marked=set())
+    command, environment = _segcam("explain", inputs, *DEMO, "--target", "all:1",
+                                   "--preprocess", "dying_worker:slow", "--num-workers", "2",
+                                   "--out", tmp_path / "out", env={"SEGCAM_TEST_SLOW": "2"})  # fmt: skip
+    parent = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    assert parent.stderr is not None
+    line = parent.stderr.readline()
+    while "files in" not in line and line:
+        line = parent.stderr.readline()
+    workers = _children(parent.pid)
+    os.killpg(parent.pid, signal.SIGINT)  # Ctrl+C: the terminal signals the whole group
+    rest = parent.stderr.read()
+    assert parent.wait(timeout=30) == 130
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert rest.strip().splitlines()[-1] == "segcam: interrupted", rest
+    time.sleep(0.5)
+    assert all(not Path(f"/proc/{pid}").exists() or _state(pid) == "Z" for pid in workers)

@@ -152,6 +152,7 @@ def _parent_death_signal() -> None:
 def _worker_main(job: BatchJob, connection: Any, run: RunClaim) -> None:
     """A worker process: load the job once, then explain the inputs it is sent, one at a time."""
     _parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the run, which stops its workers
     if not run.alive():  # the parent died before the signal was armed
         os._exit(0)
     torch.set_num_threads(1)
