@@ -299,7 +299,8 @@ def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(tmp_path):
     inputs = _marked_inputs(tmp_path / "in", 6, marked=set())
     command, environment = _segcam("explain", inputs, *DEMO, "--target", "all:1",
                                    "--preprocess", "dying_worker:slow", "--num-workers", "2",
-                                   "--out", tmp_path / "out", env={"SEGCAM_TEST_SLOW": "2"})  # fmt: skip
+                                   "--out", tmp_path / "out",
+                                   env={"SEGCAM_TEST_SLOW": "2"})  # fmt: skip
     parent = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # fmt: skip
     assert parent.stderr is not None
