@@ -204,7 +204,7 @@ def run_processes(
     todo: list[tuple[int, Path]],
     out: Path,
     workers: int,
-    run: RunClaim | None = None,
+    run: RunClaim,
 ) -> Generator[Outcome, None, None]:
     """``workers`` spawned processes, each loading the job once; a dead one fails only its input.
 
@@ -215,7 +215,7 @@ def run_processes(
     from multiprocessing.connection import wait
 
     context = multiprocessing.get_context("spawn")
-    claim = (run or RunClaim(out, "")).in_worker()
+    claim = run.in_worker()
     attempts = _Attempts(deque(todo))
     pool: list[_Process] = []
 
@@ -292,7 +292,7 @@ def run_ray(
     workers: int,
     address: str | None,
     gpus: float,
-    run: RunClaim | None = None,
+    run: RunClaim,
 ) -> Generator[Outcome, None, None]:
     """A pool of Ray actors, ``gpus`` GPUs each; a dead actor fails only its input.
 
@@ -311,7 +311,7 @@ def run_ray(
             log_to_driver=False,
             configure_logging=False,
         )
-    claim = run or RunClaim(out, "")
+    claim = run
     try:
 
         @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
