@@ -203,8 +203,8 @@ def test_bad_specs_give_one_line(scenes, tmp_path, capsys, extra, message):
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_debug_shows_the_traceback(scenes, tmp_path):
-    with pytest.raises(segcam.errors.ClassIndexError):
+def test_debug_shows_the_traceback(scenes, tmp_path, capsys):
+    assert (
         run(
             "--debug",
             "explain",
@@ -217,6 +217,10 @@ def test_debug_shows_the_traceback(scenes, tmp_path):
             "--out",
             tmp_path / "out",
         )
+        == 2  # the error's status, with the traceback
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "segcam.errors.ClassIndexError" in err
 
 
 def test_torchscript_and_pickle_are_refused(tmp_path, capsys):

@@ -315,3 +315,14 @@ def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(tmp_path):
     assert rest.strip().splitlines()[-1] == "segcam: interrupted", rest
     time.sleep(0.5)
     assert all(not Path(f"/proc/{pid}").exists() or _state(pid) == "Z" for pid in workers)
+
+
+def test_one_input_with_workers_runs_in_a_worker_too(tmp_path):
+    inputs = _marked_inputs(tmp_path / "in", 1, marked={0})
+    out = tmp_path / "out"
+    done = _run("explain", inputs / "v0.npy", *DEMO, "--target", "all:1", "--preprocess",
+                "dying_worker:die_on_mark", "--num-workers", "2", "--out", out)  # fmt: skip
+    # it ran in the run's own process before: the kill took the run with it (exit -9, no line)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "worker died (signal 9, SIGKILL), twice" in done.stderr
+    assert not out.exists()

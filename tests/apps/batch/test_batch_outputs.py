@@ -149,3 +149,36 @@ def test_a_run_file_of_an_older_segcam_is_read_as_its_settings(tmp_path, scene, 
     (out / RUN_FILE).write_text(json.dumps(settings), encoding="utf-8")  # the old layout
     assert run("explain", scene, *EXPLAIN, "--out", out) == 0
     assert "already done, skipped" in capsys.readouterr().err
+
+
+def test_without_a_manifest_the_old_maps_go_before_new_ones_are_written(scene, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    old = sorted(p.name for p in (out / "scene").iterdir() if p.name != "manifest.json")
+    (out / "scene" / "manifest.json").write_text("garbage")  # damaged, or deleted
+    (out / "scene" / "notes.txt").write_text("the user's own file")
+    from cli_runs import LAYER, MODEL
+
+    assert run("explain", scene, *MODEL, "--target", "all:2", "--layer", LAYER, "--overwrite",
+               "--out", out) == 0  # fmt: skip
+    left = sorted(p.name for p in (out / "scene").iterdir())
+    assert not [name for name in old if name.endswith(".png") and name in left]  # t0-all-1 gone
+    saved = json.loads((out / "scene" / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(n for n in left if n not in ("manifest.json", "notes.txt")) == sorted(
+        saved["outputs"]
+    )
+    assert "notes.txt" in left  # not segcam's: kept
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"input": 5}', '{"outputs": "abc"}', "[1, 2]", '{"segcam": "0", "input": 5, "files": {}}'],
+)
+def test_a_malformed_manifest_is_redone_not_an_error(scene, tmp_path, capsys, manifest):
+    out = tmp_path / "out"
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    (out / "scene" / "manifest.json").write_text(manifest)
+    capsys.readouterr()
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0  # no --overwrite needed
+    err = capsys.readouterr().err
+    assert "files in" in err and "Traceback" not in err and "unexpected" not in err

@@ -120,3 +120,11 @@ def test_a_run_that_made_its_folder_and_failed_removes_it(tmp_path, capsys):
     out = tmp_path / "new" / "out"
     assert run("explain", tmp_path / "odd.npy", *EXPLAIN, "--out", out) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_a_missing_weights_file_is_one_line(scene, tmp_path, capsys):
+    code = run("explain", scene, "--model", "segcam.apps.demo.models:build_demo_model",
+               "--weights", tmp_path / "nonexistent.pt", "--target", "all:1", "--layer", LAYER,
+               "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    one_line(capsys, "nonexistent.pt: no such file")

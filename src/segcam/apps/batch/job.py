@@ -16,6 +16,7 @@ import torch
 
 import segcam
 from segcam.apps.specs import file_sha256
+from segcam.errors import InputFileError
 
 if TYPE_CHECKING:
     from segcam.apps.batch.outputs import RunClaim
@@ -137,6 +138,8 @@ class BatchJob:
     def settings(self) -> dict[str, Any]:
         """What the manifest records, and what a rerun must match to skip an input."""
         weights = Path(self.weights) if self.weights else None
+        if weights is not None and not weights.is_file():
+            raise InputFileError(f"--weights {weights}: no such file")
         settings = {
             "segcam": segcam.__version__,
             "torch": torch.__version__,

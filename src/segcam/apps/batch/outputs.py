@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -154,16 +155,12 @@ def finished(folder: Path, digest: str, settings: dict[str, Any]) -> bool:
         return False
     try:
         saved = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    if (
-        not isinstance(saved, dict)
-        or not _same_settings(saved, settings)
-        or saved.get("input", {}).get("sha256") != digest
-    ):
+    if not _is_manifest(saved) or not _same_settings(saved, settings):
         return False
-    files = saved.get("files")
-    if not isinstance(files, dict) or not files:
+    files = saved["files"]
+    if saved["input"].get("sha256") != digest or not files:
         return False
     folder = manifest.parent
     # every output listed is there, unaltered: otherwise the input is done again
@@ -177,21 +174,33 @@ def clear_previous(folder: Path) -> None:
     """Remove an input's previous outputs (manifest first) and stale temporary files.
 
     Runs under the output folder's lock, so no other run is writing here. The manifest goes
-    first: if this run is killed, the input has no manifest and is done again.
+    first: if this run is killed, the input has no manifest and is done again. Without a
+    readable manifest (deleted, damaged), every file named as segcam names its outputs goes,
+    so no map of earlier settings stays beside the new ones.
     """
     manifest = folder / "manifest.json"
-    listed: list[str] = []
+    listed: list[str] | None = None
     if manifest.is_file():
         try:
-            listed = list(json.loads(manifest.read_text(encoding="utf-8")).get("outputs", []))
-        except (OSError, json.JSONDecodeError, AttributeError):
-            listed = []
+            saved = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+        outputs = saved.get("outputs") if isinstance(saved, dict) else None
+        if isinstance(outputs, list):
+            listed = [str(name) for name in outputs]
         manifest.unlink()
-    for name in listed:
-        candidate = folder / Path(str(name)).name  # a name, never a path out of the folder
+    if listed is None and folder.is_dir():  # no readable list: every file segcam names its way
+        listed = [p.name for p in folder.iterdir() if p.is_file() and _written_by_segcam(p.name)]
+    for name in listed or []:
+        candidate = folder / Path(name).name  # a name, never a path out of the folder
         candidate.unlink(missing_ok=True)
     for stale in folder.glob(".*.part*"):  # left by a run that was killed mid-write
         stale.unlink(missing_ok=True)
+
+
+def _written_by_segcam(name: str) -> bool:
+    """A file name of segcam's outputs: a method's ``.npz``, or a map (``METHOD__LAYER__tN-...``)."""
+    return name.endswith(".npz") or re.fullmatch(r"[^.][^/]*__.*__t\d+-.+", name) is not None
 
 
 RUN_FILE = ".segcam-run.json"
@@ -297,8 +306,18 @@ def _results(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             saved = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue  # not a result: its input is done again when it is in a run
-        if isinstance(saved, dict):
+        if _is_manifest(saved):
             yield folder, saved
+
+
+def _is_manifest(saved: Any) -> bool:
+    """Whether a manifest's JSON is one segcam wrote: its input, files and settings."""
+    return (
+        isinstance(saved, dict)
+        and isinstance(saved.get("input"), dict)
+        and isinstance(saved.get("files"), dict)
+        and "segcam" in saved
+    )
 
 
 def remove_if_empty(folder: Path) -> None:

@@ -99,7 +99,7 @@ def explain_files(
         if todo:
             if backend == "ray":
                 outcomes = run_ray(job, todo, out, num_workers, address, gpus_per_worker, run)
-            elif min(num_workers, len(todo)) > 1:  # one input left: no pool for it
+            elif num_workers > 1:  # even one input: a worker's death must not be the run's
                 outcomes = run_processes(job, todo, out, min(num_workers, len(todo)), run)
             else:
                 outcomes = run_here(job, todo, out, within, run, raise_errors=raise_errors)

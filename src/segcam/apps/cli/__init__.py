@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -100,13 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SegCamError as error:
         if args.debug:
-            raise
+            traceback.print_exc()  # the traceback asked for; the status stays the error's
+            return 2
         message = str(error).replace(LIST_LAYERS_HINT, CLI_LAYERS_HINT)
         print(f"segcam: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a bug or an unforeseen failure: one line, the traceback on demand
         if args.debug:
-            raise
+            traceback.print_exc()
+            return 2
         print(
             f"segcam: unexpected error: {type(error).__name__}: {error} (run again with --debug "
             f"for the traceback, and please report it)",

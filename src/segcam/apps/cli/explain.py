@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_worker=args.gpus_per_worker,
             progress=display.line,
             within=display.within,
-            raise_errors=len(files) == 1 and args.backend == "local",
+            raise_errors=len(files) == 1 and args.backend == "local" and args.num_workers == 1,
         )
     print(f"outputs in {args.out}")
     if result.failed:
