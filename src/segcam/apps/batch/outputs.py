@@ -199,7 +199,7 @@ def clear_previous(folder: Path) -> None:
 
 
 def _written_by_segcam(name: str) -> bool:
-    """A file name of segcam's outputs: a method's ``.npz``, or a map (``METHOD__LAYER__tN-...``)."""
+    """Named as segcam names outputs: a method's ``.npz``, or a map (``METHOD__LAYER__tN-...``)."""
     return name.endswith(".npz") or re.fullmatch(r"[^.][^/]*__.*__t\d+-.+", name) is not None
 
 
