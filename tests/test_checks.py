@@ -64,3 +64,32 @@ def test_overflowing_input_raises_instead_of_nan_maps():
         # a target read from the prediction: the blended logits come first
         target = segcam.Probability(1, threshold=0.0)
         segcam.explain_sliding_window(UNET, X * 1e38, target, LAYER, 32)
+
+
+class _NormNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.instance = torch.nn.InstanceNorm2d(4, track_running_stats=True)
+        self.cumulative = torch.nn.BatchNorm2d(4, momentum=None)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cumulative(self.instance(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("method", segcam.list_methods())
+def test_a_model_in_training_mode_keeps_its_running_statistics(method):
+    torch.manual_seed(0)
+    model = _NormNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.randn(2, 1, 12, 12)
+    with pytest.warns(segcam.errors.SegCamWarning, match="training mode"):
+        segcam.explain(model, x, segcam.Predicted(1), "bn", method=method)
+    after = model.state_dict()
+    for key, value in before.items():  # running mean, variance and batch count included
+        assert torch.equal(after[key], value), key
+        assert model.state_dict(keep_vars=True)[key] is tensors[key]  # the same tensors
+    assert model.training and model.bn.training  # its modes too

@@ -115,6 +115,7 @@ def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()
     The message names the input, the hooked ``layers`` (if any) and what the model's first
     layer takes; segcam's own errors (raised by its hooks) pass through unchanged.
     """
+    kept = _scratch_statistics(model)
     try:
         return model(inputs)
     except SegCamError:
@@ -127,6 +128,29 @@ def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()
             f"{inputs.device}){hooked}: {type(error).__name__}: {first_line}"
             f"{_expectation(model)}"
         ) from error
+    finally:
+        for module, name, original in kept:
+            module._buffers[name] = original  # the user's own tensor, never written to
+
+
+def _scratch_statistics(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Give the forward copies of the running statistics training mode would update.
+
+    A BatchNorm (or an instance norm tracking its statistics) in training mode updates its
+    running mean, variance and batch count on every forward. The forward gets copies to update
+    (and its graph keeps them for the backward pass); the module's own tensors are put back
+    untouched afterwards, so an explanation leaves the user's model exactly as it was. The
+    forward itself still normalises with the batch's statistics, as training mode means.
+    """
+    kept: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for module in model.modules():
+        if module.training and isinstance(module, nn.modules.batchnorm._NormBase):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                original = module._buffers.get(name)
+                if isinstance(original, torch.Tensor):
+                    kept.append((module, name, original))
+                    module._buffers[name] = original.clone()
+    return kept
 
 
 _TRAINING_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
