@@ -107,3 +107,26 @@ def test_a_folder_of_broken_dicom_files_is_one_line(tmp_path, capfd):
     assert run("explain", tmp_path / "bad", *ARGS, "--out", tmp_path / "out") == 2
     err = capfd.readouterr().err  # ITK writes straight to the process's stderr
     assert err == f"segcam: error: {tmp_path / 'bad'}: no DICOM series found\n"
+
+
+def test_a_mask_file_whose_voxels_lie_elsewhere_is_refused(tmp_path, capsys):
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    volume = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, affine), tmp_path / "vol.nii.gz")
+    mask = np.zeros((16, 16, 8), np.uint8)
+    mask[:4] = 1
+    nibabel.save(nibabel.Nifti1Image(mask, affine), tmp_path / "same.nii.gz")
+    flipped = affine.copy()
+    flipped[0, 0], flipped[0, 3] = -1.5, 22.5  # the same place, stored the other way round
+    nibabel.save(nibabel.Nifti1Image(mask[::-1].copy(), flipped), tmp_path / "flipped.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(mask, np.diag([1, 1, 1, 1.0])), tmp_path / "spacing.nii.gz")
+    common = ["explain", tmp_path / "vol.nii.gz", *MODEL, "--layer", "body.3"]
+    assert run(*common, "--target", f"mask:1:{tmp_path / 'same.nii.gz'}", "--out",
+               tmp_path / "ok") == 0  # fmt: skip
+    for name in ("flipped", "spacing"):
+        capsys.readouterr()
+        code = run(*common, "--target", f"mask:1:{tmp_path / name}.nii.gz", "--out",
+                   tmp_path / name)  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "the mask file's affine differs from the input's" in err, err
+        assert "resample it onto the input's grid" in err

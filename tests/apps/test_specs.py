@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 import segcam
 from segcam.apps.specs import parse_target, split_label
+from segcam.errors import TargetError
 
 LOGITS = torch.zeros(1, 4, 6, 5)
 
@@ -68,3 +71,22 @@ def test_apply_intensity_refuses_a_window_that_is_not_finite(window):
 
     with pytest.raises(SpecError, match="the bounds must be finite numbers"):
         apply_intensity(np.ones((1, 4, 4), np.float32), window=window)
+
+
+@pytest.mark.parametrize("label", ["-1", "1.5", "abc", "nan"])
+def test_a_label_that_is_no_label_value_says_so(tmp_path, label):
+    np.save(tmp_path / "m.npy", np.eye(8, dtype=np.uint8) * 2)
+    spec = f"mask:1:{tmp_path / 'm.npy'}={label}"
+    with pytest.raises(TargetError, match=f"label '{re.escape(label)}' is not a label value"):
+        parse_target(spec)
+
+
+def test_labels_beyond_what_float32_holds_exactly_are_refused(tmp_path):
+    labels = np.zeros((8, 8), np.int64)
+    labels[:4] = 16_777_216
+    labels[4:] = 16_777_217  # read as float32, both would be 16777216
+    np.save(tmp_path / "m.npy", labels)
+    with pytest.raises(TargetError, match="holds values beyond 16777216"):
+        parse_target(f"mask:1:{tmp_path / 'm.npy'}")
+    with pytest.raises(TargetError, match="label 16777217 is beyond the labels"):
+        parse_target(f"mask:1:{tmp_path / 'm.npy'}=16777217")

@@ -19,7 +19,7 @@ from torch import nn
 
 from segcam import targets as target_module
 from segcam.errors import SegCamError, TargetError
-from segcam.io.files import InputFileError, read_input
+from segcam.io.files import InputFile, InputFileError, read_input
 
 __all__ = [
     "SpecError",
@@ -288,12 +288,59 @@ def _ints(text: str, what: str) -> list[int]:
         raise TargetError(f"{what}: {text!r} is not a comma-separated list of integers") from None
 
 
+EXACT_LABELS = 2**24  # float32 holds every integer up to here exactly, and no further
+
+
 def split_label(argument: str, spec: str) -> tuple[str, int | None]:
-    """``FILE=LABEL`` -> (FILE, LABEL); a plain ``FILE`` -> (FILE, None)."""
+    """``FILE=LABEL`` -> (FILE, LABEL); a plain ``FILE`` -> (FILE, None).
+
+    Raises:
+        TargetError: ``FILE`` exists but ``LABEL`` is no label value (a non-negative integer
+            below 2**24).
+    """
     path, equals, label = argument.rpartition("=")
-    if not equals or not label.isascii() or not label.isdigit() or Path(argument).is_file():
+    if not equals or Path(argument).is_file():
         return argument, None
+    if not (label.isascii() and label.isdigit()):
+        if Path(path).is_file():
+            raise TargetError(
+                f"--target {spec!r}: label {label!r} is not a label value; give a non-negative "
+                f"integer, FILE=LABEL"
+            )
+        return argument, None
+    if int(label) >= EXACT_LABELS:
+        raise TargetError(
+            f"--target {spec!r}: label {label} is beyond the labels segcam reads exactly "
+            f"(below {EXACT_LABELS})"
+        )
     return path, int(label)
+
+
+def mask_geometry(data: InputFile) -> tuple[str, np.ndarray] | None:
+    """Where a file's voxels lie, to compare a mask file with its input: None when unknown."""
+    if data.nifti_affine is not None:
+        return "affine", np.asarray(data.nifti_affine, dtype=np.float64)
+    if data.medical is not None:
+        g = data.medical.geometry
+        return "itk", np.array([*g.spacing, *g.origin, *g.direction], dtype=np.float64)
+    return None
+
+
+def check_mask_geometry(spec: str, mask: tuple[str, np.ndarray] | None, data: InputFile) -> None:
+    """Refuse a mask file whose voxels lie elsewhere than the input's (flipped, other spacing).
+
+    Raises:
+        InputFileError: both files say where their voxels lie, in the same terms, and differ.
+    """
+    image = mask_geometry(data)
+    if mask is None or image is None or mask[0] != image[0] or mask[1].shape != image[1].shape:
+        return
+    if not np.allclose(mask[1], image[1], rtol=1e-4, atol=1e-3):
+        what = "affine" if mask[0] == "affine" else "spacing, origin or direction"
+        raise InputFileError(
+            f"--target {spec!r}: the mask file's {what} differs from the input's (its voxels lie "
+            f"elsewhere); resample it onto the input's grid first"
+        )
 
 
 def parse_target(spec: str, class_names: Sequence[str] = ()) -> target_module.Target:
@@ -331,6 +378,11 @@ def parse_target(spec: str, class_names: Sequence[str] = ()) -> target_module.Ta
             mask = read_input(path).array
         except InputFileError as error:
             raise TargetError(f"--target {spec!r}: {error}") from error
+        if mask.size and float(np.nanmax(np.abs(mask))) >= EXACT_LABELS:
+            raise TargetError(
+                f"--target {spec!r}: {path} holds values beyond {EXACT_LABELS}, which are not "
+                f"read exactly; renumber its labels"
+            )
         # one channel: its values, read as Mask reads an array (a label map: the class's label);
         # several: any of them. FILE=LABEL takes the voxels of that label value.
         values = mask[0] if mask.shape[0] == 1 else mask.any(axis=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from cli_runs import run
 
 TINY = ["--model", "segcam.testing:tiny_segnet", "--model-kwargs", '{"spatial_dims": 2}']
@@ -39,3 +40,18 @@ def test_an_input_changed_while_it_is_explained_is_not_recorded(tmp_path, capsys
     folder = tmp_path / "out" / "a"
     assert not (folder / "manifest.json").exists()  # so the next run does it again
     assert not folder.exists() or not any(folder.iterdir())  # its outputs were removed
+
+
+def test_a_worker_refuses_a_mask_file_changed_since_the_run_started(tmp_path):
+    from segcam.apps.batch import BatchJob
+    from segcam.errors import InputFileError
+
+    mask = tmp_path / "m.npy"
+    np.save(mask, np.eye(16, dtype=np.uint8))
+    job = BatchJob(model="segcam.testing:tiny_segnet", weights=None, targets=(f"mask:1:{mask}",),
+                   layers=("body.3",), model_kwargs={"spatial_dims": 2}).for_run()  # fmt: skip
+    job.build()  # the file the run digested: fine
+    np.save(mask, np.fliplr(np.eye(16, dtype=np.uint8)))  # swapped while workers start
+    with pytest.raises(InputFileError, match="m.npy changed since the run started"):
+        job.build()
+    assert job.settings() == job.recorded  # every worker records the run's settings

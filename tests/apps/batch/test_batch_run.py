@@ -128,3 +128,20 @@ def test_a_missing_weights_file_is_one_line(scene, tmp_path, capsys):
                "--out", tmp_path / "out")  # fmt: skip
     assert code == 2
     one_line(capsys, "nonexistent.pt: no such file")
+
+
+def test_a_misspelt_layer_is_the_batch_s_one_error_not_one_per_input(tmp_path, capsys):
+    v0, _ = _two_inputs(tmp_path)
+    code = run("explain", v0.parent, *MODEL, "--target", "all:1", "--layer", "model.9",
+               "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    one_line(capsys, "model.9", "segcam layers")  # the command line's hint
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_window_that_is_empty_is_a_usage_error(tmp_path, capsys):
+    v0, _ = _two_inputs(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        run("explain", v0.parent, *EXPLAIN, "--window", "0,0", "--out", tmp_path / "out")
+    assert stopped.value.code == 2
+    assert "'0,0': HIGH must exceed LOW" in capsys.readouterr().err

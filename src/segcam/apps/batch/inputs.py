@@ -33,11 +33,21 @@ from segcam.apps.batch.outputs import (
     write_outputs,
 )
 from segcam.apps.naming import folder_name, spec_class_name
-from segcam.apps.specs import apply_intensity, file_sha256, load_callable, load_model, parse_target
+from segcam.apps.specs import (
+    apply_intensity,
+    check_mask_geometry,
+    file_sha256,
+    load_callable,
+    load_model,
+    mask_geometry,
+    parse_target,
+    split_label,
+)
 from segcam.errors import InputFileError, OptionError
 from segcam.io.files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, InputFile, read_input, write_nifti
 from segcam.io.medical import MAP_FORMATS, MEDICAL_SUFFIXES, is_dicom_folder, write_like
 from segcam.io.writing import atomic_write
+from segcam.layers import resolve_layers
 from segcam.outputs import FromProbabilities
 
 __all__ = [
@@ -139,16 +149,30 @@ class FileInputs:
             trust_pickle=job.trust_pickle,
             weights_key=job.weights_key,
         )
+        resolve_layers(model, list(job.layers))  # a misspelt layer: the run's error, once
         device = torch.device(job.device)
         model.to(device)
+        targets = [parse_target(spec, list(job.classes)) for spec in job.targets]
         return FileExplainer(
             job=job,
             model=model,
-            targets=[parse_target(spec, list(job.classes)) for spec in job.targets],
+            targets=targets,
             device=device,
             preprocess=load_callable(job.preprocess, "--preprocess") if job.preprocess else None,
             settings=job.settings(),
+            mask_geometries=_mask_geometries(job.targets),
         )
+
+
+def _mask_geometries(specs: Sequence[str]) -> dict[str, tuple[str, np.ndarray] | None]:
+    """Where each mask or region file's voxels lie, checked against every input's."""
+    found = {}
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        argument = rest.partition(":")[2]
+        if kind in ("mask", "region") and argument:
+            found[spec] = mask_geometry(read_input(split_label(argument, spec)[0]))
+    return found
 
 
 @dataclass
@@ -161,6 +185,7 @@ class FileExplainer:
     device: torch.device
     preprocess: Any
     settings: dict[str, Any]
+    mask_geometries: dict[str, tuple[str, np.ndarray] | None]
 
     def explain(
         self,
@@ -174,6 +199,8 @@ class FileExplainer:
         job = self.job
         before = file_sha256(path)  # the digest of what is read, checked again at the end
         data: InputFile = read_input(path, series_uid=job.series_uid)
+        for spec, geometry in self.mask_geometries.items():
+            check_mask_geometry(spec, geometry, data)
         array = apply_intensity(data.array, preprocess=self.preprocess, **job.intensity)
         x = torch.from_numpy(array)[None].to(self.device)
         folder = out / output_name(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -126,6 +126,7 @@ class BatchJob:
     map_format: str = "auto"
     series_uid: str | None = None
     nnunet: dict[str, Any] | None = None
+    recorded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def kind(self) -> InputKind:
         """The job's kind of input: plain files, or nnU-Net cases (with an ``nnunet`` spec)."""
@@ -136,7 +137,20 @@ class BatchJob:
         return self.kind().expand(inputs, exclude)
 
     def settings(self) -> dict[str, Any]:
-        """What the manifest records, and what a rerun must match to skip an input."""
+        """What the manifest records, and what a rerun must match to skip an input.
+
+        Taken once per run (:meth:`for_run`): the workers record the run's settings, not their
+        own reading of the files, which may have changed since.
+        """
+        if self.recorded is not None:
+            return self.recorded
+        return self._settings()
+
+    def for_run(self) -> BatchJob:
+        """The job with its settings taken now, as every worker of the run records them."""
+        return replace(self, recorded=self._settings())
+
+    def _settings(self) -> dict[str, Any]:
         weights = Path(self.weights) if self.weights else None
         if weights is not None and not weights.is_file():
             raise InputFileError(f"--weights {weights}: no such file")
@@ -168,8 +182,23 @@ class BatchJob:
         return result
 
     def build(self) -> InputExplainer:
-        """Load the model and parse the targets: what a worker needs, built once per worker."""
-        return self.kind().build(self)
+        """Load the model and parse the targets: what a worker needs, built once per worker.
+
+        Raises:
+            InputFileError: a file the run's settings name (a mask, the model's module) changed
+                since the run took them: this worker read another version.
+        """
+        built = self.kind().build(self)
+        if self.recorded is not None:
+            now = _dependencies(self.targets, self.model, self.preprocess)
+            recorded = self.recorded.get("depends_on", {})
+            changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+            if changed:
+                raise InputFileError(
+                    f"{changed[0]} changed since the run started; run again to explain with the "
+                    f"new file"
+                )
+        return built
 
 
 def _dependencies(

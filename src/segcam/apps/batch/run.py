@@ -73,6 +73,7 @@ def explain_files(
         raise OptionError(f"num_workers must be a positive int; got {num_workers!r}")
     kind = job.kind()
     files = kind.expand([Path(p) for p in inputs], Path(out))
+    job = job.for_run()  # the settings taken once: every worker records these
     settings = job.settings()
     names = [kind.name(p) for p in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})

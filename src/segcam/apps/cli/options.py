@@ -47,6 +47,8 @@ def _pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
     if not (math.isfinite(low) and math.isfinite(high)):
         raise argparse.ArgumentTypeError(f"expected finite LOW,HIGH, got {text!r}")
+    if not high > low:
+        raise argparse.ArgumentTypeError(f"{text!r}: HIGH must exceed LOW")
     return low, high
 
 
