@@ -52,6 +52,6 @@ def test_a_worker_refuses_a_mask_file_changed_since_the_run_started(tmp_path):
                    layers=("body.3",), model_kwargs={"spatial_dims": 2}).for_run()  # fmt: skip
     job.build()  # the file the run digested: fine
     np.save(mask, np.fliplr(np.eye(16, dtype=np.uint8)))  # swapped while workers start
-    with pytest.raises(InputFileError, match="m.npy changed since the run started"):
+    with pytest.raises(InputFileError, match=r"m\.npy changed since the run started"):
         job.build()
     assert job.settings() == job.recorded  # every worker records the run's settings
