@@ -62,3 +62,13 @@ def test_a_class_out_of_range_names_the_single_channel_rule_only_for_one_channel
     assert "single-channel" not in str(two_channels.value)
     with pytest.raises(errors.ClassIndexError, match=r"single-channel output: 1 = the logit"):
         check_class_index(2, torch.zeros(1, 1, 4, 4))
+
+
+def test_a_class_index_may_be_a_0_d_integer_tensor_as_pixel_and_box_coordinates_are():
+    model = tiny_segnet(spatial_dims=2).eval()
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    given = segcam.explain(model, x, segcam.Predicted(torch.tensor(1)), "body.3")
+    plain = segcam.explain(model, x, segcam.Predicted(1), "body.3")
+    torch.testing.assert_close(given.maps, plain.maps, rtol=0, atol=0)
+    with pytest.raises(errors.ClassIndexError, match="must be an int"):
+        segcam.explain(model, x, segcam.Predicted(torch.tensor(1.0)), "body.3")

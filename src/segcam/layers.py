@@ -88,6 +88,11 @@ def resolve_layers(
     seen: set[int] = set()
     for spec in specs:
         name = _resolve_one(model, spec, names)
+        if name == "":
+            raise LayerNotFoundError(
+                f"layer '' is the whole model, whose output is the logits themselves; name one of "
+                f"its layers {LIST_LAYERS_HINT}"
+            )
         module = names[name]
         if id(module) in seen:
             raise LayerError(f"layer {name!r} is listed twice (or under two names)")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
@@ -112,6 +113,10 @@ class PostProcessing:
 
     def __post_init__(self) -> None:
         check_postprocess(self.normalize)
+        for name in ("relu", "upsample"):
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):  # relu="no" would be true
+                raise OptionError(f"{name} must be True or False; got {value!r}")
 
     def apply(self, maps: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
         """:func:`postprocess` of (N, T, *S) maps; up-sampled to ``size`` when ``upsample``.
