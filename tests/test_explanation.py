@@ -164,3 +164,15 @@ def test_load_checks_shapes_against_the_metadata(tmp_path):
     np.savez(tmp_path / "bad.npz", **members)
     with pytest.raises(errors.ExplanationFileError, match=r"'map_0' has shape \(7,\)"):
         segcam.load(tmp_path / "bad.npz")
+
+
+def test_save_and_load_say_what_they_take(tmp_path):
+    import io
+
+    model = tiny_segnet(spatial_dims=2).eval()
+    explanation = segcam.explain(model, torch.randn(1, 1, 16, 16), segcam.AllPixels(1), "body.3")
+    for where in (io.BytesIO(), None):
+        with pytest.raises(errors.ExplanationFileError, match="save takes a file path"):
+            explanation.save(where)  # type: ignore[arg-type]
+    with pytest.raises(errors.ExplanationFileError, match="a folder, not a saved explanation"):
+        segcam.load(tmp_path)

@@ -159,6 +159,10 @@ class Explanation:
         folder is created, the data written under a temporary name, synced and renamed); a
         folder that cannot be made or written raises :class:`~segcam.errors.OutputFileError`.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise ExplanationFileError(
+                f"save takes a file path (str or pathlib.Path); got {type(path).__name__}"
+            )
         target = Path(path)
         suffix = target.suffix.lower()
         if suffix not in (".npz", ".safetensors"):
@@ -382,6 +386,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def load(path: str | os.PathLike[str]) -> Explanation:
     """Read an explanation written by :meth:`Explanation.save` (maps and logits on the CPU)."""
     source = Path(path)
+    if source.is_dir():
+        raise ExplanationFileError(f"cannot read {source}: a folder, not a saved explanation")
     if not source.is_file():
         raise ExplanationFileError(f"cannot read {source}: no such file")
     try:

@@ -40,8 +40,10 @@ def num_classes(logits: torch.Tensor) -> int:
 def check_class_index(class_index: int, logits: torch.Tensor) -> None:
     """Raise :class:`ClassIndexError` unless ``0 <= class_index < num_classes(logits)``."""
     count = num_classes(logits)
-    if isinstance(class_index, torch.Tensor) and class_index.ndim == 0 and not (
-        class_index.dtype.is_floating_point or class_index.dtype == torch.bool
+    if (
+        isinstance(class_index, torch.Tensor)
+        and class_index.ndim == 0
+        and not (class_index.dtype.is_floating_point or class_index.dtype == torch.bool)
     ):
         class_index = int(class_index)  # a 0-d integer tensor, as Pixel and Box take them
     if isinstance(class_index, bool) or not isinstance(class_index, int | np.integer):

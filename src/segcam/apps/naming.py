@@ -26,6 +26,7 @@ __all__ = [
     "folder_name",
     "map_stem",
     "method_file_name",
+    "printable",
     "safe_name",
     "spec_class_name",
 ]
@@ -84,3 +85,8 @@ def spec_class_name(spec: str, classes: Sequence[str]) -> tuple[str, str]:
     if class_text.isdigit() and int(class_text) < len(classes) and classes[int(class_text)]:
         class_text = classes[int(class_text)]
     return kind, class_text
+
+
+def printable(text: object) -> str:
+    """``text`` for one line of a report: control characters (a newline in a file name) escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

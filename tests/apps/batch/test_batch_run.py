@@ -145,3 +145,21 @@ def test_a_window_that_is_empty_is_a_usage_error(tmp_path, capsys):
         run("explain", v0.parent, *EXPLAIN, "--window", "0,0", "--out", tmp_path / "out")
     assert stopped.value.code == 2
     assert "'0,0': HIGH must exceed LOW" in capsys.readouterr().err
+
+
+def test_a_newline_in_an_input_name_stays_on_its_report_line(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image, _ = shapes_scene(1_000_070)
+    np.save(folder / "two\nlines.npy", image[0])
+    np.save(folder / "odd.npy", np.zeros((60, 60), np.float32))  # fails: its line is printed too
+    assert run("explain", folder, *EXPLAIN, "--out", tmp_path / "out") == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert any("two\\nlines.npy: 2 files in" in line for line in lines), lines
+    assert not any(line.startswith("lines.npy") for line in lines)
+
+
+def test_the_output_folder_as_the_input_is_said_so(tmp_path, capsys):
+    v0, _ = _two_inputs(tmp_path)
+    assert run("explain", v0.parent, *EXPLAIN, "--out", v0.parent) == 2
+    one_line(capsys, "is the output folder (--out) as well as an input")

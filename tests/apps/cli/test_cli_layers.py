@@ -26,3 +26,8 @@ def test_the_layer_table_of_a_given_input_shape(capsys):
     assert run("layers", *TINY, "--input-shape", "1,1,32,32") == 0
     table = capsys.readouterr().out
     assert "body.3" in table and "(1, 3, 32, 32)" in table
+
+
+def test_an_empty_input_shape_is_refused_not_the_default(capsys):
+    assert run("layers", *TINY, "--input-shape", "") == 2
+    one_line(capsys, "--input-shape '': expected N,C,H,W")

@@ -79,6 +79,10 @@ def expand_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[P
     skip = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for path in inputs:
+        if skip is not None and path.is_dir() and path.resolve() == skip:
+            raise InputFileError(
+                f"{path} is the output folder (--out) as well as an input; choose another --out"
+            )
         if path.is_dir() and not is_dicom_folder(path):
             found = []
             for folder, names, filenames in os.walk(path):

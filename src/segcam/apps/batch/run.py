@@ -16,6 +16,7 @@ from pathlib import Path
 from segcam.apps.batch.backends import Outcome, run_here, run_processes, run_ray
 from segcam.apps.batch.job import BatchJob, Progress
 from segcam.apps.batch.outputs import finished, output_folder, remove_if_empty
+from segcam.apps.naming import printable
 from segcam.errors import InputFileError, OptionError
 from segcam.methods import get_method, resolve_methods
 
@@ -93,7 +94,7 @@ def explain_files(
         result = BatchResult()
         for index, path in enumerate(files, start=1):
             if not overwrite and finished(out / kind.name(path), kind.digest(path), settings):
-                say(f"[{index}/{len(files)}] {path}: already done, skipped")
+                say(f"[{index}/{len(files)}] {printable(path)}: already done, skipped")
                 result.skipped.append(path)
             else:
                 todo.append((index, path))
@@ -117,11 +118,11 @@ def _report(
     outcomes: Iterator[Outcome], total: int, result: BatchResult, say: Callable[[str], None]
 ) -> None:
     for index, path, ok, message, count, seconds, retried in outcomes:
-        prefix = f"[{index}/{total}] {path}"
+        prefix = f"[{index}/{total}] {printable(path)}"
         again = f" (tried again: the first {retried})" if retried else ""
         if ok:
             result.done.append(path)
             say(f"{prefix}: {count} files in {seconds:.1f}s{again}")
         else:
             result.failed.append((path, message))
-            say(f"{prefix}: FAILED: {message}{again}")
+            say(f"{prefix}: FAILED: {printable(message)}{again}")

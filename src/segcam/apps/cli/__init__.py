@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import segcam
 from segcam.apps.cli import demo, evaluate, explain, layers, methods, view
 from segcam.apps.cli.options import UsageError
+from segcam.apps.naming import printable
 from segcam.errors import SegCamError
 from segcam.layers import LIST_LAYERS_HINT
 
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()  # the traceback asked for; the status stays the error's
             return 2
-        message = str(error).replace(LIST_LAYERS_HINT, CLI_LAYERS_HINT)
+        message = printable(str(error).replace(LIST_LAYERS_HINT, CLI_LAYERS_HINT))
         print(f"segcam: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a bug or an unforeseen failure: one line, the traceback on demand

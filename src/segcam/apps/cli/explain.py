@@ -26,6 +26,7 @@ from segcam.apps.cli.options import (
     positive_int,
 )
 from segcam.apps.cli.progress import ProgressDisplay
+from segcam.apps.naming import printable
 from segcam.apps.specs import parse_target
 from segcam.errors import MethodNotSupportedError
 from segcam.methods import REGISTRY, get_method
@@ -255,6 +256,6 @@ def run(args: argparse.Namespace) -> int:
         total = len(result.done) + len(result.skipped) + len(result.failed)
         print(f"{len(result.failed)} of {total} inputs failed:", file=sys.stderr)
         for path, message in result.failed:
-            print(f"  {path}: {message}", file=sys.stderr)
+            print(f"  {printable(path)}: {printable(message)}", file=sys.stderr)
         return 1
     return 0

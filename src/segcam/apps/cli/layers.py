@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nnunet is not None:
         return _run_nnunet(args)
     model = model_from_args(args)
-    if args.input_shape:
+    if args.input_shape is not None:  # "" is a bad shape, not the default
         shape = _input_shape(args.input_shape)
     else:
         dims = getattr(model, "dimensions", None) or getattr(model, "spatial_dims", None) or 2
