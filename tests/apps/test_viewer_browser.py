@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_viewer_api import LAYER, session_2d, session_3d
 
 import segcam
+from segcam.apps.demo.models import load_demo_model
 from segcam.apps.viewer.serve import serve_in_thread
+from segcam.apps.viewer.session import ViewerSession
+from segcam.testing.synthetic import shapes_scene
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
 
@@ -222,5 +226,36 @@ def test_a_slice_change_redraws_at_once_in_every_mode(browser_page):
             slices.clear()
             # without a pixel set in this mode, no stale maps of another slice are shown
             assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 0
+    finally:
+        viewer.stop()
+
+
+def test_markup_in_a_class_name_is_text_and_runs_nothing(browser_page):
+    # a model folder's dataset.json may name a label so (issue 23): it ran script and read the token
+    image, _ = shapes_scene(1_000_009)
+    hostile = '<img src=x onerror="window.__ran = document.title">'
+    session = ViewerSession(
+        model=load_demo_model(),
+        inputs=torch.from_numpy(image.astype(np.float32)),
+        class_names=["background", hostile, "<script>window.__ran = 1</script>"],
+        layers=[LAYER],
+    )
+    viewer = serve_in_thread(session)
+    page = browser_page
+    blocked = []
+    page.on("console", lambda message: blocked.append(message.text))
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        legend = page.evaluate("() => document.getElementById('legend').textContent")
+        assert hostile in legend and "<script>" in legend
+        assert (
+            page.evaluate("() => document.querySelectorAll('#legend img, #legend script').length")
+            == 0
+        )
+        assert page.evaluate("() => window.__ran") is None
+        assert page.evaluate("() => [...document.querySelectorAll('#class option')][1].text") == (
+            f"1: {hostile}"
+        )
     finally:
         viewer.stop()

@@ -48,8 +48,17 @@ def test_the_own_page_is_served_with_locked_down_headers(viewer):
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
     assert "default-src 'self'" in headers["content-security-policy"]
     assert headers["referrer-policy"] == "no-referrer"
+    assert "script-src 'self';" in headers["content-security-policy"]  # no inline script
+    assert "unsafe-inline" not in headers["content-security-policy"].split("style-src")[0]
     status, _, page = request(viewer, "GET", f"/?token={viewer.token}", token=False)
-    assert status == 200 and b"X-Segcam-Token" in page
+    assert status == 200 and b'<script src="viewer.js"></script>' in page
+    assert page.count(b"<script") == 1  # the page holds no script of its own
+    status, headers, script = request(viewer, "GET", "/viewer.js", token=False)
+    assert status == 200 and b"X-Segcam-Token" in script  # no token needed: it holds no data
+    assert headers["content-type"].startswith("text/javascript")
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    status, _, _ = request(viewer, "GET", "/viewer.js", token=False, headers={"Host": "evil:80"})
+    assert status == 421  # but the Host check, as everywhere
     body = json.dumps({"class": 1, "target": {"kind": "predicted"}, "axis": 0, "index": 0})
     status, _, data = request(viewer, "POST", "/api/explain", body=body,
                               headers={"Content-Type": "application/json",

@@ -6,7 +6,7 @@ Routes: ``GET /`` (the page), ``GET /api/info``, ``POST /api/slice``, ``POST /ap
 pending request). A refused request answers 400 (413 for an oversized upload, 409 for a request
 superseded by a newer one of the same page) with ``{"error": message}``; the server keeps
 running. Computing requests run in worker threads: slices and info are answered meanwhile.
-Nothing but the page itself is served from disk.
+Nothing but the page and its one script (``viewer.js``) is served from disk.
 
 Only the user's own browser can use a served viewer (:func:`segcam.apps.viewer.serve.serve`
 passes ``token`` and ``port``):
@@ -20,7 +20,11 @@ passes ``token`` and ``port``):
   so a cross-site form cannot send one; an ``Origin`` other than the server's own, or a
   ``Sec-Fetch-Site`` of another site, is refused (403);
 - every response forbids framing (``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``),
-  loads nothing from elsewhere (CSP ``default-src 'self'``), and sends no referrer.
+  loads nothing from elsewhere (CSP ``default-src 'self'``), and sends no referrer;
+- no inline script runs (CSP ``script-src 'self'``: only ``viewer.js``), and the page puts
+  every string that comes from a model, a file or the command line (class and layer names,
+  titles) into text nodes, never into markup: a class named ``<img src=x onerror=...>`` in a
+  model folder's ``dataset.json`` shows as those characters and runs nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from segcam.errors import SegCamError
 __all__ = ["create_app"]
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+SCRIPT = PAGE.with_name("viewer.js")  # the page's one script: no inline script runs
 MAX_JSON_BYTES = 64 * 2**20  # a painted 3D slice is at most a few MB of base64
 TOKEN_HEADER = "x-segcam-token"
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
@@ -52,7 +57,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+        "default-src 'self'; script-src 'self'; style-src 'self' "
         "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; "
         "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
@@ -177,9 +182,17 @@ def create_app(
         hosts: the accepted ``Host`` headers (``None``: any; :func:`allowed_hosts` for a server).
     """
     page = PAGE.read_text(encoding="utf-8")
+    script = SCRIPT.read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def viewer_script(request: Request) -> Response:
+        # the same for every session and holding no data: no token (a <script src> cannot send
+        # it), but the Host check as everywhere
+        return Response(
+            script, media_type="text/javascript", headers={"Cache-Control": "no-store"}
+        )
 
     async def info(request: Request) -> Response:
         return JSONResponse(session.info())
@@ -224,6 +237,7 @@ def create_app(
 
     routes = [
         Route("/", guard(index)),
+        Route("/viewer.js", _guarded(viewer_script, None, hosts)),
         Route("/api/info", guard(info)),
         Route("/api/slice", guard(slice_), methods=["POST"]),
         Route("/api/explain", guard(explain), methods=["POST"]),

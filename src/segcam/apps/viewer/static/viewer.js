@@ -1,0 +1,484 @@
+"use strict";
+// Everything below runs offline: no request leaves this page except to its own server.
+const INFERNO = [[0,0,4],[31,12,72],[85,15,109],[136,34,106],[186,54,85],[227,89,51],[249,140,10],[249,201,50],[252,255,164]];
+const PALETTE = [null,[230,60,60],[60,200,90],[70,130,250],[240,200,40],[200,80,220],[60,210,210],[250,140,60]];
+const FIT = 440;  // a panel's longer side in CSS pixels at zoom 1
+const $ = (id) => document.getElementById(id);
+const viewer = window.segcamViewer = {
+  info: null, slice: null, result: null, maps: {}, request: null, busy: false,
+  timings: [], brushes: new Map(), zoom: 1, magnify: 1, pan: {x: 0, y: 0}, window: null,
+  cursor: null, readout: null, tri: {}, seq: 0, controller: null, confirmed: new Set(),
+  client: Math.random().toString(36).slice(2, 12),
+};
+
+function decode(b64, Type) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Type(bytes.buffer);
+}
+function encode(bytes) {
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 8192) text += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
+  return btoa(text);
+}
+function status(text, error) { const s = $("status"); s.textContent = text; s.className = error ? "error" : ""; }
+const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
+async function api(path, body, signal) {
+  const options = body === undefined ? {headers: {"X-Segcam-Token": TOKEN}} : {method: "POST", body: body instanceof Blob ? body : JSON.stringify(body),
+    headers: {"Content-Type": body instanceof Blob ? "application/octet-stream" : "application/json", "X-Segcam-Token": TOKEN}, signal};
+  const response = await fetch(path, options);
+  const data = await response.json();
+  if (!response.ok) { const error = new Error(data.error || response.statusText); error.superseded = !!data.superseded; throw error; }
+  return data;
+}
+async function download(body) {
+  const response = await fetch("/api/export", {method: "POST", body: JSON.stringify(body),
+    headers: {"Content-Type": "application/json", "X-Segcam-Token": TOKEN}});
+  if (!response.ok) { const data = await response.json(); throw new Error(data.error || response.statusText); }
+  const name = (response.headers.get("Content-Disposition") || "").match(/filename="([^"]+)"/);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = name ? name[1] : "segcam-export";
+  document.body.appendChild(link); link.click(); link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+function inferno(v) {
+  const x = Math.min(Math.max(v, 0), 1) * (INFERNO.length - 1), i = Math.min(Math.floor(x), INFERNO.length - 2), f = x - i;
+  return INFERNO[i].map((a, k) => a * (1 - f) + INFERNO[i + 1][k] * f);
+}
+
+// ---------------------------------------------------------------- geometry of the shown planes
+const three = () => viewer.info.dims === 3;
+const layoutThree = () => three() && $("layout").value === "three";
+function axisNow() { return three() ? Number($("axis").value) : -1; }
+function plane(axis) {  // rows/cols voxel axes, flips, spacing and labels of a view
+  if (!three()) return {rows: {axis: 0, flip: false, size: viewer.info.shape[0]}, cols: {axis: 1, flip: false, size: viewer.info.shape[1]}, labels: {}, spacing: [1, 1], name: "image"};
+  return viewer.info.planes[axis];
+}
+function view() { return three() ? {axis: axisNow(), index: Number($("slice").value)} : {}; }
+function toIndex(row, col, axis = axisNow(), index = Number($("slice").value)) {  // shown pixel -> voxel index
+  const p = plane(axis), voxel = three() ? [0, 0, 0] : [0, 0];
+  voxel[p.rows.axis] = p.rows.flip ? p.rows.size - 1 - row : row;
+  voxel[p.cols.axis] = p.cols.flip ? p.cols.size - 1 - col : col;
+  if (three()) voxel[axis] = index;
+  return voxel;
+}
+function toPixel(voxel, axis) {  // voxel index -> shown [row, col] on a view across axis
+  const p = plane(axis), r = voxel[p.rows.axis], c = voxel[p.cols.axis];
+  return [p.rows.flip ? p.rows.size - 1 - r : r, p.cols.flip ? p.cols.size - 1 - c : c];
+}
+function scales(axis, h, w) {  // CSS pixels per shown row and column (physical aspect kept)
+  const [sy, sx] = plane(axis).spacing, unit = Math.min(sy, sx), ry = sy / unit, rx = sx / unit;
+  const fit = Math.max(1, Math.floor(FIT / Math.max(h * ry, w * rx)));
+  return {fit, y: fit * ry * viewer.magnify, x: fit * rx * viewer.magnify, width: Math.round(w * rx * fit), height: Math.round(h * ry * fit)};
+}
+
+// ---------------------------------------------------------------- drawing
+function edges(mask, h, w, i, j) {
+  return mask[i * w + j] && (i === 0 || j === 0 || i === h - 1 || j === w - 1 || !mask[(i - 1) * w + j] || !mask[(i + 1) * w + j] || !mask[i * w + j - 1] || !mask[i * w + j + 1]);
+}
+function grey(values, p) {
+  const {level, width} = viewer.window, g = (values[p] - (level - width / 2)) / width;
+  return 255 * Math.min(Math.max(g, 0), 1);
+}
+function draw(canvas, axis, data, paint, extra) {
+  const [h, w] = data.shape, s = scales(axis, h, w);
+  canvas.width = s.width; canvas.height = s.height;
+  canvas.style.width = `${s.width}px`; canvas.style.height = `${s.height}px`;
+  canvas.dataset.axis = axis;
+  const image = new ImageData(w, h), truth = $("showTruth").checked && data.truth;
+  for (let p = 0; p < h * w; p++) {
+    let rgb = paint(p, grey(data.intensity, p));
+    const i = Math.floor(p / w), j = p % w;
+    if (truth && truth[p] && edges(truth, h, w, i, j)) rgb = [255, 255, 255];
+    if (data.set && edges(data.set, h, w, i, j)) rgb = [80, 220, 255];
+    image.data.set([rgb[0], rgb[1], rgb[2], 255], 4 * p);
+  }
+  const off = new OffscreenCanvas(w, h); off.getContext("2d").putImageData(image, 0, 0);
+  const context = canvas.getContext("2d"); context.imageSmoothingEnabled = false;
+  context.fillStyle = "#000"; context.fillRect(0, 0, s.width, s.height);
+  context.setTransform(s.x, 0, 0, s.y, viewer.pan.x, viewer.pan.y);
+  context.drawImage(off, 0, 0);
+  context.setTransform(1, 0, 0, 1, 0, 0);
+  if (extra) extra(context, s);
+  const frame = canvas.parentElement, labels = plane(axis).labels || {};
+  frame.querySelectorAll(".dir").forEach((e) => e.remove());
+  for (const side of ["top", "bottom", "left", "right"]) if (labels[side]) {
+    const span = document.createElement("span"); span.className = `dir ${side}`; span.textContent = labels[side]; frame.appendChild(span);
+  }
+}
+function overlays(context, s) {  // the box being dragged, the brush cursor
+  if (viewer.drag) {
+    const d = viewer.drag; context.strokeStyle = "#5df"; context.lineWidth = 2;
+    context.strokeRect(viewer.pan.x + Math.min(d.c0, d.c1) * s.x, viewer.pan.y + Math.min(d.r0, d.r1) * s.y, (Math.abs(d.c1 - d.c0) + 1) * s.x, (Math.abs(d.r1 - d.r0) + 1) * s.y);
+  }
+}
+function mapPaint(data, scale, opacity) {
+  return (p, g) => {
+    if (!data || !$("showMap").checked) return [g, g, g];
+    const v = Math.max(data[p], 0) / scale, a = opacity * Math.min(v, 1), rgb = inferno(v);
+    return rgb.map((c) => (1 - a) * g + a * c);
+  };
+}
+function brushPlane() { return viewer.brushes.get(`${axisNow()}:${Number($("slice").value)}`); }
+function render() {
+  if (layoutThree()) { renderThree(); return; }
+  if (!viewer.slice) return;
+  const axis = axisNow(), opacity = Number($("opacity").value) / 100, pred = viewer.slice.prediction;
+  const shown = {...viewer.slice, set: viewer.result && viewer.result.setSlice};
+  const brush = ["brush", "erase"].includes($("mode").value) ? brushPlane() : null;
+  draw($("view-prediction"), axis, shown, (p, g) => {
+    let rgb = [g, g, g];
+    const colour = $("showPrediction").checked && PALETTE[pred[p] % PALETTE.length];
+    if (colour) rgb = colour.map((c) => 0.55 * g + 0.45 * c);
+    if (brush && brush[p]) rgb = rgb.map((c, k) => 0.5 * c + 0.5 * [80, 220, 255][k]);
+    return rgb;
+  }, overlays);
+  viewer.zoom = scales(axis, ...viewer.slice.shape).x;
+  [0, 1].forEach((k) => {
+    const method = $("method" + k).value, data = viewer.maps[method], entry = viewer.result && viewer.result.maps.find((m) => m.method === method);
+    $("name" + k).textContent = data ? method : `${method} (computing)`;
+    let sliceMax = 0;
+    if (data) for (let i = 0; i < data.length; i++) if (data[i] > sliceMax) sliceMax = data[i];
+    const perSlice = $("scale").value === "slice";
+    const top = entry ? (perSlice ? sliceMax : entry.max) : 0;
+    $("max" + k).textContent = entry ? `${top.toPrecision(3)} (${perSlice ? "this slice" : "whole input"})` : "";
+    $("note" + k).textContent = entry && data && sliceMax <= 0
+      ? (entry.max > 0 ? `the map is 0 on this slice (its maximum, ${entry.max.toPrecision(3)}, lies elsewhere)` : "the map is 0 everywhere")
+      : "";
+    draw($("view" + k), axis, shown, mapPaint(data, top > 0 ? top : 1, opacity), overlays);
+    const bar = $("bar" + k).getContext("2d");
+    for (let x = 0; x < 160; x++) { const c = inferno(x / 159); bar.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`; bar.fillRect(x, 0, 1, 10); }
+  });
+  setInfo();
+}
+function renderThree() {
+  const method = $("method0").value, opacity = Number($("opacity").value) / 100;
+  [0, 1, 2].forEach((axis) => {
+    const t = viewer.tri[axis];
+    $("triName" + axis).textContent = `${plane(axis).name} ${viewer.cursor[axis]} / ${viewer.info.shape[axis] - 1} · ${method}`;
+    if (!t) return;
+    const data = t.maps && t.maps[method], entry = t.entries && t.entries.find((m) => m.method === method);
+    const top = entry ? entry.max : 0;
+    draw($("tri" + axis), axis, {...t.slice, set: t.set}, mapPaint(data, top > 0 ? top : 1, opacity), (context, s) => {
+      const [r, c] = toPixel(viewer.cursor, axis);
+      context.strokeStyle = "rgba(120, 255, 120, 0.8)"; context.lineWidth = 1;
+      const x = viewer.pan.x + (c + 0.5) * s.x, y = viewer.pan.y + (r + 0.5) * s.y;
+      context.beginPath(); context.moveTo(x, 0); context.lineTo(x, s.height); context.moveTo(0, y); context.lineTo(s.width, y); context.stroke();
+    });
+  });
+  readAt(viewer.cursor, viewer.tri[2] ? 2 : null);
+  setInfo();
+}
+function setInfo() {  // where the pixel set lies, on the shown view
+  const r = viewer.result;
+  if (!r || !r.extent) { $("setinfo").textContent = r ? "the pixel set is empty" : ""; $("goto").disabled = true; return; }
+  if (!three()) { $("setinfo").textContent = `${r.pixels} pixels in the set`; return; }
+  const axis = layoutThree() ? Number(viewer.info.default_axis) : axisNow(), [lo, hi] = r.extent[axis];
+  const here = layoutThree() ? viewer.cursor[axis] : Number($("slice").value);
+  $("setinfo").textContent = `set: ${r.pixels} voxels, ${plane(axis).name} slices ${lo}–${hi}` + (here < lo || here > hi ? " (not on this slice)" : "");
+  $("goto").disabled = false;
+}
+function readAt(voxel, axis) {  // the crosshair read-out: intensity, prediction, truth, map values
+  if (!voxel || axis === null) return;
+  const t = layoutThree() ? viewer.tri[axis] : {slice: viewer.slice, maps: viewer.maps};
+  if (!t || !t.slice) return;
+  const [r, c] = toPixel(voxel, axis), w = t.slice.shape[1], p = r * w + c;
+  const unit = viewer.info.intensity.unit;
+  const out = {index: voxel, intensity: t.slice.intensity[p], prediction: t.slice.prediction[p], maps: {}};
+  if (t.slice.truth) out.truth = t.slice.truth[p];
+  for (const [method, data] of Object.entries(t.maps || {})) out.maps[method] = data[p];
+  viewer.readout = out;
+  const names = viewer.info.classes;
+  $("readout").textContent = `voxel (${voxel.join(", ")}) · ${out.intensity.toPrecision(5)}${unit ? " " + unit : ""} · prediction ${names[out.prediction] || out.prediction}` +
+    (out.truth !== undefined ? ` · truth ${names[out.truth] || out.truth}` : "") +
+    Object.entries(out.maps).map(([m, v]) => ` · ${m} ${v.toPrecision(4)}`).join("");
+}
+
+// ---------------------------------------------------------------- requests
+function target() {
+  const mode = $("mode").value;
+  if (mode === "predicted" || mode === "uploaded") return {kind: mode};
+  if (mode === "pixel" && viewer.pixel) return {kind: "pixel", index: viewer.pixel};
+  if (mode === "box" && viewer.box) return {kind: "box", start: viewer.box[0], stop: viewer.box[1]};
+  if (mode === "brush" || mode === "erase") {
+    const slices = [];
+    for (const [key, data] of viewer.brushes) if (data.some((v) => v)) {
+      const [axis, index] = key.split(":").map(Number);
+      slices.push(three() ? {axis, index, data: encode(data)} : {data: encode(data)});
+    }
+    if (!slices.length) return null;
+    return three() ? {kind: "mask", slices} : {kind: "mask", data: slices[0].data};
+  }
+  return null;
+}
+function busy(on, what) { viewer.busy = on; $("busy").className = on ? "on" : ""; $("busyWhat").textContent = what || ""; }
+async function confirmCost(layer, methods) {  // gradient-free methods on a volume: ask first
+  if (!three()) return true;
+  const free = methods.filter((m) => viewer.info.gradient_free.includes(m));
+  const key = `${layer}|${free.join(",")}`;
+  if (!free.length || viewer.confirmed.has(key)) return true;
+  const cost = await api("/api/estimate", {layer, methods: free});
+  if (cost.confirm) {
+    const text = cost.methods.filter((m) => m.masked_inputs).map((m) => `${m.method}: ${m.masked_inputs} forward passes`).join(", ");
+    if (!window.confirm(`${text} of the model, about ${Math.round(cost.seconds)} s at this layer (${cost.channels} channels). Run it?`)) return false;
+  }
+  viewer.confirmed.add(key);
+  return true;
+}
+async function explain() {
+  const t = target();
+  if (!t) { viewer.result = null; viewer.maps = {}; render(); status("choose the pixel set on the image"); return; }
+  const methods = [$("method0").value, $("method1").value], layer = $("layer").value;
+  try { if (!(await confirmCost(layer, methods))) { status("not run: choose a gradient method or a deeper layer"); return; } }
+  catch (error) { status(error.message, true); return; }
+  if (viewer.controller) viewer.controller.abort();  // a newer request supersedes (the server cancels it too)
+  const controller = viewer.controller = new AbortController(), seq = ++viewer.seq;
+  let request = {class: Number($("class").value), target: t, layer, methods, client: viewer.client};
+  if (layoutThree()) {
+    const main = Number(viewer.info.default_axis);
+    request = {...request, axis: main, index: viewer.cursor[main], planes: [0, 1, 2].filter((a) => a !== main).map((a) => ({axis: a, index: viewer.cursor[a]}))};
+  } else request = {...request, ...view()};
+  busy(true, methods.join(" and "));
+  const started = performance.now();
+  try {
+    const result = await api("/api/explain", request, controller.signal);
+    if (seq !== viewer.seq) return;
+    viewer.request = request; viewer.result = result; viewer.maps = {};
+    result.maps.forEach((m) => { viewer.maps[m.method] = decode(m.data, Float32Array); });
+    result.setSlice = decode(result.pixel_set, Uint8Array);
+    if (layoutThree()) {
+      const main = Number(viewer.info.default_axis);
+      for (const cut of [{axis: main, ...result}, ...result.planes]) {
+        const t3 = viewer.tri[cut.axis] || (viewer.tri[cut.axis] = {});
+        t3.maps = {}; cut.maps.forEach((m) => { t3.maps[m.method] = decode(m.data, Float32Array); });
+        t3.entries = cut.maps; t3.set = decode(cut.pixel_set, Uint8Array);
+      }
+    }
+    render();
+    const total = performance.now() - started;
+    viewer.timings.push(total);
+    status(`${result.pixels} pixels in the set · update ${total.toFixed(0)} ms (server ${result.milliseconds} ms)`);
+  } catch (error) {
+    if (seq !== viewer.seq) return;
+    if (error.name === "AbortError" || error.superseded) status("cancelled");
+    else status(error.message, true);
+  } finally { if (seq === viewer.seq) { busy(false); viewer.controller = null; } }
+}
+async function cancel() {
+  if (viewer.controller) viewer.controller.abort();
+  viewer.seq++; busy(false); viewer.controller = null;
+  try { await api("/api/cancel", {client: viewer.client}); status("cancelled"); } catch (error) { status(error.message, true); }
+}
+async function fetchSlice(axis, index) {
+  const s = await api("/api/slice", three() ? {axis, index} : {});
+  return {shape: s.shape, intensity: decode(s.intensity, Float32Array), prediction: decode(s.prediction, Uint8Array),
+    truth: s.ground_truth ? decode(s.ground_truth, Uint8Array) : null};
+}
+async function loadSlice() {
+  // one load per shown slice: a range input may fire twice for one move; a newer move wins
+  const key = `${$("layout").value}:${axisNow()}:${$("slice").value}`;
+  if (key === viewer.sliceKey) return;
+  viewer.sliceKey = key;
+  try {
+    if (layoutThree()) { await loadThree(); return; }
+    const slice = await fetchSlice(axisNow(), Number($("slice").value));
+    if (key !== viewer.sliceKey) return;
+    viewer.slice = slice;
+    if (three()) $("sliceLabel").textContent = `${$("slice").value} / ${viewer.info.shape[axisNow()] - 1}`;
+    // the new slice shows at once, in every mode; its maps follow when they are computed
+    if (viewer.request) { viewer.maps = {}; viewer.result = null; }
+    render();
+    if (viewer.request || target()) await explain();
+  } catch (error) { viewer.sliceKey = null; status(error.message, true); }
+}
+async function loadThree() {
+  const cuts = await Promise.all([0, 1, 2].map((a) => fetchSlice(a, viewer.cursor[a])));
+  cuts.forEach((slice, a) => { viewer.tri[a] = {slice}; });
+  render();
+  if (target()) await explain();
+}
+function setSlice(index) {
+  const axis = axisNow(), size = viewer.info.shape[axis];
+  $("slice").value = Math.min(Math.max(index, 0), size - 1); loadSlice();
+}
+
+// ---------------------------------------------------------------- the mouse and the keys
+function position(event) {
+  const canvas = event.target, rect = canvas.getBoundingClientRect(), axis = Number(canvas.dataset.axis);
+  const data = canvas.id.startsWith("tri") ? viewer.tri[axis].slice : viewer.slice, [h, w] = data.shape, s = scales(axis, h, w);
+  const col = Math.floor((event.clientX - rect.left - canvas.clientLeft - viewer.pan.x) / s.x), row = Math.floor((event.clientY - rect.top - canvas.clientTop - viewer.pan.y) / s.y);
+  return [Math.min(Math.max(row, 0), h - 1), Math.min(Math.max(col, 0), w - 1)];
+}
+function stamp(row, col) {
+  const [h, w] = viewer.slice.shape, r = Number($("radius").value), value = $("mode").value === "brush" ? 1 : 0;
+  const key = three() ? `${axisNow()}:${Number($("slice").value)}` : "2d";
+  if (!viewer.brushes.has(key)) viewer.brushes.set(key, new Uint8Array(h * w));
+  const brush = viewer.brushes.get(key);
+  for (let i = Math.max(0, Math.floor(row - r)); i <= Math.min(h - 1, Math.ceil(row + r)); i++)
+    for (let j = Math.max(0, Math.floor(col - r)); j <= Math.min(w - 1, Math.ceil(col + r)); j++)
+      if ((i - row) ** 2 + (j - col) ** 2 <= r * r + 0.25) brush[i * w + j] = value;
+}
+function stroke(row, col) {  // a smooth stroke: stamps every half pixel from the last point
+  const last = viewer.last || [row, col], steps = Math.max(1, Math.ceil(2 * Math.hypot(row - last[0], col - last[1])));
+  for (let k = 1; k <= steps; k++) stamp(Math.round(last[0] + (row - last[0]) * k / steps), Math.round(last[1] + (col - last[1]) * k / steps));
+  viewer.last = [row, col];
+}
+function attach(canvas) {
+  canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+  canvas.addEventListener("mousedown", (event) => {
+    event.preventDefault();
+    if (event.button === 2) { viewer.windowing = {x: event.clientX, y: event.clientY, ...viewer.window}; return; }
+    if (event.button === 1 || event.shiftKey) { viewer.panning = {x: event.clientX - viewer.pan.x, y: event.clientY - viewer.pan.y}; return; }
+    const [row, col] = position(event), mode = $("mode").value, axis = Number(canvas.dataset.axis);
+    if (canvas.id.startsWith("tri")) { viewer.cursor = toIndex(row, col, axis, viewer.cursor[axis]); loadThree(); return; }
+    if (mode === "pixel") { viewer.pixel = toIndex(row, col); explain(); }
+    else if (mode === "box") { viewer.drag = {r0: row, c0: col, r1: row, c1: col}; }
+    else if (mode === "brush" || mode === "erase") { viewer.painting = true; viewer.last = null; stroke(row, col); render(); }
+  });
+  canvas.addEventListener("mousemove", (event) => {
+    if (viewer.windowing || viewer.panning) return;
+    const [row, col] = position(event), axis = Number(canvas.dataset.axis);
+    if (!canvas.id.startsWith("tri")) readAt(toIndex(row, col), axis);
+    if (viewer.drag) { viewer.drag.r1 = row; viewer.drag.c1 = col; render(); }
+    else if (viewer.painting) { stroke(row, col); render(); }
+  });
+  canvas.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    if (event.ctrlKey) { zoomBy(event.deltaY < 0 ? 1.25 : 0.8); return; }
+    const step = event.deltaY > 0 ? 1 : -1;
+    if (canvas.id.startsWith("tri")) {
+      const axis = Number(canvas.dataset.axis);
+      viewer.cursor[axis] = Math.min(Math.max(viewer.cursor[axis] + step, 0), viewer.info.shape[axis] - 1); loadThree();
+    } else if (three()) setSlice(Number($("slice").value) + step);
+  }, {passive: false});
+}
+function zoomBy(factor) { viewer.magnify = Math.min(Math.max(viewer.magnify * factor, 1), 16); render(); }
+window.addEventListener("mousemove", (event) => {
+  if (viewer.windowing) {
+    const w0 = viewer.windowing, range = Math.max(viewer.info.intensity.max - viewer.info.intensity.min, 1e-6) / 500;
+    setWindow(w0.level - (event.clientY - w0.y) * range, Math.max(w0.width + (event.clientX - w0.x) * range, range));
+  } else if (viewer.panning) { viewer.pan = {x: event.clientX - viewer.panning.x, y: event.clientY - viewer.panning.y}; render(); }
+});
+window.addEventListener("mouseup", () => {
+  viewer.windowing = null; viewer.panning = null;
+  if (viewer.drag) {
+    const d = viewer.drag, a = toIndex(Math.min(d.r0, d.r1), Math.min(d.c0, d.c1)), b = toIndex(Math.max(d.r0, d.r1), Math.max(d.c0, d.c1));
+    const start = a.map((v, k) => Math.min(v, b[k])), stop = a.map((v, k) => Math.max(v, b[k]) + 1);
+    if (three()) {  // a slab: the box depth, centred on the shown slice
+      const axis = axisNow(), depth = Math.max(1, Number($("depth").value) || 1), size = viewer.info.shape[axis];
+      const first = Math.min(Math.max(Number($("slice").value) - Math.floor((depth - 1) / 2), 0), Math.max(size - depth, 0));
+      start[axis] = first; stop[axis] = Math.min(first + depth, size);
+    }
+    viewer.box = [start, stop];
+    viewer.drag = null; explain();
+  }
+  if (viewer.painting) { viewer.painting = false; viewer.last = null; explain(); }
+});
+window.addEventListener("keydown", (event) => {
+  if (["INPUT", "SELECT"].includes(document.activeElement.tagName)) return;  // its own keys
+  const steps = {ArrowUp: 1, ArrowDown: -1, PageUp: 5, PageDown: -5};
+  if (event.key in steps && three() && !layoutThree()) { event.preventDefault(); setSlice(Number($("slice").value) + steps[event.key]); }
+  else if (event.key === "+" || event.key === "=") zoomBy(1.25);
+  else if (event.key === "-") zoomBy(0.8);
+  else if (event.key === "0") { viewer.magnify = 1; viewer.pan = {x: 0, y: 0}; render(); }
+});
+function setWindow(level, width) {
+  viewer.window = {level, width};
+  $("level").value = Number(level.toPrecision(5)); $("width").value = Number(width.toPrecision(5));
+  render();
+}
+
+// ---------------------------------------------------------------- start
+function fillLayers() {
+  const info = viewer.info, chosen = $("layer").value || info.default_layer;
+  $("layer").replaceChildren();
+  const entries = $("allLayers").checked ? [...info.layers, ...info.all_layers] : info.layers;
+  entries.forEach((l) => $("layer").add(new Option(
+    `${l.label ? l.label + " — " : ""}${l.name}  (${l.shape.slice(1).join("×")})${l.hidden ? " · norm/activation" : ""}`, l.name)));
+  $("layer").value = entries.some((l) => l.name === chosen) ? chosen : info.default_layer;
+}
+async function start() {
+  try {
+    const info = viewer.info = await api("/api/info");
+    $("title").textContent = info.title;
+    document.title = `${info.title} · segcam viewer`;
+    info.classes.forEach((name, c) => $("class").add(new Option(`${c}: ${name}`, c)));
+    $("class").value = Math.min(1, info.classes.length - 1);
+    // names come from the model's folder or the command line: text nodes only, never markup
+    $("legend").replaceChildren(...info.classes.flatMap((name, c) => {
+      const colour = PALETTE[c % PALETTE.length];
+      if (!colour) return [];
+      const entry = document.createElement("span"), swatch = document.createElement("i");
+      swatch.style.background = `rgb(${colour})`;
+      entry.append(swatch, document.createTextNode(name));
+      return [entry];
+    }));
+    fillLayers();
+    for (const k of [0, 1]) {
+      info.methods.forEach((m) => $("method" + k).add(new Option(m.name + (m.kind === "gradient" ? "" : " (gradient-free)"), m.name)));
+      $("method" + k).value = info.default_methods[k];
+    }
+    info.intensity.presets.forEach((p, k) => $("preset").add(new Option(`${p.name} (L ${Math.round(p.level)}, W ${Math.round(p.width)})`, k)));
+    const first = info.intensity.presets[0];
+    viewer.window = {level: first.level, width: first.width};
+    $("level").value = Number(first.level.toPrecision(5)); $("width").value = Number(first.width.toPrecision(5));
+    $("truthToggle").style.display = info.ground_truth ? "" : "none";
+    if (three()) {
+      document.body.classList.add("three");
+      info.axes.forEach((name, a) => $("axis").add(new Option(info.oriented ? `${name} (axis ${a})` : name, a)));
+      $("axis").value = info.default_axis;
+      const axis = Number(info.default_axis);
+      $("slice").max = info.shape[axis] - 1; $("slice").value = Math.floor(info.shape[axis] / 2);
+      viewer.cursor = info.shape.map((n) => Math.floor(n / 2));
+      $("depth").max = Math.max(...info.shape);
+      if (info.oblique) status("oblique volume: shown along its nearest axes, not resampled");
+    }
+    ["view-prediction", "view0", "view1", "tri0", "tri1", "tri2"].forEach((id) => attach($(id)));
+    ["class", "layer", "method0", "method1"].forEach((id) => $(id).addEventListener("change", explain));
+    ["scale", "showPrediction", "showTruth", "showMap"].forEach((id) => $(id).addEventListener("change", render));
+    $("allLayers").addEventListener("change", fillLayers);
+    $("mode").addEventListener("change", () => { if (["predicted", "uploaded"].includes($("mode").value) || target()) explain(); else render(); });
+    $("clearBrush").addEventListener("click", () => { viewer.brushes.clear(); if (["brush", "erase"].includes($("mode").value)) explain(); });
+    $("opacity").addEventListener("input", render);
+    $("slice").addEventListener("input", loadSlice);
+    $("cancel").addEventListener("click", cancel);
+    $("preset").addEventListener("change", () => { const p = info.intensity.presets[Number($("preset").value)]; setWindow(p.level, p.width); });
+    ["level", "width"].forEach((id) => $(id).addEventListener("change", () => setWindow(Number($("level").value), Math.max(Number($("width").value), 1e-6))));
+    $("resetView").addEventListener("click", () => { viewer.magnify = 1; viewer.pan = {x: 0, y: 0}; render(); });
+    $("layout").addEventListener("change", () => {
+      document.body.classList.toggle("layout-three", layoutThree());
+      if (layoutThree()) { const a = axisNow(); viewer.cursor[a] = Number($("slice").value); }
+      loadSlice();
+    });
+    $("goto").addEventListener("click", () => {
+      const r = viewer.result; if (!r || !r.extent) return;
+      if (layoutThree()) { viewer.cursor = r.extent.map(([lo, hi]) => Math.floor((lo + hi) / 2)); loadThree(); return; }
+      const [lo, hi] = r.extent[axisNow()]; setSlice(Math.floor((lo + hi) / 2));
+    });
+    $("axis").addEventListener("change", () => {
+      const axis = axisNow(); $("slice").max = info.shape[axis] - 1;
+      $("slice").value = Math.floor(info.shape[axis] / 2); loadSlice();
+    });
+    $("upload").addEventListener("change", async (event) => {
+      const file = event.target.files[0]; if (!file) return;
+      try {
+        const r = await api("/api/upload", file);
+        status(`uploaded mask: ${r.pixels} pixels`); $("mode").value = "uploaded"; explain();
+      } catch (error) { status(error.message, true); }
+    });
+    document.querySelectorAll("[data-export]").forEach((button) => button.addEventListener("click", async () => {
+      // the export names what this page shows: class, target, layer, method
+      const method = $("method" + (button.dataset.panel || 0)).value;
+      const format = button.dataset.export === "npz" ? "npz" : (three() ? "nifti" : "png");
+      if (!viewer.request) { status("nothing to export yet: explain a target first", true); return; }
+      const shown = viewer.request;
+      try {
+        for (const kind of format === "nifti" ? ["nifti", "json"] : [format]) {
+          await download({...shown, method: method, format: kind});
+        }
+      } catch (error) { status(error.message, true); }
+    }));
+    await loadSlice();
+  } catch (error) { status(error.message, true); }
+}
+start();
