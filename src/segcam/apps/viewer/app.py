@@ -190,9 +190,7 @@ def create_app(
     async def viewer_script(request: Request) -> Response:
         # the same for every session and holding no data: no token (a <script src> cannot send
         # it), but the Host check as everywhere
-        return Response(
-            script, media_type="text/javascript", headers={"Cache-Control": "no-store"}
-        )
+        return Response(script, media_type="text/javascript", headers={"Cache-Control": "no-store"})
 
     async def info(request: Request) -> Response:
         return JSONResponse(session.info())
