@@ -502,3 +502,37 @@ def test_an_uploaded_label_map_gives_each_class_its_own_pixels(client_2d):
     for c, count in ((1, 200), (2, 8)):
         shown = client.post("/api/explain", json={"class": c, "target": {"kind": "uploaded"}})
         assert shown.json()["pixels"] == count
+
+
+def _npy(array):
+    stream = io.BytesIO()
+    np.save(stream, array)
+    return stream.getvalue()
+
+
+def test_each_page_keeps_its_own_upload_and_maps_follow_the_content(client_2d):
+    # tabs shared one upload, and cached maps were keyed by id() of the array (issue 23)
+    client, session = client_2d
+    a = np.zeros((64, 64), np.uint8)
+    a[5:15, 40:60] = 1
+    b = np.zeros((64, 64), np.uint8)
+    b[30:34, 10:12] = 1
+    for page, mask in (("tab-a", a), ("tab-b", b)):
+        answer = client.post(f"/api/upload?client={page}", content=_npy(mask), headers=OCTET)
+        assert answer.status_code == 200, answer.text
+    asked = {"class": 1, "target": {"kind": "uploaded"}}
+    shown_a = client.post("/api/explain", json={**asked, "client": "tab-a"}).json()
+    shown_b = client.post("/api/explain", json={**asked, "client": "tab-b"}).json()
+    assert (shown_a["pixels"], shown_b["pixels"]) == (200, 8)  # B's upload did not replace A's
+    nobody = client.post("/api/explain", json={**asked, "client": "tab-c"})
+    assert nobody.status_code == 400 and "no mask was uploaded from this page" in nobody.text
+    for _ in range(3):  # new content under one page: new maps each time, never a cached old one
+        for mask, count in ((b, 8), (a, 200)):
+            client.post("/api/upload?client=tab-a", content=_npy(mask.copy()), headers=OCTET)
+            again = client.post("/api/explain", json={**asked, "client": "tab-a"}).json()
+            assert again["pixels"] == count
+    exported = client.post("/api/export", json={**asked, "client": "tab-b", "format": "npz",
+                                                "method": "seg-hires-grad-cam"})  # fmt: skip
+    assert exported.status_code == 200
+    with np.load(io.BytesIO(exported.content)) as arrays:
+        assert int(arrays["pixel_set"].sum()) == 8  # tab B's own set, whatever A uploaded

@@ -186,7 +186,7 @@ def test_nifti_masks_upload_on_the_volumes_grid_and_bad_ones_are_refused():
         for compress in (True, False):
             answer = client.post("/api/upload", content=nifti(mask, LPS, compress), headers=OCTET)
             assert answer.json() == {"pixels": 24, "extent": [[2, 3], [5, 8], [3, 5]]}
-        np.testing.assert_array_equal(session._uploaded, mask)
+        np.testing.assert_array_equal(session.uploaded("").values, mask)
 
         def refused(content):
             answer = client.post("/api/upload", content=content, headers=OCTET)

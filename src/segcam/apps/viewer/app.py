@@ -219,7 +219,8 @@ def create_app(
 
     async def upload(request: Request) -> Response:
         data = await _body(request, session.max_upload_bytes)
-        return JSONResponse(await run_in_threadpool(session.upload_mask, data))
+        client = request.query_params.get("client", "")  # the body is the file: the page's id here
+        return JSONResponse(await run_in_threadpool(session.upload_mask, data, client))
 
     async def export(request: Request) -> Response:
         data = await payload(request)

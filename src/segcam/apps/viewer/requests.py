@@ -11,9 +11,10 @@ plane the server sends or receives is in that display order.
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "RequestError",
     "SupersededError",
     "TargetKey",
+    "Upload",
     "b64",
     "client_of",
     "methods_of",
@@ -146,13 +148,26 @@ class Grid:
         return np.asarray(np.frombuffer(raw, dtype=np.uint8).reshape(plane) != 0, dtype=bool)
 
 
+class Upload(NamedTuple):
+    """A page's uploaded mask (its values: a label map keeps its labels) and its SHA-256."""
+
+    values: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Upload:
+        """The upload of ``values``, digested once."""
+        return cls(values, hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest())
+
+
 def parse_target(
-    payload: Mapping[str, Any], grid: Grid, classes: int, uploaded: np.ndarray | None
+    payload: Mapping[str, Any], grid: Grid, classes: int, uploaded: Upload | None
 ) -> tuple[segcam.Target, TargetKey]:
     """The target of a request and a hashable key of it.
 
     Kinds: ``predicted``, ``pixel`` (``index``), ``box`` (``start``, ``stop``), ``mask``
-    (painted, :meth:`Grid.painted_mask`) and ``uploaded`` (the mask uploaded before).
+    (painted, :meth:`Grid.painted_mask`) and ``uploaded`` (the mask this page uploaded before;
+    its key is the content's digest, so cached maps never outlive the mask they were made of).
     """
     c = int_field(payload, "class", 0, max(classes, 2), "class")
     spec = payload.get("target") or {"kind": "predicted"}
@@ -176,8 +191,9 @@ def parse_target(
         return segcam.Mask(c, torch.from_numpy(mask)), ("mask", c, mask.tobytes())
     if kind == "uploaded":
         if uploaded is None:
-            raise RequestError("no mask was uploaded")
-        return segcam.Mask(c, torch.from_numpy(uploaded)), ("uploaded", c, id(uploaded))
+            raise RequestError("no mask was uploaded from this page")
+        given = segcam.Mask(c, torch.from_numpy(uploaded.values))
+        return given, ("uploaded", c, uploaded.digest)
     raise RequestError(f"unknown target kind {kind!r}: predicted, pixel, box, mask or uploaded")
 
 

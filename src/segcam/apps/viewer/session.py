@@ -14,7 +14,9 @@ of the model (gradient-free methods run one per channel batch).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,7 @@ from segcam.apps.viewer.requests import (
     RequestError,
     SupersededError,
     TargetKey,
+    Upload,
     b64,
     client_of,
     methods_of,
@@ -53,6 +56,7 @@ from segcam.windows import blended_logits
 
 __all__ = ["DEFAULT_METHODS", "RequestError", "SupersededError", "ViewerSession", "depth_labels"]
 
+KEPT_UPLOADS = 16  # pages whose uploaded masks are kept (the least recent one goes first)
 CONFIRM_SECONDS = 5.0  # a gradient-free request on a volume estimated above this asks first
 
 
@@ -93,7 +97,8 @@ class ViewerSession:
     intensity: np.ndarray | None = None
     intensity_unit: str = ""
     ground_truth: np.ndarray | None = None
-    _uploaded: np.ndarray | None = field(default=None, repr=False)
+    _uploads: OrderedDict[str, Upload] = field(default_factory=OrderedDict, repr=False)
+    _uploads_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _cache: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -220,16 +225,31 @@ class ViewerSession:
             result["ground_truth"] = b64(np.clip(labels, 0, 255).astype(np.uint8))
         return result
 
-    def upload_mask(self, data: bytes) -> dict[str, Any]:
-        """Keep an uploaded mask (.npy, PNG or NIfTI on the input's grid) as a pixel set."""
+    def upload_mask(self, data: bytes, client: str = "") -> dict[str, Any]:
+        """Keep an uploaded mask (.npy, PNG or NIfTI on the input's grid) as ``client``'s pixel set.
+
+        Each page (``client``) keeps its own upload: another tab's upload never changes this
+        page's maps or exports. The most recent :data:`KEPT_UPLOADS` pages' uploads are kept.
+        """
         if len(data) > self.max_upload_bytes:
             raise RequestError(
                 f"upload of {len(data)} bytes is over the limit of {self.max_upload_bytes}"
             )
+        client = client_of({"client": client})
         affine = self.affine if len(self.spatial) == 3 else None
-        self._uploaded = read_mask(data, self.spatial, affine, RequestError)
-        labelled = self._uploaded != 0
+        upload = Upload.of(read_mask(data, self.spatial, affine, RequestError))
+        with self._uploads_lock:
+            self._uploads[client] = upload
+            self._uploads.move_to_end(client)
+            while len(self._uploads) > KEPT_UPLOADS:
+                self._uploads.popitem(last=False)
+        labelled = upload.values != 0
         return {"pixels": int(labelled.sum()), **self.grid.extent(labelled)}
+
+    def uploaded(self, client: str) -> Upload | None:
+        """The mask ``client`` uploaded last (None: none)."""
+        with self._uploads_lock:
+            return self._uploads.get(client)
 
     # ------------------------------------------------------------------ explain
 
@@ -271,7 +291,8 @@ class ViewerSession:
         """The layer, methods and target of a request, checked."""
         layer = self._layer(payload)
         methods = methods_of(payload)
-        target, key = parse_target(payload, self.grid, self.classes, self._uploaded)
+        uploaded = self.uploaded(client_of(payload))
+        target, key = parse_target(payload, self.grid, self.classes, uploaded)
         return layer, methods, target, key
 
     def cancel(self, payload: Mapping[str, Any]) -> dict[str, Any]:

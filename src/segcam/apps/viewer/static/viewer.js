@@ -462,7 +462,7 @@ async function start() {
     $("upload").addEventListener("change", async (event) => {
       const file = event.target.files[0]; if (!file) return;
       try {
-        const r = await api("/api/upload", file);
+        const r = await api(`/api/upload?client=${encodeURIComponent(viewer.client)}`, file);
         status(`uploaded mask: ${r.pixels} pixels`); $("mode").value = "uploaded"; explain();
       } catch (error) { status(error.message, true); }
     });
