@@ -512,7 +512,7 @@ def _npy(array):
 
 def test_each_page_keeps_its_own_upload_and_maps_follow_the_content(client_2d):
     # tabs shared one upload, and cached maps were keyed by id() of the array (issue 23)
-    client, session = client_2d
+    client, _ = client_2d
     a = np.zeros((64, 64), np.uint8)
     a[5:15, 40:60] = 1
     b = np.zeros((64, 64), np.uint8)
