@@ -204,6 +204,28 @@ def test_nifti_masks_upload_on_the_volumes_grid_and_bad_ones_are_refused():
         cut_short = nifti(mask, LPS, compress=False)[:-10]
         assert "cut short" in refused(cut_short)
         assert "cannot read the .nii.gz" in refused(b"\x1f\x8b" + b"garbage" * 20)
+        # the shape refused as a shape, not as an unreadable header (issue 23)
+        assert "cannot read the NIfTI upload's header" not in refused(
+            nifti(np.zeros((7, 12, 10)), LPS)
+        )
+        assert "cut short: 200 of its 348 header bytes" in refused(nifti(mask, LPS, False)[:200])
+
+
+def test_a_nifti_upload_whose_vox_offset_is_huge_is_refused_without_inflating_it():
+    # 1.56 MiB upload with vox_offset 1.5 GiB: the server inflated 1.5 GiB (+3 GiB resident)
+    import resource
+
+    session = session_3d()
+    image = nib.Nifti1Image(np.zeros(SHAPE, np.uint8), LPS)
+    image.header.set_data_offset(3 * 2**29)
+    bomb = gzip.compress(image.header.binaryblock + b"\0" * 4 + b"\0" * 2**26)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with TestClient(create_app(session)) as client:
+        answer = client.post("/api/upload", content=bomb, headers=OCTET)
+    assert answer.status_code == 400, answer.text
+    assert "voxels start at byte 1610612736 (vox_offset)" in answer.json()["error"]
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # kB on Linux
+    assert grown < 64 * 2**20
 
 
 def test_the_cost_of_gradient_free_methods_is_estimated_before_they_run():

@@ -95,6 +95,9 @@ def _png(data: bytes, spatial: tuple[int, ...], error: Callable[[str], Exception
         raise error(f"cannot read the PNG upload: {problem}") from None
 
 
+MAX_EXTENSION_BYTES = 2**20  # NIfTI header extensions of a mask: a few kB in practice
+
+
 def _nifti_version(head: bytes) -> int | None:
     if len(head) < 4:
         return None
@@ -128,17 +131,28 @@ def _nifti(
         raise error("the upload is not a NIfTI volume (no NIfTI header)")
     header_type = nib.Nifti1Header if version == 1 else nib.Nifti2Header
     image_type = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    header_bytes = 348 if version == 1 else 540
+    if len(head) < header_bytes:
+        raise error(
+            f"the NIfTI upload is cut short: {len(head)} of its {header_bytes} header bytes"
+        )
     try:
         header = header_type.from_fileobj(io.BytesIO(head))  # type: ignore[no-untyped-call]
         shape = tuple(int(s) for s in header.get_data_shape())
-        while len(shape) > len(spatial) and shape[-1] == 1:
-            shape = shape[:-1]
-        _check_shape(shape, spatial, error)  # before the voxels are inflated
-        needed = (
-            int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
-        )
-    except (ValueError, TypeError, nib.spatialimages.HeaderDataError) as problem:
+        offset = int(header.get_data_offset())
+        itemsize = int(header.get_data_dtype().itemsize)
+    except Exception as problem:  # nibabel raises many types for damaged headers
         raise error(f"cannot read the NIfTI upload's header: {problem}") from None
+    while len(shape) > len(spatial) and shape[-1] == 1:
+        shape = shape[:-1]
+    _check_shape(shape, spatial, error)  # before the voxels are inflated
+    if offset > header_bytes + MAX_EXTENSION_BYTES:
+        # the voxels are what the shape needs; an offset of gigabytes would inflate gigabytes
+        raise error(
+            f"the NIfTI upload's voxels start at byte {offset} (vox_offset), beyond its header "
+            f"and any plausible extension ({header_bytes + MAX_EXTENSION_BYTES} bytes)"
+        )
+    needed = offset + int(np.prod(shape)) * itemsize
     raw = _inflate(data, needed + 1, error) if gzipped else data
     if len(raw) < needed:
         raise error(f"the NIfTI upload is cut short: {len(raw)} of {needed} bytes")
