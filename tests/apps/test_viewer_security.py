@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +182,32 @@ def test_segcam_view_ground_truth_is_checked_before_serving(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_bodies_are_400_with_the_reason_and_every_answer_has_the_headers(viewer):
+    # these answered 500 (issue 23)
+    json_type = {"Content-Type": "application/json"}
+    for body, reason in (
+        (b'{"class": "\xff\xfe"}', "not UTF-8 text"),
+        (b'{"class": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),
+    ):
+        status, headers, data = request(
+            viewer, "POST", "/api/explain", body=body, headers=json_type
+        )
+        assert status == 400 and reason in json.loads(data)["error"], data[:200]
+    octet = {"Content-Type": "application/octet-stream"}
+    for array, reason in (
+        (np.full((6, 12, 10), np.nan + 1j), "not real numbers"),
+        (np.zeros((6, 12, 10), np.uint8), "is empty"),
+    ):
+        stream = io.BytesIO()
+        np.save(stream, array)
+        status, _, data = request(viewer, "POST", "/api/upload", body=stream.getvalue(),
+                                  headers=octet)  # fmt: skip
+        assert status == 400 and reason in json.loads(data)["error"]
+    for method, path in (("GET", "/no/such/page"), ("GET", "/api/explain"), ("PUT", "/")):
+        status, headers, _ = request(viewer, method, path)
+        assert status in (404, 405)
+        assert headers["x-frame-options"] == "DENY" and "content-security-policy" in headers
+        assert headers["x-content-type-options"] == "nosniff"

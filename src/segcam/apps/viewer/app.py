@@ -37,6 +37,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -196,7 +197,15 @@ def create_app(
         return JSONResponse(session.info())
 
     async def payload(request: Request) -> dict[str, Any]:
-        data = json.loads(await _body(request, MAX_JSON_BYTES) or b"{}")
+        body = await _body(request, MAX_JSON_BYTES) or b"{}"
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError("the request body is not UTF-8 text") from None
+        except RecursionError:
+            raise RequestError("the request is nested too deeply") from None
+        except ValueError as error:  # not JSON, or an integer of thousands of digits
+            raise RequestError(f"the request is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise RequestError("the request must be a JSON object")
         return data
@@ -245,4 +254,31 @@ def create_app(
         Route("/api/cancel", guard(cancel), methods=["POST"]),
         Route("/api/export", guard(export), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)])
+
+
+class _SecurityHeaders:
+    """The security headers on every answer, also Starlette's own 404 and 405."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *(
+                        (name.lower().encode(), value.encode())
+                        for name, value in SECURITY_HEADERS.items()
+                        if name.lower().encode() not in present
+                    ),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

@@ -45,10 +45,12 @@ def read_mask(
         )
     if tuple(array.shape) != spatial:
         raise error(f"the uploaded mask has shape {tuple(array.shape)}; the image has {spatial}")
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-        raise error(f"the uploaded mask has dtype {array.dtype}, not numbers")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+    if array.dtype.kind not in "biuf":  # complex values too: they are no mask or labels
+        raise error(f"the uploaded mask has dtype {array.dtype}, not real numbers")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise error("the uploaded mask holds NaN or infinite values")
+    if not array.any():
+        raise error("the uploaded mask is empty (no pixel is set): nothing to explain")
     return np.asarray(array) if array.dtype == np.bool_ else np.asarray(array, dtype=np.float32)
 
 
