@@ -259,3 +259,38 @@ def test_markup_in_a_class_name_is_text_and_runs_nothing(browser_page):
         )
     finally:
         viewer.stop()
+
+
+def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
+    # the outline showed only where a label met 0: a tumour inside the liver had none (issue 23)
+    image, _ = shapes_scene(1_000_009)
+    truth = np.zeros((64, 64), np.uint8)
+    truth[8:48, 8:48] = 1  # "liver"
+    truth[20:30, 20:30] = 2  # "tumour", inside it
+    session = ViewerSession(
+        model=load_demo_model(), inputs=torch.from_numpy(image.astype(np.float32)),
+        class_names=["background", "liver", "tumour"], layers=[LAYER], ground_truth=truth,
+    )  # fmt: skip
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        colour = page.evaluate(
+            """([row, col]) => {
+                 const canvas = document.getElementById('view0'), z = segcamViewer.zoom;
+                 const d = canvas.getContext('2d').getImageData(
+                   Math.floor((col + 0.5) * z), Math.floor((row + 0.5) * z), 1, 1).data;
+                 return [d[0], d[1], d[2]]; }"""
+        , [20, 25])  # fmt: skip
+        inner = page.evaluate("() => truthColour(2)")
+        assert colour == inner  # the tumour's top border, inside the liver, in the tumour's colour
+        outer = page.evaluate(
+            """() => { const canvas = document.getElementById('view0'), z = segcamViewer.zoom;
+                 const d = canvas.getContext('2d').getImageData(
+                   Math.floor(25.5 * z), Math.floor(8.5 * z), 1, 1).data;
+                 return [d[0], d[1], d[2]]; }"""
+        )
+        assert outer == page.evaluate("() => truthColour(1)")  # the liver's own border
+    finally:
+        viewer.stop()

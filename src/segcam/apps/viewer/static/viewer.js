@@ -76,6 +76,14 @@ function scales(axis, h, w) {  // CSS pixels per shown row and column (physical 
 function edges(mask, h, w, i, j) {
   return mask[i * w + j] && (i === 0 || j === 0 || i === h - 1 || j === w - 1 || !mask[(i - 1) * w + j] || !mask[(i + 1) * w + j] || !mask[i * w + j - 1] || !mask[i * w + j + 1]);
 }
+function labelEdges(labels, h, w, i, j) {  // a labelled pixel beside another label (or none)
+  const v = labels[i * w + j];
+  return v && (i === 0 || j === 0 || i === h - 1 || j === w - 1 || labels[(i - 1) * w + j] !== v || labels[(i + 1) * w + j] !== v || labels[i * w + j - 1] !== v || labels[i * w + j + 1] !== v);
+}
+function truthColour(label) {  // the class's colour, lightened: outlines, not the prediction's fill
+  const colour = PALETTE[label % PALETTE.length] || [255, 255, 255];
+  return colour.map((v) => Math.round((v + 2 * 255) / 3));
+}
 function grey(values, p) {
   const {level, width} = viewer.window, g = (values[p] - (level - width / 2)) / width;
   return 255 * Math.min(Math.max(g, 0), 1);
@@ -89,7 +97,8 @@ function draw(canvas, axis, data, paint, extra) {
   for (let p = 0; p < h * w; p++) {
     let rgb = paint(p, grey(data.intensity, p));
     const i = Math.floor(p / w), j = p % w;
-    if (truth && truth[p] && edges(truth, h, w, i, j)) rgb = [255, 255, 255];
+    // every border of the truth, also between two labels (a tumour inside the liver)
+    if (truth && truth[p] && labelEdges(truth, h, w, i, j)) rgb = truthColour(truth[p]);
     if (data.set && edges(data.set, h, w, i, j)) rgb = [80, 220, 255];
     image.data.set([rgb[0], rgb[1], rgb[2], 255], 4 * p);
   }
