@@ -86,7 +86,7 @@ def test_labels_beyond_what_float32_holds_exactly_are_refused(tmp_path):
     labels[:4] = 16_777_216
     labels[4:] = 16_777_217  # read as float32, both would be 16777216
     np.save(tmp_path / "m.npy", labels)
-    with pytest.raises(TargetError, match="holds values beyond 16777216"):
+    with pytest.raises(TargetError, match="holds values of 16777216 or more"):
         parse_target(f"mask:1:{tmp_path / 'm.npy'}")
     with pytest.raises(TargetError, match="label 16777217 is beyond the labels"):
         parse_target(f"mask:1:{tmp_path / 'm.npy'}=16777217")

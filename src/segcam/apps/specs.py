@@ -380,8 +380,8 @@ def parse_target(spec: str, class_names: Sequence[str] = ()) -> target_module.Ta
             raise TargetError(f"--target {spec!r}: {error}") from error
         if mask.size and float(np.nanmax(np.abs(mask))) >= EXACT_LABELS:
             raise TargetError(
-                f"--target {spec!r}: {path} holds values beyond {EXACT_LABELS}, which are not "
-                f"read exactly; renumber its labels"
+                f"--target {spec!r}: {path} holds values of {EXACT_LABELS} or more, which are "
+                f"not read exactly; renumber its labels"
             )
         # one channel: its values, read as Mask reads an array (a label map: the class's label);
         # several: any of them. FILE=LABEL takes the voxels of that label value.

@@ -326,3 +326,22 @@ def test_one_input_with_workers_runs_in_a_worker_too(tmp_path):
     assert done.returncode == 1, done.stderr[-3000:]
     assert "worker died (signal 9, SIGKILL), twice" in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_the_workers_start_is_one_line_too(tmp_path):
+    # the workers were importing torch when the group's SIGINT came: a traceback from each
+    inputs = _marked_inputs(tmp_path / "in", 4, marked=set())
+    command, environment = _segcam("explain", inputs, *DEMO, "--target", "all:1",
+                                   "--num-workers", "2", "--out", tmp_path / "out")  # fmt: skip
+    parent = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not _children(parent.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.8)  # the workers are starting: importing segcam and torch
+    os.killpg(parent.pid, signal.SIGINT)
+    assert parent.stderr is not None
+    rest = parent.stderr.read()
+    assert parent.wait(timeout=60) == 130, rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest

@@ -182,3 +182,13 @@ def test_a_malformed_manifest_is_redone_not_an_error(scene, tmp_path, capsys, ma
     assert run("explain", scene, *EXPLAIN, "--out", out) == 0  # no --overwrite needed
     err = capsys.readouterr().err
     assert "files in" in err and "Traceback" not in err and "unexpected" not in err
+
+
+def test_a_manifest_that_is_no_segcam_manifest_does_not_protect_old_maps(scene, tmp_path):
+    out = tmp_path / "out"
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    (out / "scene" / "manifest.json").write_text('{"outputs": []}')  # parseable, but not ours
+    stale = out / "scene" / "seg-grad-cam.npz"
+    stale.write_bytes(b"a map of earlier settings")
+    assert run("explain", scene, *EXPLAIN, "--out", out) == 0
+    assert not stale.exists()

@@ -163,3 +163,16 @@ def test_the_output_folder_as_the_input_is_said_so(tmp_path, capsys):
     v0, _ = _two_inputs(tmp_path)
     assert run("explain", v0.parent, *EXPLAIN, "--out", v0.parent) == 2
     one_line(capsys, "is the output folder (--out) as well as an input")
+
+
+def test_the_same_weights_by_another_path_are_the_folder_s_settings(tmp_path, capsys, monkeypatch):
+    v0, v1 = _two_inputs(tmp_path)
+    out = tmp_path / "out"
+    from cli_runs import WEIGHTS
+
+    model = ["--model", "segcam.apps.demo.models:build_demo_model", "--target", "all:1",
+             "--layer", LAYER]  # fmt: skip
+    assert run("explain", v0, *model, "--weights", WEIGHTS, "--out", out) == 0
+    monkeypatch.chdir(WEIGHTS.parent)
+    assert run("explain", v1, *model, "--weights", WEIGHTS.name, "--out", out) == 0
+    assert len(list(out.glob("*/manifest.json"))) == 2

@@ -222,7 +222,13 @@ def run_processes(
     def start() -> None:
         parent_end, child_end = context.Pipe()
         process = context.Process(target=_worker_main, args=(job, child_end, claim), daemon=True)
-        process.start()
+        # Ctrl+C signals the whole group: a worker starts with SIGINT ignored (kept across exec,
+        # and Python keeps an ignored SIGINT), so even while it imports, the run alone answers
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         child_end.close()
         pool.append(_Process(process, parent_end))
 

@@ -151,9 +151,10 @@ class BatchJob:
         return replace(self, recorded=self._settings())
 
     def _settings(self) -> dict[str, Any]:
-        weights = Path(self.weights) if self.weights else None
+        weights = Path(self.weights).resolve() if self.weights else None  # one file, one name
         if weights is not None and not weights.is_file():
-            raise InputFileError(f"--weights {weights}: no such file")
+            what = "a folder, not a weights file" if weights.is_dir() else "no such file"
+            raise InputFileError(f"--weights {self.weights}: {what}")
         settings = {
             "segcam": segcam.__version__,
             "torch": torch.__version__,
@@ -219,7 +220,7 @@ def _dependencies(
         if kind in ("mask", "region") and argument:
             path = Path(split_label(argument, spec)[0])
             if path.is_file():
-                files[str(path)] = file_sha256(path)
+                files[str(path.resolve())] = file_sha256(path)
     for callable_spec in (model, preprocess):
         text = callable_spec or ""
         module = text.partition(":")[0] if ":" in text else ""

@@ -185,7 +185,7 @@ def clear_previous(folder: Path) -> None:
             saved = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             saved = None
-        outputs = saved.get("outputs") if isinstance(saved, dict) else None
+        outputs = saved.get("outputs") if _is_manifest(saved) else None
         if isinstance(outputs, list):
             listed = [str(name) for name in outputs]
         manifest.unlink()

@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
             within=display.within,
             raise_errors=len(files) == 1 and args.backend == "local" and args.num_workers == 1,
         )
-    print(f"outputs in {args.out}")
+    if Path(args.out).is_dir():  # a run that made its folder and produced nothing removed it
+        print(f"outputs in {args.out}")
     if result.failed:
         total = len(result.done) + len(result.skipped) + len(result.failed)
         print(f"{len(result.failed)} of {total} inputs failed:", file=sys.stderr)
