@@ -211,3 +211,14 @@ def test_bad_bodies_are_400_with_the_reason_and_every_answer_has_the_headers(vie
         assert status in (404, 405)
         assert headers["x-frame-options"] == "DENY" and "content-security-policy" in headers
         assert headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_wildcard_host_is_refused_saying_why(host, capsys):
+    # it said "anyone can use the viewer" while every request got 421 (issue 23)
+    from segcam.apps.cli import main
+
+    assert main(["view", "--host", host, "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--host {host} listens on every interface" in err
+    assert "give this machine's own address" in err

@@ -124,12 +124,21 @@ def _ground_truth(path: Path | None) -> np.ndarray | None:
     return labels.astype(np.uint8 if labels.max() < 256 else np.int64)
 
 
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
 def _check_port(host: str, port: int) -> None:
     """Refuse a port that is in use (or a bad one) with one line, before loading anything."""
     import socket
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: a port is 0 (a free one) to 65535")
+    if host in WILDCARDS:
+        raise UsageError(
+            f"--host {host} listens on every interface, but the viewer answers only requests "
+            f"whose Host is the address it serves: give this machine's own address (e.g. --host "
+            f"192.168.1.20), or leave --host out for this machine only"
+        )
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

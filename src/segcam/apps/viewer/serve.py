@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from segcam.apps.viewer.session import ViewerSession
-from segcam.errors import SegCamError
+from segcam.errors import OptionError, SegCamError
 
 __all__ = [
     "RunningViewer",
@@ -124,10 +124,17 @@ def serve(
 
     from segcam.apps.viewer.app import allowed_hosts, create_app, new_token
 
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        raise OptionError(
+            f"host {host!r} listens on every interface, but the viewer answers only requests "
+            f"whose Host is the address it serves: give this machine's own address"
+        )
     if host not in (LOCAL, "localhost", "::1"):
+        shown_host = f"[{host}]" if ":" in host else host
         print(
-            f"segcam: warning: serving on {host}: anyone who can reach this machine can use the "
-            f"viewer and its model; the default is {LOCAL}",
+            f"segcam: warning: serving on {host}: anyone who can reach {shown_host} and has the "
+            f"address with its token can use the viewer and its model (requests must name "
+            f"{shown_host} as their Host); the default is {LOCAL}",
             file=sys.stderr,
         )
     port = port or free_port(host)
