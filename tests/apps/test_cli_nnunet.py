@@ -227,3 +227,26 @@ def test_an_out_that_is_the_cases_folder_is_refused(setup, capsys):
     assert code == 2
     assert "lies in the output folder" in capsys.readouterr().err
     assert sorted(p.name for p in raw.iterdir()) == ["liver_1_0000.nii.gz", "liver_2_0000.nii.gz"]
+
+
+def test_the_nnunet_viewer_shows_the_case_s_own_label_file_as_its_truth(setup, tmp_path):
+    # --ground-truth was silently ignored with --nnunet (issue 23)
+    from segcam.apps.viewer.nnunet_session import nnunet_session
+    from segcam.errors import InputFileError
+
+    model_folder, raw = setup
+    files = [str(raw / "liver_1_0000.nii.gz")]
+    model = nnunet.load(model_folder, folds="all")
+    case = nnunet.read_case(model, files)
+    labels = nnunet.predict(model, files).segmentation.astype(np.uint8)
+    labels[0, 0, 0] = 2  # not just the prediction: the file's own values
+    writer = model.plans_manager.image_reader_writer_class()
+    truth_file = tmp_path / "liver_1.nii.gz"
+    writer.write_seg(labels, str(truth_file), case.properties)
+    session = nnunet_session(str(model_folder), files, ground_truth=str(truth_file))
+    assert session.ground_truth is not None
+    np.testing.assert_array_equal(session.ground_truth, labels)  # the case's own array order
+    other = tmp_path / "other.nii.gz"
+    writer.write_seg(labels[:-1], str(other), case.properties)
+    with pytest.raises(InputFileError, match="but the case's is"):
+        nnunet_session(str(model_folder), files, ground_truth=str(other))

@@ -173,4 +173,5 @@ def _nnunet_session(args: argparse.Namespace) -> Any:
         mirroring=not args.disable_tta,
         trust_checkpoint=args.trust_checkpoint,
         layers=args.layer or None,
+        ground_truth=None if args.ground_truth is None else str(args.ground_truth),
     )

@@ -21,7 +21,7 @@ import segcam
 from segcam import Explainer
 from segcam.apps.viewer.layers import LayerMenu, on_path_shapes
 from segcam.apps.viewer.session import RequestError, ViewerSession
-from segcam.errors import OptionError
+from segcam.errors import InputFileError, OptionError
 from segcam.layers import describe_layers
 from segcam.methods import get_method
 
@@ -152,8 +152,13 @@ def nnunet_session(
     trust_checkpoint: bool = False,
     layers: list[str] | None = None,
     device: str = "cpu",
+    ground_truth: str | None = None,
 ) -> NnUNetViewerSession:
-    """A viewer session on an nnU-Net model folder and one case's channel files."""
+    """A viewer session on an nnU-Net model folder and one case's channel files.
+
+    ``ground_truth``: the case's label file, read by the model's own reader, so it lies in the
+    same array order as the case (outlined as the truth; a file of another grid is refused).
+    """
     from segcam import nnunet
 
     model = nnunet.load(
@@ -163,6 +168,23 @@ def nnunet_session(
     reader = model.plans_manager.image_reader_writer_class()
     case = nnunet.read_case(model, files)
     original, _ = reader.read_images(files)
+    truth = None
+    if ground_truth is not None:
+        try:
+            labels, _ = reader.read_seg(ground_truth)
+        except Exception as error:  # the readers raise many types for unreadable files
+            raise InputFileError(f"--ground-truth {ground_truth}: cannot read ({error})") from error
+        values = np.asarray(labels)[0]
+        if tuple(values.shape) != tuple(int(v) for v in case.original_shape):
+            raise InputFileError(
+                f"--ground-truth {ground_truth}: shape {tuple(values.shape)}, but the case's is "
+                f"{tuple(case.original_shape)}"
+            )
+        if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
+            raise InputFileError(
+                f"--ground-truth {ground_truth}: not labels (non-negative integers)"
+            )
+        truth = values.astype(np.uint8 if values.max() < 256 else np.int64)
     return NnUNetViewerSession(
         model=model.networks[0],
         inputs=case.data,
@@ -172,5 +194,6 @@ def nnunet_session(
         step_size=step_size,
         mirroring=mirroring,
         layers=layers or [],
+        ground_truth=truth,
         title=f"{files[0]} with nnU-Net {model.configuration}",
     )
