@@ -130,3 +130,21 @@ def test_a_mask_file_whose_voxels_lie_elsewhere_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "the mask file's affine differs from the input's" in err, err
         assert "resample it onto the input's grid" in err
+
+
+def test_the_viewer_takes_a_dicom_folder_and_orients_nrrd_as_nifti(tmp_path, capsys):
+    # `segcam view series_folder/` was "no such file"; an oblique NRRD was shown unoriented
+    from segcam.apps.cli.view import _affine_of
+    from segcam.io.files import read_input
+
+    series = tmp_path / "ct"
+    write_series(series, VOLUME, "1.2.826.0.1.3680043.2.1125.401")
+    assert run("view", series, *MODEL, "--ground-truth", tmp_path / "nope.nii.gz") == 2
+    assert "nope.nii.gz: no such file" in capsys.readouterr().err  # past the input's check
+    image = oblique_image(VOLUME.astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "v.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "v.nii.gz"))
+    oriented = _affine_of(read_input(tmp_path / "v.nrrd"))
+    assert oriented is not None
+    np.testing.assert_allclose(oriented, _affine_of(read_input(tmp_path / "v.nii.gz")), atol=1e-4)
+    np.testing.assert_allclose(_affine_of(read_input(series)), oriented, atol=1e-3)

@@ -129,3 +129,14 @@ def test_the_capture_leaves_python_stderr_and_the_descriptor_as_they_were(tmp_pa
     assert said.lines == ["printed by C code"]
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "printed by Python\nafter\n"
+
+
+def test_the_ras_affine_of_itk_geometry_is_the_nifti_affine_of_the_same_image(tmp_path):
+    from segcam.io.medical import ras_affine
+
+    image = oblique_image(VOLUME.astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "v.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "v.nii.gz"))  # ITK writes the NIfTI affine itself
+    nrrd, nifti = read_input(tmp_path / "v.nrrd"), read_input(tmp_path / "v.nii.gz")
+    assert nrrd.medical is not None and nifti.nifti_affine is not None
+    np.testing.assert_allclose(ras_affine(nrrd.medical), nifti.nifti_affine, atol=1e-4)

@@ -39,6 +39,7 @@ __all__ = [
     "MedicalVolume",
     "dicom_series",
     "is_dicom_folder",
+    "ras_affine",
     "read_medical",
     "write_like",
 ]
@@ -260,6 +261,22 @@ def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None)
         tuple(float(v) for v in image.GetDirection()),
     )
     return MedicalVolume(np.ascontiguousarray(array), geometry, kind, image)
+
+
+def ras_affine(volume: MedicalVolume) -> np.ndarray | None:
+    """The voxel-to-world matrix of a 3D volume's (i, j, k) grid in RAS, as a NIfTI affine says.
+
+    ITK's geometry is LPS: world = origin + direction @ (spacing * index); RAS flips x and y.
+    None for a 2D image.
+    """
+    geometry = volume.geometry
+    if len(geometry.spacing) != 3 or volume.array.ndim != 4:
+        return None
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(geometry.spacing, dtype=np.float64)
+    lps[:3, 3] = geometry.origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def write_like(path: Path, volume: np.ndarray, like: MedicalVolume) -> Path:

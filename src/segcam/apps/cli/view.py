@@ -24,7 +24,8 @@ from segcam.apps.cli.options import (
 )
 from segcam.apps.specs import apply_intensity
 from segcam.errors import MissingExtraError
-from segcam.io.files import read_input
+from segcam.io.files import InputFile, read_input
+from segcam.io.medical import is_dicom_folder, ras_affine
 
 __all__ = ["add_parser", "run"]
 
@@ -78,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--model needs an INPUT to view (without both: the demo CT)")
         session = demo_session(args.demo, args.sliding_window)
     else:
-        if not args.input.is_file():
-            raise UsageError(f"{args.input}: no such file")
+        if not (args.input.is_file() or is_dicom_folder(args.input)):
+            raise UsageError(f"{args.input}: no such file (or a folder without DICOM files)")
         truth = _ground_truth(args.ground_truth)  # before the model loads: a bad file is quick
         model = model_from_args(args)
         data = read_input(args.input)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             array,
             class_names=args.classes,
             layers=args.layer,
-            affine=data.nifti_affine,
+            affine=_affine_of(data),
             title=args.input.name,
             output=output_spec(args.output, args.logits_from),
             sliding_window=args.sliding_window,
@@ -109,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(130)
     return 0
+
+
+def _affine_of(data: InputFile) -> np.ndarray | None:
+    """Where the volume's voxels lie (RAS): a NIfTI's affine, or NRRD/MetaImage/DICOM geometry.
+
+    With it the viewer shows every volume format in radiological orientation.
+    """
+    if data.nifti_affine is not None:
+        return np.asarray(data.nifti_affine)
+    return ras_affine(data.medical) if data.medical is not None else None
 
 
 def _ground_truth(path: Path | None) -> np.ndarray | None:
