@@ -249,6 +249,7 @@ def test_markup_in_a_class_name_is_text_and_runs_nothing(browser_page):
         page.wait_for_function("() => segcamViewer.timings.length > 0")
         legend = page.evaluate("() => document.getElementById('legend').textContent")
         assert hostile in legend and "<script>" in legend
+        assert "pixel set" in legend and "truth" not in legend  # the lines, and no truth here
         assert (
             page.evaluate("() => document.querySelectorAll('#legend img, #legend script').length")
             == 0
@@ -292,5 +293,7 @@ def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
                  return [d[0], d[1], d[2]]; }"""
         )
         assert outer == page.evaluate("() => truthColour(1)")  # the liver's own border
+        legend = page.evaluate("() => document.getElementById('legend').textContent")
+        assert "pixel set" in legend and "truth (class colour, light)" in legend
     finally:
         viewer.stop()

@@ -414,14 +414,22 @@ async function start() {
     info.classes.forEach((name, c) => $("class").add(new Option(`${c}: ${name}`, c)));
     $("class").value = Math.min(1, info.classes.length - 1);
     // names come from the model's folder or the command line: text nodes only, never markup
-    $("legend").replaceChildren(...info.classes.flatMap((name, c) => {
-      const colour = PALETTE[c % PALETTE.length];
-      if (!colour) return [];
+    const legendEntry = (text, fill, line) => {
       const entry = document.createElement("span"), swatch = document.createElement("i");
-      swatch.style.background = `rgb(${colour})`;
-      entry.append(swatch, document.createTextNode(name));
-      return [entry];
-    }));
+      if (fill) swatch.style.background = fill;
+      if (line) { swatch.style.background = "transparent"; swatch.style.border = `2px solid ${line}`; }
+      entry.append(swatch, document.createTextNode(text));
+      return entry;
+    };
+    $("legend").replaceChildren(
+      ...info.classes.flatMap((name, c) => {
+        const colour = PALETTE[c % PALETTE.length];
+        return colour ? [legendEntry(name, `rgb(${colour})`)] : [];
+      }),
+      // what the lines are: the pixel set, the truth's borders (its class's colour), the crosshair
+      legendEntry("pixel set", null, "rgb(80, 220, 255)"),
+      ...(info.ground_truth ? [legendEntry("truth (class colour, light)", null, `rgb(${truthColour(1)})`)] : []),
+      ...(three() ? [legendEntry("crosshair (three planes)", null, "rgb(120, 255, 120)")] : []));
     fillLayers();
     for (const k of [0, 1]) {
       info.methods.forEach((m) => $("method" + k).add(new Option(m.name + (m.kind === "gradient" ? "" : " (gradient-free)"), m.name)));
