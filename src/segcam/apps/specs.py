@@ -316,6 +316,15 @@ def split_label(argument: str, spec: str) -> tuple[str, int | None]:
     return path, int(label)
 
 
+def mask_file(spec: str) -> Path | None:
+    """The file a ``mask:C:FILE[=LABEL]`` or ``region:C:FILE[=LABEL]`` target reads (else None)."""
+    kind, _, rest = spec.partition(":")
+    argument = rest.partition(":")[2]
+    if kind not in ("mask", "region") or not argument:
+        return None
+    return Path(split_label(argument, spec)[0])
+
+
 def mask_geometry(data: InputFile) -> tuple[str, np.ndarray] | None:
     """Where a file's voxels lie, to compare a mask file with its input: None when unknown."""
     if data.nifti_affine is not None:

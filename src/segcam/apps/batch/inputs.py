@@ -39,9 +39,9 @@ from segcam.apps.specs import (
     file_sha256,
     load_callable,
     load_model,
+    mask_file,
     mask_geometry,
     parse_target,
-    split_label,
 )
 from segcam.errors import InputFileError, OptionError
 from segcam.io.files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, InputFile, read_input, write_nifti
@@ -170,13 +170,8 @@ class FileInputs:
 
 def _mask_geometries(specs: Sequence[str]) -> dict[str, tuple[str, np.ndarray] | None]:
     """Where each mask or region file's voxels lie, checked against every input's."""
-    found = {}
-    for spec in specs:
-        kind, _, rest = spec.partition(":")
-        argument = rest.partition(":")[2]
-        if kind in ("mask", "region") and argument:
-            found[spec] = mask_geometry(read_input(split_label(argument, spec)[0]))
-    return found
+    files = {spec: mask_file(spec) for spec in specs}
+    return {spec: mask_geometry(read_input(path)) for spec, path in files.items() if path}
 
 
 @dataclass

@@ -211,16 +211,13 @@ def _dependencies(
     model factory and ``--preprocess`` function: a rerun after one of them changed is not an
     "already done" (the folder's settings differ, and it says which).
     """
-    from segcam.apps.specs import split_label
+    from segcam.apps.specs import mask_file
 
     files: dict[str, str] = {}
     for spec in targets:
-        kind, _, rest = spec.partition(":")
-        argument = rest.partition(":")[2]
-        if kind in ("mask", "region") and argument:
-            path = Path(split_label(argument, spec)[0])
-            if path.is_file():
-                files[str(path.resolve())] = file_sha256(path)
+        path = mask_file(spec)
+        if path is not None and path.is_file():
+            files[str(path.resolve())] = file_sha256(path)
     for callable_spec in (model, preprocess):
         text = callable_spec or ""
         module = text.partition(":")[0] if ":" in text else ""
