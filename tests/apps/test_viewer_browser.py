@@ -297,3 +297,45 @@ def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
         assert "pixel set" in legend and "truth (class colour, light)" in legend
     finally:
         viewer.stop()
+
+
+def test_compare_with_truth_colours_true_and_false_positives_and_negatives(browser_page):
+    image, labels = shapes_scene(1_000_009)
+    truth = np.roll(labels.astype(np.uint8), 7, axis=1)  # the truth beside the prediction
+    session = ViewerSession(
+        model=load_demo_model(), inputs=torch.from_numpy(image.astype(np.float32)),
+        class_names=["background", "disk", "square"], layers=[LAYER], ground_truth=truth,
+    )  # fmt: skip
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0")
+        page.check("#compare")
+        found = page.evaluate(
+            """() => {
+              const s = segcamViewer.slice, [h, w] = s.shape, c = Number(document.getElementById('class').value);
+              const kind = (p) => comparison(s.prediction[p] === c, s.truth[p] === c);
+              const canvas = document.getElementById('view-prediction'), z = segcamViewer.zoom;
+              const out = {};
+              for (let i = 2; i < h - 2; i++) for (let j = 2; j < w - 2; j++) {
+                const p = i * w + j, k = kind(p);
+                // an inner pixel of its kind, away from every outline (truth, pixel set)
+                const around = [-2, -1, 0, 1, 2].flatMap((di) => [-2, -1, 0, 1, 2].map((dj) => (i + di) * w + j + dj));
+                if (out[k] || !around.every((q) => kind(q) === k && s.truth[q] === s.truth[p] && s.prediction[q] === s.prediction[p])) continue;
+                const d = canvas.getContext('2d').getImageData(Math.floor((j + 0.5) * z), Math.floor((i + 0.5) * z), 1, 1).data;
+                out[k] = [d[0], d[1], d[2]];
+              }
+              return out; }"""
+        )
+        assert {"tp", "fp", "fn"} <= set(found), found
+        r, g, b = found["tp"]
+        assert r > b + 40 and g > b + 40  # yellow
+        r, g, b = found["fp"]
+        assert r > g + 40 and r > b + 40  # red
+        r, g, b = found["fn"]
+        assert b > r + 40 and b > g + 20  # blue
+        legend = page.evaluate("() => document.getElementById('legend').textContent")
+        assert "false negative (compare)" in legend
+    finally:
+        viewer.stop()

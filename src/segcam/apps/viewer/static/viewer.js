@@ -128,6 +128,9 @@ function mapPaint(data, scale, opacity) {
     return rgb.map((c) => (1 - a) * g + a * c);
   };
 }
+// the prediction against the truth, for the chosen class
+const COMPARE = {tp: [240, 220, 60], fp: [240, 60, 60], fn: [60, 120, 255], tn: null};
+function comparison(predicted, truly) { return predicted ? (truly ? "tp" : "fp") : (truly ? "fn" : "tn"); }
 function brushPlane() { return viewer.brushes.get(`${axisNow()}:${Number($("slice").value)}`); }
 function render() {
   if (layoutThree()) { renderThree(); return; }
@@ -135,10 +138,12 @@ function render() {
   const axis = axisNow(), opacity = Number($("opacity").value) / 100, pred = viewer.slice.prediction;
   const shown = {...viewer.slice, set: viewer.result && viewer.result.setSlice};
   const brush = ["brush", "erase"].includes($("mode").value) ? brushPlane() : null;
+  const truth = viewer.slice.truth, compare = $("compare").checked && truth, c = Number($("class").value);
   draw($("view-prediction"), axis, shown, (p, g) => {
     let rgb = [g, g, g];
-    const colour = $("showPrediction").checked && PALETTE[pred[p] % PALETTE.length];
-    if (colour) rgb = colour.map((c) => 0.55 * g + 0.45 * c);
+    const colour = compare ? COMPARE[comparison(pred[p] === c, truth[p] === c)]
+      : $("showPrediction").checked && PALETTE[pred[p] % PALETTE.length];
+    if (colour) rgb = colour.map((v) => 0.55 * g + 0.45 * v);
     if (brush && brush[p]) rgb = rgb.map((c, k) => 0.5 * c + 0.5 * [80, 220, 255][k]);
     return rgb;
   }, overlays);
@@ -429,6 +434,8 @@ async function start() {
       // what the lines are: the pixel set, the truth's borders (its class's colour), the crosshair
       legendEntry("pixel set", null, "rgb(80, 220, 255)"),
       ...(info.ground_truth ? [legendEntry("truth (class colour, light)", null, `rgb(${truthColour(1)})`)] : []),
+      ...(info.ground_truth ? [["true positive", "tp"], ["false positive", "fp"], ["false negative", "fn"]]
+        .map(([text, kind]) => legendEntry(`${text} (compare)`, `rgb(${COMPARE[kind]})`)) : []),
       ...(three() ? [legendEntry("crosshair (three planes)", null, "rgb(120, 255, 120)")] : []));
     fillLayers();
     for (const k of [0, 1]) {
@@ -440,6 +447,7 @@ async function start() {
     viewer.window = {level: first.level, width: first.width};
     $("level").value = Number(first.level.toPrecision(5)); $("width").value = Number(first.width.toPrecision(5));
     $("truthToggle").style.display = info.ground_truth ? "" : "none";
+    $("compareToggle").style.display = info.ground_truth ? "" : "none";
     if (three()) {
       document.body.classList.add("three");
       info.axes.forEach((name, a) => $("axis").add(new Option(info.oriented ? `${name} (axis ${a})` : name, a)));
@@ -452,7 +460,7 @@ async function start() {
     }
     ["view-prediction", "view0", "view1", "tri0", "tri1", "tri2"].forEach((id) => attach($(id)));
     ["class", "layer", "method0", "method1"].forEach((id) => $(id).addEventListener("change", explain));
-    ["scale", "showPrediction", "showTruth", "showMap"].forEach((id) => $(id).addEventListener("change", render));
+    ["scale", "showPrediction", "showTruth", "showMap", "compare"].forEach((id) => $(id).addEventListener("change", render));
     $("allLayers").addEventListener("change", fillLayers);
     $("mode").addEventListener("change", () => { if (["predicted", "uploaded"].includes($("mode").value) || target()) explain(); else render(); });
     $("clearBrush").addEventListener("click", () => { viewer.brushes.clear(); if (["brush", "erase"].includes($("mode").value)) explain(); });
