@@ -299,6 +299,28 @@ def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
         viewer.stop()
 
 
+# per kind of comparison (tp, fp, fn, tn), the canvas colour of one pixel inside its kind, away
+# from every outline (truth, pixel set)
+INNER_PIXELS_BY_KIND = """() => {
+  const s = segcamViewer.slice, [h, w] = s.shape;
+  const c = Number(document.getElementById('class').value);
+  const kind = (p) => comparison(s.prediction[p] === c, s.truth[p] === c);
+  const canvas = document.getElementById('view-prediction'), z = segcamViewer.zoom;
+  const same = (p, q) => kind(q) === kind(p) && s.truth[q] === s.truth[p]
+    && s.prediction[q] === s.prediction[p];
+  const out = {};
+  for (let i = 2; i < h - 2; i++) for (let j = 2; j < w - 2; j++) {
+    const p = i * w + j, k = kind(p), steps = [-2, -1, 0, 1, 2];
+    const around = steps.flatMap((di) => steps.map((dj) => (i + di) * w + j + dj));
+    if (out[k] || !around.every((q) => same(p, q))) continue;
+    const x = Math.floor((j + 0.5) * z), y = Math.floor((i + 0.5) * z);
+    const d = canvas.getContext('2d').getImageData(x, y, 1, 1).data;
+    out[k] = [d[0], d[1], d[2]];
+  }
+  return out;
+}"""
+
+
 def test_compare_with_truth_colours_true_and_false_positives_and_negatives(browser_page):
     image, labels = shapes_scene(1_000_009)
     truth = np.roll(labels.astype(np.uint8), 7, axis=1)  # the truth beside the prediction
@@ -312,22 +334,7 @@ def test_compare_with_truth_colours_true_and_false_positives_and_negatives(brows
         page.goto(viewer.url)
         page.wait_for_function("() => segcamViewer.timings.length > 0")
         page.check("#compare")
-        found = page.evaluate(
-            """() => {
-              const s = segcamViewer.slice, [h, w] = s.shape, c = Number(document.getElementById('class').value);
-              const kind = (p) => comparison(s.prediction[p] === c, s.truth[p] === c);
-              const canvas = document.getElementById('view-prediction'), z = segcamViewer.zoom;
-              const out = {};
-              for (let i = 2; i < h - 2; i++) for (let j = 2; j < w - 2; j++) {
-                const p = i * w + j, k = kind(p);
-                // an inner pixel of its kind, away from every outline (truth, pixel set)
-                const around = [-2, -1, 0, 1, 2].flatMap((di) => [-2, -1, 0, 1, 2].map((dj) => (i + di) * w + j + dj));
-                if (out[k] || !around.every((q) => kind(q) === k && s.truth[q] === s.truth[p] && s.prediction[q] === s.prediction[p])) continue;
-                const d = canvas.getContext('2d').getImageData(Math.floor((j + 0.5) * z), Math.floor((i + 0.5) * z), 1, 1).data;
-                out[k] = [d[0], d[1], d[2]];
-              }
-              return out; }"""
-        )
+        found = page.evaluate(INNER_PIXELS_BY_KIND)
         assert {"tp", "fp", "fn"} <= set(found), found
         r, g, b = found["tp"]
         assert r > b + 40 and g > b + 40  # yellow
