@@ -342,6 +342,18 @@ def test_segcam_view_serves_a_file_and_stops(tmp_path):
             info = json.loads(response.read())
         assert info["classes"] == ["bg", "disk", "square"] and info["shape"] == [64, 64]
         assert info["title"] == "scene.npy"
+        asked = json.dumps({"class": 1, "method": "seg-grad-cam", "format": "json"}).encode()
+        exported = urllib.request.Request(
+            f"{base}/api/export", data=asked, method="POST",
+            headers={"Content-Type": "application/json", "X-Segcam-Token": token},
+        )  # fmt: skip
+        with urllib.request.urlopen(exported, timeout=60) as response:
+            provenance = json.loads(response.read())["provenance"]
+        from segcam.apps.specs import file_sha256
+
+        assert provenance["source"] == str(path.resolve())  # every export names its source
+        assert provenance["weights_sha256"] == file_sha256(weights)
+        assert provenance["model"] == "segcam.apps.demo.models:build_demo_model"
     finally:
         process.send_signal(signal.SIGINT)
         try:

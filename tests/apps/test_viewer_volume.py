@@ -364,3 +364,27 @@ def test_an_export_records_the_shown_slice_and_its_plane():
                               segcam.Box(1, [(1, 4), (2, 6), (3, 8)]), session.default_layer,
                               "seg-grad-cam").maps[0, 0].numpy()  # fmt: skip
     np.testing.assert_allclose(np.asarray(image.dataobj), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_export_names_its_source_and_says_its_units_and_whole_words():
+    import json
+
+    from segcam.apps.viewer.exports import _description
+
+    session = session_3d()
+    session.provenance = {"source": "/data/case.nii.gz", "weights_sha256": "ab" * 32}
+    layer = session.default_layer
+    body = {"class": 1, "target": {"kind": "predicted"}, "layer": layer, "method": "seg-grad-cam"}
+    with TestClient(create_app(session)) as client:
+        sidecar = json.loads(client.post("/api/export", json={**body, "format": "json"}).content)
+        archive = client.post("/api/export", json={**body, "format": "nifti"})
+    assert sidecar["provenance"] == {"source": "/data/case.nii.gz", "weights_sha256": "ab" * 32}
+    header = nib.Nifti1Image.from_bytes(gzip.decompress(archive.content)).header
+    assert header.get_xyzt_units() == ("mm", "sec")  # was unset ("unknown")
+    long = {"method": "seg-hires-grad-cam", "class": "left kidney", "target": {"kind": "uploaded"},
+            "layer": "model.1.submodule.1.submodule.1.submodule.2.conv"}  # fmt: skip
+    text = _description(long)
+    assert len(text) <= 79 and text.endswith("...")
+    kept = text[:-3]
+    full = f"segcam seg-hires-grad-cam class=left kidney layer={long['layer']} target=uploaded"
+    assert full.startswith(kept) and full[len(kept)] == " "  # cut between words, not in one

@@ -168,6 +168,7 @@ def nifti_bytes(
     image = nibabel.Nifti1Image(np.asarray(volume, dtype=np.float32), affine, header=header)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")  # the affine's units, said (viewers read them)
     if description:
         image.header["descrip"] = description[:79].encode("ascii", "replace")
     data: bytes = image.to_bytes()

@@ -22,7 +22,7 @@ from segcam.apps.cli.options import (
     model_from_args,
     output_spec,
 )
-from segcam.apps.specs import apply_intensity
+from segcam.apps.specs import apply_intensity, file_sha256
 from segcam.errors import MissingExtraError
 from segcam.io.files import InputFile, read_input
 from segcam.io.medical import is_dicom_folder, ras_affine
@@ -101,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
             sliding_window=args.sliding_window,
             intensity=data.array,
             ground_truth=truth,
+            provenance={
+                "source": str(args.input.resolve()),
+                "source_sha256": file_sha256(args.input) if args.input.is_file() else None,
+                "model": args.model,
+                "model_kwargs": args.model_kwargs,
+                "weights": str(args.weights.resolve()) if args.weights else None,
+                "weights_sha256": file_sha256(args.weights) if args.weights else None,
+            },
         )
     try:
         serve(session, host=args.host, port=args.port, browser=not args.no_browser)

@@ -43,7 +43,10 @@ def _description(metadata: Mapping[str, Any]) -> str:
         f"segcam {metadata['method']} class={metadata['class']} layer={metadata['layer']} "
         f"target={metadata['target']['kind']}"
     )
-    return text[:79]
+    if len(text) <= 79:
+        return text
+    cut = text[:76].rsplit(" ", 1)[0]  # whole words, never one cut in the middle
+    return f"{cut}..."
 
 
 def _png_with_colour_bar(display: np.ndarray, heat: np.ndarray) -> bytes:

@@ -74,6 +74,7 @@ def file_session(
     sliding_window: dict[str, Any] | None = None,
     intensity: np.ndarray | None = None,
     ground_truth: np.ndarray | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> ViewerSession:
     """A session for one input array (C, *S) read and intensity-processed by the CLI.
 
@@ -101,6 +102,7 @@ def file_session(
         title=title,
         output=output,
         sliding_window=sliding_window,
+        provenance=provenance or {},
     )
 
 

@@ -80,6 +80,8 @@ class ViewerSession:
             default the input's channel mean (e.g. the CT in HU, before any windowing).
         intensity_unit: their unit (``HU`` offers CT window presets).
         ground_truth: reference labels (*S), shown as an outline when given.
+        provenance: what every export names as its source: the input file, the model, the
+            weights and their SHA-256 (the command line fills it in).
     """
 
     model: nn.Module
@@ -97,6 +99,7 @@ class ViewerSession:
     intensity: np.ndarray | None = None
     intensity_unit: str = ""
     ground_truth: np.ndarray | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
     _uploads: OrderedDict[str, Upload] = field(default_factory=OrderedDict, repr=False)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _cache: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -422,6 +425,7 @@ class ViewerSession:
         metadata = {
             "format": "segcam.viewer.export",
             "segcam": segcam.__version__,
+            **({"provenance": dict(self.provenance)} if self.provenance else {}),
             "method": method,
             "class_index": c,
             "class": self.class_names[c] if c < len(self.class_names) else str(c),
