@@ -317,3 +317,24 @@ def test_a_costly_request_asks_first_shows_busy_and_cancels(browser_page):
         ]
     finally:
         viewer.stop()
+
+
+def test_each_view_keeps_its_slice(browser_page):
+    # leaving a view and coming back reset its slice to the middle (issue 23)
+    page = browser_page
+    viewer = start(page, volume_session())
+    try:
+        axes = page.evaluate("() => [...document.getElementById('axis').options].map(o => o.value)")
+        first, other = axes[0], axes[1]
+        page.select_option("#axis", first)
+        page.evaluate("() => { const s = document.getElementById('slice'); s.value = 2; "
+                      "s.dispatchEvent(new Event('input')); }")  # fmt: skip
+        page.wait_for_function("() => document.getElementById('slice').value === '2'")
+        page.select_option("#axis", other)
+        middle = page.evaluate("() => Number(document.getElementById('slice').value)")
+        page.select_option("#axis", first)
+        assert page.evaluate("() => document.getElementById('slice').value") == "2"
+        page.select_option("#axis", other)
+        assert page.evaluate("() => Number(document.getElementById('slice').value)") == middle
+    finally:
+        viewer.stop()

@@ -9,6 +9,7 @@ const viewer = window.segcamViewer = {
   timings: [], brushes: new Map(), zoom: 1, magnify: 1, pan: {x: 0, y: 0}, window: null,
   cursor: null, readout: null, tri: {}, seq: 0, controller: null, confirmed: new Set(),
   client: Math.random().toString(36).slice(2, 12),
+  slices: {}, shownAxis: null,  // the slice each view showed last
 };
 
 function decode(b64, Type) {
@@ -454,6 +455,7 @@ async function start() {
       $("axis").value = info.default_axis;
       const axis = Number(info.default_axis);
       $("slice").max = info.shape[axis] - 1; $("slice").value = Math.floor(info.shape[axis] / 2);
+      viewer.shownAxis = axis;
       viewer.cursor = info.shape.map((n) => Math.floor(n / 2));
       $("depth").max = Math.max(...info.shape);
       if (info.oblique) status("oblique volume: shown along its nearest axes, not resampled");
@@ -481,8 +483,11 @@ async function start() {
       const [lo, hi] = r.extent[axisNow()]; setSlice(Math.floor((lo + hi) / 2));
     });
     $("axis").addEventListener("change", () => {
+      // each view keeps its slice: leaving a view and coming back shows the slice it showed
+      viewer.slices[viewer.shownAxis] = Number($("slice").value);
       const axis = axisNow(); $("slice").max = info.shape[axis] - 1;
-      $("slice").value = Math.floor(info.shape[axis] / 2); loadSlice();
+      $("slice").value = viewer.slices[axis] ?? Math.floor(info.shape[axis] / 2);
+      viewer.shownAxis = axis; loadSlice();
     });
     $("upload").addEventListener("change", async (event) => {
       const file = event.target.files[0]; if (!file) return;
