@@ -338,3 +338,26 @@ def test_each_view_keeps_its_slice(browser_page):
         assert page.evaluate("() => Number(document.getElementById('slice').value)") == middle
     finally:
         viewer.stop()
+
+
+def test_ctrl_wheel_zooms_about_the_pointer(browser_page):
+    # the zoom was anchored at the top-left corner (issue 23)
+    page = browser_page
+    viewer = start(page, volume_session())
+    try:
+        canvas = page.locator("#view-prediction")
+        box = canvas.bounding_box()
+        x, y = box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6
+        page.mouse.move(x, y)
+        under = page.evaluate("() => segcamViewer.readout && segcamViewer.readout.index")
+        assert under is not None
+        page.keyboard.down("Control")
+        page.mouse.wheel(0, -100)
+        page.mouse.wheel(0, -100)
+        page.keyboard.up("Control")
+        assert page.evaluate("() => segcamViewer.magnify") > 1.5
+        page.mouse.move(x + 1, y)  # the read-out follows the mouse: the same voxel under it
+        page.mouse.move(x, y)
+        assert page.evaluate("() => segcamViewer.readout && segcamViewer.readout.index") == under
+    finally:
+        viewer.stop()

@@ -359,7 +359,11 @@ function attach(canvas) {
   });
   canvas.addEventListener("wheel", (event) => {
     event.preventDefault();
-    if (event.ctrlKey) { zoomBy(event.deltaY < 0 ? 1.25 : 0.8); return; }
+    if (event.ctrlKey) {  // about the pointer: the voxel under it stays under it
+      const rect = canvas.getBoundingClientRect();
+      zoomBy(event.deltaY < 0 ? 1.25 : 0.8, {x: event.clientX - rect.left - canvas.clientLeft, y: event.clientY - rect.top - canvas.clientTop});
+      return;
+    }
     const step = event.deltaY > 0 ? 1 : -1;
     if (canvas.id.startsWith("tri")) {
       const axis = Number(canvas.dataset.axis);
@@ -367,7 +371,16 @@ function attach(canvas) {
     } else if (three()) setSlice(Number($("slice").value) + step);
   }, {passive: false});
 }
-function zoomBy(factor) { viewer.magnify = Math.min(Math.max(viewer.magnify * factor, 1), 16); render(); }
+function zoomBy(factor, anchor) {
+  const before = viewer.magnify;
+  viewer.magnify = Math.min(Math.max(before * factor, 1), 16);
+  if (anchor) {  // pan so that the point under the anchor stays there: p = pan + u * scale
+    const ratio = viewer.magnify / before;
+    viewer.pan = {x: anchor.x - (anchor.x - viewer.pan.x) * ratio, y: anchor.y - (anchor.y - viewer.pan.y) * ratio};
+  }
+  if (viewer.magnify === 1) viewer.pan = {x: 0, y: 0};  // fitted again: nothing to pan
+  render();
+}
 window.addEventListener("mousemove", (event) => {
   if (viewer.windowing) {
     const w0 = viewer.windowing, range = Math.max(viewer.info.intensity.max - viewer.info.intensity.min, 1e-6) / 500;
