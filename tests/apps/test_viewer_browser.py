@@ -346,3 +346,26 @@ def test_compare_with_truth_colours_true_and_false_positives_and_negatives(brows
         assert "false negative (compare)" in legend
     finally:
         viewer.stop()
+
+
+def test_a_new_mode_without_its_pixel_set_shows_no_maps_of_the_previous_one(browser_page):
+    # "clicked pixel" kept showing the brush's maps until a click (issue 23)
+    session = session_2d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+        assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 2  # predicted
+        page.select_option("#mode", "pixel")
+        assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 0
+        assert "no pixel set yet" in page.text_content("#name0")
+        before = _updates(page)
+        box = page.locator("#view0").bounding_box()
+        zoom = page.evaluate("() => segcamViewer.zoom")
+        page.mouse.click(box["x"] + 20.5 * zoom, box["y"] + 10.5 * zoom)
+        _wait(page, before)
+        assert page.evaluate("() => segcamViewer.request.target.kind") == "pixel"
+        assert page.text_content("#name0") == page.evaluate("() => segcamViewer.request.methods[0]")
+    finally:
+        viewer.stop()

@@ -151,7 +151,7 @@ function render() {
   viewer.zoom = scales(axis, ...viewer.slice.shape).x;
   [0, 1].forEach((k) => {
     const method = $("method" + k).value, data = viewer.maps[method], entry = viewer.result && viewer.result.maps.find((m) => m.method === method);
-    $("name" + k).textContent = data ? method : `${method} (computing)`;
+    $("name" + k).textContent = data ? method : `${method} (${viewer.awaiting ? "no pixel set yet" : "computing"})`;
     let sliceMax = 0;
     if (data) for (let i = 0; i < data.length; i++) if (data[i] > sliceMax) sliceMax = data[i];
     const perSlice = $("scale").value === "slice";
@@ -242,7 +242,8 @@ async function confirmCost(layer, methods) {  // gradient-free methods on a volu
 }
 async function explain() {
   const t = target();
-  if (!t) { viewer.result = null; viewer.maps = {}; render(); status("choose the pixel set on the image"); return; }
+  if (!t) { viewer.result = null; viewer.maps = {}; viewer.awaiting = true; render(); status("choose the pixel set on the image"); return; }
+  viewer.awaiting = false;
   const methods = [$("method0").value, $("method1").value], layer = $("layer").value;
   try { if (!(await confirmCost(layer, methods))) { status("not run: choose a gradient method or a deeper layer"); return; } }
   catch (error) { status(error.message, true); return; }
@@ -477,7 +478,12 @@ async function start() {
     ["class", "layer", "method0", "method1"].forEach((id) => $(id).addEventListener("change", explain));
     ["scale", "showPrediction", "showTruth", "showMap", "compare"].forEach((id) => $(id).addEventListener("change", render));
     $("allLayers").addEventListener("change", fillLayers);
-    $("mode").addEventListener("change", () => { if (["predicted", "uploaded"].includes($("mode").value) || target()) explain(); else render(); });
+    $("mode").addEventListener("change", () => {
+      if (["predicted", "uploaded"].includes($("mode").value) || target()) { explain(); return; }
+      // the new mode has no pixel set yet: the previous set's maps are not this mode's
+      viewer.maps = {}; viewer.result = null; viewer.awaiting = true;
+      status("choose the pixel set: click, drag or paint on the image"); render();
+    });
     $("clearBrush").addEventListener("click", () => { viewer.brushes.clear(); if (["brush", "erase"].includes($("mode").value)) explain(); });
     $("opacity").addEventListener("input", render);
     $("slice").addEventListener("input", loadSlice);
