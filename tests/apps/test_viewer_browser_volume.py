@@ -361,3 +361,29 @@ def test_ctrl_wheel_zooms_about_the_pointer(browser_page):
         assert page.evaluate("() => segcamViewer.readout && segcamViewer.readout.index") == under
     finally:
         viewer.stop()
+
+
+def test_the_read_out_follows_a_scroll_under_a_still_mouse(browser_page):
+    # it kept the previous slice's voxel and values until the mouse moved (issue 23)
+    page = browser_page
+    session = volume_session()
+    viewer = start(page, session)
+    try:
+        box = page.locator("#view-prediction").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+        before = page.evaluate("() => segcamViewer.readout.index")
+        axis = page.evaluate("() => Number(document.getElementById('axis').value)")
+        page.mouse.wheel(0, 100)  # one slice on, the mouse still
+        page.wait_for_function(
+            "([a, i]) => segcamViewer.readout && segcamViewer.readout.index[a] === i",
+            arg=[axis, before[axis] + 1],
+        )
+        after = page.evaluate("() => segcamViewer.readout")
+        expected = list(before)
+        expected[axis] += 1
+        assert after["index"] == expected
+        assert after["intensity"] == pytest.approx(
+            float(session.intensity[tuple(expected)]), rel=1e-5
+        )
+    finally:
+        viewer.stop()

@@ -165,6 +165,8 @@ function render() {
     for (let x = 0; x < 160; x++) { const c = inferno(x / 159); bar.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`; bar.fillRect(x, 0, 1, 10); }
   });
   setInfo();
+  // the read-out follows the pointer: a new slice or new maps under a still mouse are read again
+  if (viewer.pointer && viewer.pointer.axis === axis) readAt(toIndex(viewer.pointer.row, viewer.pointer.col), axis);
 }
 function renderThree() {
   const method = $("method0").value, opacity = Number($("opacity").value) / 100;
@@ -354,7 +356,7 @@ function attach(canvas) {
   canvas.addEventListener("mousemove", (event) => {
     if (viewer.windowing || viewer.panning) return;
     const [row, col] = position(event), axis = Number(canvas.dataset.axis);
-    if (!canvas.id.startsWith("tri")) readAt(toIndex(row, col), axis);
+    if (!canvas.id.startsWith("tri")) { viewer.pointer = {row, col, axis}; readAt(toIndex(row, col), axis); }
     if (viewer.drag) { viewer.drag.r1 = row; viewer.drag.c1 = col; render(); }
     else if (viewer.painting) { stroke(row, col); render(); }
   });
