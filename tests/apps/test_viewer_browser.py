@@ -369,3 +369,19 @@ def test_a_new_mode_without_its_pixel_set_shows_no_maps_of_the_previous_one(brow
         assert page.text_content("#name0") == page.evaluate("() => segcamViewer.request.methods[0]")
     finally:
         viewer.stop()
+
+
+def test_a_long_note_does_not_move_the_next_panel(browser_page):
+    # a note widened its panel and the next one jumped (issue 23)
+    session = session_2d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+        where = page.locator("#view1").bounding_box()
+        long = "the map is 0 on this slice (its maximum, 1.23, lies elsewhere) " * 3
+        page.evaluate("text => { document.getElementById('note0').textContent = text; }", long)
+        assert page.locator("#view1").bounding_box()["x"] == where["x"]
+    finally:
+        viewer.stop()
