@@ -388,3 +388,26 @@ def test_an_export_names_its_source_and_says_its_units_and_whole_words():
     kept = text[:-3]
     full = f"segcam seg-hires-grad-cam class=left kidney layer={long['layer']} target=uploaded"
     assert full.startswith(kept) and full[len(kept)] == " "  # cut between words, not in one
+
+
+class _ColdFirst(nn.Module):
+    """A network whose first forward is slow (a cold start), the next ones fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_segnet(3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        time.sleep(0.5 if self.calls == 1 else 0.0)
+        return self.body(x)
+
+
+def test_the_cost_estimate_uses_a_warm_forward():
+    # the first, cold forward made Score-CAM's estimate 4x too high (issue 23)
+    generator = torch.Generator().manual_seed(0)
+    session = ViewerSession(
+        model=_ColdFirst(), inputs=torch.randn((1, 6, 12, 10), generator=generator)
+    )
+    assert session.forward_seconds < 0.25  # the second forward's time, not the cold 0.5 s
