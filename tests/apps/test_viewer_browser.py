@@ -385,3 +385,39 @@ def test_a_long_note_does_not_move_the_next_panel(browser_page):
         assert page.locator("#view1").bounding_box()["x"] == where["x"]
     finally:
         viewer.stop()
+
+
+CANVAS_PIXELS = """(ids) => ids.map((id) => {
+  const c = document.getElementById(id), g = c.getContext('2d');
+  return {w: c.width, h: c.height, data: Array.from(g.getImageData(0, 0, c.width, c.height).data)};
+})"""
+
+
+def test_save_view_is_what_the_screen_shows(browser_page, tmp_path):
+    # the PNG export was the 128-px map alone, without window, opacity or outlines (issue 23)
+    from PIL import Image
+
+    session = session_2d()
+    viewer = serve_in_thread(session)
+    page = browser_page
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+        with page.expect_download() as download:
+            page.click("#saveView")
+        saved = tmp_path / "view.png"
+        download.value.save_as(saved)
+        assert download.value.suggested_filename.startswith("segcam-view-")
+        picture = np.asarray(Image.open(saved).convert("RGB")).astype(np.int64)
+        shown = page.evaluate(CANVAS_PIXELS, ["view-prediction", "view0", "view1"])
+        pad, title = 8, 20
+        assert picture.shape[1] == pad + sum(c["w"] + pad for c in shown)
+        x = pad
+        for canvas in shown:  # each panel's pixels, exactly as on screen
+            rgba = np.asarray(canvas["data"], np.int64).reshape(canvas["h"], canvas["w"], 4)
+            crop = picture[title : title + canvas["h"], x : x + canvas["w"]]
+            middle = (slice(30, canvas["h"] - 30), slice(30, canvas["w"] - 30))  # no labels there
+            np.testing.assert_array_equal(crop[middle], rgba[..., :3][middle])
+            x += canvas["w"] + pad
+    finally:
+        viewer.stop()

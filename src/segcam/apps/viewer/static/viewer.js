@@ -42,6 +42,50 @@ async function download(body) {
   document.body.appendChild(link); link.click(); link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 10000);
 }
+// "save view": what is on screen as one PNG: each panel's title, its image with the window,
+// overlays, outlines and orientation labels as shown, and the maps' colour bars with their range
+const SAVE = {pad: 8, title: 20, below: 26};
+function savedView() {
+  const ids = layoutThree() ? ["tri0", "tri1", "tri2"] : ["view-prediction", "view0", "view1"];
+  const canvases = ids.map((id) => $(id)).filter((c) => c.width > 0 && c.offsetParent !== null);
+  const {pad, title, below} = SAVE;
+  const out = document.createElement("canvas");
+  out.width = canvases.reduce((w, c) => w + c.width + pad, pad);
+  out.height = title + Math.max(...canvases.map((c) => c.height)) + below;
+  const g = out.getContext("2d");
+  g.fillStyle = "#16181d"; g.fillRect(0, 0, out.width, out.height);
+  let x = pad;
+  for (const c of canvases) {
+    const panel = c.closest(".panel");
+    g.font = "600 13px system-ui, sans-serif"; g.fillStyle = "#e8e8e8"; g.textBaseline = "alphabetic";
+    g.fillText(panel.querySelector("h2").textContent, x, title - 6);
+    g.drawImage(c, x, title);
+    g.font = "600 13px system-ui, sans-serif"; g.fillStyle = "#ffd24a"; g.textBaseline = "middle";
+    for (const span of c.parentElement.querySelectorAll(".dir")) {
+      const side = ["top", "bottom", "left", "right"].find((k) => span.classList.contains(k)), w = g.measureText(span.textContent).width;
+      const at = {top: [x + (c.width - w) / 2, title + 9], bottom: [x + (c.width - w) / 2, title + c.height - 9],
+                  left: [x + 4, title + c.height / 2], right: [x + c.width - 4 - w, title + c.height / 2]}[side];
+      g.fillText(span.textContent, ...at);
+    }
+    const bar = panel.querySelector(".bar canvas"), top = panel.querySelector(".bar span");
+    if (bar && top && top.textContent) {
+      const y = title + c.height + 8;
+      g.font = "12px system-ui, sans-serif"; g.fillStyle = "#e8e8e8"; g.textBaseline = "top";
+      g.fillText("0", x, y); g.drawImage(bar, x + 12, y); g.fillText(top.textContent, x + 18 + bar.width, y);
+    }
+    x += c.width + pad;
+  }
+  return out;
+}
+function saveView() {
+  savedView().toBlob((blob) => {
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = `segcam-view-${(viewer.info.title || "input").replace(/[^A-Za-z0-9._-]+/g, "_")}.png`;
+    document.body.appendChild(link); link.click(); link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  }, "image/png");
+}
 function inferno(v) {
   const x = Math.min(Math.max(v, 0), 1) * (INFERNO.length - 1), i = Math.min(Math.floor(x), INFERNO.length - 2), f = x - i;
   return INFERNO[i].map((a, k) => a * (1 - f) + INFERNO[i + 1][k] * f);
@@ -517,6 +561,7 @@ async function start() {
         status(`uploaded mask: ${r.pixels} pixels`); $("mode").value = "uploaded"; explain();
       } catch (error) { status(error.message, true); }
     });
+    $("saveView").addEventListener("click", saveView);
     document.querySelectorAll("[data-export]").forEach((button) => button.addEventListener("click", async () => {
       // the export names what this page shows: class, target, layer, method
       const method = $("method" + (button.dataset.panel || 0)).value;
