@@ -387,3 +387,14 @@ def test_the_read_out_follows_a_scroll_under_a_still_mouse(browser_page):
         )
     finally:
         viewer.stop()
+
+
+def test_a_ct_opens_in_the_soft_tissue_window(browser_page):
+    page = browser_page
+    viewer = start(page, volume_session())  # intensities in HU
+    try:
+        assert page.evaluate("() => segcamViewer.window") == {"level": 40, "width": 400}
+        chosen = page.evaluate("() => document.getElementById('preset').selectedOptions[0].text")
+        assert chosen == "soft tissue (L 40, W 400)"
+    finally:
+        viewer.stop()

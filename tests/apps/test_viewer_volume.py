@@ -98,6 +98,8 @@ def test_slices_are_sent_in_display_order_with_intensities_and_ground_truth():
     assert info["oriented"] and info["default_axis"] == 2
     assert info["planes"][2]["labels"]["left"] == "R"
     assert [p["name"] for p in info["intensity"]["presets"]][2:4] == ["soft tissue", "liver"]
+    assert info["intensity"]["default"] == 2  # a CT opens in the soft-tissue window
+    assert session_3d().info()["intensity"]["default"] == 0  # other values: their 1-99 % range
     shown = session.slice({"axis": 1, "index": 4})
     plane = session.plane(1)
     expected = plane.cut(intensity, 4)

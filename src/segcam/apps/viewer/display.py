@@ -1,7 +1,8 @@
 """What the viewer shows besides maps: the intensity range and the window/level presets.
 
 Presets: the 1-99 % percentiles, the full range, and for a CT in Hounsfield units the usual
-windows (soft tissue, liver, lung, bone, brain). Computed once per session.
+windows (soft tissue, liver, lung, bone, brain), soft tissue the default. Computed once per
+session.
 """
 
 from __future__ import annotations
@@ -37,4 +38,6 @@ def intensity_summary(intensity: np.ndarray, unit: str) -> dict[str, Any]:
             float(preset["level"]),
             max(float(preset["width"]), 1e-6),
         )
-    return {"unit": unit, "min": lowest, "max": highest, "presets": presets}
+    # a CT opens in the soft-tissue window, as CT viewers do; anything else in its 1-99 % range
+    default = 2 if unit == "HU" else 0
+    return {"unit": unit, "min": lowest, "max": highest, "presets": presets, "default": default}

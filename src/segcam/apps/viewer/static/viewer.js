@@ -504,7 +504,8 @@ async function start() {
       $("method" + k).value = info.default_methods[k];
     }
     info.intensity.presets.forEach((p, k) => $("preset").add(new Option(`${p.name} (L ${Math.round(p.level)}, W ${Math.round(p.width)})`, k)));
-    const first = info.intensity.presets[0];
+    const first = info.intensity.presets[info.intensity.default || 0];  // a CT: soft tissue
+    $("preset").value = info.intensity.default || 0;
     viewer.window = {level: first.level, width: first.width};
     $("level").value = Number(first.level.toPrecision(5)); $("width").value = Number(first.width.toPrecision(5));
     $("truthToggle").style.display = info.ground_truth ? "" : "none";
