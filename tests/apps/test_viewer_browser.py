@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,18 @@ from segcam.apps.viewer.session import ViewerSession
 from segcam.testing.synthetic import shapes_scene
 
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
+
+
+@contextmanager
+def _opened(page, session):
+    """``session`` served and opened in ``page``, its first maps shown; stopped afterwards."""
+    viewer = serve_in_thread(session)
+    try:
+        page.goto(viewer.url)
+        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+        yield viewer
+    finally:
+        viewer.stop()
 
 
 def _updates(page):
@@ -102,11 +116,8 @@ def test_2d_box_layer_and_method(browser_page, tmp_path):
 
 def test_3d_slice_slider_and_axis(browser_page):
     session = session_3d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         assert page.is_visible("#slice")
         full = _explained(session, segcam.Predicted(1), session.default_layer, "seg-hires-grad-cam")
         for index in (0, 4, 9):
@@ -133,8 +144,6 @@ def test_3d_slice_slider_and_axis(browser_page):
             atol=1e-6,
         )
         assert page.text_content("#sliceLabel") == "3 / 5"
-    finally:
-        viewer.stop()
 
 
 def test_export_buttons_download_what_the_page_shows(browser_page, tmp_path):
@@ -142,11 +151,8 @@ def test_export_buttons_download_what_the_page_shows(browser_page, tmp_path):
     import json
 
     session = session_2d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         before = _updates(page)
         page.select_option("#class", "2")
         _wait(page, before)
@@ -165,17 +171,12 @@ def test_export_buttons_download_what_the_page_shows(browser_page, tmp_path):
         with page.expect_download() as download_info:
             page.click("button[data-export=image]")
         assert download_info.value.suggested_filename.endswith(".png")
-    finally:
-        viewer.stop()
 
 
 def test_colour_scale_per_slice_and_a_note_for_a_zero_slice(browser_page):
     session = session_3d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         whole = page.text_content("#max0")
         assert whole.endswith("(whole input)")
         page.select_option("#scale", "slice")
@@ -195,8 +196,6 @@ def test_colour_scale_per_slice_and_a_note_for_a_zero_slice(browser_page):
                        render(); }"""
         )
         assert "the map is 0 on this slice" in page.text_content("#note0")
-    finally:
-        viewer.stop()
 
 
 def test_a_slice_change_redraws_at_once_in_every_mode(browser_page):
@@ -240,13 +239,8 @@ def test_markup_in_a_class_name_is_text_and_runs_nothing(browser_page):
         class_names=["background", hostile, "<script>window.__ran = 1</script>"],
         layers=[LAYER],
     )
-    viewer = serve_in_thread(session)
     page = browser_page
-    blocked = []
-    page.on("console", lambda message: blocked.append(message.text))
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         legend = page.evaluate("() => document.getElementById('legend').textContent")
         assert hostile in legend and "<script>" in legend
         assert "pixel set" in legend and "truth" not in legend  # the lines, and no truth here
@@ -258,8 +252,6 @@ def test_markup_in_a_class_name_is_text_and_runs_nothing(browser_page):
         assert page.evaluate("() => [...document.querySelectorAll('#class option')][1].text") == (
             f"1: {hostile}"
         )
-    finally:
-        viewer.stop()
 
 
 def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
@@ -272,11 +264,8 @@ def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
         model=load_demo_model(), inputs=torch.from_numpy(image.astype(np.float32)),
         class_names=["background", "liver", "tumour"], layers=[LAYER], ground_truth=truth,
     )  # fmt: skip
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         colour = page.evaluate(
             """([row, col]) => {
                  const canvas = document.getElementById('view0'), z = segcamViewer.zoom;
@@ -295,8 +284,6 @@ def test_truth_outlines_show_every_border_in_each_class_s_colour(browser_page):
         assert outer == page.evaluate("() => truthColour(1)")  # the liver's own border
         legend = page.evaluate("() => document.getElementById('legend').textContent")
         assert "pixel set" in legend and "truth (class colour, light)" in legend
-    finally:
-        viewer.stop()
 
 
 # per kind of comparison (tp, fp, fn, tn), the canvas colour of one pixel inside its kind, away
@@ -328,11 +315,8 @@ def test_compare_with_truth_colours_true_and_false_positives_and_negatives(brows
         model=load_demo_model(), inputs=torch.from_numpy(image.astype(np.float32)),
         class_names=["background", "disk", "square"], layers=[LAYER], ground_truth=truth,
     )  # fmt: skip
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0")
+    with _opened(page, session):
         page.check("#compare")
         found = page.evaluate(INNER_PIXELS_BY_KIND)
         assert {"tp", "fp", "fn"} <= set(found), found
@@ -344,18 +328,13 @@ def test_compare_with_truth_colours_true_and_false_positives_and_negatives(brows
         assert b > r + 40 and b > g + 20  # blue
         legend = page.evaluate("() => document.getElementById('legend').textContent")
         assert "false negative (compare)" in legend
-    finally:
-        viewer.stop()
 
 
 def test_a_new_mode_without_its_pixel_set_shows_no_maps_of_the_previous_one(browser_page):
     # "clicked pixel" kept showing the brush's maps until a click (issue 23)
     session = session_2d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+    with _opened(page, session):
         assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 2  # predicted
         page.select_option("#mode", "pixel")
         assert page.evaluate("() => Object.keys(segcamViewer.maps).length") == 0
@@ -367,24 +346,17 @@ def test_a_new_mode_without_its_pixel_set_shows_no_maps_of_the_previous_one(brow
         _wait(page, before)
         assert page.evaluate("() => segcamViewer.request.target.kind") == "pixel"
         assert page.text_content("#name0") == page.evaluate("() => segcamViewer.request.methods[0]")
-    finally:
-        viewer.stop()
 
 
 def test_a_long_note_does_not_move_the_next_panel(browser_page):
     # a note widened its panel and the next one jumped (issue 23)
     session = session_2d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+    with _opened(page, session):
         where = page.locator("#view1").bounding_box()
         long = "the map is 0 on this slice (its maximum, 1.23, lies elsewhere) " * 3
         page.evaluate("text => { document.getElementById('note0').textContent = text; }", long)
         assert page.locator("#view1").bounding_box()["x"] == where["x"]
-    finally:
-        viewer.stop()
 
 
 CANVAS_PIXELS = """(ids) => ids.map((id) => {
@@ -398,11 +370,8 @@ def test_save_view_is_what_the_screen_shows(browser_page, tmp_path):
     from PIL import Image
 
     session = session_2d()
-    viewer = serve_in_thread(session)
     page = browser_page
-    try:
-        page.goto(viewer.url)
-        page.wait_for_function("() => segcamViewer.timings.length > 0 && !segcamViewer.busy")
+    with _opened(page, session):
         with page.expect_download() as download:
             page.click("#saveView")
         saved = tmp_path / "view.png"
@@ -419,5 +388,3 @@ def test_save_view_is_what_the_screen_shows(browser_page, tmp_path):
             middle = (slice(30, canvas["h"] - 30), slice(30, canvas["w"] - 30))  # no labels there
             np.testing.assert_array_equal(crop[middle], rgba[..., :3][middle])
             x += canvas["w"] + pad
-    finally:
-        viewer.stop()
