@@ -12,6 +12,7 @@ import segcam
 
 pytest.importorskip("nnunetv2")
 
+import nibabel
 import SimpleITK as sitk  # noqa: N813
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -163,7 +164,7 @@ def test_layers_lists_blocks_with_readable_names(setup, capsys):
     assert "convs.0.conv" not in out  # inner modules only with --all
 
 
-def test_the_viewer_on_an_nnunet_case(setup):
+def test_the_viewer_on_an_nnunet_case(setup, tmp_path):
     """``segcam view --nnunet``'s session: nnU-Net's segmentation, exact maps on request."""
     import base64
 
@@ -176,19 +177,23 @@ def test_the_viewer_on_an_nnunet_case(setup):
     files = [str(raw / "liver_1_0000.nii.gz")]
     session = nnunet_session(str(model_folder), files)
     model = nnunet.load(model_folder, folds="all")
-    expected_seg = nnunet.predict(model, files).segmentation
-    assert np.array_equal(session.prediction, expected_seg)
+    expected_seg = nnunet.predict(model, files).segmentation  # SimpleITK's (k, j, i) order
+    # the page works in the file's own (i, j, k) order, as nibabel reads it
+    source = nibabel.load(files[0])
+    assert session.spatial == source.shape == expected_seg.shape[::-1]
+    assert np.array_equal(session.prediction, expected_seg.transpose(2, 1, 0))
+    np.testing.assert_allclose(session.affine, source.affine, atol=1e-4)
     with TestClient(create_app(session)) as client:
         info = client.get("/api/info").json()
         assert info["classes"] == ["background", "liver", "tumour"]
-        assert info["shape"] == list(expected_seg.shape)
+        assert info["shape"] == list(source.shape)
         assert info["default_layer"] == "decoder.stages.1"
         labels = {entry["name"]: entry["label"] for entry in info["layers"]}
         assert labels["decoder.stages.1"] == "decoder stage 1"
         assert labels["encoder.stages.0"] == "encoder stage 0"
         assert all(m["name"] != "seg-score-cam" for m in info["methods"])
-        box = {"kind": "box", "start": [2, 3, 4], "stop": [8, 12, 10]}
-        payload = {"class": 2, "target": box, "layer": LAYER, "axis": 0, "index": 5,
+        box = {"kind": "box", "start": [4, 3, 2], "stop": [10, 12, 8]}  # (i, j, k)
+        payload = {"class": 2, "target": box, "layer": LAYER, "axis": 2, "index": 5,
                    "methods": ["seg-hires-grad-cam"]}  # fmt: skip
         response = client.post("/api/explain", json=payload).json()
         shape = response["shape"]
@@ -196,14 +201,43 @@ def test_the_viewer_on_an_nnunet_case(setup):
         expected = nnunet.explain(
             model, files, segcam.Box(2, [(2, 8), (3, 12), (4, 10)]), LAYER
         ).maps[0, 0]
-        # the slice is shown in radiological order (the case's affine)
-        cut = session.plane(0).cut(expected.numpy(), 5)
+        in_file_order = expected.numpy().transpose(2, 1, 0)
+        cut = session.plane(2).cut(in_file_order, 5)  # radiological order (the case's affine)
         np.testing.assert_allclose(shown.reshape(shape), cut, rtol=1e-5, atol=1e-6)
-        assert session.info()["planes"][0]["labels"]
-        predicted = {"class": 1, "target": {"kind": "predicted"}, "layer": LAYER, "axis": 0,
+        assert session.info()["planes"][2]["labels"]
+        # a NIfTI export lies voxel for voxel on the source array, with its affine
+        exported = client.post("/api/export", json={**payload, "method": "seg-hires-grad-cam",
+                                                    "format": "nifti"})  # fmt: skip
+        assert exported.status_code == 200
+        written = tmp_path / "map.nii.gz"
+        written.write_bytes(exported.content)
+        image = nibabel.load(written)
+        np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
+        np.testing.assert_allclose(image.get_fdata(), in_file_order, rtol=1e-5, atol=1e-6)
+        # the case's own label file (as nnU-Net writes it) is taken as an upload
+        labels_file = tmp_path / "liver_1.nii.gz"
+        writer = model.plans_manager.image_reader_writer_class()
+        writer.write_seg(
+            expected_seg.astype(np.uint8),
+            str(labels_file),
+            nnunet.read_case(model, files).properties,
+        )
+        uploaded = client.post(
+            "/api/upload?client=a", content=labels_file.read_bytes(),
+            headers={"content-type": "application/octet-stream"},
+        )  # fmt: skip
+        assert uploaded.status_code == 200, uploaded.text
+        assert uploaded.json()["pixels"] == int((expected_seg != 0).sum())
+        predicted = {"class": 1, "target": {"kind": "predicted"}, "layer": LAYER, "axis": 2,
                      "index": 5, "methods": ["seg-hires-grad-cam"]}  # fmt: skip
         response = client.post("/api/explain", json=predicted).json()
         assert response["pixels"] == int((expected_seg == 1).sum())
+        with_upload = client.post("/api/explain", json={**predicted, "client": "a",
+                                  "target": {"kind": "uploaded"}}).json()  # fmt: skip
+        assert with_upload["pixels"] == int((expected_seg == 1).sum())  # its liver label
+        same = np.frombuffer(base64.b64decode(with_upload["maps"][0]["data"]), "<f4")
+        first = np.frombuffer(base64.b64decode(response["maps"][0]["data"]), "<f4")
+        np.testing.assert_allclose(same, first, rtol=1e-6, atol=1e-7)
 
 
 def test_worker_processes_explain_cases_as_one_process_does(setup, tmp_path):
@@ -245,7 +279,8 @@ def test_the_nnunet_viewer_shows_the_case_s_own_label_file_as_its_truth(setup, t
     writer.write_seg(labels, str(truth_file), case.properties)
     session = nnunet_session(str(model_folder), files, ground_truth=str(truth_file))
     assert session.ground_truth is not None
-    np.testing.assert_array_equal(session.ground_truth, labels)  # the case's own array order
+    # shown in the file's own order, as the page shows the case
+    np.testing.assert_array_equal(session.ground_truth, labels.transpose(2, 1, 0))
     other = tmp_path / "other.nii.gz"
     writer.write_seg(labels[:-1], str(other), case.properties)
     with pytest.raises(InputFileError, match="but the case's is"):

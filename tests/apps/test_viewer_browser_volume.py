@@ -22,10 +22,10 @@ SHAPE = (16, 20, 12)
 LPS = np.diag([-0.8, -0.8, 4.0, 1.0])  # voxel axes toward L, P, S; 0.8 x 0.8 x 4 mm
 
 
-def volume_session(model=None, **kwargs):
+def volume_session(model=None, shape=SHAPE, **kwargs):
     rng = np.random.default_rng(3)
-    hounsfield = rng.normal(40, 200, SHAPE).astype(np.float32)
-    truth = (np.indices(SHAPE)[0] < 5).astype(np.uint8)
+    hounsfield = rng.normal(40, 200, shape).astype(np.float32)
+    truth = (np.indices(shape)[0] < 5).astype(np.uint8)
     inputs = torch.from_numpy(hounsfield / 200)[None]
     return ViewerSession(
         model=model or tiny_segnet(3), inputs=inputs, affine=LPS, intensity=hounsfield,
@@ -385,6 +385,45 @@ def test_the_read_out_follows_a_scroll_under_a_still_mouse(browser_page):
         assert after["intensity"] == pytest.approx(
             float(session.intensity[tuple(expected)]), rel=1e-5
         )
+    finally:
+        viewer.stop()
+
+
+def test_no_blank_frame_while_scrolling(browser_page):
+    # the page cleared the maps on every slice: they blanked on 46 of 229 frames (issue 23)
+    page = browser_page
+    viewer = start(page, volume_session(shape=(16, 20, 40)))
+    try:
+        box = page.locator("#view-prediction").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.evaluate("() => setSlice(5)")
+        page.wait_for_function("() => segcamViewer.sliceIndex === 5 && !segcamViewer.busy")
+        page.evaluate(
+            """() => { const v = segcamViewer, frames = v.frames = [];
+                 (function sample() {
+                   const name = document.getElementById('name0').textContent;
+                   frames.push({maps: Object.keys(v.maps).length, request: v.request.index,
+                                slice: v.sliceIndex, computing: name.includes('computing')});
+                   if (!v.stopFrames) requestAnimationFrame(sample);
+                 })(); }"""
+        )
+        for _ in range(25):
+            page.mouse.wheel(0, 100)
+            page.wait_for_timeout(30)
+        last = 30
+        page.wait_for_function(
+            "i => { const v = segcamViewer; "
+            "return v.sliceIndex === i && v.request.index === i && !v.busy; }",
+            arg=last,
+        )
+        frames = page.evaluate(
+            "() => { segcamViewer.stopFrames = true; return segcamViewer.frames; }"
+        )
+        assert len(frames) > 25
+        assert all(f["maps"] == 2 and not f["computing"] for f in frames), frames
+        # the maps drawn are always the drawn slice's
+        assert all(f["request"] == f["slice"] for f in frames)
+        assert len({f["slice"] for f in frames}) > 5  # slices were shown on the way
     finally:
         viewer.stop()
 

@@ -313,6 +313,63 @@ def test_a_newer_request_of_the_same_page_supersedes_a_computing_one():
     assert not any(m._forward_pre_hooks for m in session.model.modules())
 
 
+def test_a_slice_change_waits_for_the_computing_maps_instead_of_cancelling_them():
+    # every scroll superseded the running computation: nnU-Net's maps never came (issue 23)
+    generator = torch.Generator().manual_seed(0)
+    session = ViewerSession(
+        model=Slow(0.0), inputs=torch.randn((1, *SHAPE), generator=generator),
+        layers=["net.body.2"],
+    )  # fmt: skip
+    session.model.delay = 0.3  # Score-CAM, 4 channels one at a time: 1.2 s
+    base = {"class": 1, "target": {"kind": "predicted"}, "axis": 2, "layer": "net.body.2",
+            "client": "tab-a", "methods": ["seg-score-cam"]}  # fmt: skip
+    from segcam.methods import get_method
+
+    original = dict(get_method("seg-score-cam").options)
+    answers, forwards = {}, []
+    session.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+
+    def request(index):
+        try:
+            answers[index] = session.explain({**base, "index": index})
+        except SupersededError:
+            answers[index] = "superseded"
+
+    try:
+        object.__setattr__(get_method("seg-score-cam"), "options", {**original, "batch_size": 1})
+        first = threading.Thread(target=request, args=(3,))
+        first.start()
+        time.sleep(0.4)
+        scrolls = [threading.Thread(target=request, args=(k,)) for k in (4, 5)]
+        for thread in scrolls:
+            thread.start()
+            time.sleep(0.1)
+        for thread in [first, *scrolls]:
+            thread.join(20)
+    finally:
+        object.__setattr__(get_method("seg-score-cam"), "options", original)
+    assert all(isinstance(answers[k], dict) for k in (3, 4, 5)), answers
+    assert len(forwards) <= 2 + 4 + 1  # the prediction, one Score-CAM run, one kept forward
+    heat = session._cache["net.body.2", ("predicted", 1), "seg-score-cam"]["map"]
+    for k in (3, 4, 5):
+        shown = np.frombuffer(base64.b64decode(answers[k]["maps"][0]["data"]), "<f4")
+        np.testing.assert_array_equal(
+            shown.reshape(answers[k]["shape"]), session.grid.cut(heat, (2, k))
+        )
+    # a different request still supersedes
+    other = threading.Thread(target=request, args=(6,))
+    object.__setattr__(get_method("seg-score-cam"), "options", {**original, "batch_size": 1})
+    try:
+        session._cache.clear()
+        other.start()
+        time.sleep(0.4)
+        newer = session.explain({**base, "index": 6, "methods": ["seg-grad-cam"]})
+        other.join(20)
+    finally:
+        object.__setattr__(get_method("seg-score-cam"), "options", original)
+    assert answers[6] == "superseded" and newer["maps"][0]["method"] == "seg-grad-cam"
+
+
 class Flattening(nn.Module):
     """A 3D network that calls .view on a convolution's output (needs contiguous tensors)."""
 

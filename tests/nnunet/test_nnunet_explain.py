@@ -474,3 +474,51 @@ def test_predicted_targets_batch_the_mirrorings_and_stay_exact(tmp_path):
         info["forwards"]
         == static_info["forwards"] + 2 * info["windows"] * 8 - 8 * (info["windows_skipped"])
     )
+
+
+# ---------------------------------------------------------------- the interactive form
+
+
+@pytest.mark.parametrize("keep_bytes", [2**31, 1])  # every forward kept / none (over budget)
+def test_case_explainer_gives_explain_s_maps_from_kept_forwards(tmp_path, keep_bytes):
+    """New targets on kept forwards: the maps of a fresh ``explain_methods``, no forward rerun."""
+    folder = make_model_folder(tmp_path / "m", folds=(0, 1), head_bias=(0.0, 0.0, -1.0))
+    model = nnunet.load(folder, folds="all")
+    for network in model.networks:
+        network.double()
+    # windows along axis 0 start at 0, 8, 16, 24: the two boxes meet different ones
+    case = nnunet.read_case(model, (_image((40, 21, 20), seed=3), {"spacing": [1.0] * 3}))
+    explainer = nnunet.CaseExplainer(model, case, keep_bytes=keep_bytes)
+    assert np.array_equal(
+        explainer.prediction.segmentation, nnunet.predict(model, case).segmentation
+    )
+    mask, other = _boxes(case.original_shape)
+    methods = ["seg-hires-grad-cam", "seg-grad-cam"]
+    sequence = [
+        ("decoder.stages.0", segcam.Mask(2, mask)),
+        ("decoder.stages.0", segcam.Mask(1, other)),  # other windows: their forwards now
+        ("decoder.stages.0", segcam.Predicted(1)),
+        ("decoder.stages.0", segcam.Mask(2, mask)),  # every window it meets is kept
+        ("decoder.stages.1", segcam.Box(1, [(0, 9), (0, 21), (0, 20)])),  # a new layer
+    ]
+    forwards = []
+    for layer, target in sequence:
+        kept = explainer.explain_methods(target, layer, methods, relu=False)
+        fresh = nnunet.explain_methods(model, case, target, layer, methods, relu=False)
+        for method in methods:
+            scale = float(fresh[method].maps.abs().max())
+            assert scale > 0
+            torch.testing.assert_close(
+                kept[method].maps, fresh[method].maps, rtol=0, atol=1e-10 * scale
+            )
+            assert torch.equal(kept[method].pixel_sets, fresh[method].pixel_sets)
+        forwards.append(kept[methods[0]].info["nnunet"]["forwards"])
+        assert kept[methods[0]].info["nnunet"]["backward_passes"] > 0
+    if keep_bytes > 1:
+        assert forwards[0] > 0 and forwards[1] > 0  # each meets windows the other does not
+        assert forwards[3] == 0  # nothing run again: only backward passes
+        assert forwards[4] > 0 and explainer.kept_bytes > 0  # a new layer: new forwards
+    else:
+        assert explainer.kept_bytes == 0 and all(f > 0 for f in forwards)
+    explainer.close()
+    assert explainer.kept_bytes == 0

@@ -8,15 +8,17 @@
   (:mod:`segcam.nnunet.predict`, over the windows of :mod:`segcam.nnunet.windows`).
 - :func:`explain` / :func:`explain_methods` explain nnU-Net's whole-case prediction exactly, on
   the original image's grid (:mod:`segcam.nnunet.explain`, :mod:`segcam.nnunet.geometry`), for
-  targets resolved by :mod:`segcam.nnunet.targets`.
+  targets resolved by :mod:`segcam.nnunet.targets`; :class:`CaseExplainer` does it again and
+  again on one case from kept forwards (interactive use, e.g. ``segcam view --nnunet``).
 """
 
 from segcam.nnunet.case import NnUNetCase, read_case
-from segcam.nnunet.explain import explain, explain_and_predict, explain_methods
+from segcam.nnunet.explain import CaseExplainer, explain, explain_and_predict, explain_methods
 from segcam.nnunet.model import NnUNetError, NnUNetModel, load
 from segcam.nnunet.predict import NnUNetPrediction, predict
 
 __all__ = [
+    "CaseExplainer",
     "NnUNetCase",
     "NnUNetError",
     "NnUNetModel",

@@ -6,11 +6,17 @@ there (the targets' own rule, with the weights of :mod:`segcam.nnunet.explain`'s
 partial backward to the layers, and sums each map, up-sampled to its window and flipped back, on
 the padded preprocessed grid. :meth:`CaseExplanation.assemble` brings the sums to the original
 grid as nnU-Net brings its logits and hands them to :func:`segcam.explanation.assemble`.
+
+:class:`KeptWindows` keeps recorded forwards (activations and the graph from the layers to the
+logits) per (fold, window, mirroring group) within a byte budget, so that a later pass for new
+targets on the same layers runs only the partial backward passes
+(:class:`~segcam.nnunet.explain.CaseExplainer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,13 +40,70 @@ from segcam.nnunet.windows import (
 )
 from segcam.postprocess import PostProcessing
 from segcam.postprocess import upsample as upsample_maps
-from segcam.recording import record_forward
+from segcam.recording import RecordedForward, record_forward
 from segcam.targets import ResolvedTargets, TargetLike
 
-__all__ = ["CaseExplanation", "LayerSums", "case_facts"]
+__all__ = ["KEEP_BYTES", "CaseExplanation", "KeptWindows", "LayerSums", "case_facts"]
+
+KEEP_BYTES = 2 * 1024**3  # default budget of kept window graphs (activations and saved tensors)
+WindowKey = tuple[int, tuple[Any, ...], int, int]  # fold, window bounds, first mirroring, batch
 
 LayerSums = list[dict[str, torch.Tensor]]
 """Per layer: method name -> summed maps (T, *padded) on the padded preprocessed grid."""
+
+
+def _bounds(window: Window) -> tuple[Any, ...]:
+    """A window as hashable bounds (slices are not hashable before Python 3.12)."""
+    return tuple((s.start, s.stop) if isinstance(s, slice) else s for s in window)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return int(tensor.numel()) * int(tensor.element_size())
+
+
+@dataclass
+class KeptWindows:
+    """Recorded forwards kept per (fold, window, mirroring group) for one layer choice.
+
+    A forward is kept while the estimated bytes (its activations, logits, input and every
+    tensor its graph saves) stay within ``budget``; beyond it, forwards are recorded and freed
+    as without a store. :meth:`close` frees them all.
+    """
+
+    budget: int = KEEP_BYTES
+    forwards: dict[WindowKey, RecordedForward] = field(default_factory=dict, repr=False)
+    bytes: int = 0
+    full: bool = False
+
+    def record(
+        self, key: WindowKey, network: nn.Module, x: torch.Tensor, layer: Any
+    ) -> tuple[RecordedForward, bool]:
+        """Record a forward and keep it under ``key`` if the budget allows (then True)."""
+        if self.full:
+            return record_forward(network, x, layer), False
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            saved[id(tensor)] = _tensor_bytes(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            recorded = record_forward(network, x, layer)
+        size = sum(saved.values()) + _tensor_bytes(x) + _tensor_bytes(recorded.logits)
+        size += sum(_tensor_bytes(a) for a in recorded.activations)
+        if self.bytes + size > self.budget:
+            self.full = True
+            return recorded, False
+        self.forwards[key] = recorded
+        self.bytes += size
+        return recorded, True
+
+    def close(self) -> None:
+        """Free every kept forward."""
+        for recorded in self.forwards.values():
+            recorded.release()
+        self.forwards.clear()
+        self.bytes, self.full = 0, False
 
 
 class CaseExplanation:
@@ -61,8 +124,9 @@ class CaseExplanation:
         methods: list[tuple[Method, dict[str, Any]]],
         layer: LayerSpec | Sequence[LayerSpec],
         per_fold: bool,
+        kept: KeptWindows | None = None,
     ) -> None:
-        self.model, self.case, self.plan = model, case, plan
+        self.model, self.case, self.plan, self.kept = model, case, plan, kept
         self.targets, self.methods, self.layer, self.per_fold = targets, methods, layer, per_fold
         self.dtype, self.device = network_dtype_device(model.networks[0])
         heads = model.label_manager.num_segmentation_heads
@@ -142,14 +206,18 @@ class CaseExplanation:
         shares = {t: self._gradient_output(t, window) for t in active}
         for first in range(0, len(plan.mirrors), batch):
             group = plan.mirrors[first : first + batch]
-            x = torch.cat([window_input(padded, plan, window, axes) for axes in group])
-            self.forwards += len(group)
+
+            def inputs(group: Sequence[tuple[int, ...]] = group) -> torch.Tensor:
+                return torch.cat([window_input(padded, plan, window, axes) for axes in group])
+
             if not active:
+                self.forwards += len(group)
                 with torch.no_grad():
-                    logits = network(x)
+                    logits = network(inputs())
                 outputs.extend(logits[k : k + 1] for k in range(len(group)))
                 continue
-            with record_forward(network, x, self.layer) as recorded:
+            recorded, keep = self._recorded(network, inputs, (window, first), len(group))
+            try:
                 outputs.extend(recorded.logits[k : k + 1] for k in range(len(group)))
                 self._start_fold(recorded.layer_names, recorded.layer_shapes, recorded.logits)
                 scores = [
@@ -165,9 +233,30 @@ class CaseExplanation:
                     for t in active
                 ]
                 self.backward_passes += len(active) * len(group)
-                for record in method_maps(recorded, scores, self.methods):
+                for record in method_maps(recorded, scores, self.methods, keep_graph=keep):
                     self._accumulate(record, window, group)
+            finally:
+                if not keep:
+                    recorded.release()
         return outputs
+
+    def _recorded(
+        self,
+        network: nn.Module,
+        inputs: Callable[[], torch.Tensor],
+        where: tuple[Window, int],
+        size: int,
+    ) -> tuple[RecordedForward, bool]:
+        """The recorded forward of a window's mirroring group: kept, or run now."""
+        if self.kept is None:
+            self.forwards += size
+            return record_forward(network, inputs(), self.layer), False
+        fold = self.model.networks.index(network)
+        key = (fold, _bounds(where[0]), where[1], size)
+        if key in self.kept.forwards:
+            return self.kept.forwards[key], True
+        self.forwards += size
+        return self.kept.record(key, network, inputs(), self.layer)
 
     def _start_fold(
         self, names: tuple[str, ...], shapes: Mapping[str, tuple[int, ...]], like: torch.Tensor

@@ -31,6 +31,12 @@ The blended logits are computed as nnU-Net computes them (float16 accumulation, 
 windows, mirror order and fold average), and ``Predicted`` sets are nnU-Net's own export of
 them: the voxels ``nnUNetv2_predict`` labels with the class (for region models, where the
 region's sigmoid exceeds 0.5).
+
+:class:`CaseExplainer` is the interactive form (as :class:`segcam.Explainer` is for one
+forward): it predicts the case once and keeps, per (fold, window, mirroring group), the
+recorded forward of the layers last asked for, so new targets on those layers cost only the
+partial backward passes of the windows they meet. The maps are the same as
+:func:`explain_methods`' for the same targets.
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ from typing import Any
 from segcam.errors import OptionError
 from segcam.explanation import Explanation
 from segcam.layers import LayerSpec
-from segcam.methods import MethodOptions, resolve_methods
+from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.nnunet.case import CaseLike, read_case
-from segcam.nnunet.case_explanation import CaseExplanation, case_facts
+from segcam.nnunet.case_explanation import KEEP_BYTES, CaseExplanation, KeptWindows, case_facts
 from segcam.nnunet.model import NnUNetModel
 from segcam.nnunet.predict import NnUNetPrediction, export, predict_logits
 from segcam.nnunet.targets import predicted_sets, resolve_targets
@@ -53,7 +59,7 @@ from segcam.nnunet.windows import (
 from segcam.postprocess import Normalization, PostProcessing
 from segcam.targets import TargetLike, uses_logits
 
-__all__ = ["explain", "explain_and_predict", "explain_methods"]
+__all__ = ["CaseExplainer", "explain", "explain_and_predict", "explain_methods"]
 
 
 def explain_and_predict(
@@ -74,12 +80,7 @@ def explain_and_predict(
 ) -> tuple[dict[str, Explanation], NnUNetPrediction]:
     """:func:`explain_methods` and nnU-Net's prediction of the case (for its segmentation)."""
     chosen = resolve_methods(methods, method_options)
-    free = [m.name for m, _ in chosen if not m.needs_gradient]
-    if free:
-        raise OptionError(
-            f"{', '.join(free)}: gradient-free methods are not available for nnU-Net models; "
-            f"use a gradient method (seg-hires-grad-cam, seg-grad-cam, ...)"
-        )
+    _refuse_gradient_free(chosen)
     post = PostProcessing(relu, upsample, normalize)
     read = read_case(model, case)
     plan = plan_case(model, read, step_size, mirroring)
@@ -97,6 +98,93 @@ def explain_and_predict(
         prediction = export(model, read, blended)
     facts = case_facts(model, plan, read, explanation, mirroring, step_size, upsample)
     return explanation.assemble(prediction, post, facts), prediction
+
+
+class CaseExplainer:
+    """One nnU-Net case explained again and again: forwards kept per window for a layer choice.
+
+    The case is read and predicted once (:attr:`prediction`, nnU-Net's own export). Each
+    :meth:`explain_methods` call resolves its targets on that prediction and runs the windows
+    its pixel sets meet; their recorded forwards (the layers' activations and the graph from
+    them to the logits) are kept for the layers of the latest call, within ``keep_bytes``
+    (beyond it, forwards are run and freed as :func:`explain_methods` does). Asking for other
+    layers frees the kept forwards first. :meth:`close` frees everything.
+
+    Args:
+        model: from :func:`segcam.nnunet.load`.
+        case: as for :func:`explain`.
+        step_size, mirroring: nnU-Net's inference settings.
+        keep_bytes: the budget of kept forwards (estimated from the tensors they hold).
+    """
+
+    def __init__(
+        self,
+        model: NnUNetModel,
+        case: CaseLike,
+        *,
+        step_size: float = 0.5,
+        mirroring: bool = True,
+        keep_bytes: int = KEEP_BYTES,
+    ) -> None:
+        self.model = model
+        self.case = read_case(model, case)
+        self.step_size, self.mirroring = float(step_size), bool(mirroring)
+        self.plan = plan_case(model, self.case, step_size, mirroring)
+        self.prediction = export(model, self.case, predict_logits(model, self.case, self.plan))
+        self._kept = KeptWindows(budget=int(keep_bytes))
+        self._layer: object = None
+
+    @property
+    def kept_bytes(self) -> int:
+        """The estimated bytes of the kept forwards."""
+        return self._kept.bytes
+
+    def explain_methods(
+        self,
+        targets: TargetLike | Sequence[TargetLike],
+        layer: LayerSpec | Sequence[LayerSpec],
+        methods: Sequence[str],
+        *,
+        relu: bool = True,
+        upsample: bool = True,
+        normalize: Normalization | None = None,
+        method_options: MethodOptions | None = None,
+        per_fold: bool = False,
+    ) -> dict[str, Explanation]:
+        """The maps of :func:`explain_methods` for these targets, from the kept forwards."""
+        chosen = resolve_methods(methods, method_options)
+        _refuse_gradient_free(chosen)
+        key = repr(layer)
+        if key != self._layer:
+            self._kept.close()
+            self._layer = key
+        target_list = predicted_sets(
+            self.model, resolve_targets(self.model, targets), self.prediction
+        )
+        explanation = CaseExplanation(
+            self.model, self.case, self.plan, target_list, chosen, layer, per_fold, self._kept
+        )
+        explanation.run(blend=False)
+        facts = case_facts(
+            self.model, self.plan, self.case, explanation, self.mirroring, self.step_size, upsample
+        )
+        return explanation.assemble(
+            self.prediction, PostProcessing(relu, upsample, normalize), facts
+        )
+
+    def close(self) -> None:
+        """Free every kept forward."""
+        self._kept.close()
+        self._layer = None
+
+
+def _refuse_gradient_free(chosen: Sequence[tuple[Method, Any]]) -> None:
+    free = [m.name for m, _ in chosen if not m.needs_gradient]
+    if free:
+        raise OptionError(
+            f"{', '.join(free)}: gradient-free methods are not available for nnU-Net models; "
+            f"use a gradient method (seg-hires-grad-cam, seg-grad-cam, ...)"
+        )
 
 
 def explain_methods(

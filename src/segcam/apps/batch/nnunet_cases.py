@@ -42,7 +42,7 @@ from segcam.errors import TargetError
 from segcam.targets import Box, Pixel, Region, Target
 
 __all__ = [
-    "CaseExplainer",
+    "NnUNetCaseJob",
     "NnUNetCases",
     "case_digest",
     "case_name",
@@ -221,7 +221,7 @@ class NnUNetCases:
     def settings(self) -> dict[str, Any]:  # noqa: D102
         return {"nnunet": spec_settings(self.spec)}
 
-    def build(self, job: BatchJob) -> CaseExplainer:  # noqa: D102
+    def build(self, job: BatchJob) -> NnUNetCaseJob:  # noqa: D102
         from segcam.layers import resolve_layers
         from segcam.nnunet.files import reverses_axes
 
@@ -229,7 +229,7 @@ class NnUNetCases:
         reverse = reverses_axes(facts["reader"])
         model = load_spec(self.spec, torch.device(job.device))
         resolve_layers(model.networks[0], list(job.layers))  # an unknown layer: before any case
-        return CaseExplainer(
+        return NnUNetCaseJob(
             job=job,
             spec=dict(self.spec),
             model=model,
@@ -239,7 +239,7 @@ class NnUNetCases:
 
 
 @dataclass
-class CaseExplainer:
+class NnUNetCaseJob:
     """A loaded nnU-Net model and parsed targets: explains one case and writes its outputs."""
 
     job: BatchJob

@@ -6,7 +6,8 @@
 - On the CPU, a float32 volume's 3D convolutions get channels-last inputs (oneDNN's fast
   kernels; the same maps to float32 rounding), unless the model needs contiguous tensors.
 - :class:`RequestGate`: requests run one at a time under a lock; a newer request of the same
-  page cancels an older one still waiting or computing, at the next forward of a module.
+  page cancels an older one still waiting or computing, at the next forward of a module,
+  unless it asks for the same work (the same maps on another slice: it waits for them).
 """
 
 from __future__ import annotations
@@ -112,13 +113,16 @@ class RequestGate:
     model: nn.Module
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _latest: dict[str, int] = field(default_factory=dict, repr=False)
+    _latest: dict[str, tuple[int, Any]] = field(default_factory=dict, repr=False)
     _generation: int = field(default=0, repr=False)
 
-    def _next(self, client: str) -> int:
+    def _next(self, client: str, work: Any = None) -> int:
         with self._guard:
+            latest = self._latest.get(client)
+            if work is not None and latest is not None and latest[1] == work:
+                return latest[0]  # the same work: it goes on, and this request waits for it
             self._generation += 1
-            self._latest[client] = self._generation
+            self._latest[client] = (self._generation, work)
             return self._generation
 
     def cancel(self, client: str) -> None:
@@ -126,21 +130,23 @@ class RequestGate:
         self._next(client)
 
     @contextmanager
-    def run(self, client: str | None) -> Iterator[None]:
+    def run(self, client: str | None, work: Any = None) -> Iterator[None]:
         """Run a request of ``client`` under the lock; a newer one of the same page cancels it.
 
         The check runs before every module's forward (gradient-free methods and new layers run
         forward passes; a gradient request is short and ends on its own). ``None`` (an export):
-        never cancelled.
+        never cancelled. ``work`` (hashable, optional) names what the request computes: a newer
+        request of the same work (the same maps, another slice) does not cancel it.
         """
         if client is None:
             with self._lock:
                 yield
             return
-        mine = self._next(client)
+        mine = self._next(client, work)
 
         def check(*_: Any) -> None:
-            if self._latest.get(client) != mine:
+            latest = self._latest.get(client)
+            if latest is None or latest[0] != mine:
                 raise SupersededError("superseded by a newer request of this page")
 
         handles = [m.register_forward_pre_hook(check) for m in self.model.modules()]

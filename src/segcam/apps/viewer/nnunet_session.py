@@ -1,14 +1,18 @@
 """The viewer on an nnU-Net model: one case, nnU-Net's segmentation, exact whole-case maps.
 
-The page shows the case in its original geometry (the array order of nnU-Net's reader) with
-nnU-Net's own segmentation; every target (predicted sets, boxes, pixels, painted or uploaded
-masks) is explained by :func:`segcam.nnunet.explain_methods` through nnU-Net's windows,
-mirroring, folds and export. The predicted sets are computed once, with the segmentation, and
-then held fixed, so a request runs one explanation pass over the windows its pixel set meets.
+The page shows the case in its original geometry, in the case file's own array order (for
+NIfTI, nibabel's (i, j, k); nnU-Net's SimpleITK and nibabel readers give (k, j, i), which the
+session transposes at its edges), so an upload of the case's own label file lines up and an
+export lies voxel for voxel on the source array. Every target (predicted sets, boxes, pixels,
+painted or uploaded masks) is explained by :class:`segcam.nnunet.CaseExplainer` through
+nnU-Net's windows, mirroring, folds and export: nnU-Net's prediction once at start, and per
+(fold, window, mirroring group) the recorded forward of the layer last asked for, so a new
+pixel set costs the partial backward passes of the windows it meets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
 from segcam.layers import describe_layers
 from segcam.methods import get_method
+from segcam.nnunet.case_explanation import KEEP_BYTES
+from segcam.targets import ResolvedTargets
 
 __all__ = ["NnUNetViewerSession", "nnunet_session"]
 
@@ -31,17 +37,29 @@ _BLOCK = re.compile(r"^(encoder|decoder)\.stages\.\d+$")
 
 
 def _ras_affine(properties: Mapping[str, Any], dims: int) -> np.ndarray:
-    """The voxel-to-world matrix (RAS, as NIfTI) of an array in SimpleITK's (k, j, i) order."""
-    stuff = properties.get("sitk_stuff")
+    """The voxel-to-world matrix (RAS, as NIfTI) of the case in the file's (i, j, k) order."""
     affine = np.eye(4)
-    if not stuff or dims != 3 or len(stuff["spacing"]) != 3:
+    if dims != 3:
+        return affine
+    nibabel_stuff = properties.get("nibabel_stuff")
+    if nibabel_stuff:  # the array nnU-Net reorients (if it does) is the one shown
+        key = "reoriented_affine" if "reoriented_affine" in nibabel_stuff else "original_affine"
+        return np.asarray(nibabel_stuff[key], dtype=float)
+    stuff = properties.get("sitk_stuff")
+    if not stuff or len(stuff["spacing"]) != 3:
         return affine
     direction = np.asarray(stuff["direction"], dtype=float).reshape(3, 3)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    columns = lps_to_ras @ direction @ np.diag(np.asarray(stuff["spacing"], dtype=float))
-    affine[:3, :3] = columns[:, ::-1]  # array axes (k, j, i)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(np.asarray(stuff["spacing"], dtype=float))
     affine[:3, 3] = lps_to_ras @ np.asarray(stuff["origin"], dtype=float)
     return affine
+
+
+def file_order(reader_name: str, dims: int) -> tuple[int, ...]:
+    """The axes that bring the reader's array to the file's own order ((k, j, i) -> (i, j, k))."""
+    from segcam.nnunet.files import reverses_axes
+
+    return (2, 1, 0) if dims == 3 and reverses_axes(reader_name) else tuple(range(dims))
 
 
 @dataclass(eq=False)
@@ -53,6 +71,9 @@ class NnUNetViewerSession(ViewerSession):
         case: a read case (:func:`segcam.nnunet.read_case`).
         original: the case's channels on the original grid (C, *S), for display.
         step_size, mirroring: nnU-Net's inference settings.
+        order: the axes that bring the reader's arrays to the shown order (:func:`file_order`);
+            ``ground_truth`` is given in the shown order.
+        keep_bytes: the budget of kept window forwards (:class:`segcam.nnunet.CaseExplainer`).
     """
 
     nnunet_model: Any = None
@@ -60,6 +81,8 @@ class NnUNetViewerSession(ViewerSession):
     original: np.ndarray | None = None
     step_size: float = 0.5
     mirroring: bool = True
+    order: tuple[int, ...] = (0, 1, 2)
+    keep_bytes: int = KEEP_BYTES
     _predicted: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,12 +90,20 @@ class NnUNetViewerSession(ViewerSession):
 
         model, case = self.nnunet_model, self.case
         assert model is not None and case is not None and self.original is not None
-        self.spatial = tuple(int(s) for s in case.original_shape)
-        prediction = nnunet.predict(model, case, step_size=self.step_size, mirroring=self.mirroring)
+        dims = len(case.original_shape)
+        if sorted(self.order) != list(range(dims)):
+            self.order = tuple(range(dims))
+        self._back = tuple(int(a) for a in np.argsort(self.order))
+        self.spatial = tuple(int(case.original_shape[a]) for a in self.order)
+        self._case = nnunet.CaseExplainer(
+            model, case, step_size=self.step_size, mirroring=self.mirroring,
+            keep_bytes=self.keep_bytes,
+        )  # fmt: skip
+        prediction = self._case.prediction
         heads = int(model.label_manager.num_segmentation_heads)
         self.classes = heads
         self._predicted = {c: prediction.predicted(model, c) for c in range(heads)}
-        self.prediction = np.asarray(prediction.segmentation, dtype=np.uint8)
+        self.prediction = self.shown(np.asarray(prediction.segmentation, dtype=np.uint8))
         if not self.class_names:
             self.class_names = list(model.class_names)
         if len(self.class_names) != max(heads, 2):
@@ -98,11 +129,15 @@ class NnUNetViewerSession(ViewerSession):
         if not self.intensity_unit and schemes[:1] == ["CTNormalization"]:
             self.intensity_unit = "HU"  # the first channel is a CT in Hounsfield units
         original = np.asarray(self.original, dtype=np.float32)
-        self._arrays(original[0] if self.intensity_unit == "HU" else original.mean(0))
+        self._arrays(self.shown(original[0] if self.intensity_unit == "HU" else original.mean(0)))
         from segcam.nnunet.model import block_name
 
         labels = self.layer_labels or {name: block_name(name) for name in layers}
         self._set_menu(LayerMenu(shapes, set(), layers, layers, labels, self.default_layer))
+
+    def shown(self, array: np.ndarray) -> np.ndarray:
+        """An array in the reader's order, in the shown (the file's) order."""
+        return np.ascontiguousarray(np.transpose(array, self.order))
 
     def info(self) -> dict[str, Any]:  # noqa: D102
         result = super().info()
@@ -121,24 +156,33 @@ class NnUNetViewerSession(ViewerSession):
     def _explain_missing(
         self, explainer: Explainer | None, layer: str, target: segcam.Target, methods: list[str]
     ) -> list[tuple[str, segcam.Explanation]]:
-        from segcam import nnunet
-
         for method in methods:
             if not get_method(method).needs_gradient:
                 raise RequestError(f"{method}: gradient-free methods are not available here")
+        c = int(target.class_index)
         if isinstance(target, segcam.Predicted):  # nnU-Net's own set, computed once
-            target = segcam.Mask(target.class_index, self._predicted[target.class_index])
-        return list(
-            nnunet.explain_methods(
-                self.nnunet_model,
-                self.case,
-                target,
-                layer,
-                methods,
-                step_size=self.step_size,
-                mirroring=self.mirroring,
-            ).items()
-        )
+            pixel_set = self._predicted[c]
+        else:  # the set on the shown grid, in the reader's order
+            stand_in = torch.zeros(()).expand(1, max(self.classes, c + 1), *self.spatial)
+            shown = ResolvedTargets.resolve([target], stand_in).pixel_sets[0][0]
+            pixel_set = shown.permute(self._back)
+        explanations = self._case.explain_methods(segcam.Mask(c, pixel_set), layer, methods)
+        return [(method, _transposed(e, self.order)) for method, e in explanations.items()]
+
+    def close(self) -> None:  # noqa: D102
+        super().close()
+        self._case.close()
+
+
+def _transposed(explanation: segcam.Explanation, order: tuple[int, ...]) -> segcam.Explanation:
+    """The explanation with its maps, logits and pixel sets in the shown order."""
+    axes = (0, 1, *(2 + a for a in order))
+    return dataclasses.replace(
+        explanation,
+        layer_maps={name: maps.permute(axes) for name, maps in explanation.layer_maps.items()},
+        logits=explanation.logits.permute(axes),
+        pixel_sets=explanation.pixel_sets.permute(axes),
+    )
 
 
 def nnunet_session(
@@ -185,6 +229,7 @@ def nnunet_session(
                 f"--ground-truth {ground_truth}: not labels (non-negative integers)"
             )
         truth = values.astype(np.uint8 if values.max() < 256 else np.int64)
+    order = file_order(type(reader).__name__, len(case.original_shape))
     return NnUNetViewerSession(
         model=model.networks[0],
         inputs=case.data,
@@ -194,6 +239,7 @@ def nnunet_session(
         step_size=step_size,
         mirroring=mirroring,
         layers=layers or [],
-        ground_truth=truth,
+        ground_truth=None if truth is None else np.ascontiguousarray(np.transpose(truth, order)),
+        order=order,
         title=f"{files[0]} with nnU-Net {model.configuration}",
     )

@@ -319,8 +319,12 @@ class ViewerSession:
         key: TargetKey,
         client: str | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """The maps of a target for each method (cached for the latest layer and target)."""
-        with self._gate.run(client):
+        """The maps of a target for each method (cached for the latest layer and target).
+
+        A request for the same maps as the page's running one (a slice change) waits for them
+        instead of cancelling it; any other request of the page cancels it.
+        """
+        with self._gate.run(client, (layer, key, tuple(methods))):
             explainer = self._explainer(layer)
             self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
             missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
@@ -379,7 +383,9 @@ class ViewerSession:
         The maps are ReLU'd and up-sampled to the input grid, not normalised (the page scales
         them for display); ``max`` is over the whole map, so the colour bar does not change when
         the slice does. ``extent`` says where the pixel set lies ([first, last] voxel per axis);
-        ``planes`` (optional, 3D) asks for more cuts ({axis, index}) of the same maps.
+        ``planes`` (optional, 3D) asks for more cuts ({axis, index}) of the same maps;
+        ``with_slice`` (optional) adds the view's :meth:`slice`, so that the page draws a new
+        slice and its maps in one frame.
         """
         started = time.perf_counter()
         layer, methods, target, key = self._request(payload)
@@ -411,6 +417,8 @@ class ViewerSession:
         result.update(self.grid.extent(pixel_set))
         if extra_views:
             result["planes"] = [{"axis": a, "index": i, **cut((a, i))} for a, i in extra_views]
+        if payload.get("with_slice") is True:
+            result["slice"] = self.slice(payload)
         result["milliseconds"] = round((time.perf_counter() - started) * 1e3, 1)
         return result
 

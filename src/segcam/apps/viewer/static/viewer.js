@@ -286,7 +286,7 @@ async function confirmCost(layer, methods) {  // gradient-free methods on a volu
   viewer.confirmed.add(key);
   return true;
 }
-async function explain() {
+async function explain(withSlice) {  // withSlice: the new slice's image comes with its maps (one frame)
   const t = target();
   if (!t) { viewer.result = null; viewer.maps = {}; viewer.awaiting = true; render(); status("choose the pixel set on the image"); return; }
   viewer.awaiting = false;
@@ -299,13 +299,15 @@ async function explain() {
   if (layoutThree()) {
     const main = Number(viewer.info.default_axis);
     request = {...request, axis: main, index: viewer.cursor[main], planes: [0, 1, 2].filter((a) => a !== main).map((a) => ({axis: a, index: viewer.cursor[a]}))};
-  } else request = {...request, ...view()};
+  } else request = {...request, ...view(), ...(withSlice ? {with_slice: true} : {})};
   busy(true, methods.join(" and "));
   const started = performance.now();
   try {
     const result = await api("/api/explain", request, controller.signal);
     if (seq !== viewer.seq) return;
+    if (result.slice) { viewer.slice = sliceOf(result.slice); viewer.sliceIndex = request.index; }
     viewer.request = request; viewer.result = result; viewer.maps = {};
+    viewer.shownWork = work(request);
     result.maps.forEach((m) => { viewer.maps[m.method] = decode(m.data, Float32Array); });
     result.setSlice = decode(result.pixel_set, Uint8Array);
     if (layoutThree()) {
@@ -322,6 +324,7 @@ async function explain() {
     status(`${result.pixels} pixels in the set · update ${total.toFixed(0)} ms (server ${result.milliseconds} ms)`);
   } catch (error) {
     if (seq !== viewer.seq) return;
+    if (withSlice && !(error.name === "AbortError" || error.superseded)) viewer.sliceKey = null;  // the slice is fetched again
     if (error.name === "AbortError" || error.superseded) status("cancelled");
     else status(error.message, true);
   } finally { if (seq === viewer.seq) { busy(false); viewer.controller = null; } }
@@ -331,10 +334,17 @@ async function cancel() {
   viewer.seq++; busy(false); viewer.controller = null;
   try { await api("/api/cancel", {client: viewer.client}); status("cancelled"); } catch (error) { status(error.message, true); }
 }
-async function fetchSlice(axis, index) {
-  const s = await api("/api/slice", three() ? {axis, index} : {});
+function sliceOf(s) {
   return {shape: s.shape, intensity: decode(s.intensity, Float32Array), prediction: decode(s.prediction, Uint8Array),
     truth: s.ground_truth ? decode(s.ground_truth, Uint8Array) : null};
+}
+async function fetchSlice(axis, index) { return sliceOf(await api("/api/slice", three() ? {axis, index} : {})); }
+function work(request) {  // what a request computes (its slice aside): the same work has the same maps
+  return JSON.stringify([request.class, request.target, request.layer, request.methods]);
+}
+function showingMaps() {  // the maps on screen are those the current controls ask for
+  const t = target();
+  return Boolean(t && viewer.result && viewer.shownWork === work({class: Number($("class").value), target: t, layer: $("layer").value, methods: [$("method0").value, $("method1").value]}));
 }
 async function loadSlice() {
   // one load per shown slice: a range input may fire twice for one move; a newer move wins
@@ -343,11 +353,13 @@ async function loadSlice() {
   viewer.sliceKey = key;
   try {
     if (layoutThree()) { await loadThree(); return; }
+    if (three()) $("sliceLabel").textContent = `${$("slice").value} / ${viewer.info.shape[axisNow()] - 1}`;
+    // maps on screen: the new slice and its maps come in one answer and are drawn in one frame
+    // (no blank frame while scrolling); else the slice shows at once and its maps follow
+    if (showingMaps()) { await explain(true); return; }
     const slice = await fetchSlice(axisNow(), Number($("slice").value));
     if (key !== viewer.sliceKey) return;
-    viewer.slice = slice;
-    if (three()) $("sliceLabel").textContent = `${$("slice").value} / ${viewer.info.shape[axisNow()] - 1}`;
-    // the new slice shows at once, in every mode; its maps follow when they are computed
+    viewer.slice = slice; viewer.sliceIndex = Number($("slice").value);
     if (viewer.request) { viewer.maps = {}; viewer.result = null; }
     render();
     if (viewer.request || target()) await explain();
