@@ -3,6 +3,7 @@ demo's explanations of it."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -64,3 +65,37 @@ def test_the_committed_model_is_small_and_its_logged_dice_holds(tmp_path):
     )
     assert torch.equal(explanation.pixel_sets[0, 0], torch.from_numpy(written == 1))
     assert explanation.maps[0, 0][torch.from_numpy(written == 1)].abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_nnunet_demo_in_the_viewer_keeps_its_window_forwards():
+    """``segcam view --demo nnunet``: the held-out slab, its labels, maps from kept forwards."""
+    from segcam.apps.viewer.serve import demo_session
+
+    session = demo_session("nnunet")
+    try:
+        case = liver.load_case()
+        assert session.spatial == (128, 128, 24)  # the file's own (i, j, k) order
+        np.testing.assert_array_equal(session.ground_truth, case.labels[:, :, 56:80])
+        assert session.info()["planes"][2]["name"] == "axial" and "nnU-Net" in session.title
+        request = {"class": 2, "layer": "decoder.stages.2", "axis": 2, "index": 12,
+                   "methods": ["seg-hires-grad-cam"], "client": "a"}  # fmt: skip
+        first = session.explain({**request, "target": {"kind": "predicted"}})
+        assert first["pixels"] == int((session.prediction == 2).sum()) > 0
+        kept = session._case.kept_bytes
+        assert kept > 0
+        tumour = np.argwhere(session.prediction[:, :, 12] == 2)
+        i, j = tumour[len(tumour) // 2]  # a predicted tumour voxel
+        start = [int(i) - 4, int(j) - 4, 10]
+        box = {"kind": "box", "start": start, "stop": [start[0] + 8, start[1] + 8, 14]}
+        answer = session.explain({**request, "target": box})
+        assert session._case.kept_bytes >= kept  # windows met: forwards kept, none freed
+        shown = np.frombuffer(base64.b64decode(answer["maps"][0]["data"]), "<f4")
+        shown = shown.reshape(answer["shape"])
+        inside = np.zeros(session.spatial, dtype=bool)
+        inside[start[0] : start[0] + 8, start[1] : start[1] + 8, 10:14] = True
+        inside = session.plane(2).cut(inside, 12)
+        # the last decoder block feeds a 1x1 head: the map lies on the set only, positive on tumour
+        assert float(np.abs(shown[~inside]).max()) == 0.0 and float(shown[inside].max()) > 0
+    finally:
+        session.close()

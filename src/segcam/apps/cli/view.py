@@ -50,7 +50,12 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="reference labels on the input's grid (NIfTI, .npy, PNG, ...), shown as an outline",
     )
-    parser.add_argument("--demo", choices=["3d", "2d"], default="3d", help="which demo network")
+    parser.add_argument(
+        "--demo",
+        choices=["3d", "2d", "nnunet"],
+        default="3d",
+        help="which demo network (nnunet: the held-out slab with the demo nnU-Net model)",
+    )
     add_sliding_window_option(
         parser, "explain the sliding-window prediction (inputs larger than the model's window)"
     )

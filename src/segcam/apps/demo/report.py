@@ -221,22 +221,14 @@ def _section_nnunet(
     import warnings
 
     from segcam import nnunet
+    from segcam.apps.demo.nnunet_case import write_heldout_case
     from segcam.nnunet.files import write_map, write_segmentation
 
     folder = out / "nnunet"
-    make_dir(folder)
+    image_path, _ = write_heldout_case(case, folder)
     start, stop = liver.HELD_OUT_SLICES.start, liver.HELD_OUT_SLICES.stop
-    # as scripts/train_nnunet.py writes cases: the axial axis is the image's z (array axis 0)
     slab = np.ascontiguousarray(case.image[:, :, start:stop].astype(np.float32).transpose(2, 1, 0))
     truth = case.labels[:, :, start:stop].transpose(2, 1, 0)
-    geometry = {
-        "sitk_stuff": {
-            "spacing": (1.0, 1.0, 1.0),
-            "origin": (0.0, 0.0, 0.0),
-            "direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-        }
-    }
-    image_path = write_map(folder / "heldout_0000.nii.gz", slab, "SimpleITKIO", geometry)
     model = nnunet.load(NNUNET_MODEL, folds=("all",))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nnU-Net's notes on CPU devices

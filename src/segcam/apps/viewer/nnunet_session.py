@@ -28,7 +28,7 @@ from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
 from segcam.layers import describe_layers
 from segcam.methods import get_method
-from segcam.nnunet.case_explanation import KEEP_BYTES
+from segcam.nnunet import KEEP_BYTES
 from segcam.targets import ResolvedTargets
 
 __all__ = ["NnUNetViewerSession", "nnunet_session"]

@@ -29,11 +29,17 @@ LOCAL = "127.0.0.1"
 
 
 def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None) -> ViewerSession:
-    """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network."""
+    """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network.
+
+    ``nnunet``: the held-out slab (axial slices 56-79) as an nnU-Net case with the committed
+    nnU-Net model (the ``[nnunet]`` extra), its labels as the ground truth.
+    """
     from segcam.apps.demo import data as liver
     from segcam.apps.demo.models import DEMO_LAYERS, load_liver_model
 
     case = liver.load_case()
+    if which == "nnunet":
+        return _nnunet_demo(case)
     windowed = liver.window(case.image)
     model = load_liver_model(which)
     if which == "2d":
@@ -60,6 +66,21 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         intensity_unit="HU",
         ground_truth=np.ascontiguousarray(labels, dtype=np.uint8),
     )
+
+
+def _nnunet_demo(case: Any) -> ViewerSession:
+    import tempfile
+    from pathlib import Path
+
+    from segcam.apps.demo.models import NNUNET_MODEL
+    from segcam.apps.demo.nnunet_case import write_heldout_case
+    from segcam.apps.viewer.nnunet_session import nnunet_session
+
+    with tempfile.TemporaryDirectory(prefix="segcam-demo-") as folder:  # read at start only
+        image, truth = write_heldout_case(case, Path(folder), labels=True)
+        session = nnunet_session(str(NNUNET_MODEL), [str(image)], ground_truth=str(truth))
+    session.title = "demo CT, held-out slab (axial slices 56-79), nnU-Net 3d_fullres"
+    return session
 
 
 def file_session(
