@@ -190,11 +190,7 @@ def test_colour_scale_per_slice_and_a_note_for_a_zero_slice(browser_page):
         )
         assert page.text_content("#note0") == ""
         # a slice where the map is 0: the page says so instead of showing an empty overlay
-        page.evaluate(
-            """() => { const k = document.getElementById('method0').value;
-                       segcamViewer.maps[k] = new Float32Array(segcamViewer.maps[k].length);
-                       render(); }"""
-        )
+        page.evaluate("() => { segcamViewer.panelMaps[0].data.fill(0); render(); }")
         assert "the map is 0 on this slice" in page.text_content("#note0")
 
 

@@ -437,3 +437,220 @@ def test_a_ct_opens_in_the_soft_tissue_window(browser_page):
         assert chosen == "soft tissue (L 40, W 400)"
     finally:
         viewer.stop()
+
+
+def canvas_rgb(page, canvas, row, col):
+    """The drawn colour at a shown pixel's centre (canvas pixels, not CSS)."""
+    return page.evaluate(
+        """([id, row, col]) => { const c = document.getElementById(id), a = Number(c.dataset.axis);
+           const d = id.startsWith('tri') ? segcamViewer.tri[a].slice : segcamViewer.slice;
+           const s = scales(a, ...d.shape), x = Math.floor(segcamViewer.pan.x + (col + 0.5) * s.x),
+                 y = Math.floor(segcamViewer.pan.y + (row + 0.5) * s.y);
+           return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)); }""",
+        [canvas.lstrip("#"), int(row), int(col)],
+    )
+
+
+def test_a_signed_map_on_a_diverging_scale_and_why_a_relu_map_is_zero(browser_page):
+    # at the default layer the ReLU'd Seg-Grad CAM was 0 almost everywhere, silently (issue 23)
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        before = updates(page)
+        page.select_option("#show0", "signed")
+        wait(page, before)
+        panel = page.evaluate(
+            """() => { const v = panelView(0, segcamViewer);
+                       return {signed: v.signed, scale: v.scale, data: Array.from(v.data),
+                               title: document.getElementById('name0').textContent,
+                               ticks: ['low0', 'mid0', 'high0'].map((id) =>
+                                 document.getElementById(id).textContent)}; }"""
+        )
+        request = page.evaluate("() => segcamViewer.request")
+        target = segcam.Predicted(request["class"])
+        raw = segcam.explain(
+            session.model, session.inputs[None], target, session.default_layer,
+            request["methods"][0], relu=False,
+        ).maps[0, 0].numpy()  # fmt: skip
+        shown = session.plane(request["axis"]).cut(raw, request["index"])
+        np.testing.assert_allclose(np.array(panel["data"]).reshape(shown.shape), shown, atol=1e-6)
+        assert panel["signed"] and "signed" in panel["title"]
+        scale = max(abs(raw.min()), abs(raw.max()))
+        assert panel["scale"] == pytest.approx(scale, rel=1e-5)
+        low, mid, high = panel["ticks"]
+        assert mid == "0" and float(high) == pytest.approx(scale, rel=1e-2) and float(low) < 0
+        # negative evidence is drawn blue, positive red (the diverging scale), none near 0
+        flat = shown.ravel()
+        worst, best = (
+            np.unravel_index(flat.argmin(), shown.shape),
+            np.unravel_index(flat.argmax(), shown.shape),
+        )
+        blue, red = canvas_rgb(page, "#view0", *worst), canvas_rgb(page, "#view0", *best)
+        if raw.min() < 0 and shown.min() < -0.5 * scale:
+            assert blue[2] > blue[0]
+        if shown.max() > 0.5 * scale:
+            assert red[0] > red[2]
+        # back to ReLU on a slice where it is negative: the note says why it is 0
+        before = updates(page)
+        page.select_option("#show0", "relu")
+        wait(page, before)
+        page.evaluate(
+            """() => { const m = segcamViewer.panelMaps[0];
+                       m.data.fill(0); m.entry.slice_min = -1.5; render(); }"""
+        )
+        assert "because its evidence is negative here" in page.text_content("#note0")
+    finally:
+        viewer.stop()
+
+
+def test_difference_of_two_maps_and_a_right_panel_at_its_own_layer_and_class(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        before = updates(page)
+        page.select_option("#show1", "difference")
+        wait(page, before)
+        panel = page.evaluate(
+            """() => { const v = panelView(1, segcamViewer), m = segcamViewer.panelMaps;
+                       return {d: Array.from(v.data), a: Array.from(m[0].data),
+                               b: Array.from(m[1].data),
+                               title: document.getElementById('name1').textContent}; }"""
+        )
+        np.testing.assert_allclose(
+            panel["d"], np.array(panel["a"]) - np.array(panel["b"]), atol=1e-6
+        )
+        assert panel["title"].startswith("difference: left − right")
+        # the right panel at another layer and class: its own request entry, named in its title
+        other = session.menu.offered[0]
+        before = updates(page)
+        page.select_option("#show1", "relu")
+        wait(page, before)
+        before = updates(page)
+        page.select_option("#layer1", other)
+        wait(page, before)
+        before = updates(page)
+        page.select_option("#class1", "2")
+        wait(page, before)
+        entry = page.evaluate("() => segcamViewer.panelMaps[1].entry")
+        assert entry["layer"] == other and entry["class"] == 2
+        title = page.text_content("#name1")
+        assert other in title and "class" in title
+        request = page.evaluate("() => segcamViewer.request")
+        expected = segcam.explain(
+            session.model, session.inputs[None], segcam.Predicted(2), other, request["methods"][1]
+        ).maps[0, 0].numpy()  # fmt: skip
+        data = np.array(page.evaluate("() => Array.from(segcamViewer.panelMaps[1].data)"))
+        shown = session.plane(request["axis"]).cut(expected, request["index"])
+        np.testing.assert_allclose(data.reshape(shown.shape), shown, rtol=1e-5, atol=1e-6)
+    finally:
+        viewer.stop()
+
+
+def test_where_the_explanation_lies_maximum_strip_threshold_and_millimetres(browser_page):
+    page, session = browser_page, volume_session(shape=(16, 20, 30))
+    viewer = start(page, session)
+    try:
+        # m: the slice of the left map's maximum
+        entry = page.evaluate("() => segcamViewer.panelMaps[0].entry")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("m")
+        axis = int(page.input_value("#axis"))
+        page.wait_for_function(
+            "i => segcamViewer.sliceIndex === i && !segcamViewer.busy", arg=entry["argmax"][axis]
+        )
+        data = np.array(page.evaluate("() => Array.from(segcamViewer.panelMaps[0].data)"))
+        assert data.max() == pytest.approx(entry["max"], rel=1e-5)  # the maximum is on screen
+        # the strip along the slider: one column per slice, the set's slices in cyan
+        profile = page.evaluate("() => segcamViewer.result.profile")
+        assert profile["axis"] == axis and len(profile["set"]) == session.spatial[axis]
+        strip = page.evaluate(
+            """() => { const c = document.getElementById('strip'), g = c.getContext('2d');
+                       const n = segcamViewer.result.profile.set.length, w = c.width / n;
+                       const at = (i) => g.getImageData(Math.floor(i * w + w / 4), 2, 1, 1);
+                       return Array.from({length: n}, (_, i) =>
+                         Array.from(at(i).data.slice(0, 3))); }"""
+        )
+        for count, colour in zip(profile["set"], strip, strict=True):
+            assert (colour[2] > 150) == (count > 0)  # cyan where the set has voxels
+        # a threshold hides the map below that share of its scale
+        page.evaluate("() => { document.getElementById('threshold').value = 60; render(); }")
+        hidden = page.evaluate(
+            """() => { const paint = mapPaint(new Float32Array([0.5, 0.9]), 1, 1, false);
+                       return [paint(0, 100), paint(1, 100)]; }"""
+        )
+        assert hidden[0] == [100, 100, 100] and hidden[1] != [100, 100, 100]
+        # the read-out in world millimetres (RAS) and the slice position
+        box = page.locator("#view-prediction").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.6)
+        readout = page.evaluate("() => segcamViewer.readout")
+        voxel = np.array([*readout["index"], 1.0])
+        np.testing.assert_allclose(readout["world"], (LPS @ voxel)[:3], atol=1e-6)  # the affine
+        assert "mm" in page.text_content("#readout") and "mm" in page.text_content("#sliceLabel")
+    finally:
+        viewer.stop()
+
+
+def test_keyboard_shortcuts_toggle_overlays_and_choose_window_presets(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        page.locator("body").click(position={"x": 5, "y": 5})
+        for key, box in (
+            ("h", "showMap"),
+            ("p", "showPrediction"),
+            ("t", "showTruth"),
+            ("c", "compare"),
+        ):
+            was = page.is_checked(f"#{box}")
+            page.keyboard.press(key)
+            assert page.is_checked(f"#{box}") != was
+        presets = page.evaluate("() => segcamViewer.info.intensity.presets")
+        page.keyboard.press("4")
+        assert page.evaluate("() => segcamViewer.window") == {
+            "level": presets[3]["level"],
+            "width": presets[3]["width"],
+        }
+    finally:
+        viewer.stop()
+
+
+def test_three_planes_show_prediction_both_maps_colour_bar_and_their_own_sliders(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        page.select_option("#layout", "three")
+        page.wait_for_function(
+            "() => segcamViewer.tri[0] && segcamViewer.tri[2].panelMaps && !segcamViewer.busy"
+        )
+        assert page.text_content("#triHigh") != ""  # the colour bar's ticks
+        # the prediction is filled in (class colours) under the map
+        page.uncheck("#showMap")
+        axial = 2
+        pred = page.evaluate(f"() => Array.from(segcamViewer.tri[{axial}].slice.prediction)")
+        shape = page.evaluate(f"() => segcamViewer.tri[{axial}].slice.shape")
+        labelled = [i for i, v in enumerate(pred) if v]
+        if labelled:
+            r, c = divmod(labelled[0], shape[1])
+            grey = canvas_rgb(page, "#tri2", r, c)
+            assert len(set(grey)) > 1  # coloured, not grey
+        page.check("#showMap")
+        # the right map on the three planes
+        page.select_option("#triMap", "1")
+        method = page.evaluate("() => document.getElementById('method1').value")
+        assert method in page.text_content("#triName2")
+        # each plane's own slider moves its slice
+        page.evaluate(
+            "() => { const s = document.getElementById('triSlice0'); s.value = 3; "
+            "s.dispatchEvent(new Event('input')); }"
+        )
+        page.wait_for_function("() => segcamViewer.cursor[0] === 3 && !segcamViewer.busy")
+        # arrow keys move the slice of the plane under the pointer
+        box = page.locator("#tri1").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.evaluate("() => document.activeElement.blur()")  # the select kept the keys
+        before = page.evaluate("() => segcamViewer.cursor[1]")
+        page.keyboard.press("ArrowUp")
+        page.wait_for_function(f"() => segcamViewer.cursor[1] === {before + 1}")
+        assert page.evaluate("() => segcamViewer.cursor[0]") == 3
+    finally:
+        viewer.stop()

@@ -470,3 +470,103 @@ def test_the_cost_estimate_uses_a_warm_forward():
         model=_ColdFirst(), inputs=torch.randn((1, 6, 12, 10), generator=generator)
     )
     assert session.forward_seconds < 0.25  # the second forward's time, not the cold 0.5 s
+
+
+# ---------------------------------------------------------------- signed maps, panels, statistics
+
+
+def _panel_request(**extra):
+    return {"class": 1, "target": {"kind": "box", "start": [1, 2, 3], "stop": [4, 8, 7]},
+            "axis": 2, "index": 4, "client": "a", **extra}  # fmt: skip
+
+
+def test_signed_maps_beside_the_relu_ones_and_a_panel_of_its_own_layer_and_class():
+    session = session_3d()
+    layers = session.menu.offered
+    bounds = [(1, 4), (2, 8), (3, 7)]
+    box = segcam.Box(1, bounds)
+    panels = [
+        {"method": "seg-grad-cam", "signed": True},
+        {"method": "seg-hires-grad-cam", "layer": layers[0], "class": 2, "signed": True},
+    ]
+    answer = session.explain(_panel_request(layer=session.default_layer, panels=panels))
+    shape = answer["shape"]
+    inputs = session.inputs[None]
+    expected = [
+        (session.default_layer, box, "seg-grad-cam"),
+        (layers[0], segcam.Box(2, bounds), "seg-hires-grad-cam"),
+    ]
+    for entry, (layer, target, method) in zip(answer["maps"], expected, strict=True):
+        assert (entry["method"], entry["layer"]) == (method, layer)
+        relu = segcam.explain(session.model, inputs, target, layer, method).maps[0, 0].numpy()
+        raw = segcam.explain(session.model, inputs, target, layer, method, relu=False)
+        signed = raw.maps[0, 0].numpy()  # up-sampled, no ReLU
+        cut = session.plane(2).cut
+        np.testing.assert_allclose(unb64(entry["data"], "<f4", shape), cut(relu, 4), atol=1e-6)
+        np.testing.assert_allclose(unb64(entry["signed"], "<f4", shape), cut(signed, 4), atol=1e-6)
+        assert entry["max"] == pytest.approx(float(relu.max()), rel=1e-6)
+        assert entry["min"] == pytest.approx(float(signed.min()), rel=1e-6)
+        assert entry["slice_min"] == pytest.approx(float(cut(signed, 4).min()), rel=1e-6)
+        assert entry["negative_share"] == pytest.approx(float((signed < 0).mean()))
+        assert entry["argmax"] == list(np.unravel_index(int(relu.argmax()), relu.shape))
+        inside = float(relu[1:4, 2:8, 3:7].sum() / relu.sum())
+        assert entry["inside"] == pytest.approx(inside, rel=1e-5)
+    assert answer["maps"][1]["class"] == 2 and answer["maps"][0]["class"] == 1
+    # unsigned panels carry no signed cut; the pixel set's statistics and per-slice profile
+    plain = session.explain(_panel_request(methods=["seg-grad-cam"]))
+    assert "signed" not in plain["maps"][0]
+    volume_ml = 3 * 6 * 4 * (0.8 * 0.8 * 4.0) / 1000  # voxels x mm3 per voxel, in ml
+    assert plain["stats"]["voxels"] == 3 * 6 * 4
+    assert plain["stats"]["ml"] == pytest.approx(volume_ml)
+    intensity = session.intensity[1:4, 2:8, 3:7].mean()
+    assert plain["stats"]["mean_intensity"] == pytest.approx(float(intensity), rel=1e-5)
+    profile = plain["profile"]
+    assert profile["axis"] == 2 and profile["set"] == [0, 0, 0, 18, 18, 18, 18, 0, 0, 0]
+    relu = segcam.explain(session.model, inputs, box, session.default_layer, "seg-grad-cam")
+    np.testing.assert_allclose(profile["maps"][0], relu.maps[0, 0].sum(dim=(0, 1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "panels",
+    [
+        "x",
+        [],
+        [{"method": "nope"}],
+        [{"method": "seg-grad-cam", "layer": 3}],
+        [{"method": "seg-grad-cam", "layer": "no.such.layer"}],
+        [{"method": "seg-grad-cam", "class": 9}],
+        [{"method": "seg-grad-cam", "class": True}],
+        [{"method": "seg-grad-cam", "signed": "yes"}],
+        [{"method": "seg-grad-cam"}] * 3,
+    ],
+)
+def test_bad_panels_are_refused_with_the_reason(panels):
+    session = session_3d()
+    with TestClient(create_app(session)) as client:
+        answer = client.post("/api/explain", json=_panel_request(panels=panels))
+    assert answer.status_code == 400 and answer.json()["error"]
+
+
+def test_a_signed_export_and_the_arrays_hold_the_signed_map():
+    import io
+    import json
+
+    session = session_3d()
+    request = _panel_request(method="seg-grad-cam", layer=session.default_layer)
+    target = segcam.Box(1, [(1, 4), (2, 8), (3, 7)])
+    raw = segcam.explain(
+        session.model, session.inputs[None], target, session.default_layer, "seg-grad-cam",
+        relu=False,
+    ).maps[0, 0].numpy()  # fmt: skip
+    with TestClient(create_app(session)) as client:
+        nifti = client.post("/api/export", json={**request, "format": "nifti", "signed": True})
+        arrays = client.post("/api/export", json={**request, "format": "npz"})
+        sidecar = client.post("/api/export", json={**request, "format": "json", "signed": True})
+        refused = client.post("/api/export", json={**request, "format": "nifti", "signed": 1})
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(nifti.content))
+    np.testing.assert_allclose(np.asarray(image.dataobj), raw, atol=1e-6)
+    stored = np.load(io.BytesIO(arrays.content))
+    np.testing.assert_allclose(stored["signed_map"], raw, atol=1e-6)
+    np.testing.assert_allclose(stored["map"], np.maximum(stored["map"], 0))
+    assert json.loads(sidecar.content)["map"] == "signed (no ReLU)"
+    assert refused.status_code == 400

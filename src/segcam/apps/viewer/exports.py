@@ -78,8 +78,12 @@ def export_file(
     spatial: Sequence[int],
     display: np.ndarray,
     affine: np.ndarray | None,
+    signed: np.ndarray | None = None,
 ) -> tuple[bytes, str, str]:
-    """(content, media type, file name) of one map in the format ``kind``."""
+    """(content, media type, file name) of one map in the format ``kind``.
+
+    ``npz`` also holds the raw signed map (``signed_map``) when it is given.
+    """
     # the one naming scheme of map files (segcam.apps.naming): the viewer explains one target
     stem = map_stem(
         metadata["method"], metadata["layer"], 0, metadata["target"]["kind"], str(metadata["class"])
@@ -89,9 +93,10 @@ def export_file(
         return content, "application/json", f"{stem}.json"
     if kind == "npz":
         stream = io.BytesIO()
-        np.savez_compressed(
-            stream, map=heat, pixel_set=pixel_set, metadata=np.array(json.dumps(metadata))
-        )
+        arrays = {"map": heat, "pixel_set": pixel_set, "metadata": np.array(json.dumps(metadata))}
+        if signed is not None:
+            arrays["signed_map"] = signed
+        np.savez_compressed(stream, **arrays)  # type: ignore[arg-type]
         return stream.getvalue(), "application/octet-stream", f"{stem}.npz"
     if kind == "png":
         if len(spatial) != 2:

@@ -166,7 +166,9 @@ class NnUNetViewerSession(ViewerSession):
             stand_in = torch.zeros(()).expand(1, max(self.classes, c + 1), *self.spatial)
             shown = ResolvedTargets.resolve([target], stand_in).pixel_sets[0][0]
             pixel_set = shown.permute(self._back)
-        explanations = self._case.explain_methods(segcam.Mask(c, pixel_set), layer, methods)
+        explanations = self._case.explain_methods(
+            segcam.Mask(c, pixel_set), layer, methods, relu=False
+        )  # raw on the original grid: ReLU follows there, as in nnunet.explain
         return [(method, _transposed(e, self.order)) for method, e in explanations.items()]
 
     def close(self) -> None:  # noqa: D102

@@ -27,6 +27,7 @@ from segcam.methods import REGISTRY
 __all__ = [
     "DEFAULT_METHODS",
     "Grid",
+    "Panel",
     "RequestError",
     "SupersededError",
     "TargetKey",
@@ -34,6 +35,7 @@ __all__ = [
     "b64",
     "client_of",
     "methods_of",
+    "panels_of",
     "parse_target",
 ]
 
@@ -88,6 +90,7 @@ class Grid:
 
     spatial: tuple[int, ...]
     planes: Sequence[Plane]  # one per voxel axis of a volume; none for a 2D image
+    flat: Plane | None = None  # a 2D image cut from an oriented volume: how it is shown
 
     def view(self, payload: Mapping[str, Any]) -> tuple[int, int]:
         """The request's (axis, slice index); (-1, -1) for a 2D image."""
@@ -100,7 +103,9 @@ class Grid:
     def cut(self, array: np.ndarray, view: tuple[int, int]) -> np.ndarray:
         """The shown plane of a (*S) array, in display order (the array itself in 2D)."""
         axis, index = view
-        return array if axis < 0 else self.planes[axis].cut(array, index)
+        if axis < 0:
+            return array if self.flat is None else self.flat.cut(array[..., None], 0)
+        return self.planes[axis].cut(array, index)
 
     def extent(self, pixel_set: np.ndarray) -> dict[str, Any]:
         """Where a pixel set lies: its [first, last] index on each axis (None when empty)."""
@@ -121,7 +126,12 @@ class Grid:
         """
         mask = np.zeros(self.spatial, dtype=bool)
         if len(self.spatial) == 2:
-            mask[...] = self._painted(spec, (-1, -1))
+            painted = self._painted(spec, (-1, -1))
+            if self.flat is None:
+                mask[...] = painted
+            else:  # back from display order to the image's
+                volume = mask[..., None]
+                self.flat.place(painted, volume, 0)
             return mask
         slices = spec.get("slices", [spec])
         if not isinstance(slices, list) or not 1 <= len(slices) <= sum(self.spatial):
@@ -206,6 +216,51 @@ def methods_of(payload: Mapping[str, Any]) -> list[str]:
         if not isinstance(method, str) or method not in REGISTRY:
             raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
     return methods
+
+
+MAX_PANELS = 2  # map panels a request may fill
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One map panel of a request: a method at a layer for a class, shown signed or not."""
+
+    method: str
+    layer: str | None  # None: the request's layer
+    class_index: int | None  # None: the request's class
+    signed: bool
+
+
+def panels_of(payload: Mapping[str, Any]) -> list[Panel]:
+    """The request's map panels: ``panels`` ({method, layer?, class?, signed?}), else its methods.
+
+    A panel without a layer or class takes the request's; a request without ``panels`` has one
+    panel per method, unsigned (``signed`` may list methods shown signed).
+    """
+    given = payload.get("panels")
+    if given is None:
+        signed = payload.get("signed", [])
+        if not isinstance(signed, list):
+            raise RequestError("signed must be a list of method names")
+        return [Panel(m, None, None, m in signed) for m in methods_of(payload)]
+    if not isinstance(given, list) or not 1 <= len(given) <= MAX_PANELS:
+        raise RequestError(f"panels must be a list of 1 to {MAX_PANELS} {{method, layer, class}}")
+    panels = []
+    for item in given:
+        if not isinstance(item, Mapping):
+            raise RequestError(f"a panel must be an object; got {item!r}")
+        method = methods_of({"methods": [item.get("method")]})[0]
+        layer = item.get("layer")
+        if layer is not None and not isinstance(layer, str):
+            raise RequestError(f"a panel's layer must be a layer name; got {layer!r}")
+        c = item.get("class")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int)):
+            raise RequestError(f"a panel's class must be an integer; got {c!r}")
+        signed = item.get("signed", False)
+        if not isinstance(signed, bool):
+            raise RequestError(f"a panel's signed must be true or false; got {signed!r}")
+        panels.append(Panel(method, layer, c, signed))
+    return panels
 
 
 def client_of(payload: Mapping[str, Any]) -> str:

@@ -47,10 +47,14 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         inputs = torch.from_numpy(np.ascontiguousarray(image))[None]
         title = "demo CT, axial slice 68 (held out), 2D UNet"
         hounsfield, labels = case.image[:, :, 68], case.labels[:, :, 68]
+        affine = (
+            case.affine
+        )  # the slice's axes are the volume's first two: shown as its axial plane
     else:
         inputs = torch.from_numpy(windowed)[None]
         title = "demo CT volume, 3D UNet"
         hounsfield, labels = case.image, case.labels
+        affine = case.affine
     return ViewerSession(
         model=model,
         inputs=inputs,
@@ -59,7 +63,7 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         layers=list(DEMO_LAYERS.values()),
         default_layer=DEMO_LAYERS["last decoder"],
         layer_labels={name: depth for depth, name in DEMO_LAYERS.items()},
-        affine=case.affine,
+        affine=affine,
         title=title,
         sliding_window=sliding_window,
         intensity=np.ascontiguousarray(hounsfield, dtype=np.float32),

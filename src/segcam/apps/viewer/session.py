@@ -42,6 +42,7 @@ from segcam.apps.viewer.requests import (
     b64,
     client_of,
     methods_of,
+    panels_of,
     parse_target,
 )
 from segcam.apps.viewer.uploads import read_mask
@@ -50,6 +51,7 @@ from segcam.errors import InputError, MethodNotSupportedError, OptionError
 from segcam.layers import describe_layers
 from segcam.methods import REGISTRY, get_method
 from segcam.outputs import select_logits
+from segcam.postprocess import relu, upsample
 from segcam.sliding import explain_sliding_window_methods
 from segcam.viz import grey
 from segcam.windows import blended_logits
@@ -73,7 +75,9 @@ class ViewerSession:
         class_names: one name per output class (default ``class 0``, ...).
         layers: the layers offered (default: :class:`~segcam.apps.viewer.layers.LayerMenu`'s).
         default_layer: the layer selected at start (default: the last decoder layer).
-        affine: voxel-to-world matrix for NIfTI export (default identity).
+        affine: voxel-to-world matrix for NIfTI export (default identity). For a 2D image,
+            the 4x4 matrix of the volume it was cut from across that volume's third axis: the
+            image is then shown as that plane is in 3D (e.g. axial, anterior at the top).
         output: how to find the logits (as for :func:`segcam.explain`).
         layer_labels: short readable names shown beside layer names (e.g. ``bottleneck``);
             by default :func:`depth_labels` of the layers.
@@ -103,7 +107,7 @@ class ViewerSession:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     _uploads: OrderedDict[str, Upload] = field(default_factory=OrderedDict, repr=False)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _cache: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    _cache: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.inputs.ndim not in (3, 4):
@@ -183,7 +187,12 @@ class ViewerSession:
                     f"{name} has shape {tuple(array.shape)}; the input's grid is {self.spatial}"
                 )
         self._planes, self.oblique = planes(self.affine) if len(self.spatial) == 3 else ([], False)
-        self.grid = Grid(self.spatial, self._planes)
+        self._flat = None
+        if len(self.spatial) == 2 and self.affine is not None:
+            # a slice of an oriented volume (its first two axes): shown as that volume's plane
+            # across its third axis, e.g. the axial plane with anterior at the top
+            self._flat, self.oblique = planes(self.affine)[0][2], planes(self.affine)[1]
+        self.grid = Grid(self.spatial, self._planes, self._flat)
         self._intensity_summary = intensity_summary(self.intensity, self.intensity_unit)
 
     # ------------------------------------------------------------------ info and slices
@@ -205,10 +214,15 @@ class ViewerSession:
             "default_methods": list(DEFAULT_METHODS),
             "axes": [plane.name for plane in self._planes],
             "planes": [plane.describe(self.spatial) for plane in self._planes],
+            "flat": None if self._flat is None else self._flat.describe((*self.spatial, 1)),
             "default_axis": next((p.axis for p in self._planes if p.name == "axial"), 2)
             if self._planes
             else None,
             "oriented": self.affine is not None and len(self.spatial) == 3,
+            # voxel index -> world mm (RAS, as NIfTI): the read-out and slice positions in mm
+            "affine": np.asarray(self.affine, dtype=float).tolist()
+            if self.affine is not None and len(self.spatial) == 3
+            else None,
             "oblique": self.oblique,
             "intensity": self._intensity_summary,
             "ground_truth": self.ground_truth is not None,
@@ -271,8 +285,10 @@ class ViewerSession:
     def _explain_missing(
         self, explainer: Explainer | None, layer: str, target: segcam.Target, methods: list[str]
     ) -> list[tuple[str, segcam.Explanation]]:
-        if explainer is not None:
-            return list(explainer.explain_methods([target], methods).items())
+        if explainer is not None:  # raw: ReLU and up-sampling follow in _store
+            return list(
+                explainer.explain_methods([target], methods, relu=False, upsample=False).items()
+            )
         assert self.sliding_window is not None
         for method in methods:
             try:
@@ -287,6 +303,8 @@ class ViewerSession:
                 layer,
                 methods=methods,
                 output=self.output,
+                relu=False,
+                upsample=False,
                 **self.sliding_window,
             ).items()
         )
@@ -318,23 +336,51 @@ class ViewerSession:
         target: segcam.Target,
         key: TargetKey,
         client: str | None = None,
-    ) -> dict[str, dict[str, np.ndarray]]:
-        """The maps of a target for each method (cached for the latest layer and target).
+    ) -> dict[str, dict[str, Any]]:
+        """The maps of one target for each method (see :meth:`_maps_of`)."""
+        return self._maps_of([(layer, methods, target, key)], client)[0]
 
+    def _maps_of(
+        self, works: Sequence[tuple[str, list[str], segcam.Target, TargetKey]], client: str | None
+    ) -> list[dict[str, dict[str, Any]]]:
+        """Per (layer, methods, target, key): method -> ``map``, ``signed``, ``pixel_set``.
+
+        ``map`` is the method's map with ReLU, then up-sampled to the input grid, as
+        :func:`segcam.explain` gives it; ``signed`` the raw map up-sampled (no ReLU), so the page
+        can say where the map is negative. Cached for the latest request's layers and targets.
         A request for the same maps as the page's running one (a slice change) waits for them
         instead of cancelling it; any other request of the page cancels it.
         """
-        with self._gate.run(client, (layer, key, tuple(methods))):
-            explainer = self._explainer(layer)
-            self._cache = {k: v for k, v in self._cache.items() if k[:2] == (layer, key)}
-            missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
-            if missing:
-                for method, expl in self._explain_missing(explainer, layer, target, missing):
-                    self._cache[layer, key, method] = {
-                        "map": expl.maps[0, 0].float().cpu().numpy(),
-                        "pixel_set": expl.pixel_sets[0, 0].cpu().numpy(),
-                    }
-            return {method: self._cache[layer, key, method] for method in methods}
+        work = tuple((layer, key, tuple(methods)) for layer, methods, _, key in works)
+        with self._gate.run(client, work):
+            wanted = {(layer, key) for layer, _, _, key in works}
+            self._cache = {k: v for k, v in self._cache.items() if k[:2] in wanted}
+            for layer, methods, target, key in works:
+                explainer = self._explainer(layer)
+                missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
+                if missing:
+                    for method, expl in self._explain_missing(explainer, layer, target, missing):
+                        self._cache[layer, key, method] = self._store(expl)
+            return [
+                {method: self._cache[layer, key, method] for method in methods}
+                for layer, methods, _, key in works
+            ]
+
+    def _store(self, explanation: segcam.Explanation) -> dict[str, Any]:
+        raw = explanation.maps[:1, :1].float()
+        heat = upsample(relu(raw), self.spatial)[0, 0].cpu().numpy()
+        signed = upsample(raw, self.spatial)[0, 0].cpu().numpy()
+        pixel_set = explanation.pixel_sets[0, 0].cpu().numpy()
+        mass = float(heat.sum(dtype=np.float64))
+        return {
+            "map": heat,
+            "signed": signed,
+            "pixel_set": pixel_set,
+            # where the evidence is negative, the ReLU'd map is 0: how much of the input that is
+            "negative_share": float(np.mean(signed < 0)),
+            "argmax": [int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape)],
+            "inside": float(heat[pixel_set].sum(dtype=np.float64)) / mass if mass > 0 else 0.0,
+        }
 
     def estimate(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """What a request would cost: forward passes and seconds per gradient-free method.
@@ -378,49 +424,111 @@ class ViewerSession:
         }
 
     def explain(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Maps of the requested target for each requested method, cut to the current view.
+        """Maps of the requested target for each map panel, cut to the current view.
 
-        The maps are ReLU'd and up-sampled to the input grid, not normalised (the page scales
-        them for display); ``max`` is over the whole map, so the colour bar does not change when
-        the slice does. ``extent`` says where the pixel set lies ([first, last] voxel per axis);
-        ``planes`` (optional, 3D) asks for more cuts ({axis, index}) of the same maps;
-        ``with_slice`` (optional) adds the view's :meth:`slice`, so that the page draws a new
-        slice and its maps in one frame.
+        Panels (:func:`~segcam.apps.viewer.requests.panels_of`) name a method, and may name
+        their own layer and class (two layers or two classes side by side); by default one
+        panel per method at the request's layer and class. Each map entry holds the map with
+        ReLU, up-sampled to the input grid, not normalised (the page scales it for display), its
+        ``max`` over the whole map (the colour bar does not change with the slice), the raw
+        signed map's ``min`` and ``signed_max`` over the whole map and ``slice_min`` on the cut
+        (negative there: the ReLU'd map is 0 because the evidence is negative), and with
+        ``signed`` the signed cut too. ``extent`` says where the request's pixel set lies
+        ([first, last] voxel per axis); ``planes`` (optional, 3D) asks for more cuts ({axis,
+        index}) of the same maps; ``with_slice`` (optional) adds the view's :meth:`slice`, so
+        that the page draws a new slice and its maps in one frame.
         """
         started = time.perf_counter()
-        layer, methods, target, key = self._request(payload)
+        layer, _, target, key = self._request({**payload, "methods": [DEFAULT_METHODS[0]]})
+        panels = panels_of(payload)
         view = self.grid.view(payload)
         extra = payload.get("planes", [])
         if not isinstance(extra, list) or len(extra) > 3 or (extra and len(self.spatial) != 3):
             raise RequestError("planes must be a list of up to 3 {axis, index} of a volume")
         extra_views = [self.grid.view(item if isinstance(item, Mapping) else {}) for item in extra]
         client = client_of(payload)
-        maps = self._maps(layer, methods, target, key, client)
-        pixel_set = next(iter(maps.values()))["pixel_set"]
+        # one work per (layer, class): its target and the methods of its panels
+        groups: dict[tuple[str, int], tuple[segcam.Target, TargetKey, list[str]]] = {}
+        where = []  # per panel: its (layer, class)
+        for panel in panels:
+            panel_layer = layer if panel.layer is None else self._layer({"layer": panel.layer})
+            c = int(target.class_index) if panel.class_index is None else panel.class_index
+            if (panel_layer, c) not in groups:
+                same = c == int(target.class_index)
+                panel_target, panel_key = (
+                    (target, key) if same else self._request({**payload, "class": c})[2:]
+                )
+                groups[panel_layer, c] = (panel_target, panel_key, [])
+            groups[panel_layer, c][2].append(panel.method)
+            where.append((panel_layer, c))
+        works = [(g_layer, methods, t, k) for (g_layer, _), (t, k, methods) in groups.items()]
+        computed = dict(zip(groups, self._maps_of(works, client), strict=True))
+        first = next(iter(computed[where[0]].values()))
+        pixel_set = first["pixel_set"]
 
         def cut(view: tuple[int, int]) -> dict[str, Any]:
             cut_set = self.grid.cut(pixel_set, view)
+            entries = []
+            for panel, (panel_layer, c) in zip(panels, where, strict=True):
+                value = computed[panel_layer, c][panel.method]
+                signed = self.grid.cut(value["signed"], view)
+                entry = {
+                    "method": panel.method,
+                    "layer": panel_layer,
+                    "class": c,
+                    "data": b64(self.grid.cut(value["map"], view).astype("<f4")),
+                    "max": float(value["map"].max()),
+                    "min": float(value["signed"].min()),
+                    "signed_max": float(value["signed"].max()),
+                    "slice_min": float(signed.min()),
+                    "negative_share": value["negative_share"],
+                    "argmax": value["argmax"],
+                    "inside": value["inside"],
+                }
+                if panel.signed:
+                    entry["signed"] = b64(np.asarray(signed).astype("<f4"))
+                if value["pixel_set"] is not pixel_set:
+                    entry["pixel_set"] = b64(
+                        self.grid.cut(value["pixel_set"], view).astype(np.uint8)
+                    )
+                entries.append(entry)
             return {
                 "shape": list(cut_set.shape),
                 "pixel_set": b64(cut_set.astype(np.uint8)),
-                "maps": [
-                    {
-                        "method": method,
-                        "data": b64(self.grid.cut(value["map"], view).astype("<f4")),
-                        "max": float(value["map"].max()),
-                    }
-                    for method, value in maps.items()
-                ],
+                "maps": entries,
             }
 
         result = {"layer": layer, "pixels": int(pixel_set.sum()), **cut(view)}
         result.update(self.grid.extent(pixel_set))
+        result["stats"] = self._region_stats(pixel_set)
+        if len(self.spatial) == 3:  # per slice along the shown view: the set and each map's mass
+            others = tuple(a for a in range(3) if a != view[0])
+            result["profile"] = {
+                "axis": view[0],
+                "set": pixel_set.sum(axis=others).astype(int).tolist(),
+                "maps": [
+                    computed[g][panel.method]["map"].sum(axis=others, dtype=np.float64).tolist()
+                    for panel, g in zip(panels, where, strict=True)
+                ],
+            }
         if extra_views:
             result["planes"] = [{"axis": a, "index": i, **cut((a, i))} for a, i in extra_views]
         if payload.get("with_slice") is True:
             result["slice"] = self.slice(payload)
         result["milliseconds"] = round((time.perf_counter() - started) * 1e3, 1)
         return result
+
+    def _region_stats(self, pixel_set: np.ndarray) -> dict[str, Any]:
+        """The pixel set's voxels, volume (ml, from the affine) and mean intensity."""
+        voxels = int(pixel_set.sum())
+        stats: dict[str, Any] = {"voxels": voxels}
+        if len(self.spatial) == 3 and self.affine is not None:
+            voxel_mm3 = abs(float(np.linalg.det(np.asarray(self.affine)[:3, :3])))
+            stats["ml"] = voxels * voxel_mm3 / 1000.0
+        if voxels and self.intensity is not None:
+            stats["mean_intensity"] = float(self.intensity[pixel_set].mean(dtype=np.float64))
+            stats["unit"] = self.intensity_unit
+        return stats
 
     # ------------------------------------------------------------------ export
 
@@ -434,9 +542,16 @@ class ViewerSession:
         method = payload.get("method")
         if not isinstance(method, str) or method not in REGISTRY:
             raise RequestError(f"unknown method {method!r}; registered: {', '.join(REGISTRY)}")
+        signed = payload.get("signed", False)
+        if not isinstance(signed, bool):
+            raise RequestError(f"signed must be true or false; got {signed!r}")
+        if signed and payload.get("format") == "png":
+            raise RequestError(
+                "a signed map exports as NIfTI or arrays; 'save view' saves it as shown (PNG)"
+            )
         layer, _, target, key = self._request({**payload, "methods": [method]})
         value = self._maps(layer, [method], target, key)[method]
-        heat, pixel_set = value["map"], value["pixel_set"]
+        heat, pixel_set = value["signed" if signed else "map"], value["pixel_set"]
         c = int(target.class_index)
         metadata = {
             "format": "segcam.viewer.export",
@@ -449,21 +564,29 @@ class ViewerSession:
             "layer_label": self.layer_labels.get(layer, ""),
             "target": describe_key(key),
             "pixels": int(pixel_set.sum()),
+            "map": "signed (no ReLU)" if signed else "ReLU",
             "map_max": float(heat.max()),
+            "map_min": float(heat.min()),
             "shape": list(heat.shape),
         }
         if len(self.spatial) == 3 and "axis" in payload:  # the slice the page showed
             axis, index = self.grid.view(payload)
             metadata["view"] = {"axis": axis, "index": index, "plane": self._planes[axis].name}
         assert self.display is not None
+        display = self.display
+        if payload.get("format") == "png":  # an image: in the orientation the page shows
+            heat, pixel_set, display = (
+                self.grid.cut(a, (-1, -1)) for a in (heat, pixel_set, display)
+            )
         return export_file(
             payload.get("format"),
             heat,
             pixel_set,
             metadata,
             spatial=self.spatial,
-            display=self.display,
+            display=display,
             affine=self.affine,
+            signed=value["signed"],
         )
 
     def close(self) -> None:

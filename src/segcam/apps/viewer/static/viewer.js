@@ -2,10 +2,13 @@
 // Everything below runs offline: no request leaves this page except to its own server.
 const INFERNO = [[0,0,4],[31,12,72],[85,15,109],[136,34,106],[186,54,85],[227,89,51],[249,140,10],[249,201,50],[252,255,164]];
 const PALETTE = [null,[230,60,60],[60,200,90],[70,130,250],[240,200,40],[200,80,220],[60,210,210],[250,140,60]];
-const FIT = 440;  // a panel's longer side in CSS pixels at zoom 1
+function fitSize() {  // a panel's longer side in CSS pixels at zoom 1: three panels fill the stage
+  const stage = $("stage"), width = stage ? stage.clientWidth - 80 : 1320;
+  return Math.max(200, Math.min(Math.floor(width / 3), window.innerHeight - 260));
+}
 const $ = (id) => document.getElementById(id);
 const viewer = window.segcamViewer = {
-  info: null, slice: null, result: null, maps: {}, request: null, busy: false,
+  info: null, slice: null, result: null, maps: {}, panelMaps: [null, null], request: null, busy: false,
   timings: [], brushes: new Map(), zoom: 1, magnify: 1, pan: {x: 0, y: 0}, window: null,
   cursor: null, readout: null, tri: {}, seq: 0, controller: null, confirmed: new Set(),
   client: Math.random().toString(36).slice(2, 12),
@@ -67,11 +70,15 @@ function savedView() {
                   left: [x + 4, title + c.height / 2], right: [x + c.width - 4 - w, title + c.height / 2]}[side];
       g.fillText(span.textContent, ...at);
     }
-    const bar = panel.querySelector(".bar canvas"), top = panel.querySelector(".bar span");
-    if (bar && top && top.textContent) {
-      const y = title + c.height + 8;
-      g.font = "12px system-ui, sans-serif"; g.fillStyle = "#e8e8e8"; g.textBaseline = "top";
-      g.fillText("0", x, y); g.drawImage(bar, x + 12, y); g.fillText(top.textContent, x + 18 + bar.width, y);
+    const bar = panel.querySelector(".bar canvas"), tick = (name) => panel.querySelector(`.ticks span:nth-child(${name})`);
+    if (bar && tick(3) && tick(3).textContent) {  // the colour bar with its ticks, as on screen
+      const y = title + c.height + 4;
+      g.drawImage(bar, x, y);
+      g.font = "11px system-ui, sans-serif"; g.fillStyle = "#e8e8e8"; g.textBaseline = "top";
+      const texts = [1, 2, 3].map((n) => tick(n).textContent), widths = texts.map((t) => g.measureText(t).width);
+      g.fillText(texts[0], x, y + bar.height + 2);
+      g.fillText(texts[1], x + (bar.width - widths[1]) / 2, y + bar.height + 2);
+      g.fillText(texts[2], x + bar.width - widths[2], y + bar.height + 2);
     }
     x += c.width + pad;
   }
@@ -86,6 +93,12 @@ function saveView() {
     setTimeout(() => URL.revokeObjectURL(link.href), 10000);
   }, "image/png");
 }
+// signed maps and differences: blue (negative) - white - red (positive), symmetric about 0
+const DIVERGING = [[33,102,172],[103,169,207],[209,229,240],[247,247,247],[253,219,199],[239,138,98],[178,24,43]];
+function diverging(v) {  // v in [-1, 1]
+  const x = (Math.min(Math.max(v, -1), 1) + 1) / 2 * (DIVERGING.length - 1), i = Math.min(Math.floor(x), DIVERGING.length - 2), f = x - i;
+  return DIVERGING[i].map((a, k) => a * (1 - f) + DIVERGING[i + 1][k] * f);
+}
 function inferno(v) {
   const x = Math.min(Math.max(v, 0), 1) * (INFERNO.length - 1), i = Math.min(Math.floor(x), INFERNO.length - 2), f = x - i;
   return INFERNO[i].map((a, k) => a * (1 - f) + INFERNO[i + 1][k] * f);
@@ -96,7 +109,7 @@ const three = () => viewer.info.dims === 3;
 const layoutThree = () => three() && $("layout").value === "three";
 function axisNow() { return three() ? Number($("axis").value) : -1; }
 function plane(axis) {  // rows/cols voxel axes, flips, spacing and labels of a view
-  if (!three()) return {rows: {axis: 0, flip: false, size: viewer.info.shape[0]}, cols: {axis: 1, flip: false, size: viewer.info.shape[1]}, labels: {}, spacing: [1, 1], name: "image"};
+  if (!three()) return viewer.info.flat || {rows: {axis: 0, flip: false, size: viewer.info.shape[0]}, cols: {axis: 1, flip: false, size: viewer.info.shape[1]}, labels: {}, spacing: [1, 1], name: "image"};
   return viewer.info.planes[axis];
 }
 function view() { return three() ? {axis: axisNow(), index: Number($("slice").value)} : {}; }
@@ -113,7 +126,8 @@ function toPixel(voxel, axis) {  // voxel index -> shown [row, col] on a view ac
 }
 function scales(axis, h, w) {  // CSS pixels per shown row and column (physical aspect kept)
   const [sy, sx] = plane(axis).spacing, unit = Math.min(sy, sx), ry = sy / unit, rx = sx / unit;
-  const fit = Math.max(1, Math.floor(FIT / Math.max(h * ry, w * rx)));
+  const longest = Math.max(h * ry, w * rx), room = fitSize() / longest;
+  const fit = room >= 4 ? Math.floor(room) : Math.floor(room * 4) / 4;  // whole or quarter steps
   return {fit, y: fit * ry * viewer.magnify, x: fit * rx * viewer.magnify, width: Math.round(w * rx * fit), height: Math.round(h * ry * fit)};
 }
 
@@ -166,12 +180,76 @@ function overlays(context, s) {  // the box being dragged, the brush cursor
     context.strokeRect(viewer.pan.x + Math.min(d.c0, d.c1) * s.x, viewer.pan.y + Math.min(d.r0, d.r1) * s.y, (Math.abs(d.c1 - d.c0) + 1) * s.x, (Math.abs(d.r1 - d.r0) + 1) * s.y);
   }
 }
-function mapPaint(data, scale, opacity) {
-  return (p, g) => {
-    if (!data || !$("showMap").checked) return [g, g, g];
-    const v = Math.max(data[p], 0) / scale, a = opacity * Math.min(v, 1), rgb = inferno(v);
-    return rgb.map((c) => (1 - a) * g + a * c);
+function mapPaint(data, scale, opacity, signed) {
+  // the transparency ramp: a value's opacity grows with its size; below the threshold, none
+  const threshold = Number($("threshold").value) / 100;
+  return (p, g, base = [g, g, g]) => {  // over a grey value, or over a coloured base
+    if (!data || !$("showMap").checked) return base;
+    const v = signed ? data[p] / scale : Math.max(data[p], 0) / scale, size = Math.min(Math.abs(v), 1);
+    if (size <= threshold || size === 0) return base;
+    const a = opacity * size, rgb = signed ? diverging(v) : inferno(v);
+    return rgb.map((c, i) => (1 - a) * base[i] + a * c);
   };
+}
+function drawBar(canvas, signed, opacity) {  // the colour ramp as drawn over mid grey, with its transparency
+  const g = canvas.getContext("2d"), n = canvas.width, threshold = Number($("threshold").value) / 100;
+  for (let x = 0; x < n; x++) {
+    const v = signed ? 2 * x / (n - 1) - 1 : x / (n - 1), size = Math.abs(v), a = size <= threshold ? 0 : Math.max(opacity, 0.35) * size;
+    const rgb = (signed ? diverging(v) : inferno(v)).map((c) => Math.round((1 - a) * 128 + a * c));
+    g.fillStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`; g.fillRect(x, 0, 1, canvas.height);
+  }
+}
+const fmt = (v) => (v === 0 ? "0" : Number(v.toPrecision(3)).toString());
+function ticks(k, scale, signed) {  // the colour bar's ticks: 0 to the maximum, or -s, 0, +s
+  $("low" + k).textContent = signed ? fmt(-scale) : "0";
+  $("mid" + k).textContent = signed ? "0" : fmt(scale / 2);
+  $("high" + k).textContent = fmt(scale);
+}
+// what panel k shows on the current cut: values, whether they are signed, the scale, the note
+function panelView(k, source) {
+  const maps = source.panelMaps || [], own = maps[k], mode = $("show" + k).value;
+  if (!own) return null;
+  const perSlice = $("scale").value === "slice", entry = own.entry;
+  const sliceAbs = (data) => { let m = 0; for (let i = 0; i < data.length; i++) { const a = Math.abs(data[i]); if (a > m) m = a; } return m; };
+  if (mode === "difference" && k === 1 && maps[0]) {
+    const a = maps[0].data, b = own.data, d = new Float32Array(b.length);
+    for (let i = 0; i < b.length; i++) d[i] = a[i] - b[i];
+    const top = sliceAbs(d);
+    return {data: d, signed: true, scale: top > 0 ? top : 1, top, label: `±${fmt(top)} (this slice)`, entry, mode,
+      note: top === 0 ? "the two maps are equal on this slice" : ""};
+  }
+  if (mode === "signed" && own.signed) {
+    const whole = Math.max(Math.abs(entry.min), Math.abs(entry.signed_max)), top = perSlice ? sliceAbs(own.signed) : whole;
+    return {data: own.signed, signed: true, scale: top > 0 ? top : 1, top, label: `±${fmt(top)} (${perSlice ? "this slice" : "whole input"})`, entry, mode, note: ""};
+  }
+  let sliceMax = 0;
+  for (let i = 0; i < own.data.length; i++) if (own.data[i] > sliceMax) sliceMax = own.data[i];
+  const top = perSlice ? sliceMax : entry.max;
+  let note = "";
+  if (sliceMax <= 0) {
+    if (entry.slice_min < 0) note = `the map is 0 on this slice because its evidence is negative here (down to ${fmt(entry.slice_min)}): show it signed to see it`;
+    else if (entry.max > 0) note = `the map is 0 on this slice (its maximum, ${entry.max.toPrecision(3)}, lies elsewhere)`;
+    else note = entry.min < 0 ? `the map is 0 everywhere: its evidence is negative (down to ${fmt(entry.min)}); show it signed` : "the map is 0 everywhere";
+  } else if (entry.negative_share > 0.5) {
+    const share = 100 * entry.negative_share;
+    note = `0 on ${share > 99.9 ? share.toFixed(2) : share.toFixed(1)} % of the input, where its evidence is negative (show it signed)`;
+  }
+  return {data: own.data, signed: false, scale: top > 0 ? top : 1, top, label: `${top.toPrecision(3)} (${perSlice ? "this slice" : "whole input"})`, entry, mode, note};
+}
+function panelTitle(k) {
+  const method = $("method" + k).value, own = viewer.panelMaps[k];
+  if (!own) return `${method} (${viewer.awaiting ? "no pixel set yet" : "computing"})`;
+  const e = own.entry, parts = [e.method];
+  if (viewer.request && e.layer !== viewer.request.layer) parts.push(`layer ${layerLabel(e.layer)}`);
+  if (viewer.request && e.class !== viewer.request.class) parts.push(`class ${viewer.info.classes[e.class]}`);
+  const mode = $("show" + k).value;
+  if (mode === "signed") parts.push("signed");
+  if (mode === "difference" && k === 1) return `difference: left − right (${parts.join(" · ")})`;
+  return parts.join(" · ");
+}
+function layerLabel(name) {
+  const l = [...viewer.info.layers, ...(viewer.info.all_layers || [])].find((x) => x.name === name);
+  return l && l.label ? `${l.label} (${name})` : name;
 }
 // the prediction against the truth, for the chosen class
 const COMPARE = {tp: [240, 220, 60], fp: [240, 60, 60], fn: [60, 120, 255], tn: null};
@@ -194,65 +272,120 @@ function render() {
   }, overlays);
   viewer.zoom = scales(axis, ...viewer.slice.shape).x;
   [0, 1].forEach((k) => {
-    const method = $("method" + k).value, data = viewer.maps[method], entry = viewer.result && viewer.result.maps.find((m) => m.method === method);
-    $("name" + k).textContent = data ? method : `${method} (${viewer.awaiting ? "no pixel set yet" : "computing"})`;
-    let sliceMax = 0;
-    if (data) for (let i = 0; i < data.length; i++) if (data[i] > sliceMax) sliceMax = data[i];
-    const perSlice = $("scale").value === "slice";
-    const top = entry ? (perSlice ? sliceMax : entry.max) : 0;
-    $("max" + k).textContent = entry ? `${top.toPrecision(3)} (${perSlice ? "this slice" : "whole input"})` : "";
-    $("note" + k).textContent = entry && data && sliceMax <= 0
-      ? (entry.max > 0 ? `the map is 0 on this slice (its maximum, ${entry.max.toPrecision(3)}, lies elsewhere)` : "the map is 0 everywhere")
-      : "";
-    draw($("view" + k), axis, shown, mapPaint(data, top > 0 ? top : 1, opacity), overlays);
-    const bar = $("bar" + k).getContext("2d");
-    for (let x = 0; x < 160; x++) { const c = inferno(x / 159); bar.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`; bar.fillRect(x, 0, 1, 10); }
+    const shownMap = panelView(k, viewer);
+    $("name" + k).textContent = panelTitle(k);
+    $("max" + k).textContent = shownMap ? shownMap.label : "";
+    $("note" + k).textContent = shownMap ? shownMap.note : "";
+    const own = viewer.panelMaps[k], panelSet = own && own.set ? own.set : shown.set;
+    draw($("view" + k), axis, {...shown, set: panelSet}, mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed), overlays);
+    const signed = Boolean(shownMap && shownMap.signed);
+    drawBar($("bar" + k), signed, opacity);
+    if (shownMap) ticks(k, shownMap.top, signed); else ["low", "mid", "high"].forEach((t) => { $(t + k).textContent = ""; });
   });
+  drawStrip();
   setInfo();
   // the read-out follows the pointer: a new slice or new maps under a still mouse are read again
   if (viewer.pointer && viewer.pointer.axis === axis) readAt(toIndex(viewer.pointer.row, viewer.pointer.col), axis);
 }
 function renderThree() {
-  const method = $("method0").value, opacity = Number($("opacity").value) / 100;
+  const k = Number($("triMap").value), method = $("method" + k).value, opacity = Number($("opacity").value) / 100;
+  const c = Number($("class").value), compare = $("compare").checked;
+  let shownTop = null, shownSigned = false;
   [0, 1, 2].forEach((axis) => {
     const t = viewer.tri[axis];
-    $("triName" + axis).textContent = `${plane(axis).name} ${viewer.cursor[axis]} / ${viewer.info.shape[axis] - 1} · ${method}`;
+    $("triName" + axis).textContent = `${plane(axis).name} ${viewer.cursor[axis]} / ${viewer.info.shape[axis] - 1} · ${t && t.panelMaps ? panelTitle(k) : method}`;
+    $("triSlice" + axis).max = viewer.info.shape[axis] - 1; $("triSlice" + axis).value = viewer.cursor[axis];
     if (!t) return;
-    const data = t.maps && t.maps[method], entry = t.entries && t.entries.find((m) => m.method === method);
-    const top = entry ? entry.max : 0;
-    draw($("tri" + axis), axis, {...t.slice, set: t.set}, mapPaint(data, top > 0 ? top : 1, opacity), (context, s) => {
-      const [r, c] = toPixel(viewer.cursor, axis);
+    const shownMap = t.panelMaps ? panelView(k, t) : null, pred = t.slice.prediction, truth = t.slice.truth;
+    if (shownMap) { shownTop = shownMap.top; shownSigned = shownMap.signed; }
+    const paintMap = mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed);
+    draw($("tri" + axis), axis, {...t.slice, set: t.set}, (p, g) => {
+      // the prediction (or the comparison with the truth) under the map, as in the one-plane layout
+      const colour = compare && truth ? COMPARE[comparison(pred[p] === c, truth[p] === c)]
+        : $("showPrediction").checked && PALETTE[pred[p] % PALETTE.length];
+      return paintMap(p, g, colour ? colour.map((v) => 0.7 * g + 0.3 * v) : [g, g, g]);
+    }, (context, s) => {
+      const [r, cc] = toPixel(viewer.cursor, axis);
       context.strokeStyle = "rgba(120, 255, 120, 0.8)"; context.lineWidth = 1;
-      const x = viewer.pan.x + (c + 0.5) * s.x, y = viewer.pan.y + (r + 0.5) * s.y;
+      const x = viewer.pan.x + (cc + 0.5) * s.x, y = viewer.pan.y + (r + 0.5) * s.y;
       context.beginPath(); context.moveTo(x, 0); context.lineTo(x, s.height); context.moveTo(0, y); context.lineTo(s.width, y); context.stroke();
     });
   });
+  drawBar($("triBar"), shownSigned, opacity);
+  $("triLow").textContent = shownTop === null ? "" : (shownSigned ? fmt(-shownTop) : "0");
+  $("triMid").textContent = shownTop === null ? "" : (shownSigned ? "0" : fmt(shownTop / 2));
+  $("triHigh").textContent = shownTop === null ? "" : fmt(shownTop);
   readAt(viewer.cursor, viewer.tri[2] ? 2 : null);
   setInfo();
 }
-function setInfo() {  // where the pixel set lies, on the shown view
+function drawStrip() {  // per slice along the shown view: where the pixel set and the left map's mass lie
+  const canvas = $("strip"), g = canvas.getContext("2d"), r = viewer.result;
+  canvas.width = canvas.clientWidth || 900;
+  g.fillStyle = "#1a1d22"; g.fillRect(0, 0, canvas.width, canvas.height);
+  if (!three() || !r || !r.profile || r.profile.axis !== axisNow()) return;
+  const n = r.profile.set.length, w = canvas.width / n, mass = r.profile.maps[0] || [];
+  const setTop = Math.max(...r.profile.set, 1), massTop = Math.max(...mass, 0);
+  for (let i = 0; i < n; i++) {
+    if (r.profile.set[i] > 0) { g.fillStyle = `rgba(80, 220, 255, ${0.35 + 0.65 * r.profile.set[i] / setTop})`; g.fillRect(i * w, 0, Math.max(w - 0.5, 1), 6); }
+    if (massTop > 0 && mass[i] > 0) { g.fillStyle = `rgba(250, 150, 40, ${0.25 + 0.75 * mass[i] / massTop})`; g.fillRect(i * w, 7, Math.max(w - 0.5, 1), 7); }
+  }
+  const here = Number($("slice").value);
+  g.fillStyle = "#fff"; g.fillRect(here * w + w / 2 - 1, 0, 2, canvas.height);
+}
+function world(voxel) {  // voxel index -> world mm (RAS, the affine's); null without an affine
+  const a = viewer.info.affine;
+  if (!a || voxel.length !== 3) return null;
+  return [0, 1, 2].map((r) => a[r][0] * voxel[0] + a[r][1] * voxel[1] + a[r][2] * voxel[2] + a[r][3]);
+}
+function slicePosition(axis, index) {  // the slice's position in mm along its patient axis
+  const a = viewer.info.affine;
+  if (!a) return "";
+  const centre = viewer.info.shape.map((n) => (n - 1) / 2);
+  centre[axis] = index;
+  const x = world(centre), column = [a[0][axis], a[1][axis], a[2][axis]];
+  const along = column.map(Math.abs).indexOf(Math.max(...column.map(Math.abs)));
+  return ` · ${["R", "A", "S"][along]} ${x[along].toFixed(1)} mm`;
+}
+function setInfo() {  // where the pixel set lies, on the shown view, and its statistics
   const r = viewer.result;
+  $("stats").textContent = "";
   if (!r || !r.extent) { $("setinfo").textContent = r ? "the pixel set is empty" : ""; $("goto").disabled = true; return; }
+  const st = r.stats || {}, unit = st.unit ? " " + st.unit : "";
+  const inside = viewer.panelMaps[0] ? ` · left map's mass inside ${(100 * viewer.panelMaps[0].entry.inside).toFixed(1)} %` : "";
+  $("stats").textContent = (st.ml !== undefined ? `${st.ml.toFixed(2)} ml` : `${st.voxels} ${three() ? "voxels" : "pixels"}`) +
+    (st.mean_intensity !== undefined ? ` · mean ${st.mean_intensity.toFixed(1)}${unit}` : "") + inside;
   if (!three()) { $("setinfo").textContent = `${r.pixels} pixels in the set`; return; }
   const axis = layoutThree() ? Number(viewer.info.default_axis) : axisNow(), [lo, hi] = r.extent[axis];
   const here = layoutThree() ? viewer.cursor[axis] : Number($("slice").value);
   $("setinfo").textContent = `set: ${r.pixels} voxels, ${plane(axis).name} slices ${lo}–${hi}` + (here < lo || here > hi ? " (not on this slice)" : "");
   $("goto").disabled = false;
 }
-function readAt(voxel, axis) {  // the crosshair read-out: intensity, prediction, truth, map values
+function readAt(voxel, axis) {  // the crosshair read-out: voxel, mm, intensity, prediction, truth, map values
   if (!voxel || axis === null) return;
-  const t = layoutThree() ? viewer.tri[axis] : {slice: viewer.slice, maps: viewer.maps};
+  const t = layoutThree() ? viewer.tri[axis] : viewer;
   if (!t || !t.slice) return;
   const [r, c] = toPixel(voxel, axis), w = t.slice.shape[1], p = r * w + c;
   const unit = viewer.info.intensity.unit;
-  const out = {index: voxel, intensity: t.slice.intensity[p], prediction: t.slice.prediction[p], maps: {}};
+  const out = {index: voxel, intensity: t.slice.intensity[p], prediction: t.slice.prediction[p], maps: {}, panels: []};
   if (t.slice.truth) out.truth = t.slice.truth[p];
   for (const [method, data] of Object.entries(t.maps || {})) out.maps[method] = data[p];
+  (t.panelMaps || []).forEach((m, k) => { if (m) out.panels.push({k, value: m.data[p], signed: m.signed ? m.signed[p] : null, method: m.entry.method}); });
+  const mm = world(voxel);
+  if (mm) out.world = mm;
   viewer.readout = out;
   const names = viewer.info.classes;
-  $("readout").textContent = `voxel (${voxel.join(", ")}) · ${out.intensity.toPrecision(5)}${unit ? " " + unit : ""} · prediction ${names[out.prediction] || out.prediction}` +
+  $("readout").textContent = `voxel (${voxel.join(", ")})` + (mm ? ` · RAS (${mm.map((v) => v.toFixed(1)).join(", ")}) mm` : "") +
+    ` · ${out.intensity.toPrecision(5)}${unit ? " " + unit : ""} · prediction ${names[out.prediction] || out.prediction}` +
     (out.truth !== undefined ? ` · truth ${names[out.truth] || out.truth}` : "") +
-    Object.entries(out.maps).map(([m, v]) => ` · ${m} ${v.toPrecision(4)}`).join("");
+    out.panels.map((m) => ` · ${["left", "right"][m.k]} ${m.method} ${m.value.toPrecision(4)}` + (m.signed !== null ? ` (signed ${m.signed.toPrecision(4)})` : "")).join("");
+}
+function gotoMaximum() {  // the left map's maximum: its slice (and, in three planes, the crosshair)
+  const own = viewer.panelMaps[0] || (layoutThree() && viewer.tri[2] && viewer.tri[2].panelMaps && viewer.tri[2].panelMaps[0]);
+  if (!own) { status("no map yet", true); return; }
+  const at = own.entry.argmax;
+  if (layoutThree()) { viewer.cursor = [...at]; loadThree(); }
+  else if (three()) setSlice(at[axisNow()]);
+  status(`the left map's maximum, ${own.entry.max.toPrecision(3)}, at voxel (${at.join(", ")})`);
 }
 
 // ---------------------------------------------------------------- requests
@@ -288,14 +421,20 @@ async function confirmCost(layer, methods) {  // gradient-free methods on a volu
 }
 async function explain(withSlice) {  // withSlice: the new slice's image comes with its maps (one frame)
   const t = target();
-  if (!t) { viewer.result = null; viewer.maps = {}; viewer.awaiting = true; render(); status("choose the pixel set on the image"); return; }
+  if (!t) { viewer.result = null; clearMaps(); viewer.awaiting = true; render(); status("choose the pixel set on the image"); return; }
   viewer.awaiting = false;
   const methods = [$("method0").value, $("method1").value], layer = $("layer").value;
+  const panels = methods.map((method, k) => {
+    const panel = {method, signed: $("show" + k).value !== "relu"};
+    if (k === 1 && $("layer1").value) panel.layer = $("layer1").value;
+    if (k === 1 && $("class1").value !== "") panel.class = Number($("class1").value);
+    return panel;
+  });
   try { if (!(await confirmCost(layer, methods))) { status("not run: choose a gradient method or a deeper layer"); return; } }
   catch (error) { status(error.message, true); return; }
   if (viewer.controller) viewer.controller.abort();  // a newer request supersedes (the server cancels it too)
   const controller = viewer.controller = new AbortController(), seq = ++viewer.seq;
-  let request = {class: Number($("class").value), target: t, layer, methods, client: viewer.client};
+  let request = {class: Number($("class").value), target: t, layer, methods, panels, client: viewer.client};
   if (layoutThree()) {
     const main = Number(viewer.info.default_axis);
     request = {...request, axis: main, index: viewer.cursor[main], planes: [0, 1, 2].filter((a) => a !== main).map((a) => ({axis: a, index: viewer.cursor[a]}))};
@@ -306,16 +445,15 @@ async function explain(withSlice) {  // withSlice: the new slice's image comes w
     const result = await api("/api/explain", request, controller.signal);
     if (seq !== viewer.seq) return;
     if (result.slice) { viewer.slice = sliceOf(result.slice); viewer.sliceIndex = request.index; }
-    viewer.request = request; viewer.result = result; viewer.maps = {};
+    viewer.request = request; viewer.result = result;
     viewer.shownWork = work(request);
-    result.maps.forEach((m) => { viewer.maps[m.method] = decode(m.data, Float32Array); });
+    setMaps(viewer, result.maps);
     result.setSlice = decode(result.pixel_set, Uint8Array);
     if (layoutThree()) {
       const main = Number(viewer.info.default_axis);
       for (const cut of [{axis: main, ...result}, ...result.planes]) {
         const t3 = viewer.tri[cut.axis] || (viewer.tri[cut.axis] = {});
-        t3.maps = {}; cut.maps.forEach((m) => { t3.maps[m.method] = decode(m.data, Float32Array); });
-        t3.entries = cut.maps; t3.set = decode(cut.pixel_set, Uint8Array);
+        setMaps(t3, cut.maps); t3.set = decode(cut.pixel_set, Uint8Array);
       }
     }
     render();
@@ -340,11 +478,19 @@ function sliceOf(s) {
 }
 async function fetchSlice(axis, index) { return sliceOf(await api("/api/slice", three() ? {axis, index} : {})); }
 function work(request) {  // what a request computes (its slice aside): the same work has the same maps
-  return JSON.stringify([request.class, request.target, request.layer, request.methods]);
+  return JSON.stringify([request.class, request.target, request.layer, request.panels]);
 }
+function setMaps(holder, entries) {  // the answer's map entries, one per panel, decoded
+  holder.panelMaps = entries.map((m) => ({entry: m, data: decode(m.data, Float32Array),
+    signed: m.signed ? decode(m.signed, Float32Array) : null, set: m.pixel_set ? decode(m.pixel_set, Uint8Array) : null}));
+  holder.maps = {};
+  holder.panelMaps.forEach((m) => { if (!(m.entry.method in holder.maps)) holder.maps[m.entry.method] = m.data; });
+}
+function clearMaps() { viewer.maps = {}; viewer.panelMaps = [null, null]; }
 function showingMaps() {  // the maps on screen are those the current controls ask for
   const t = target();
-  return Boolean(t && viewer.result && viewer.shownWork === work({class: Number($("class").value), target: t, layer: $("layer").value, methods: [$("method0").value, $("method1").value]}));
+  return Boolean(t && viewer.result && viewer.request && viewer.shownWork === work({...viewer.request, class: Number($("class").value), target: t, layer: $("layer").value}) &&
+    viewer.request.methods[0] === $("method0").value && viewer.request.methods[1] === $("method1").value);
 }
 async function loadSlice() {
   // one load per shown slice: a range input may fire twice for one move; a newer move wins
@@ -353,14 +499,14 @@ async function loadSlice() {
   viewer.sliceKey = key;
   try {
     if (layoutThree()) { await loadThree(); return; }
-    if (three()) $("sliceLabel").textContent = `${$("slice").value} / ${viewer.info.shape[axisNow()] - 1}`;
+    if (three()) $("sliceLabel").textContent = `${$("slice").value} / ${viewer.info.shape[axisNow()] - 1}${slicePosition(axisNow(), Number($("slice").value))}`;
     // maps on screen: the new slice and its maps come in one answer and are drawn in one frame
     // (no blank frame while scrolling); else the slice shows at once and its maps follow
     if (showingMaps()) { await explain(true); return; }
     const slice = await fetchSlice(axisNow(), Number($("slice").value));
     if (key !== viewer.sliceKey) return;
     viewer.slice = slice; viewer.sliceIndex = Number($("slice").value);
-    if (viewer.request) { viewer.maps = {}; viewer.result = null; }
+    if (viewer.request) { clearMaps(); viewer.result = null; }
     render();
     if (viewer.request || target()) await explain();
   } catch (error) { viewer.sliceKey = null; status(error.message, true); }
@@ -413,6 +559,7 @@ function attach(canvas) {
     if (viewer.windowing || viewer.panning) return;
     const [row, col] = position(event), axis = Number(canvas.dataset.axis);
     if (!canvas.id.startsWith("tri")) { viewer.pointer = {row, col, axis}; readAt(toIndex(row, col), axis); }
+    else viewer.triPointer = axis;
     if (viewer.drag) { viewer.drag.r1 = row; viewer.drag.c1 = col; render(); }
     else if (viewer.painting) { stroke(row, col); render(); }
   });
@@ -465,10 +612,24 @@ window.addEventListener("keydown", (event) => {
   if (["INPUT", "SELECT"].includes(document.activeElement.tagName)) return;  // its own keys
   const steps = {ArrowUp: 1, ArrowDown: -1, PageUp: 5, PageDown: -5};
   if (event.key in steps && three() && !layoutThree()) { event.preventDefault(); setSlice(Number($("slice").value) + steps[event.key]); }
+  else if (event.key in steps && layoutThree()) {  // the plane under the pointer (else the axial one)
+    event.preventDefault();
+    const axis = viewer.triPointer ?? Number(viewer.info.default_axis);
+    viewer.cursor[axis] = Math.min(Math.max(viewer.cursor[axis] + steps[event.key], 0), viewer.info.shape[axis] - 1); loadThree();
+  }
   else if (event.key === "+" || event.key === "=") zoomBy(1.25);
   else if (event.key === "-") zoomBy(0.8);
   else if (event.key === "0") { viewer.magnify = 1; viewer.pan = {x: 0, y: 0}; render(); }
+  else if (/^[1-9]$/.test(event.key) && event.key <= viewer.info.intensity.presets.length) {  // window presets
+    $("preset").value = Number(event.key) - 1; $("preset").dispatchEvent(new Event("change"));
+  } else if (event.key in TOGGLES) {  // toggles the page offers (no truth: none for it)
+    const box = $(TOGGLES[event.key]);
+    if (box.closest("label").style.display !== "none") { box.checked = !box.checked; render(); }
+  }
+  else if (event.key === "m") gotoMaximum();
+  else if (event.key === "s") saveView();
 });
+const TOGGLES = {h: "showMap", p: "showPrediction", t: "showTruth", c: "compare"};
 function setWindow(level, width) {
   viewer.window = {level, width};
   $("level").value = Number(level.toPrecision(5)); $("width").value = Number(width.toPrecision(5));
@@ -483,6 +644,10 @@ function fillLayers() {
   entries.forEach((l) => $("layer").add(new Option(
     `${l.label ? l.label + " — " : ""}${l.name}  (${l.shape.slice(1).join("×")})${l.hidden ? " · norm/activation" : ""}`, l.name)));
   $("layer").value = entries.some((l) => l.name === chosen) ? chosen : info.default_layer;
+  const right = $("layer1").value;
+  $("layer1").replaceChildren(new Option("layer as chosen", ""));
+  entries.forEach((l) => $("layer1").add(new Option(`${l.label ? l.label + " — " : ""}${l.name}`, l.name)));
+  $("layer1").value = entries.some((l) => l.name === right) ? right : "";
 }
 async function start() {
   try {
@@ -490,6 +655,7 @@ async function start() {
     $("title").textContent = info.title;
     document.title = `${info.title} · segcam viewer`;
     info.classes.forEach((name, c) => $("class").add(new Option(`${c}: ${name}`, c)));
+    info.classes.forEach((name, c) => $("class1").add(new Option(`class ${c}: ${name}`, c)));
     $("class").value = Math.min(1, info.classes.length - 1);
     // names come from the model's folder or the command line: text nodes only, never markup
     const legendEntry = (text, fill, line) => {
@@ -534,13 +700,18 @@ async function start() {
       if (info.oblique) status("oblique volume: shown along its nearest axes, not resampled");
     }
     ["view-prediction", "view0", "view1", "tri0", "tri1", "tri2"].forEach((id) => attach($(id)));
-    ["class", "layer", "method0", "method1"].forEach((id) => $(id).addEventListener("change", explain));
+    ["class", "layer", "method0", "method1", "layer1", "class1", "show0", "show1"].forEach((id) => $(id).addEventListener("change", () => explain()));
+    $("threshold").addEventListener("input", () => { $("thresholdLabel").textContent = `${$("threshold").value} %`; render(); });
+    $("triMap").addEventListener("change", render);
+    $("gotoMax").addEventListener("click", gotoMaximum);
+    [0, 1, 2].forEach((a) => $("triSlice" + a).addEventListener("input", () => { viewer.cursor[a] = Number($("triSlice" + a).value); loadThree(); }));
+    window.addEventListener("resize", render);
     ["scale", "showPrediction", "showTruth", "showMap", "compare"].forEach((id) => $(id).addEventListener("change", render));
     $("allLayers").addEventListener("change", fillLayers);
     $("mode").addEventListener("change", () => {
       if (["predicted", "uploaded"].includes($("mode").value) || target()) { explain(); return; }
       // the new mode has no pixel set yet: the previous set's maps are not this mode's
-      viewer.maps = {}; viewer.result = null; viewer.awaiting = true;
+      clearMaps(); viewer.result = null; viewer.awaiting = true;
       status("choose the pixel set: click, drag or paint on the image"); render();
     });
     $("clearBrush").addEventListener("click", () => { viewer.brushes.clear(); if (["brush", "erase"].includes($("mode").value)) explain(); });
@@ -577,13 +748,17 @@ async function start() {
     $("saveView").addEventListener("click", saveView);
     document.querySelectorAll("[data-export]").forEach((button) => button.addEventListener("click", async () => {
       // the export names what this page shows: class, target, layer, method
-      const method = $("method" + (button.dataset.panel || 0)).value;
+      const k = Number(button.dataset.panel || 0), panel = viewer.request && viewer.request.panels[k];
       const format = button.dataset.export === "npz" ? "npz" : (three() ? "nifti" : "png");
       if (!viewer.request) { status("nothing to export yet: explain a target first", true); return; }
-      const shown = viewer.request;
+      if ($("show" + k).value === "difference") { status("a difference is not exported: export each map, or save the view", true); return; }
+      const shown = {...viewer.request, method: panel.method, signed: $("show" + k).value === "signed" && format !== "npz"};
+      if (panel.layer) shown.layer = panel.layer;
+      if (panel.class !== undefined) shown.class = panel.class;
       try {
         for (const kind of format === "nifti" ? ["nifti", "json"] : [format]) {
-          await download({...shown, method: method, format: kind});
+          if (kind === "png" && shown.signed) { status("a signed map exports as arrays; 'save view' saves it as shown", true); return; }
+          await download({...shown, format: kind});
         }
       } catch (error) { status(error.message, true); }
     }));
