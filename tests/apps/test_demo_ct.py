@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from pathlib import Path
@@ -103,3 +104,31 @@ def test_cli_on_ct_slices_equals_explain(tmp_path):
         for layer in layers:
             torch.testing.assert_close(written.layer_maps[layer], expected.layer_maps[layer])
             assert written.layer_maps[layer].amax() > 0
+
+
+def test_the_2d_demo_is_shown_as_the_3d_demo_s_axial_slice():
+    # the 2D demo was shown transposed, the patient's right at the top, without labels (issue 23)
+    from segcam.apps.viewer.serve import demo_session
+
+    flat, volume = demo_session("2d"), demo_session("3d")
+    axial = volume.plane(2)
+    assert axial.name == "axial"
+    info = flat.info()
+    assert (
+        info["flat"]["labels"]
+        == axial.labels
+        == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    )
+    shown_2d = flat.slice({})
+    shown_3d = volume.slice({"axis": 2, "index": 68})
+    assert shown_2d["shape"] == shown_3d["shape"]
+    for key in ("image", "intensity", "prediction", "ground_truth"):
+        if key != "prediction":  # the 2D and 3D networks predict differently
+            assert shown_2d[key] == shown_3d[key], key
+    # a map and a painted pixel go back to the image's own array order
+    painted = np.zeros(shown_2d["shape"], dtype=np.uint8)
+    painted[10, 20] = 1  # shown row 10, column 20
+    mask = flat.grid.painted_mask({"data": base64.b64encode(painted.tobytes()).decode()})
+    voxel = np.zeros(volume.spatial, dtype=bool)
+    axial.place(painted.astype(bool), voxel, 68)
+    np.testing.assert_array_equal(mask, voxel[:, :, 68])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 
 import numpy as np
@@ -26,6 +28,15 @@ def test_report_is_self_contained(demo_out):
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert page.count("held-out Dice") == 3
     assert "nnU-Net v2 model (the held-out slab as a case)" in page
+    # sharp figures (they were 80 dpi: column titles 6 px tall), tables outside paragraphs
+    from PIL import Image
+
+    for image in images:
+        figure = Image.open(io.BytesIO(base64.b64decode(image)))
+        assert figure.info["dpi"][0] == pytest.approx(150, abs=1) and figure.width > 2000
+    paragraphs = re.findall(r"<p>(.*?)</p>", page, flags=re.S)
+    assert paragraphs and not any("<table" in text for text in paragraphs)
+    assert "window seams of Seg-Grad CAM" in page
 
 
 def test_nnunet_maps_share_the_case_geometry(demo_out):
