@@ -99,6 +99,17 @@ function diverging(v) {  // v in [-1, 1]
   const x = (Math.min(Math.max(v, -1), 1) + 1) / 2 * (DIVERGING.length - 1), i = Math.min(Math.floor(x), DIVERGING.length - 2), f = x - i;
   return DIVERGING[i].map((a, k) => a * (1 - f) + DIVERGING[i + 1][k] * f);
 }
+// colour maps for positive maps (per panel); signed maps and differences use DIVERGING
+const SEQUENTIAL = {
+  inferno: INFERNO,
+  viridis: [[68,1,84],[72,40,120],[62,74,137],[49,104,142],[38,130,142],[31,158,137],[53,183,121],[109,205,89],[180,222,44],[253,231,37]],
+  hot: [[10,0,0],[120,0,0],[230,0,0],[255,90,0],[255,180,0],[255,240,60],[255,255,200]],
+  grey: [[0,0,0],[255,255,255]],
+};
+function ramp(anchors, v) {
+  const x = Math.min(Math.max(v, 0), 1) * (anchors.length - 1), i = Math.min(Math.floor(x), anchors.length - 2), f = x - i;
+  return anchors[i].map((a, k) => a * (1 - f) + anchors[i + 1][k] * f);
+}
 function inferno(v) {
   const x = Math.min(Math.max(v, 0), 1) * (INFERNO.length - 1), i = Math.min(Math.floor(x), INFERNO.length - 2), f = x - i;
   return INFERNO[i].map((a, k) => a * (1 - f) + INFERNO[i + 1][k] * f);
@@ -180,22 +191,22 @@ function overlays(context, s) {  // the box being dragged, the brush cursor
     context.strokeRect(viewer.pan.x + Math.min(d.c0, d.c1) * s.x, viewer.pan.y + Math.min(d.r0, d.r1) * s.y, (Math.abs(d.c1 - d.c0) + 1) * s.x, (Math.abs(d.r1 - d.r0) + 1) * s.y);
   }
 }
-function mapPaint(data, scale, opacity, signed) {
+function mapPaint(data, scale, opacity, signed, colours = INFERNO) {
   // the transparency ramp: a value's opacity grows with its size; below the threshold, none
   const threshold = Number($("threshold").value) / 100;
   return (p, g, base = [g, g, g]) => {  // over a grey value, or over a coloured base
     if (!data || !$("showMap").checked) return base;
     const v = signed ? data[p] / scale : Math.max(data[p], 0) / scale, size = Math.min(Math.abs(v), 1);
     if (size <= threshold || size === 0) return base;
-    const a = opacity * size, rgb = signed ? diverging(v) : inferno(v);
+    const a = opacity * size, rgb = signed ? diverging(v) : ramp(colours, v);
     return rgb.map((c, i) => (1 - a) * base[i] + a * c);
   };
 }
-function drawBar(canvas, signed, opacity) {  // the colour ramp as drawn over mid grey, with its transparency
+function drawBar(canvas, signed, opacity, colours = INFERNO) {  // the colour ramp as drawn over mid grey, with its transparency
   const g = canvas.getContext("2d"), n = canvas.width, threshold = Number($("threshold").value) / 100;
   for (let x = 0; x < n; x++) {
     const v = signed ? 2 * x / (n - 1) - 1 : x / (n - 1), size = Math.abs(v), a = size <= threshold ? 0 : Math.max(opacity, 0.35) * size;
-    const rgb = (signed ? diverging(v) : inferno(v)).map((c) => Math.round((1 - a) * 128 + a * c));
+    const rgb = (signed ? diverging(v) : ramp(colours, v)).map((c) => Math.round((1 - a) * 128 + a * c));
     g.fillStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`; g.fillRect(x, 0, 1, canvas.height);
   }
 }
@@ -277,9 +288,10 @@ function render() {
     $("max" + k).textContent = shownMap ? shownMap.label : "";
     $("note" + k).textContent = shownMap ? shownMap.note : "";
     const own = viewer.panelMaps[k], panelSet = own && own.set ? own.set : shown.set;
-    draw($("view" + k), axis, {...shown, set: panelSet}, mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed), overlays);
+    const ownOpacity = Number($("opacity" + k).value) / 100, colours = SEQUENTIAL[$("cmap" + k).value] || INFERNO;
+    draw($("view" + k), axis, {...shown, set: panelSet}, mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, ownOpacity, shownMap && shownMap.signed, colours), overlays);
     const signed = Boolean(shownMap && shownMap.signed);
-    drawBar($("bar" + k), signed, opacity);
+    drawBar($("bar" + k), signed, ownOpacity, colours);
     if (shownMap) ticks(k, shownMap.top, signed); else ["low", "mid", "high"].forEach((t) => { $(t + k).textContent = ""; });
   });
   drawStrip();
@@ -288,7 +300,8 @@ function render() {
   if (viewer.pointer && viewer.pointer.axis === axis) readAt(toIndex(viewer.pointer.row, viewer.pointer.col), axis);
 }
 function renderThree() {
-  const k = Number($("triMap").value), method = $("method" + k).value, opacity = Number($("opacity").value) / 100;
+  const k = Number($("triMap").value), method = $("method" + k).value, opacity = Number($("opacity" + k).value) / 100;
+  const colours = SEQUENTIAL[$("cmap" + k).value] || INFERNO;
   const c = Number($("class").value), compare = $("compare").checked;
   let shownTop = null, shownSigned = false;
   [0, 1, 2].forEach((axis) => {
@@ -298,7 +311,7 @@ function renderThree() {
     if (!t) return;
     const shownMap = t.panelMaps ? panelView(k, t) : null, pred = t.slice.prediction, truth = t.slice.truth;
     if (shownMap) { shownTop = shownMap.top; shownSigned = shownMap.signed; }
-    const paintMap = mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed);
+    const paintMap = mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed, colours);
     draw($("tri" + axis), axis, {...t.slice, set: t.set}, (p, g) => {
       // the prediction (or the comparison with the truth) under the map, as in the one-plane layout
       const colour = compare && truth ? COMPARE[comparison(pred[p] === c, truth[p] === c)]
@@ -311,7 +324,7 @@ function renderThree() {
       context.beginPath(); context.moveTo(x, 0); context.lineTo(x, s.height); context.moveTo(0, y); context.lineTo(s.width, y); context.stroke();
     });
   });
-  drawBar($("triBar"), shownSigned, opacity);
+  drawBar($("triBar"), shownSigned, opacity, colours);
   $("triLow").textContent = shownTop === null ? "" : (shownSigned ? fmt(-shownTop) : "0");
   $("triMid").textContent = shownTop === null ? "" : (shownSigned ? "0" : fmt(shownTop / 2));
   $("triHigh").textContent = shownTop === null ? "" : fmt(shownTop);
@@ -715,7 +728,9 @@ async function start() {
       status("choose the pixel set: click, drag or paint on the image"); render();
     });
     $("clearBrush").addEventListener("click", () => { viewer.brushes.clear(); if (["brush", "erase"].includes($("mode").value)) explain(); });
-    $("opacity").addEventListener("input", render);
+    // the side panel's opacity sets both maps'; each panel has its own, and its colour map
+    $("opacity").addEventListener("input", () => { [0, 1].forEach((k) => { $("opacity" + k).value = $("opacity").value; }); render(); });
+    [0, 1].forEach((k) => { $("opacity" + k).addEventListener("input", render); $("cmap" + k).addEventListener("change", render); });
     $("slice").addEventListener("input", loadSlice);
     $("cancel").addEventListener("click", cancel);
     $("preset").addEventListener("change", () => { const p = info.intensity.presets[Number($("preset").value)]; setWindow(p.level, p.width); });
