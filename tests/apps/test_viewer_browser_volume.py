@@ -654,3 +654,23 @@ def test_three_planes_show_prediction_both_maps_colour_bar_and_their_own_sliders
         assert page.evaluate("() => segcamViewer.cursor[0]") == 3
     finally:
         viewer.stop()
+
+
+def test_the_pointer_is_mirrored_on_every_panel(browser_page):
+    page, session = browser_page, volume_session()
+    viewer = start(page, session)
+    try:
+        page.mouse.move(*pixel_at(page, "#view0", 8, 6))
+        page.wait_for_timeout(100)  # one animation frame
+        for canvas in ("#view-prediction", "#view1"):
+            s = page.evaluate("() => scales(axisNow(), ...segcamViewer.slice.shape)")
+            x = int(page.evaluate("() => segcamViewer.pan.x") + 6.5 * s["x"]) - 4
+            y = int(page.evaluate("() => segcamViewer.pan.y") + 8.5 * s["y"])  # the line's row
+            rgb = page.evaluate(
+                "([id, x, y]) => Array.from(document.getElementById(id).getContext('2d')"
+                ".getImageData(x, y, 1, 1).data.slice(0, 3))",
+                [canvas.lstrip("#"), x, y],
+            )
+            assert min(rgb) > 200, (canvas, rgb)  # the white cross beside the pointer's pixel
+    finally:
+        viewer.stop()

@@ -570,3 +570,17 @@ def test_a_signed_export_and_the_arrays_hold_the_signed_map():
     np.testing.assert_allclose(stored["map"], np.maximum(stored["map"], 0))
     assert json.loads(sidecar.content)["map"] == "signed (no ReLU)"
     assert refused.status_code == 400
+
+
+def test_the_pixel_set_exports_as_nifti_on_the_volume_s_grid():
+    session = session_3d()
+    request = _panel_request(method="seg-grad-cam", format="pixel_set")
+    with TestClient(create_app(session)) as client:
+        answer = client.post("/api/export", json=request)
+    assert answer.status_code == 200
+    assert "pixel_set__t0-box-class_1.nii.gz" in answer.headers["content-disposition"]
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(answer.content))
+    expected = np.zeros(SHAPE)
+    expected[1:4, 2:8, 3:7] = 1
+    np.testing.assert_array_equal(np.asarray(image.dataobj), expected)
+    np.testing.assert_allclose(image.affine, LPS)

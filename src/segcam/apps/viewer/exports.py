@@ -3,8 +3,9 @@
 Each export names everything it holds (method, class, layer, target, the shown slice) in its
 metadata, so two tabs never export each other's maps. Formats: ``nifti`` (3D, ``.nii.gz`` with
 the input's affine and a description), ``json`` (the metadata as a sidecar), ``png`` (2D, the
-overlay with a colour bar) and ``npz`` (map, pixel set, metadata). Files are made in memory;
-the page downloads them.
+overlay with a colour bar), ``npz`` (map, signed map, pixel set, metadata) and ``pixel_set``
+(the explained set: NIfTI 0/1 with the input's affine in 3D, a PNG mask in 2D). Files are made
+in memory; the page downloads them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from segcam.apps.naming import map_stem
+from segcam.apps.naming import map_stem, safe_name
 from segcam.apps.viewer.requests import RequestError, TargetKey
 from segcam.viz import overlay
 
 __all__ = ["EXPORT_FORMATS", "describe_key", "export_file"]
 
-EXPORT_FORMATS = ("nifti", "json", "png", "npz")
+EXPORT_FORMATS = ("nifti", "json", "png", "npz", "pixel_set")
 
 
 def describe_key(key: TargetKey) -> dict[str, Any]:
@@ -102,6 +103,29 @@ def export_file(
         if len(spatial) != 2:
             raise RequestError("PNG export is for 2D images; export 3D maps as NIfTI")
         return _png_with_colour_bar(display, heat), "image/png", f"{stem}.png"
+    if kind == "pixel_set":  # the explained set: NIfTI (3D, 0/1 on the input's grid) or PNG (2D)
+        kind_name, class_name = (
+            safe_name(metadata["target"]["kind"]),
+            safe_name(str(metadata["class"])),
+        )
+        stem = f"pixel_set__t0-{kind_name}-{class_name}"
+        if len(spatial) == 3:
+            from segcam.io.files import nifti_bytes
+
+            description = (
+                f"segcam pixel set class={metadata['class']} target={metadata['target']['kind']}"
+            )
+            raw = nifti_bytes(
+                pixel_set.astype(np.float32),
+                np.eye(4) if affine is None else affine,
+                description=description,
+            )
+            return gzip.compress(raw, compresslevel=6), "application/gzip", f"{stem}.nii.gz"
+        from PIL import Image
+
+        stream = io.BytesIO()
+        Image.fromarray((np.asarray(pixel_set) != 0).astype(np.uint8) * 255).save(stream, "PNG")
+        return stream.getvalue(), "image/png", f"{stem}.png"
     if kind == "nifti":
         if len(spatial) != 3:
             raise RequestError("NIfTI export is for 3D volumes; export 2D maps as PNG")
@@ -110,4 +134,4 @@ def export_file(
         affine = np.eye(4) if affine is None else affine
         raw = nifti_bytes(heat, affine, description=_description(metadata))
         return gzip.compress(raw, compresslevel=6), "application/gzip", f"{stem}.nii.gz"
-    raise RequestError(f"unknown export format {kind!r}: nifti, json, png or npz")
+    raise RequestError(f"unknown export format {kind!r}: nifti, json, png, npz or pixel_set")

@@ -574,7 +574,8 @@ class ViewerSession:
             metadata["view"] = {"axis": axis, "index": index, "plane": self._planes[axis].name}
         assert self.display is not None
         display = self.display
-        if payload.get("format") == "png":  # an image: in the orientation the page shows
+        if payload.get("format") in ("png", "pixel_set") and len(self.spatial) == 2:
+            # an image: in the orientation the page shows
             heat, pixel_set, display = (
                 self.grid.cut(a, (-1, -1)) for a in (heat, pixel_set, display)
             )

@@ -185,7 +185,15 @@ function draw(canvas, axis, data, paint, extra) {
     const span = document.createElement("span"); span.className = `dir ${side}`; span.textContent = labels[side]; frame.appendChild(span);
   }
 }
-function overlays(context, s) {  // the box being dragged, the brush cursor
+function overlays(context, s) {  // the box being dragged; the pointer, mirrored on every panel
+  const at = viewer.pointer;
+  if (at && !viewer.drag && at.axis === axisNow()) {
+    // on whole device pixels (+0.5): a crisp one-pixel line
+    const x = Math.floor(viewer.pan.x + (at.col + 0.5) * s.x) + 0.5, y = Math.floor(viewer.pan.y + (at.row + 0.5) * s.y) + 0.5;
+    context.strokeStyle = "rgba(255, 255, 255, 0.9)"; context.lineWidth = 1;
+    context.beginPath(); context.moveTo(x - 6, y); context.lineTo(x - 2, y); context.moveTo(x + 2, y); context.lineTo(x + 6, y);
+    context.moveTo(x, y - 6); context.lineTo(x, y - 2); context.moveTo(x, y + 2); context.lineTo(x, y + 6); context.stroke();
+  }
   if (viewer.drag) {
     const d = viewer.drag; context.strokeStyle = "#5df"; context.lineWidth = 2;
     context.strokeRect(viewer.pan.x + Math.min(d.c0, d.c1) * s.x, viewer.pan.y + Math.min(d.r0, d.r1) * s.y, (Math.abs(d.c1 - d.c0) + 1) * s.x, (Math.abs(d.r1 - d.r0) + 1) * s.y);
@@ -571,7 +579,14 @@ function attach(canvas) {
   canvas.addEventListener("mousemove", (event) => {
     if (viewer.windowing || viewer.panning) return;
     const [row, col] = position(event), axis = Number(canvas.dataset.axis);
-    if (!canvas.id.startsWith("tri")) { viewer.pointer = {row, col, axis}; readAt(toIndex(row, col), axis); }
+    if (!canvas.id.startsWith("tri")) {
+      const moved = !viewer.pointer || viewer.pointer.row !== row || viewer.pointer.col !== col;
+      viewer.pointer = {row, col, axis}; readAt(toIndex(row, col), axis);
+      if (moved && !viewer.drag && !viewer.painting && !viewer.framePending) {  // the mirrored cursor, once a frame
+        viewer.framePending = true;
+        requestAnimationFrame(() => { viewer.framePending = false; render(); });
+      }
+    }
     else viewer.triPointer = axis;
     if (viewer.drag) { viewer.drag.r1 = row; viewer.drag.c1 = col; render(); }
     else if (viewer.painting) { stroke(row, col); render(); }
@@ -764,10 +779,10 @@ async function start() {
     document.querySelectorAll("[data-export]").forEach((button) => button.addEventListener("click", async () => {
       // the export names what this page shows: class, target, layer, method
       const k = Number(button.dataset.panel || 0), panel = viewer.request && viewer.request.panels[k];
-      const format = button.dataset.export === "npz" ? "npz" : (three() ? "nifti" : "png");
+      const format = ["npz", "pixel_set"].includes(button.dataset.export) ? button.dataset.export : (three() ? "nifti" : "png");
       if (!viewer.request) { status("nothing to export yet: explain a target first", true); return; }
       if ($("show" + k).value === "difference") { status("a difference is not exported: export each map, or save the view", true); return; }
-      const shown = {...viewer.request, method: panel.method, signed: $("show" + k).value === "signed" && format !== "npz"};
+      const shown = {...viewer.request, method: panel.method, signed: $("show" + k).value === "signed" && !["npz", "pixel_set"].includes(format)};
       if (panel.layer) shown.layer = panel.layer;
       if (panel.class !== undefined) shown.class = panel.class;
       try {
