@@ -44,6 +44,13 @@ def updates(page):
     return page.evaluate("() => segcamViewer.timings.length")
 
 
+def choose(page, selector, value):
+    """Select ``value`` in ``selector`` and wait for the maps that follow."""
+    before = updates(page)
+    page.select_option(selector, value)
+    wait(page, before)
+
+
 def wait(page, before):
     page.wait_for_function("n => segcamViewer.timings.length > n && !segcamViewer.busy", arg=before)
 
@@ -93,9 +100,7 @@ def test_orientation_labels_physical_aspect_and_the_crosshair_read_out(browser_p
         )
         assert sorted(labels) == ["A", "I", "P", "S"]
         # three planes: a click on the axial plane moves the crosshair; the read-out is the array's
-        before = updates(page)
-        page.select_option("#layout", "three")
-        wait(page, before)
+        choose(page, "#layout", "three")
         before = updates(page)
         x, y = pixel_at(page, "#tri2", 3, 7)  # axial: row 3 -> axis 1 = 3; col 7 -> axis 0 = 7
         page.mouse.click(x, y)
@@ -308,9 +313,7 @@ def test_a_costly_request_asks_first_shows_busy_and_cancels(browser_page):
         page.wait_for_function(f"() => !segcamViewer.busy && {cancelled}")
         assert time.monotonic() - started < 1.5 and len(asked) == 2
         # a new request supersedes the cancelled one and is answered
-        before = updates(page)
-        page.select_option("#method1", "seg-grad-cam")
-        wait(page, before)
+        choose(page, "#method1", "seg-grad-cam")
         assert page.evaluate("() => segcamViewer.request.methods") == [
             "seg-grad-cam",
             "seg-grad-cam",
@@ -456,9 +459,7 @@ def test_a_signed_map_on_a_diverging_scale_and_why_a_relu_map_is_zero(browser_pa
     page, session = browser_page, volume_session()
     viewer = start(page, session)
     try:
-        before = updates(page)
-        page.select_option("#show0", "signed")
-        wait(page, before)
+        choose(page, "#show0", "signed")
         panel = page.evaluate(
             """() => { const v = panelView(0, segcamViewer);
                        return {signed: v.signed, scale: v.scale, data: Array.from(v.data),
@@ -491,9 +492,7 @@ def test_a_signed_map_on_a_diverging_scale_and_why_a_relu_map_is_zero(browser_pa
         if shown.max() > 0.5 * scale:
             assert red[0] > red[2]
         # back to ReLU on a slice where it is negative: the note says why it is 0
-        before = updates(page)
-        page.select_option("#show0", "relu")
-        wait(page, before)
+        choose(page, "#show0", "relu")
         page.evaluate(
             """() => { const m = segcamViewer.panelMaps[0];
                        m.data.fill(0); m.entry.slice_min = -1.5; render(); }"""
@@ -507,9 +506,7 @@ def test_difference_of_two_maps_and_a_right_panel_at_its_own_layer_and_class(bro
     page, session = browser_page, volume_session()
     viewer = start(page, session)
     try:
-        before = updates(page)
-        page.select_option("#show1", "difference")
-        wait(page, before)
+        choose(page, "#show1", "difference")
         panel = page.evaluate(
             """() => { const v = panelView(1, segcamViewer), m = segcamViewer.panelMaps;
                        return {d: Array.from(v.data), a: Array.from(m[0].data),
@@ -522,15 +519,9 @@ def test_difference_of_two_maps_and_a_right_panel_at_its_own_layer_and_class(bro
         assert panel["title"].startswith("difference: left − right")
         # the right panel at another layer and class: its own request entry, named in its title
         other = session.menu.offered[0]
-        before = updates(page)
-        page.select_option("#show1", "relu")
-        wait(page, before)
-        before = updates(page)
-        page.select_option("#layer1", other)
-        wait(page, before)
-        before = updates(page)
-        page.select_option("#class1", "2")
-        wait(page, before)
+        choose(page, "#show1", "relu")
+        choose(page, "#layer1", other)
+        choose(page, "#class1", "2")
         entry = page.evaluate("() => segcamViewer.panelMaps[1].entry")
         assert entry["layer"] == other and entry["class"] == 2
         title = page.text_content("#name1")
