@@ -370,6 +370,53 @@ def test_a_slice_change_waits_for_the_computing_maps_instead_of_cancelling_them(
     assert answers[6] == "superseded" and newer["maps"][0]["method"] == "seg-grad-cam"
 
 
+def test_another_page_superseding_its_own_waiting_request_never_cancels_this_one():
+    # a waiting request's check ran inside the running one's forwards: tab B's superseded
+    # request cancelled tab A's (issue 23's review)
+    generator = torch.Generator().manual_seed(0)
+    session = ViewerSession(
+        model=Slow(0.0), inputs=torch.randn((1, *SHAPE), generator=generator),
+        layers=["net.body.2"],
+    )  # fmt: skip
+    session.model.delay = 0.3
+    base = {"class": 1, "target": {"kind": "predicted"}, "axis": 2, "index": 3,
+            "layer": "net.body.2"}  # fmt: skip
+    from segcam.methods import get_method
+
+    original = dict(get_method("seg-score-cam").options)
+    outcome = {}
+
+    def request(name, payload):
+        try:
+            session.explain(payload)
+            outcome[name] = "answered"
+        except SupersededError:
+            outcome[name] = "superseded"
+
+    try:
+        object.__setattr__(get_method("seg-score-cam"), "options", {**original, "batch_size": 1})
+        a = threading.Thread(
+            target=request, args=("a", {**base, "client": "tab-a", "methods": ["seg-score-cam"]})
+        )
+        a.start()
+        time.sleep(0.4)
+        b1 = threading.Thread(
+            target=request, args=("b1", {**base, "client": "tab-b", "methods": ["seg-grad-cam"]})
+        )
+        b1.start()
+        time.sleep(0.1)
+        b2 = threading.Thread(
+            target=request,
+            args=("b2", {**base, "client": "tab-b", "methods": ["seg-hires-grad-cam"]}),
+        )
+        b2.start()
+        for thread in (a, b1, b2):
+            thread.join(20)
+    finally:
+        object.__setattr__(get_method("seg-score-cam"), "options", original)
+    assert outcome == {"a": "answered", "b1": "superseded", "b2": "answered"}
+
+
 class Flattening(nn.Module):
     """A 3D network that calls .view on a convolution's output (needs contiguous tensors)."""
 
@@ -507,7 +554,7 @@ def test_signed_maps_beside_the_relu_ones_and_a_panel_of_its_own_layer_and_class
         assert entry["max"] == pytest.approx(float(relu.max()), rel=1e-6)
         assert entry["min"] == pytest.approx(float(signed.min()), rel=1e-6)
         assert entry["slice_min"] == pytest.approx(float(cut(signed, 4).min()), rel=1e-6)
-        assert entry["negative_share"] == pytest.approx(float((signed < 0).mean()))
+        assert entry["zero_share"] == pytest.approx(float((relu <= 0).mean()))
         assert entry["argmax"] == list(np.unravel_index(int(relu.argmax()), relu.shape))
         inside = float(relu[1:4, 2:8, 3:7].sum() / relu.sum())
         assert entry["inside"] == pytest.approx(inside, rel=1e-5)
@@ -538,13 +585,17 @@ def test_signed_maps_beside_the_relu_ones_and_a_panel_of_its_own_layer_and_class
         [{"method": "seg-grad-cam", "class": True}],
         [{"method": "seg-grad-cam", "signed": "yes"}],
         [{"method": "seg-grad-cam"}] * 3,
+        [{"method": "seg-grad-cam", "colour": "red"}],
     ],
 )
 def test_bad_panels_are_refused_with_the_reason(panels):
     session = session_3d()
     with TestClient(create_app(session)) as client:
         answer = client.post("/api/explain", json=_panel_request(panels=panels))
-    assert answer.status_code == 400 and answer.json()["error"]
+        assert answer.status_code == 400 and answer.json()["error"]
+        for odd in ({"with_slice": 1}, {"with_slice": "yes"}, {"signed": [1, 2]}):
+            answer = client.post("/api/explain", json=_panel_request(**odd))
+            assert answer.status_code == 400 and answer.json()["error"], odd
 
 
 def test_a_signed_export_and_the_arrays_hold_the_signed_map():
@@ -565,6 +616,9 @@ def test_a_signed_export_and_the_arrays_hold_the_signed_map():
         refused = client.post("/api/export", json={**request, "format": "nifti", "signed": 1})
     image = nib.Nifti1Image.from_bytes(gzip.decompress(nifti.content))
     np.testing.assert_allclose(np.asarray(image.dataobj), raw, atol=1e-6)
+    # never the ReLU'd map's name or description: two downloads do not collide
+    assert "__signed.nii.gz" in nifti.headers["content-disposition"]
+    assert b"seg-grad-cam signed" in image.header["descrip"].tobytes()
     stored = np.load(io.BytesIO(arrays.content))
     np.testing.assert_allclose(stored["signed_map"], raw, atol=1e-6)
     np.testing.assert_allclose(stored["map"], np.maximum(stored["map"], 0))

@@ -522,3 +522,30 @@ def test_case_explainer_gives_explain_s_maps_from_kept_forwards(tmp_path, keep_b
         assert explainer.kept_bytes == 0 and all(f > 0 for f in forwards)
     explainer.close()
     assert explainer.kept_bytes == 0
+
+
+def test_case_explainer_frees_the_forwards_of_layers_it_lets_go(tmp_path):
+    # a pack hook that kept the tensor itself made a reference cycle through the retained
+    # graph: every layer switch leaked its kept forwards (~2 GB on the demo, issue 23's review)
+    import gc
+
+    def live_bytes():
+        gc.collect()
+        return sum(
+            o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor)
+        )
+
+    model = nnunet.load(make_model_folder(tmp_path / "m"))
+    case = nnunet.read_case(model, (_image((40, 21, 20), seed=5), {"spacing": [1.0] * 3}))
+    explainer = nnunet.CaseExplainer(model, case)
+    box = segcam.Box(1, [(0, 30), (0, 21), (0, 20)])
+    layers = ("decoder.stages.0", "decoder.stages.1", "encoder.stages.1")  # one more than kept
+    rounds = []
+    for _ in range(3):
+        for layer in layers:
+            explainer.explain_methods(box, layer, ["seg-grad-cam"])
+        rounds.append(live_bytes())
+    assert explainer.kept_bytes > 0 and len(explainer._kept) == nnunet.KEPT_LAYERS
+    assert rounds[-1] <= rounds[0] + 2**20, rounds
+    explainer.close()
+    assert explainer.kept_bytes == 0

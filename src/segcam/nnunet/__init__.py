@@ -14,12 +14,19 @@
 
 from segcam.nnunet.case import NnUNetCase, read_case
 from segcam.nnunet.case_explanation import KEEP_BYTES
-from segcam.nnunet.explain import CaseExplainer, explain, explain_and_predict, explain_methods
+from segcam.nnunet.explain import (
+    KEPT_LAYERS,
+    CaseExplainer,
+    explain,
+    explain_and_predict,
+    explain_methods,
+)
 from segcam.nnunet.model import NnUNetError, NnUNetModel, load
 from segcam.nnunet.predict import NnUNetPrediction, predict
 
 __all__ = [
     "KEEP_BYTES",
+    "KEPT_LAYERS",
     "CaseExplainer",
     "NnUNetCase",
     "NnUNetError",

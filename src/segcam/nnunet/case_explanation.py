@@ -43,7 +43,14 @@ from segcam.postprocess import upsample as upsample_maps
 from segcam.recording import RecordedForward, record_forward
 from segcam.targets import ResolvedTargets, TargetLike
 
-__all__ = ["KEEP_BYTES", "CaseExplanation", "KeptWindows", "LayerSums", "case_facts"]
+__all__ = [
+    "KEEP_BYTES",
+    "CaseExplanation",
+    "KeepBudget",
+    "KeptWindows",
+    "LayerSums",
+    "case_facts",
+]
 
 KEEP_BYTES = 2 * 1024**3  # default budget of kept window graphs (activations and saved tensors)
 WindowKey = tuple[int, tuple[Any, ...], int, int]  # fold, window bounds, first mirroring, batch
@@ -62,40 +69,48 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 @dataclass
+class KeepBudget:
+    """The bytes that kept forwards may hold, shared by the stores of several layer choices."""
+
+    limit: int = KEEP_BYTES
+    used: int = 0
+
+
+@dataclass
 class KeptWindows:
     """Recorded forwards kept per (fold, window, mirroring group) for one layer choice.
 
-    A forward is kept while the estimated bytes (its activations, logits, input and every
-    tensor its graph saves) stay within ``budget``; beyond it, forwards are recorded and freed
-    as without a store. :meth:`close` frees them all.
+    A forward is kept while the estimated bytes of all stores sharing ``budget`` (each
+    forward's activations, logits, input and every tensor its graph saves) stay within its
+    limit; beyond it, forwards are recorded and freed as without a store. :meth:`close` frees
+    them all and gives their bytes back.
     """
 
-    budget: int = KEEP_BYTES
+    budget: KeepBudget = field(default_factory=KeepBudget)
     forwards: dict[WindowKey, RecordedForward] = field(default_factory=dict, repr=False)
     bytes: int = 0
-    full: bool = False
 
     def record(
         self, key: WindowKey, network: nn.Module, x: torch.Tensor, layer: Any
     ) -> tuple[RecordedForward, bool]:
         """Record a forward and keep it under ``key`` if the budget allows (then True)."""
-        if self.full:
-            return record_forward(network, x, layer), False
-        saved: dict[int, int] = {}
+        saved: dict[tuple[int, int], int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            saved[id(tensor)] = _tensor_bytes(tensor)
-            return tensor
+            saved[tensor.data_ptr(), tensor.numel()] = _tensor_bytes(tensor)
+            # detached: the tensor itself would make a reference cycle through the retained
+            # C++ graph that the garbage collector cannot see (freed stores stayed in memory)
+            return tensor.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             recorded = record_forward(network, x, layer)
         size = sum(saved.values()) + _tensor_bytes(x) + _tensor_bytes(recorded.logits)
         size += sum(_tensor_bytes(a) for a in recorded.activations)
-        if self.bytes + size > self.budget:
-            self.full = True
+        if self.budget.used + size > self.budget.limit:
             return recorded, False
         self.forwards[key] = recorded
         self.bytes += size
+        self.budget.used += size
         return recorded, True
 
     def close(self) -> None:
@@ -103,7 +118,8 @@ class KeptWindows:
         for recorded in self.forwards.values():
             recorded.release()
         self.forwards.clear()
-        self.bytes, self.full = 0, False
+        self.budget.used -= self.bytes
+        self.bytes = 0
 
 
 class CaseExplanation:

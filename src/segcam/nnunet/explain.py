@@ -41,6 +41,7 @@ partial backward passes of the windows they meet. The maps are the same as
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,13 @@ from segcam.explanation import Explanation
 from segcam.layers import LayerSpec
 from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.nnunet.case import CaseLike, read_case
-from segcam.nnunet.case_explanation import KEEP_BYTES, CaseExplanation, KeptWindows, case_facts
+from segcam.nnunet.case_explanation import (
+    KEEP_BYTES,
+    CaseExplanation,
+    KeepBudget,
+    KeptWindows,
+    case_facts,
+)
 from segcam.nnunet.model import NnUNetModel
 from segcam.nnunet.predict import NnUNetPrediction, export, predict_logits
 from segcam.nnunet.targets import predicted_sets, resolve_targets
@@ -59,7 +66,9 @@ from segcam.nnunet.windows import (
 from segcam.postprocess import Normalization, PostProcessing
 from segcam.targets import TargetLike, uses_logits
 
-__all__ = ["CaseExplainer", "explain", "explain_and_predict", "explain_methods"]
+__all__ = ["KEPT_LAYERS", "CaseExplainer", "explain", "explain_and_predict", "explain_methods"]
+
+KEPT_LAYERS = 2  # layer choices whose forwards a CaseExplainer keeps (the viewer's two panels)
 
 
 def explain_and_predict(
@@ -106,9 +115,10 @@ class CaseExplainer:
     The case is read and predicted once (:attr:`prediction`, nnU-Net's own export). Each
     :meth:`explain_methods` call resolves its targets on that prediction and runs the windows
     its pixel sets meet; their recorded forwards (the layers' activations and the graph from
-    them to the logits) are kept for the layers of the latest call, within ``keep_bytes``
-    (beyond it, forwards are run and freed as :func:`explain_methods` does). Asking for other
-    layers frees the kept forwards first. :meth:`close` frees everything.
+    them to the logits) are kept for the :data:`KEPT_LAYERS` most recently asked layer choices
+    (two panels on two layers stay interactive), within ``keep_bytes`` for all of them (beyond
+    it, forwards are run and freed as :func:`explain_methods` does; a new layer choice frees
+    the least recent one's first when the budget is spent). :meth:`close` frees everything.
 
     Args:
         model: from :func:`segcam.nnunet.load`.
@@ -131,13 +141,27 @@ class CaseExplainer:
         self.step_size, self.mirroring = float(step_size), bool(mirroring)
         self.plan = plan_case(model, self.case, step_size, mirroring)
         self.prediction = export(model, self.case, predict_logits(model, self.case, self.plan))
-        self._kept = KeptWindows(budget=int(keep_bytes))
-        self._layer: object = None
+        self._budget = KeepBudget(int(keep_bytes))
+        self._kept: OrderedDict[str, KeptWindows] = OrderedDict()
 
     @property
     def kept_bytes(self) -> int:
-        """The estimated bytes of the kept forwards."""
-        return self._kept.bytes
+        """The estimated bytes of the kept forwards (every kept layer choice)."""
+        return self._budget.used
+
+    def _store(self, layer: LayerSpec | Sequence[LayerSpec]) -> KeptWindows:
+        """The layer choice's store of kept forwards, most recent last."""
+        key = repr(layer)
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        while self._kept and (
+            len(self._kept) >= KEPT_LAYERS or self._budget.used >= self._budget.limit
+        ):
+            _, oldest = self._kept.popitem(last=False)
+            oldest.close()
+        self._kept[key] = KeptWindows(self._budget)
+        return self._kept[key]
 
     def explain_methods(
         self,
@@ -154,15 +178,12 @@ class CaseExplainer:
         """The maps of :func:`explain_methods` for these targets, from the kept forwards."""
         chosen = resolve_methods(methods, method_options)
         _refuse_gradient_free(chosen)
-        key = repr(layer)
-        if key != self._layer:
-            self._kept.close()
-            self._layer = key
+        store = self._store(layer)
         target_list = predicted_sets(
             self.model, resolve_targets(self.model, targets), self.prediction
         )
         explanation = CaseExplanation(
-            self.model, self.case, self.plan, target_list, chosen, layer, per_fold, self._kept
+            self.model, self.case, self.plan, target_list, chosen, layer, per_fold, store
         )
         explanation.run(blend=False)
         facts = case_facts(
@@ -174,8 +195,9 @@ class CaseExplainer:
 
     def close(self) -> None:
         """Free every kept forward."""
-        self._kept.close()
-        self._layer = None
+        for store in self._kept.values():
+            store.close()
+        self._kept.clear()
 
 
 def _refuse_gradient_free(chosen: Sequence[tuple[Method, Any]]) -> None:

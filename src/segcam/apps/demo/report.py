@@ -74,7 +74,7 @@ def _figure_png(rows: list[Row], layers: dict[str, str]) -> bytes:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    colours = ["black", "tab:green", "tab:red"]
+    colours = ["black", "tab:red", "tab:green"]  # as the viewer: liver red, tumour green
     classes = ListedColormap(colours)
     columns = 3 + len(rows[0][5])
     figure, axes = plt.subplots(

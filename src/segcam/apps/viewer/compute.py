@@ -149,11 +149,13 @@ class RequestGate:
             if latest is None or latest[0] != mine:
                 raise SupersededError("superseded by a newer request of this page")
 
-        handles = [m.register_forward_pre_hook(check) for m in self.model.modules()]
-        try:
-            with self._lock:
-                check()
+        with self._lock:
+            check()  # superseded while it waited: it never runs
+            # the hooks only while this request runs: a waiting one's check ran inside other
+            # pages' forward passes and cancelled them when it was itself superseded
+            handles = [m.register_forward_pre_hook(check) for m in self.model.modules()]
+            try:
                 yield
-        finally:
-            for handle in handles:
-                handle.remove()
+            finally:
+                for handle in handles:
+                    handle.remove()

@@ -40,9 +40,10 @@ def describe_key(key: TargetKey) -> dict[str, Any]:
 
 def _description(metadata: Mapping[str, Any]) -> str:
     """NIfTI's 80-character description: method, class, layer, target kind."""
+    signed = " signed" if str(metadata.get("map", "")).startswith("signed") else ""
     text = (
-        f"segcam {metadata['method']} class={metadata['class']} layer={metadata['layer']} "
-        f"target={metadata['target']['kind']}"
+        f"segcam {metadata['method']}{signed} class={metadata['class']} "
+        f"layer={metadata['layer']} target={metadata['target']['kind']}"
     )
     if len(text) <= 79:
         return text
@@ -89,6 +90,8 @@ def export_file(
     stem = map_stem(
         metadata["method"], metadata["layer"], 0, metadata["target"]["kind"], str(metadata["class"])
     )
+    if str(metadata.get("map", "")).startswith("signed"):
+        stem += "__signed"  # never the same name as the ReLU'd map's
     if kind == "json":
         content = (json.dumps(metadata, indent=1) + "\n").encode()
         return content, "application/json", f"{stem}.json"

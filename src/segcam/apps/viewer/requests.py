@@ -219,6 +219,7 @@ def methods_of(payload: Mapping[str, Any]) -> list[str]:
 
 
 MAX_PANELS = 2  # map panels a request may fill
+PANEL_KEYS = frozenset({"method", "layer", "class", "signed"})
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,10 @@ def panels_of(payload: Mapping[str, Any]) -> list[Panel]:
     given = payload.get("panels")
     if given is None:
         signed = payload.get("signed", [])
-        if not isinstance(signed, list):
-            raise RequestError("signed must be a list of method names")
+        if not isinstance(signed, list) or not all(
+            isinstance(m, str) and m in REGISTRY for m in signed
+        ):
+            raise RequestError(f"signed must be a list of method names; got {signed!r}")
         return [Panel(m, None, None, m in signed) for m in methods_of(payload)]
     if not isinstance(given, list) or not 1 <= len(given) <= MAX_PANELS:
         raise RequestError(f"panels must be a list of 1 to {MAX_PANELS} {{method, layer, class}}")
@@ -249,6 +252,9 @@ def panels_of(payload: Mapping[str, Any]) -> list[Panel]:
     for item in given:
         if not isinstance(item, Mapping):
             raise RequestError(f"a panel must be an object; got {item!r}")
+        unknown = sorted(str(k) for k in item if k not in PANEL_KEYS)
+        if unknown:
+            raise RequestError(f"unknown panel fields {unknown}: method, layer, class, signed")
         method = methods_of({"methods": [item.get("method")]})[0]
         layer = item.get("layer")
         if layer is not None and not isinstance(layer, str):

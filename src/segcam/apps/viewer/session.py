@@ -59,6 +59,7 @@ from segcam.windows import blended_logits
 __all__ = ["DEFAULT_METHODS", "RequestError", "SupersededError", "ViewerSession", "depth_labels"]
 
 KEPT_UPLOADS = 16  # pages whose uploaded masks are kept (the least recent one goes first)
+KEPT_MAPS = 12  # computed maps kept (method, layer, target), the least recently used go first
 WARM_FORWARD_BELOW = 2.0  # a first forward faster than this is timed again, warm
 CONFIRM_SECONDS = 5.0  # a gradient-free request on a volume estimated above this asks first
 
@@ -107,7 +108,7 @@ class ViewerSession:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     _uploads: OrderedDict[str, Upload] = field(default_factory=OrderedDict, repr=False)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _cache: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _cache: OrderedDict[Any, dict[str, Any]] = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self) -> None:
         if self.inputs.ndim not in (3, 4):
@@ -347,24 +348,30 @@ class ViewerSession:
 
         ``map`` is the method's map with ReLU, then up-sampled to the input grid, as
         :func:`segcam.explain` gives it; ``signed`` the raw map up-sampled (no ReLU), so the page
-        can say where the map is negative. Cached for the latest request's layers and targets.
+        can say where the map is negative. The :data:`KEPT_MAPS` most recently used are cached.
         A request for the same maps as the page's running one (a slice change) waits for them
         instead of cancelling it; any other request of the page cancels it.
         """
         work = tuple((layer, key, tuple(methods)) for layer, methods, _, key in works)
         with self._gate.run(client, work):
-            wanted = {(layer, key) for layer, _, _, key in works}
-            self._cache = {k: v for k, v in self._cache.items() if k[:2] in wanted}
             for layer, methods, target, key in works:
                 explainer = self._explainer(layer)
                 missing = [m for m in dict.fromkeys(methods) if (layer, key, m) not in self._cache]
                 if missing:
                     for method, expl in self._explain_missing(explainer, layer, target, missing):
                         self._cache[layer, key, method] = self._store(expl)
-            return [
+            found = [
                 {method: self._cache[layer, key, method] for method in methods}
                 for layer, methods, _, key in works
             ]
+            # the most recently used maps stay (two panels, an export, another tab), up to
+            # KEPT_MAPS: a slice change after an export of another layer is not a new pass
+            for layer, methods, _, key in works:
+                for method in methods:
+                    self._cache.move_to_end((layer, key, method))
+            while len(self._cache) > KEPT_MAPS:
+                self._cache.popitem(last=False)
+            return found
 
     def _store(self, explanation: segcam.Explanation) -> dict[str, Any]:
         raw = explanation.maps[:1, :1].float()
@@ -376,8 +383,8 @@ class ViewerSession:
             "map": heat,
             "signed": signed,
             "pixel_set": pixel_set,
-            # where the evidence is negative, the ReLU'd map is 0: how much of the input that is
-            "negative_share": float(np.mean(signed < 0)),
+            # where ReLU removed the (negative) evidence, the map is 0: how much of the input
+            "zero_share": float(np.mean(heat <= 0)),
             "argmax": [int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape)],
             "inside": float(heat[pixel_set].sum(dtype=np.float64)) / mass if mass > 0 else 0.0,
         }
@@ -433,10 +440,11 @@ class ViewerSession:
         ``max`` over the whole map (the colour bar does not change with the slice), the raw
         signed map's ``min`` and ``signed_max`` over the whole map and ``slice_min`` on the cut
         (negative there: the ReLU'd map is 0 because the evidence is negative), and with
-        ``signed`` the signed cut too. ``extent`` says where the request's pixel set lies
+        ``signed`` the signed cut too. ``pixels``, ``extent``, ``stats`` and the profile's
+        ``set`` describe the first panel's pixel set; ``extent`` says where it lies
         ([first, last] voxel per axis); ``planes`` (optional, 3D) asks for more cuts ({axis,
-        index}) of the same maps; ``with_slice`` (optional) adds the view's :meth:`slice`, so
-        that the page draws a new slice and its maps in one frame.
+        index}) of the same maps; ``with_slice`` (optional) adds each view's :meth:`slice`, so
+        that the page draws new slices and their maps in one frame.
         """
         started = time.perf_counter()
         layer, _, target, key = self._request({**payload, "methods": [DEFAULT_METHODS[0]]})
@@ -447,6 +455,9 @@ class ViewerSession:
             raise RequestError("planes must be a list of up to 3 {axis, index} of a volume")
         extra_views = [self.grid.view(item if isinstance(item, Mapping) else {}) for item in extra]
         client = client_of(payload)
+        with_slice = payload.get("with_slice", False)
+        if not isinstance(with_slice, bool):
+            raise RequestError(f"with_slice must be true or false; got {with_slice!r}")
         # one work per (layer, class): its target and the methods of its panels
         groups: dict[tuple[str, int], tuple[segcam.Target, TargetKey, list[str]]] = {}
         where = []  # per panel: its (layer, class)
@@ -481,7 +492,7 @@ class ViewerSession:
                     "min": float(value["signed"].min()),
                     "signed_max": float(value["signed"].max()),
                     "slice_min": float(signed.min()),
-                    "negative_share": value["negative_share"],
+                    "zero_share": value["zero_share"],
                     "argmax": value["argmax"],
                     "inside": value["inside"],
                 }
@@ -512,8 +523,16 @@ class ViewerSession:
                 ],
             }
         if extra_views:
-            result["planes"] = [{"axis": a, "index": i, **cut((a, i))} for a, i in extra_views]
-        if payload.get("with_slice") is True:
+            result["planes"] = [
+                {
+                    "axis": a,
+                    "index": i,
+                    **cut((a, i)),
+                    **({"slice": self.slice({"axis": a, "index": i})} if with_slice else {}),
+                }
+                for a, i in extra_views
+            ]
+        if with_slice:
             result["slice"] = self.slice(payload)
         result["milliseconds"] = round((time.perf_counter() - started) * 1e3, 1)
         return result

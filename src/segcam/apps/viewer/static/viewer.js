@@ -213,7 +213,7 @@ function mapPaint(data, scale, opacity, signed, colours = INFERNO) {
 function drawBar(canvas, signed, opacity, colours = INFERNO) {  // the colour ramp as drawn over mid grey, with its transparency
   const g = canvas.getContext("2d"), n = canvas.width, threshold = Number($("threshold").value) / 100;
   for (let x = 0; x < n; x++) {
-    const v = signed ? 2 * x / (n - 1) - 1 : x / (n - 1), size = Math.abs(v), a = size <= threshold ? 0 : Math.max(opacity, 0.35) * size;
+    const v = signed ? 2 * x / (n - 1) - 1 : x / (n - 1), size = Math.abs(v), a = size <= threshold ? 0 : opacity * size;
     const rgb = (signed ? diverging(v) : ramp(colours, v)).map((c) => Math.round((1 - a) * 128 + a * c));
     g.fillStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`; g.fillRect(x, 0, 1, canvas.height);
   }
@@ -231,11 +231,15 @@ function panelView(k, source) {
   const perSlice = $("scale").value === "slice", entry = own.entry;
   const sliceAbs = (data) => { let m = 0; for (let i = 0; i < data.length; i++) { const a = Math.abs(data[i]); if (a > m) m = a; } return m; };
   if (mode === "difference" && k === 1 && maps[0]) {
-    const a = maps[0].data, b = own.data, d = new Float32Array(b.length);
-    for (let i = 0; i < b.length; i++) d[i] = a[i] - b[i];
-    const top = sliceAbs(d);
-    return {data: d, signed: true, scale: top > 0 ? top : 1, top, label: `±${fmt(top)} (this slice)`, entry, mode,
-      note: top === 0 ? "the two maps are equal on this slice" : ""};
+    // the left map as the left panel shows it minus the right map, each divided by its own
+    // maximum over the whole input (their scales differ by orders of magnitude between methods)
+    const left = panelView(0, source), b = own.data, d = new Float32Array(b.length);
+    const leftScale = left.signed ? Math.max(Math.abs(maps[0].entry.min), Math.abs(maps[0].entry.signed_max)) : maps[0].entry.max;
+    const sa = leftScale > 0 ? leftScale : 1, sb = entry.max > 0 ? entry.max : 1;
+    for (let i = 0; i < b.length; i++) d[i] = left.data[i] / sa - Math.max(b[i], 0) / sb;
+    const top = perSlice ? sliceAbs(d) : 1;
+    return {data: d, signed: true, scale: top > 0 ? top : 1, top, label: `±${fmt(top)} of each map's maximum (${perSlice ? "this slice" : "whole input"})`, entry, mode,
+      note: sliceAbs(d) === 0 ? "the two maps are equal on this slice" : ""};
   }
   if (mode === "signed" && own.signed) {
     const whole = Math.max(Math.abs(entry.min), Math.abs(entry.signed_max)), top = perSlice ? sliceAbs(own.signed) : whole;
@@ -249,8 +253,8 @@ function panelView(k, source) {
     if (entry.slice_min < 0) note = `the map is 0 on this slice because its evidence is negative here (down to ${fmt(entry.slice_min)}): show it signed to see it`;
     else if (entry.max > 0) note = `the map is 0 on this slice (its maximum, ${entry.max.toPrecision(3)}, lies elsewhere)`;
     else note = entry.min < 0 ? `the map is 0 everywhere: its evidence is negative (down to ${fmt(entry.min)}); show it signed` : "the map is 0 everywhere";
-  } else if (entry.negative_share > 0.5) {
-    const share = 100 * entry.negative_share;
+  } else if (entry.zero_share > 0.5) {  // ReLU removed the negative evidence there
+    const share = 100 * entry.zero_share;
     note = `0 on ${share > 99.9 ? share.toFixed(2) : share.toFixed(1)} % of the input, where its evidence is negative (show it signed)`;
   }
   return {data: own.data, signed: false, scale: top > 0 ? top : 1, top, label: `${top.toPrecision(3)} (${perSlice ? "this slice" : "whole input"})`, entry, mode, note};
@@ -266,9 +270,9 @@ function panelTitle(k) {
   if (mode === "difference" && k === 1) return `difference: left − right (${parts.join(" · ")})`;
   return parts.join(" · ");
 }
-function layerLabel(name) {
+function layerLabel(name) {  // short: the readable name when the layer has one (the module in the tooltip)
   const l = [...viewer.info.layers, ...(viewer.info.all_layers || [])].find((x) => x.name === name);
-  return l && l.label ? `${l.label} (${name})` : name;
+  return l && l.label ? l.label : name;
 }
 // the prediction against the truth, for the chosen class
 const COMPARE = {tp: [240, 220, 60], fp: [240, 60, 60], fn: [60, 120, 255], tn: null};
@@ -293,6 +297,7 @@ function render() {
   [0, 1].forEach((k) => {
     const shownMap = panelView(k, viewer);
     $("name" + k).textContent = panelTitle(k);
+    $("name" + k).title = viewer.panelMaps[k] ? `layer ${viewer.panelMaps[k].entry.layer}` : "";
     $("max" + k).textContent = shownMap ? shownMap.label : "";
     $("note" + k).textContent = shownMap ? shownMap.note : "";
     const own = viewer.panelMaps[k], panelSet = own && own.set ? own.set : shown.set;
@@ -320,7 +325,8 @@ function renderThree() {
     const shownMap = t.panelMaps ? panelView(k, t) : null, pred = t.slice.prediction, truth = t.slice.truth;
     if (shownMap) { shownTop = shownMap.top; shownSigned = shownMap.signed; }
     const paintMap = mapPaint(shownMap && shownMap.data, shownMap ? shownMap.scale : 1, opacity, shownMap && shownMap.signed, colours);
-    draw($("tri" + axis), axis, {...t.slice, set: t.set}, (p, g) => {
+    const own = t.panelMaps && t.panelMaps[k], planeSet = own && own.set ? own.set : t.set;
+    draw($("tri" + axis), axis, {...t.slice, set: planeSet}, (p, g) => {
       // the prediction (or the comparison with the truth) under the map, as in the one-plane layout
       const colour = compare && truth ? COMPARE[comparison(pred[p] === c, truth[p] === c)]
         : $("showPrediction").checked && PALETTE[pred[p] % PALETTE.length];
@@ -373,12 +379,14 @@ function setInfo() {  // where the pixel set lies, on the shown view, and its st
   if (!r || !r.extent) { $("setinfo").textContent = r ? "the pixel set is empty" : ""; $("goto").disabled = true; return; }
   const st = r.stats || {}, unit = st.unit ? " " + st.unit : "";
   const inside = viewer.panelMaps[0] ? ` · left map's mass inside ${(100 * viewer.panelMaps[0].entry.inside).toFixed(1)} %` : "";
-  $("stats").textContent = (st.ml !== undefined ? `${st.ml.toFixed(2)} ml` : `${st.voxels} ${three() ? "voxels" : "pixels"}`) +
+  const count = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  const volume = st.ml === undefined ? "" : (st.ml >= 1 ? `${st.ml.toFixed(2)} ml` : `${(1000 * st.ml).toPrecision(3)} µl`);
+  $("stats").textContent = (volume ? `${volume} · ` : "") + count(st.voxels, three() ? "voxel" : "pixel") +
     (st.mean_intensity !== undefined ? ` · mean ${st.mean_intensity.toFixed(1)}${unit}` : "") + inside;
-  if (!three()) { $("setinfo").textContent = `${r.pixels} pixels in the set`; return; }
+  if (!three()) { $("setinfo").textContent = `${r.pixels} pixel${r.pixels === 1 ? "" : "s"} in the set`; return; }
   const axis = layoutThree() ? Number(viewer.info.default_axis) : axisNow(), [lo, hi] = r.extent[axis];
   const here = layoutThree() ? viewer.cursor[axis] : Number($("slice").value);
-  $("setinfo").textContent = `set: ${r.pixels} voxels, ${plane(axis).name} slices ${lo}–${hi}` + (here < lo || here > hi ? " (not on this slice)" : "");
+  $("setinfo").textContent = `set: ${r.pixels} voxel${r.pixels === 1 ? "" : "s"}, ${plane(axis).name} slices ${lo}–${hi}` + (here < lo || here > hi ? " (not on this slice)" : "");
   $("goto").disabled = false;
 }
 function readAt(voxel, axis) {  // the crosshair read-out: voxel, mm, intensity, prediction, truth, map values
@@ -403,10 +411,15 @@ function readAt(voxel, axis) {  // the crosshair read-out: voxel, mm, intensity,
 function gotoMaximum() {  // the left map's maximum: its slice (and, in three planes, the crosshair)
   const own = viewer.panelMaps[0] || (layoutThree() && viewer.tri[2] && viewer.tri[2].panelMaps && viewer.tri[2].panelMaps[0]);
   if (!own) { status("no map yet", true); return; }
+  if (!(own.entry.max > 0)) { status("the left map is 0 everywhere: no maximum to go to", true); return; }
   const at = own.entry.argmax;
   if (layoutThree()) { viewer.cursor = [...at]; loadThree(); }
-  else if (three()) setSlice(at[axisNow()]);
-  status(`the left map's maximum, ${own.entry.max.toPrecision(3)}, at voxel (${at.join(", ")})`);
+  else {
+    if (three()) setSlice(at[axisNow()]);
+    const [row, col] = toPixel(at, axisNow());
+    viewer.pointer = {row, col, axis: axisNow()}; render();  // the cross marks it
+  }
+  status(`the left map's maximum, ${own.entry.max.toPrecision(3)}, at ${three() ? "voxel" : "pixel"} (${at.join(", ")})`);
 }
 
 // ---------------------------------------------------------------- requests
@@ -475,6 +488,7 @@ async function explain(withSlice) {  // withSlice: the new slice's image comes w
       for (const cut of [{axis: main, ...result}, ...result.planes]) {
         const t3 = viewer.tri[cut.axis] || (viewer.tri[cut.axis] = {});
         setMaps(t3, cut.maps); t3.set = decode(cut.pixel_set, Uint8Array);
+        if (cut.slice) t3.slice = sliceOf(cut.slice);
       }
     }
     render();
@@ -533,6 +547,8 @@ async function loadSlice() {
   } catch (error) { viewer.sliceKey = null; status(error.message, true); }
 }
 async function loadThree() {
+  // maps on screen: the three new slices come with their maps in one answer (no blank frame)
+  if (showingMaps() && viewer.request && viewer.request.planes) { await explain(true); return; }
   const cuts = await Promise.all([0, 1, 2].map((a) => fetchSlice(a, viewer.cursor[a])));
   cuts.forEach((slice, a) => { viewer.tri[a] = {slice}; });
   render();
@@ -637,7 +653,10 @@ window.addEventListener("mouseup", () => {
   if (viewer.painting) { viewer.painting = false; viewer.last = null; explain(); }
 });
 window.addEventListener("keydown", (event) => {
-  if (["INPUT", "SELECT"].includes(document.activeElement.tagName)) return;  // its own keys
+  const active = document.activeElement, typing = active.tagName === "INPUT" && !["range", "checkbox", "file"].includes(active.type);
+  const arrows = ["ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "PageUp", "PageDown", "Home", "End"].includes(event.key);
+  if (typing || (arrows && ["INPUT", "SELECT"].includes(active.tagName))) return;  // the control's own keys
+  if (active.tagName === "SELECT" && /^[a-z0-9]$/i.test(event.key)) active.blur();  // a select would jump to an option
   const steps = {ArrowUp: 1, ArrowDown: -1, PageUp: 5, PageDown: -5};
   if (event.key in steps && three() && !layoutThree()) { event.preventDefault(); setSlice(Number($("slice").value) + steps[event.key]); }
   else if (event.key in steps && layoutThree()) {  // the plane under the pointer (else the axial one)
@@ -753,7 +772,9 @@ async function start() {
     $("resetView").addEventListener("click", () => { viewer.magnify = 1; viewer.pan = {x: 0, y: 0}; render(); });
     $("layout").addEventListener("change", () => {
       document.body.classList.toggle("layout-three", layoutThree());
-      if (layoutThree()) { const a = axisNow(); viewer.cursor[a] = Number($("slice").value); }
+      const a = axisNow();
+      if (layoutThree()) viewer.cursor[a] = Number($("slice").value);
+      else $("slice").value = viewer.cursor[a];  // back to one plane: the crosshair's slice
       loadSlice();
     });
     $("goto").addEventListener("click", () => {
