@@ -552,7 +552,12 @@ def test_signed_maps_beside_the_relu_ones_and_a_panel_of_its_own_layer_and_class
         np.testing.assert_allclose(unb64(entry["data"], "<f4", shape), cut(relu, 4), atol=1e-6)
         np.testing.assert_allclose(unb64(entry["signed"], "<f4", shape), cut(signed, 4), atol=1e-6)
         assert entry["max"] == pytest.approx(float(relu.max()), rel=1e-6)
-        assert entry["min"] == pytest.approx(float(signed.min()), rel=1e-6)
+        layer_raw = segcam.explain(
+            session.model, inputs, target, layer, method, relu=False, upsample=False
+        ).maps  # at the layer's resolution: the up-sampled values lie between its extremes
+        assert entry["min"] == pytest.approx(float(layer_raw.min()), rel=1e-6)
+        assert entry["signed_max"] == pytest.approx(float(layer_raw.max()), rel=1e-6)
+        assert layer_raw.min() <= signed.min() and signed.max() <= layer_raw.max()
         assert entry["slice_min"] == pytest.approx(float(cut(signed, 4).min()), rel=1e-6)
         assert entry["zero_share"] == pytest.approx(float((relu <= 0).mean()))
         assert entry["argmax"] == list(np.unravel_index(int(relu.argmax()), relu.shape))

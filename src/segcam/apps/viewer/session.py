@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,20 +374,41 @@ class ViewerSession:
             return found
 
     def _store(self, explanation: segcam.Explanation) -> dict[str, Any]:
+        """A computed map as the cache keeps it: ReLU'd on the input grid, its raw form, facts.
+
+        The signed map on the input grid is made on first use (:meth:`_signed`): most
+        requests show no signed panel, and its up-sampling is a third of a 3D update.
+        """
         raw = explanation.maps[:1, :1].float()
         heat = upsample(relu(raw), self.spatial)[0, 0].cpu().numpy()
-        signed = upsample(raw, self.spatial)[0, 0].cpu().numpy()
         pixel_set = explanation.pixel_sets[0, 0].cpu().numpy()
-        mass = float(heat.sum(dtype=np.float64))
+        flat, inside_set = heat.ravel(), pixel_set.ravel()
+        mass = float(flat.sum(dtype=np.float64))
+        top = int(np.argmax(flat))
+        others = {axis: tuple(a for a in range(heat.ndim) if a != axis) for axis in range(3)}
         return {
             "map": heat,
-            "signed": signed,
+            "raw": raw,
             "pixel_set": pixel_set,
+            # the raw map's extremes (its up-sampled values lie between them)
+            "min": float(raw.min()),
+            "signed_max": float(raw.max()),
             # where ReLU removed the (negative) evidence, the map is 0: how much of the input
-            "zero_share": float(np.mean(heat <= 0)),
-            "argmax": [int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape)],
-            "inside": float(heat[pixel_set].sum(dtype=np.float64)) / mass if mass > 0 else 0.0,
+            "zero_share": float(np.count_nonzero(flat <= 0)) / flat.size,
+            "argmax": [int(i) for i in np.unravel_index(top, heat.shape)],
+            "inside": float(flat[inside_set].sum(dtype=np.float64)) / mass if mass > 0 else 0.0,
+            # per slice along each axis (a volume): the strip along the slider
+            "profile": {a: heat.sum(axis=o).tolist() for a, o in others.items()}
+            if heat.ndim == 3
+            else {},
         }
+
+    def _signed(self, value: dict[str, Any]) -> np.ndarray:
+        """The raw map up-sampled to the input grid (no ReLU), made once per cached map."""
+        if "signed" not in value:
+            value["signed"] = upsample(value["raw"], self.spatial)[0, 0].cpu().numpy()
+        signed: np.ndarray = value["signed"]
+        return signed
 
     def estimate(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """What a request would cost: forward passes and seconds per gradient-free method.
@@ -435,16 +456,20 @@ class ViewerSession:
 
         Panels (:func:`~segcam.apps.viewer.requests.panels_of`) name a method, and may name
         their own layer and class (two layers or two classes side by side); by default one
-        panel per method at the request's layer and class. Each map entry holds the map with
-        ReLU, up-sampled to the input grid, not normalised (the page scales it for display), its
-        ``max`` over the whole map (the colour bar does not change with the slice), the raw
-        signed map's ``min`` and ``signed_max`` over the whole map and ``slice_min`` on the cut
-        (negative there: the ReLU'd map is 0 because the evidence is negative), and with
-        ``signed`` the signed cut too. ``pixels``, ``extent``, ``stats`` and the profile's
-        ``set`` describe the first panel's pixel set; ``extent`` says where it lies
-        ([first, last] voxel per axis); ``planes`` (optional, 3D) asks for more cuts ({axis,
-        index}) of the same maps; ``with_slice`` (optional) adds each view's :meth:`slice`, so
-        that the page draws new slices and their maps in one frame.
+        panel per method at the request's layer and class. Each map entry holds:
+
+        - ``data``: the map with ReLU, up-sampled to the input grid, not normalised (the page
+          scales it), and its ``max`` over the whole map (the colour bar does not change with
+          the slice); the raw map's ``min`` and ``signed_max``; ``zero_share``, ``argmax`` and
+          ``inside`` (the share of its mass in the pixel set);
+        - when the panel is signed or the cut is all 0: ``slice_min``, the signed map's minimum
+          on the cut (negative there: the ReLU'd map is 0 because the evidence is negative);
+          with ``signed``, the signed cut itself.
+
+        ``pixels``, ``extent`` ([first, last] voxel per axis), ``stats`` and the profile's
+        ``set`` describe the first panel's pixel set. ``planes`` (optional, 3D) asks for more
+        cuts ({axis, index}) of the same maps; ``with_slice`` (optional) adds each view's
+        :meth:`slice`, so that the page draws new slices and their maps in one frame.
         """
         started = time.perf_counter()
         layer, _, target, key = self._request({**payload, "methods": [DEFAULT_METHODS[0]]})
@@ -482,22 +507,24 @@ class ViewerSession:
             entries = []
             for panel, (panel_layer, c) in zip(panels, where, strict=True):
                 value = computed[panel_layer, c][panel.method]
-                signed = self.grid.cut(value["signed"], view)
+                shown = self.grid.cut(value["map"], view)
                 entry = {
                     "method": panel.method,
                     "layer": panel_layer,
                     "class": c,
-                    "data": b64(self.grid.cut(value["map"], view).astype("<f4")),
+                    "data": b64(shown.astype("<f4")),
                     "max": float(value["map"].max()),
-                    "min": float(value["signed"].min()),
-                    "signed_max": float(value["signed"].max()),
-                    "slice_min": float(signed.min()),
+                    "min": value["min"],
+                    "signed_max": value["signed_max"],
                     "zero_share": value["zero_share"],
                     "argmax": value["argmax"],
                     "inside": value["inside"],
                 }
-                if panel.signed:
-                    entry["signed"] = b64(np.asarray(signed).astype("<f4"))
+                if panel.signed or not shown.any():  # signed shown, or why the cut is 0
+                    signed = self.grid.cut(self._signed(value), view)
+                    entry["slice_min"] = float(signed.min())
+                    if panel.signed:
+                        entry["signed"] = b64(np.asarray(signed).astype("<f4"))
                 if value["pixel_set"] is not pixel_set:
                     entry["pixel_set"] = b64(
                         self.grid.cut(value["pixel_set"], view).astype(np.uint8)
@@ -511,14 +538,19 @@ class ViewerSession:
 
         result = {"layer": layer, "pixels": int(pixel_set.sum()), **cut(view)}
         result.update(self.grid.extent(pixel_set))
-        result["stats"] = self._region_stats(pixel_set)
+        # once per cached map: the set's facts do not change with the slice
+        result["stats"] = _cached(first, ("stats",), lambda: self._region_stats(pixel_set))
         if len(self.spatial) == 3:  # per slice along the shown view: the set and each map's mass
             others = tuple(a for a in range(3) if a != view[0])
             result["profile"] = {
                 "axis": view[0],
-                "set": pixel_set.sum(axis=others).astype(int).tolist(),
+                "set": _cached(
+                    first,
+                    ("set_profile", view[0]),
+                    lambda: pixel_set.sum(axis=others).astype(int).tolist(),
+                ),
                 "maps": [
-                    computed[g][panel.method]["map"].sum(axis=others, dtype=np.float64).tolist()
+                    computed[g][panel.method]["profile"][view[0]]
                     for panel, g in zip(panels, where, strict=True)
                 ],
             }
@@ -570,7 +602,8 @@ class ViewerSession:
             )
         layer, _, target, key = self._request({**payload, "methods": [method]})
         value = self._maps(layer, [method], target, key)[method]
-        heat, pixel_set = value["signed" if signed else "map"], value["pixel_set"]
+        heat = self._signed(value) if signed else value["map"]
+        pixel_set = value["pixel_set"]
         c = int(target.class_index)
         metadata = {
             "format": "segcam.viewer.export",
@@ -606,9 +639,16 @@ class ViewerSession:
             spatial=self.spatial,
             display=display,
             affine=self.affine,
-            signed=value["signed"],
+            signed=self._signed(value),
         )
 
     def close(self) -> None:
         """Free every kept forward graph."""
         self._forwards.close()
+
+
+def _cached(value: dict[Any, Any], key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``value[key]``, made by ``make`` the first time (facts of a cached map)."""
+    if key not in value:
+        value[key] = make()
+    return value[key]
