@@ -83,3 +83,16 @@ def test_nifti_files_are_aligned(demo_out, capsys):
     assert hires.max() == pytest.approx(1.0) and hires.min() >= 0
     # the liver map lies mostly on the predicted liver: positive evidence inside the target
     assert hires[prediction == 1].sum() > hires[prediction != 1].sum()
+
+
+def test_the_demo_says_why_its_nnunet_section_is_left_out(monkeypatch):
+    import importlib.util
+
+    from segcam.apps.demo import report
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nnunetv2" else real(name, *a)
+    )
+    reason = report.nnunet_missing()
+    assert reason is not None and "segcam[nnunet]" in reason and not report.nnunet_available()

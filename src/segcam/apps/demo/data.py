@@ -3,8 +3,10 @@
 The volume (128x128x128, Hounsfield units, LiTS-derived, case 117) and its labels ship inside the
 PyPI package ``liver-ct-segmentation-package==1.6.0`` (MIT licence) as ``data/img_117.mrc`` and
 ``data/lab_117.mrc``. segcam never installs that package (it pins torch 1.7.1): on first use
-:func:`fetch` downloads its wheel (4.5 MB, pinned by URL and SHA-256) into the data folder and the
-two files are read straight out of the wheel.
+:func:`fetch` has pip download its wheel (``python -m pip download --no-deps``, 4.5 MB, checked
+against the pinned SHA-256) into the data folder, and the two files are read straight out of the
+wheel. pip's own configuration (index, mirrors, proxies, certificates) applies, so the download
+works wherever ``pip install`` does; no host name lives in segcam.
 
 The data folder is ``$SEGCAM_DATA_DIR`` when set, else the user's cache folder
 (``~/.cache/segcam/data`` on Linux, or ``$XDG_CACHE_HOME/segcam/data``; the platform's cache
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
-import urllib.error
-import urllib.request
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,10 +60,8 @@ __all__ = [
 
 PACKAGE = "liver-ct-segmentation-package==1.6.0"
 WHEEL_NAME = "liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl"
-WHEEL_URL = (
-    "https://files.pythonhosted.org/packages/3f/e5/"
-    "704b7605f24a7cd14fc90b0356ffb45116945bd5d1bebaf298e5934df124/" + WHEEL_NAME
-)
+# pip downloads the wheel with its own configuration; tests replace the command
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check"]
 WHEEL_SHA256 = "67ffa526d8500ce5e3d9f2c96c1690543d811d352d93d531301d35791b9d6bba"
 WHEEL_BYTES = 4_514_900
 MEMBERS = (
@@ -107,9 +108,10 @@ def fetch(
 ) -> Path:
     """The cached wheel that carries the demo CT; downloaded first when it is not there.
 
-    The download (4.5 MB from PyPI's file host) is checked against its pinned SHA-256 and
-    written under a temporary name, then renamed: an interrupted download leaves nothing that
-    looks finished. Nothing is installed.
+    pip downloads it (``python -m pip download --no-deps``, with pip's own index, proxy and
+    certificate settings) into a temporary folder beside the data folder; it is checked against
+    its pinned SHA-256 and renamed into place: an interrupted download leaves nothing that looks
+    finished. Nothing is installed.
 
     Args:
         directory: the data folder (default :func:`data_dir`).
@@ -130,33 +132,47 @@ def fetch(
         )
     if progress is not None:
         progress(
-            f"downloading the demo CT ({PACKAGE} wheel, {WHEEL_BYTES / 1e6:.1f} MB) from PyPI "
+            f"downloading the demo CT ({PACKAGE} wheel, {WHEEL_BYTES / 1e6:.1f} MB) with pip "
             f"into {directory}"
         )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DemoDataMissingError(f"cannot create the data folder {directory}: {error}") from None
-    partial = directory / f".{WHEEL_NAME}.{os.getpid()}.part"
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(WHEEL_URL, timeout=60) as response, partial.open("wb") as out:
-            while chunk := response.read(1 << 20):
+    by_hand = (
+        f"or download it yourself (python -m pip download --no-deps {PACKAGE}) into {directory} "
+        f"(SEGCAM_DATA_DIR chooses the folder)"
+    )
+    with tempfile.TemporaryDirectory(prefix=".segcam-download-", dir=directory) as scratch:
+        command = [*PIP_DOWNLOAD, "--no-deps", "--only-binary=:all:", "--dest", scratch, PACKAGE]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise DemoDataMissingError(
+                f"pip could not be run to download the demo CT ({error}); {by_hand}"
+            ) from None
+        if done.returncode != 0:
+            said = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+            reason = said[-1].strip() if said else f"exit status {done.returncode}"
+            raise DemoDataMissingError(f"pip could not download the demo CT ({reason}); {by_hand}")
+        downloaded = Path(scratch) / WHEEL_NAME
+        if not downloaded.is_file():
+            raise DemoDataMissingError(f"pip downloaded no {WHEEL_NAME}; {by_hand}")
+        digest = hashlib.sha256()
+        with downloaded.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
                 digest.update(chunk)
-                out.write(chunk)
         if digest.hexdigest() != WHEEL_SHA256:
             raise DemoDataMissingError(
                 f"the downloaded {WHEEL_NAME} has SHA-256 {digest.hexdigest()}, not the pinned "
                 f"{WHEEL_SHA256}; nothing was kept"
             )
-        os.replace(partial, wheel)
-    except (urllib.error.URLError, OSError) as error:
-        raise DemoDataMissingError(
-            f"downloading the demo CT from {WHEEL_URL} failed ({error}); put {WHEEL_NAME} into "
-            f"{directory} by hand (SEGCAM_DATA_DIR chooses the folder)"
-        ) from None
-    finally:
-        partial.unlink(missing_ok=True)
+        partial = directory / f".{WHEEL_NAME}.{os.getpid()}.part"
+        try:  # the same file system: a rename, so the wheel appears whole or not at all
+            shutil.move(downloaded, partial)
+            os.replace(partial, wheel)
+        finally:
+            partial.unlink(missing_ok=True)
     return wheel
 
 

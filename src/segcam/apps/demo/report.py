@@ -261,11 +261,20 @@ NNUNET_LAYERS = {
 }
 
 
-def nnunet_available() -> bool:
-    """Whether the nnU-Net section can run: nnunetv2 installed and the model folder present."""
+def nnunet_missing() -> str | None:
+    """Why the nnU-Net section cannot run (None: it can), with how to change that."""
     import importlib.util
 
-    return importlib.util.find_spec("nnunetv2") is not None and NNUNET_MODEL.is_dir()
+    if importlib.util.find_spec("nnunetv2") is None:
+        return "nnunetv2 is not installed (pip install 'segcam[nnunet]' adds it)"
+    if not NNUNET_MODEL.is_dir():
+        return f"the demo nnU-Net model folder {NNUNET_MODEL} is missing (reinstall segcam)"
+    return None
+
+
+def nnunet_available() -> bool:
+    """Whether the nnU-Net section can run: nnunetv2 installed and the model folder present."""
+    return nnunet_missing() is None
 
 
 def _section_nnunet(
@@ -461,6 +470,7 @@ def run_demo(out: Path, *, offline: bool = False) -> int:
             )
         )
     else:
+        print(f"the nnU-Net section is left out: {nnunet_missing()}", file=sys.stderr, flush=True)
         sections.append(
             (
                 "nnU-Net v2 model",
