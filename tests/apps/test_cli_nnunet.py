@@ -285,3 +285,81 @@ def test_the_nnunet_viewer_shows_the_case_s_own_label_file_as_its_truth(setup, t
     writer.write_seg(labels[:-1], str(other), case.properties)
     with pytest.raises(InputFileError, match="but the case's is"):
         nnunet_session(str(model_folder), files, ground_truth=str(other))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nnunet_spellings_find_the_model_under_nnunet_results(setup, tmp_path, monkeypatch, capsys):
+    """``-d 3 -c 3d_fullres -f 0 1 -i IN -o OUT -step_size 0.5 --disable_tta -device cpu``."""
+    import shutil
+
+    model_folder, raw = setup
+    results = tmp_path / "results"
+    trained = results / "Dataset003_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(model_folder, trained)
+    monkeypatch.setenv("nnUNet_results", str(results))
+    target = ["--target", "box:liver:0,0,0,9,9,9", "--layer", LAYER]
+    nnunet_style = ["explain", "-d", "3", "-c", "3d_fullres", "-f", "0", "1", "-i", raw,
+                    "-o", tmp_path / "a", "-step_size", "0.5", "--disable_tta",
+                    "-device", "cpu"]  # fmt: skip
+    assert run(*nnunet_style, *target) == 0
+    segcam_style = ["explain", "--nnunet", model_folder, "--folds", "0", "1", "--step-size",
+                    "0.5", "--disable-tta", "--device", "cpu", "--out", tmp_path / "b",
+                    raw]  # fmt: skip
+    assert run(*segcam_style, *target) == 0
+    name = f"seg-hires-grad-cam__{LAYER}__t0-box-liver.nii.gz"
+    for case in ("liver_1", "liver_2"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / case / name)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / case / name)))
+        np.testing.assert_array_equal(a, b)
+        manifest = json.loads((tmp_path / "a" / case / "manifest.json").read_text())
+        assert manifest["nnunet"]["folder"] == str(trained) and not manifest["nnunet"]["mirroring"]
+    # layers finds it the same way
+    capsys.readouterr()
+    assert run("layers", "-d", "Dataset003_Liver", "-c", "3d_fullres") == 0
+    assert "decoder.stages.1" in capsys.readouterr().out
+    # one clear line for each way to get it wrong
+    wrong = [
+        (["-d", "3"], "needs -c CONFIGURATION"),
+        (["-c", "3d_fullres"], "give -d too"),
+        (["-d", "3", "-c", "3d_fullres", "--nnunet", model_folder], "give one of them"),
+        (["-d", "7", "-c", "3d_fullres"], "-d 7:"),
+        (["-d", "3", "-c", "2d"], "no trained model at"),
+    ]
+    for flags, message in wrong:
+        capsys.readouterr()
+        assert run("explain", *flags, *target, "-o", tmp_path / "c", raw) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+    monkeypatch.delenv("nnUNet_results")
+    assert run("explain", "-d", "3", "-c", "3d_fullres", *target, "-o", tmp_path / "c", raw) == 2
+    assert "nnUNet_results, which is not set" in capsys.readouterr().err
+    assert run("explain", *target, "-o", tmp_path / "c") == 2
+    assert "give the inputs" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_per_fold_writes_each_fold_s_maps_and_their_agreement(setup, tmp_path):
+    model_folder, raw = setup
+    out = tmp_path / "out"
+    code = run(
+        "explain", "--nnunet", model_folder, "-f", "0", "1", "--per-fold", "--no-relu",
+        "--target", "box:liver:0,0,0,9,9,9", "--layer", LAYER, "--out", out,
+        raw / "liver_1_0000.nii.gz",
+    )  # fmt: skip
+    assert code == 0
+    folder = out / "liver_1"
+    stem = f"seg-hires-grad-cam__{LAYER}__t0-box-liver"
+    ensemble = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}.nii.gz")))
+    folds = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}__fold_{f}.nii.gz")))
+        for f in (0, 1)
+    ]
+    # without ReLU the folds' mean is the ensemble's map (each fold's share of the average)
+    np.testing.assert_allclose((folds[0] + folds[1]) / 2, ensemble, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(folds[0], folds[1])  # two different networks
+    manifest = json.loads((folder / "manifest.json").read_text())
+    agreement = manifest["input"]["fold_agreement"]["seg-hires-grad-cam"][LAYER][0]
+    assert -1 <= agreement["inside"] <= 1 and -1 <= agreement["around"] <= 1
+    assert manifest["nnunet"]["per_fold"] is True
+    assert f"{stem}__fold_1.nii.gz" in manifest["outputs"]
+    assert "seg-hires-grad-cam__fold_0.npz" in manifest["outputs"]

@@ -280,6 +280,7 @@ class NnUNetCaseJob:
             method_options={
                 m: job.method_options[m] for m in job.methods if m in job.method_options
             },
+            per_fold=bool(spec.get("per_fold", False)),
             progress=progress,
         )
 
@@ -299,14 +300,27 @@ class NnUNetCaseJob:
         names = [spec_class_name(spec, facts["classes"]) for spec in job.targets]
         grid = tuple(case.original_shape)
         written = write_outputs(explanations, out / name, names, grid, map_writer, extra)
+        agreement: dict[str, Any] = {}
+        if spec.get("per_fold"):  # each fold's own maps, named __fold_<f>, and their agreement
+            first = next(iter(explanations.values()))
+            for member in first.members:
+                folds = {m: e.members[member] for m, e in explanations.items()}
+                written += write_outputs(
+                    folds, out / name, names, grid, map_writer, suffix=f"__{member}"
+                )
+            agreement = {
+                m: e.info["nnunet"].get("fold_agreement", {}) for m, e in explanations.items()
+            }
         check_unchanged(path, before, case_digest(path, spec), written)
-        record = {
+        record: dict[str, Any] = {
             "path": str(path),
             "files": [str(f) for f in files],
             "sha256": before,
             "shape": [len(files), *case.original_shape],
             "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
         }
+        if agreement:  # per method, layer and target: the folds' mean Spearman correlation
+            record["fold_agreement"] = agreement
         return write_manifest(written, record, self.settings, out / name, started, run)
 
 

@@ -67,11 +67,13 @@ def write_outputs(
     grid: tuple[int, ...],
     write_map: MapWriter,
     extra: Sequence[tuple[Callable[..., Path], tuple[Any, ...]]] = (),
+    suffix: str = "",
 ) -> list[Path]:
     """An input's files: ``.npz`` per method, a map per method, layer and target, ``extra``.
 
     ``target_names`` are each target's (kind, class name) for the map names
-    (:mod:`segcam.apps.naming`).
+    (:mod:`segcam.apps.naming`); ``suffix`` ends every name's stem (``__fold_0``: one fold's
+    own maps beside the ensemble's).
 
     The files are independent: they are compressed and written on a few threads (zlib and the
     tensor-to-bytes copies release the GIL), each through :mod:`segcam.io.writing` (which makes
@@ -80,13 +82,13 @@ def write_outputs(
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
         pending = [pool.submit(function, *arguments) for function, arguments in extra]
         for method, explanation in explanations.items():
-            npz = folder / f"{method_file_name(method)}.npz"
+            npz = folder / f"{method_file_name(method)}{suffix}.npz"
             pending.append(pool.submit(explanation.save, npz))
             for layer, maps in explanation.layer_maps.items():
                 for t, (kind, class_name) in enumerate(target_names):
                     heat = maps[0, t].detach().float().cpu().numpy()
                     if heat.shape == tuple(grid):
-                        stem = map_stem(method, layer, t, kind, class_name)
+                        stem = map_stem(method, layer, t, kind, class_name) + suffix
                         pending.append(pool.submit(write_map, folder, stem, heat))
         return [future.result() for future in pending]
 

@@ -24,6 +24,7 @@ from segcam.apps.cli.options import (
     non_negative_float,
     parse_method_options,
     positive_int,
+    resolve_nnunet_folder,
 )
 from segcam.apps.cli.progress import ProgressDisplay
 from segcam.apps.naming import printable
@@ -38,7 +39,16 @@ __all__ = ["add_parser", "run"]
 def add_parser(commands: Any) -> None:
     """Declare ``segcam explain`` and its options."""
     parser = commands.add_parser("explain", help="explain inputs (files or folders)")
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT")
+    parser.add_argument(
+        "-i",
+        dest="more_inputs",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="INPUT",
+        help="an input (file or folder), as nnUNetv2_predict -i; beside or instead of INPUT",
+    )
     add_model_options(parser)
     parser.add_argument(
         "--target",
@@ -72,7 +82,9 @@ def add_parser(commands: Any) -> None:
         help="a method's option, e.g. seg-xres-cam:pool_size=4 or seg-score-cam:max_channels=64 "
         "(repeatable; `segcam methods` lists them)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--out", "-o", type=Path, required=True, help="output folder (-o as nnUNetv2_predict)"
+    )
     add_intensity_options(parser)
     parser.add_argument(
         "--preprocess",
@@ -83,7 +95,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--no-upsample", action="store_true", help="maps at layer resolution")
     parser.add_argument("--normalize", choices=["none", *NORMALIZATIONS], default="none")
     add_output_option(parser)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    parser.add_argument(
+        "--device", "-device", default="cpu", help="cpu, cuda, cuda:1, mps ... (-device too)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo finished inputs")
     parser.add_argument(
         "--quiet",
@@ -182,6 +196,7 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
             "step_size": args.step_size,
             "mirroring": not args.disable_tta,
             "save_seg": args.save_seg,
+            "per_fold": args.per_fold,
             "trust_checkpoint": args.trust_checkpoint,
         },
     )
@@ -191,6 +206,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     """The batch job the options describe, checked before any model is loaded."""
     methods = list(dict.fromkeys(args.method or ["seg-hires-grad-cam"]))
     method_options = parse_method_options(args.method_option, methods)
+    resolve_nnunet_folder(args)
     if args.nnunet is not None:
         return _nnunet_job(args, methods, method_options)
     if args.sliding_window:
@@ -235,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
     One input and many go the same way (:func:`segcam.apps.batch.explain_files`); a single
     input explained here raises its error, which is then the command's (one line, exit 2).
     """
+    args.inputs = [*args.inputs, *args.more_inputs]
+    if not args.inputs:
+        raise UsageError("give the inputs: INPUT ... (files or folders), or -i FOLDER")
     job = job_from_args(args)
     files = job.expand(args.inputs, exclude=args.out)
     with ProgressDisplay(len(files), quiet=args.quiet) as display:

@@ -13,6 +13,7 @@ from segcam.apps.cli.options import (
     add_model_options,
     add_nnunet_options,
     model_from_args,
+    resolve_nnunet_folder,
 )
 from segcam.layers import describe_layers
 
@@ -66,6 +67,7 @@ def _run_nnunet(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per layer."""
+    resolve_nnunet_folder(args)
     if args.nnunet is not None:
         return _run_nnunet(args)
     model = model_from_args(args)

@@ -193,14 +193,34 @@ def _fold_name(text: str) -> int | str:
 def add_nnunet_options(
     parser: argparse.ArgumentParser, *, inference: bool = True, save_seg: bool = True
 ) -> None:
-    """``--nnunet MODEL_FOLDER`` and nnUNetv2_predict's flags (``-f``, ``-chk``, ...)."""
+    """``--nnunet MODEL_FOLDER`` (or ``-d -c [-tr] [-p]``) and nnUNetv2_predict's flags.
+
+    nnU-Net's own spellings are taken as its users type them: ``-d DATASET -c CONFIGURATION
+    [-tr TRAINER] [-p PLANS]`` find the model under ``$nnUNet_results`` as ``nnUNetv2_predict``
+    finds it (:func:`resolve_nnunet_folder`), ``-f``, ``-chk``, ``-step_size``,
+    ``--disable_tta`` beside segcam's ``--step-size`` and ``--disable-tta``.
+    """
     group = parser.add_argument_group(
         "nnU-Net",
         "an nnU-Net v2 trained-model folder instead of --model (pip install 'segcam[nnunet]'); "
         "inputs are raw cases as for nnUNetv2_predict -i (CASE_0000.nii.gz, CASE_0001.nii.gz, "
-        "...)",
+        "...); nnUNetv2_predict's spellings work too",
     )
     group.add_argument("--nnunet", type=Path, metavar="MODEL_FOLDER", help="the model folder")
+    group.add_argument(
+        "-d",
+        dest="nnunet_dataset",
+        metavar="DATASET",
+        help="as nnUNetv2_predict -d: the dataset name or id; the model is found under "
+        "$nnUNet_results (with -c, -tr, -p)",
+    )
+    group.add_argument(
+        "-c", dest="nnunet_configuration", metavar="CONFIGURATION", help="e.g. 3d_fullres (with -d)"
+    )
+    group.add_argument(
+        "-tr", dest="nnunet_trainer", default="nnUNetTrainer", help="trainer (with -d)"
+    )
+    group.add_argument("-p", dest="nnunet_plans", default="nnUNetPlans", help="plans (with -d)")
     group.add_argument(
         "-f",
         "--folds",
@@ -224,12 +244,16 @@ def add_nnunet_options(
         return
     group.add_argument(
         "--step-size",
+        "-step_size",
         type=_step_size,
         default=0.5,
         help="sliding-window step as a fraction of the patch (default 0.5)",
     )
     group.add_argument(
-        "--disable-tta", action="store_true", help="no mirroring test-time augmentation"
+        "--disable-tta",
+        "--disable_tta",
+        action="store_true",
+        help="no mirroring test-time augmentation",
     )
     if not save_seg:
         return
@@ -238,6 +262,58 @@ def add_nnunet_options(
         action="store_true",
         help="also write nnU-Net's segmentation of each case (as nnUNetv2_predict writes it)",
     )
+    group.add_argument(
+        "--per-fold",
+        action="store_true",
+        help="also write each fold's own maps (names end in __fold_<f>) and the folds' "
+        "agreement (into the manifest)",
+    )
+
+
+def resolve_nnunet_folder(args: argparse.Namespace) -> None:
+    """``-d DATASET -c CONFIGURATION [-tr TRAINER] [-p PLANS]`` -> ``args.nnunet``.
+
+    The folder is nnU-Net's own answer (``get_output_folder`` under ``$nnUNet_results``, the
+    dataset id resolved as ``nnUNetv2_predict`` resolves it). Refused with one line: ``-d``
+    beside ``--nnunet``, ``-d`` without ``-c`` (or ``-c`` without ``-d``), ``$nnUNet_results``
+    unset, an unknown dataset, a folder that is not there.
+    """
+    import os
+
+    dataset = getattr(args, "nnunet_dataset", None)
+    configuration = getattr(args, "nnunet_configuration", None)
+    if dataset is None:
+        if configuration is not None:
+            raise UsageError("-c names nnU-Net's configuration of -d DATASET: give -d too")
+        return
+    if args.nnunet is not None:
+        raise UsageError("-d and --nnunet both name the model: give one of them")
+    if configuration is None:
+        raise UsageError(
+            f"-d {dataset} needs -c CONFIGURATION (e.g. 3d_fullres), as nnUNetv2_predict"
+        )
+    if not os.environ.get("nnUNet_results"):  # noqa: SIM112 - nnU-Net's own name
+        raise UsageError(
+            f"-d {dataset} finds the model under $nnUNet_results, which is not set: export it as "
+            f"for nnUNetv2_predict, or give --nnunet MODEL_FOLDER"
+        )
+    try:
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+    except ImportError as error:
+        raise UsageError(f"-d needs nnU-Net: pip install 'segcam[nnunet]' ({error})") from None
+    try:
+        folder = Path(
+            get_output_folder(dataset, args.nnunet_trainer, args.nnunet_plans, configuration)
+        )
+    except (RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UsageError(f"-d {dataset}: {reason}") from None
+    if not folder.is_dir():
+        raise UsageError(
+            f"-d {dataset} -c {configuration}: no trained model at {folder} (trainer "
+            f"{args.nnunet_trainer}, plans {args.nnunet_plans}; -tr and -p choose others)"
+        )
+    args.nnunet = folder
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:

@@ -21,6 +21,7 @@ from segcam.apps.cli.options import (
     intensity,
     model_from_args,
     output_spec,
+    resolve_nnunet_folder,
 )
 from segcam.apps.specs import apply_intensity, file_sha256
 from segcam.errors import MissingExtraError
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             f"the viewer needs the 'viewer' extra: pip install 'segcam[viewer]' ({error})"
         ) from None
     _check_port(args.host, args.port)  # before minutes of model loading
+    resolve_nnunet_folder(args)
     if args.nnunet is not None:
         session = _nnunet_session(args)
     elif args.input is None:
