@@ -136,7 +136,10 @@ def test_nifti_geometry_kept(tmp_path):
     affine = np.array([[0.8, 0, 0, -10], [0, 0.8, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
     volume = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
     source = tmp_path / "volume.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(volume, affine), source)
+    ct = nibabel.Nifti1Image(volume, affine)
+    ct.header["cal_min"], ct.header["cal_max"] = -1024, 3071  # the CT's own display window
+    ct.header["descrip"] = b"a CT"
+    nibabel.save(ct, source)
     out = tmp_path / "out"
     code = run(
         "explain",
@@ -158,6 +161,14 @@ def test_nifti_geometry_kept(tmp_path):
     assert heat.shape == volume.shape
     np.testing.assert_allclose(heat.affine, affine)
     assert heat.header.get_zooms() == (0.8, 0.8, 2.5)
+    # the map's own display hints, not the CT's window (issue 24)
+    values = np.asarray(heat.dataobj)
+    assert float(heat.header["cal_min"]) == 0.0 and values.min() >= 0
+    assert float(heat.header["cal_max"]) == pytest.approx(float(values.max()))
+    assert heat.header.get_intent()[0] == "estimate" and heat.header.get_intent()[2] == "segcam map"
+    assert heat.header["descrip"].tobytes().rstrip(b"\0").decode() == (
+        "segcam seg-hires-grad-cam__model.0__t0-all-1"
+    )
 
 
 def test_corrupt_inputs_give_one_line(tmp_path, capsys):

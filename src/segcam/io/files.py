@@ -26,6 +26,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "InputFile",
     "InputFileError",
+    "display_hints",
     "input_kind",
     "read_input",
     "write_nifti",
@@ -170,13 +171,43 @@ def nifti_bytes(
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")  # the affine's units, said (viewers read them)
     if description:
-        image.header["descrip"] = description[:79].encode("ascii", "replace")
+        display_hints(image, volume, description)
     data: bytes = image.to_bytes()
     return data
 
 
-def write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
-    """Write a (I, J, K) volume as NIfTI with the given affine (and header geometry), atomically."""
+def display_hints(image: Any, volume: np.ndarray, description: str) -> None:
+    """A map's NIfTI display hints, as viewers read them (3D Slicer, ITK-SNAP, Mango, FSLeyes).
+
+    ``cal_min``/``cal_max`` the map's finite range (0 to its maximum for a non-negative map),
+    intent ``estimate`` named ``segcam map``, and ``descrip`` (at most 79 characters, cut
+    between words). A header copied from the input loses the input's own hints (a CT's window
+    would otherwise be the map's).
+    """
+    values = np.asarray(volume, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 0.0
+    header = image.header
+    header["cal_min"], header["cal_max"] = min(low, 0.0), high
+    header.set_intent("estimate", (), name="segcam map")
+    if len(description) > 79:
+        description = description[:76].rsplit(" ", 1)[0] + "..."
+    header["descrip"] = description.encode("ascii", "replace")
+
+
+def write_nifti(
+    path: Path,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    header: Any = None,
+    *,
+    description: str | None = None,
+) -> Path:
+    """Write a (I, J, K) volume as NIfTI with the given affine (and header geometry), atomically.
+
+    ``description``: the volume is a map, written with :func:`display_hints`.
+    """
     nibabel = _require("nibabel", "nifti")
     image = nibabel.Nifti1Image(np.asarray(volume, dtype=np.float32), affine, header=header)
     if header is not None:
@@ -186,6 +217,8 @@ def write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, header: Any 
     else:
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
+    if description is not None:
+        display_hints(image, volume, description)
     with atomic_write(path) as stream:
         stream.write(image.to_bytes() if not path.name.endswith(".gz") else _gzip(image.to_bytes()))
     return path

@@ -254,7 +254,9 @@ def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, chose
         return write_like(folder / f"{stem}{suffix}", heat, data.medical)
     affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
     if chosen in ("auto", "nifti"):
-        return write_nifti(folder / f"{stem}.nii.gz", heat, affine, data.nifti_header)
+        return write_nifti(
+            folder / f"{stem}.nii.gz", heat, affine, data.nifti_header, description=f"segcam {stem}"
+        )
     raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
 
 

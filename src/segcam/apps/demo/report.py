@@ -220,7 +220,11 @@ def _section_3d(
         for method in METHODS:
             heat = normalize(explanations[method].layer_maps[last][:, t : t + 1], "max")
             stem = map_stem(method, last, t, "predicted", name)
-            written.append(write_nifti(out / f"{stem}.nii.gz", heat[0, 0].numpy(), affine))
+            written.append(
+                write_nifti(
+                    out / f"{stem}.nii.gz", heat[0, 0].numpy(), affine, description=f"segcam {stem}"
+                )
+            )
     # Cuts through the middle; the axial one in the held-out slab. Axial cuts are transposed,
     # the others rotated so that the head end (high axial index) is up.
     views = {
