@@ -432,7 +432,31 @@ def test_sliding_window_option(scenes, tmp_path, capsys):
     torch.testing.assert_close(saved.maps, expected.maps)
     assert saved.info["sliding_window"]["windows"] == expected.info["sliding_window"]["windows"]
     manifest = json.loads((out / "scene1000009" / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["options"]["sliding_window"] == {"roi_size": [32, 48], "overlap": 0.5}
+    assert manifest["options"]["sliding_window"] == {
+        "roi_size": [32, 48], "overlap": 0.5, "mode": "gaussian", "sigma_scale": 0.125,
+    }  # fmt: skip
+    # MONAI's constant blending (SlidingWindowInferer's default) and another sigma
+    for flags, options in (
+        (["--sw-mode", "constant"], {"mode": "constant"}),
+        (["--sw-sigma", "0.25"], {"mode": "gaussian", "sigma_scale": 0.25}),
+    ):
+        folder = tmp_path / flags[0].strip("-")
+        args = [*common, "--sliding-window", "32x48,0.5", "--no-relu", *flags, "--out", folder]
+        assert run(*args) == 0
+        blended = segcam.load(folder / "scene1000009" / "seg-hires-grad-cam.npz")
+        reference = segcam.explain_sliding_window(
+            load_demo_model(), x, segcam.Predicted(1), LAYER, (32, 48), overlap=0.5,
+            relu=False, **options,
+        )  # fmt: skip
+        torch.testing.assert_close(blended.maps, reference.maps)
+        assert not torch.allclose(blended.maps, expected.maps)  # not the default blending
+    capsys.readouterr()
+    for flags, message in (
+        (["--sw-mode", "constant"], "give it too"),
+        (["--sliding-window", "32", "--sw-mode", "constant", "--sw-sigma", "0.2"], "has none"),
+    ):
+        assert run(*common, *flags, "--out", tmp_path / "d") == 2
+        assert message in capsys.readouterr().err
     capsys.readouterr()
     with pytest.raises(SystemExit):
         run(*common, "--sliding-window", "32x,0.5", "--out", tmp_path / "b")

@@ -25,6 +25,7 @@ from segcam.apps.cli.options import (
     parse_method_options,
     positive_int,
     resolve_nnunet_folder,
+    sliding_window_of,
 )
 from segcam.apps.cli.progress import ProgressDisplay
 from segcam.apps.naming import printable
@@ -207,6 +208,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     methods = list(dict.fromkeys(args.method or ["seg-hires-grad-cam"]))
     method_options = parse_method_options(args.method_option, methods)
     resolve_nnunet_folder(args)
+    args.sliding_window = sliding_window_of(args)
     if args.nnunet is not None:
         return _nnunet_job(args, methods, method_options)
     if args.sliding_window:

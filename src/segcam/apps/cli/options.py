@@ -386,10 +386,53 @@ def logits_output(text: str) -> str | int:
 
 
 def add_sliding_window_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """``--sliding-window ROI[,OVERLAP]``."""
+    """``--sliding-window ROI[,OVERLAP]``, ``--sw-mode``, ``--sw-sigma`` (MONAI's blending)."""
     parser.add_argument(
         "--sliding-window", type=_sliding_window, metavar="ROI[,OVERLAP]", help=help_text
     )
+    parser.add_argument(
+        "--sw-mode",
+        choices=["gaussian", "constant"],
+        default=None,
+        help="how the windows are blended, as MONAI's sliding_window_inference mode "
+        "(default gaussian; MONAI's SlidingWindowInferer defaults to constant)",
+    )
+    parser.add_argument(
+        "--sw-sigma",
+        type=_sigma_scale,
+        default=None,
+        metavar="S",
+        help="the Gaussian's sigma as a fraction of the window (default 0.125, as MONAI)",
+    )
+
+
+def _sigma_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"the sigma scale must be positive, got {text!r}")
+    return value
+
+
+def sliding_window_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The sliding-window settings the options describe (None: the whole input at once).
+
+    Raises:
+        UsageError: ``--sw-mode`` or ``--sw-sigma`` without ``--sliding-window``, or a sigma
+            with constant blending.
+    """
+    window = getattr(args, "sliding_window", None)
+    mode, sigma = getattr(args, "sw_mode", None), getattr(args, "sw_sigma", None)
+    if window is None:
+        if mode is not None or sigma is not None:
+            given = "--sw-mode" if mode is not None else "--sw-sigma"
+            raise UsageError(f"{given} sets how --sliding-window blends its windows: give it too")
+        return None
+    if sigma is not None and mode == "constant":
+        raise UsageError("--sw-sigma is the Gaussian's: constant blending has none")
+    return {**window, "mode": mode or "gaussian", "sigma_scale": 0.125 if sigma is None else sigma}
 
 
 def _option_value(text: str) -> Any:

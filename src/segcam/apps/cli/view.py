@@ -22,6 +22,7 @@ from segcam.apps.cli.options import (
     model_from_args,
     output_spec,
     resolve_nnunet_folder,
+    sliding_window_of,
 )
 from segcam.apps.specs import apply_intensity, file_sha256
 from segcam.errors import MissingExtraError
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     _check_port(args.host, args.port)  # before minutes of model loading
     resolve_nnunet_folder(args)
+    args.sliding_window = sliding_window_of(args)
     if args.nnunet is not None:
         session = _nnunet_session(args)
     elif args.input is None:
