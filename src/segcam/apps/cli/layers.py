@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ def add_parser(commands: Any) -> None:
         help="example input shape (default 1,1,128,128 or 1,1,64,64,64)",
     )
     parser.add_argument("--all", action="store_true", help="also list layers off the path")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="FOLDER",
+        help="a MONAI bundle folder (configs/inference.json, models/model.pt): its network, "
+        "on one window of its inferer",
+    )
     add_nnunet_options(parser, inference=False)
     parser.set_defaults(run=run)
 
@@ -65,14 +73,35 @@ def _run_nnunet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
+    """The bundle's network and an example input: one window of its inferer (if it slides)."""
+    from segcam.monai import load_bundle
+
+    if args.model or args.weights or args.nnunet is not None:
+        raise UsageError("--bundle: --model, --weights and --nnunet do not apply")
+    bundle = load_bundle(args.bundle)
+    window = bundle.sliding_window()
+    network = bundle.network
+    dims = int(getattr(network, "dimensions", None) or getattr(network, "spatial_dims", None) or 3)
+    roi = window["roi_size"] if window else [64] * dims
+    roi = [roi] * dims if isinstance(roi, int) else roi
+    return bundle.network, (1, bundle.in_channels or 1, *roi)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print one line per layer."""
     resolve_nnunet_folder(args)
-    if args.nnunet is not None:
+    if args.nnunet is not None and args.bundle is None:
         return _run_nnunet(args)
-    model = model_from_args(args)
+    example: tuple[int, ...] | None = None
+    if args.bundle is not None:
+        model, example = _bundle_model(args)
+    else:
+        model = model_from_args(args)
     if args.input_shape is not None:  # "" is a bad shape, not the default
         shape = _input_shape(args.input_shape)
+    elif example is not None:
+        shape = example
     else:
         dims = getattr(model, "dimensions", None) or getattr(model, "spatial_dims", None) or 2
         in_channels = getattr(model, "in_channels", None) or 1
