@@ -480,3 +480,16 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, wher
     assert main([*common, "--layer", LAYER, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("segcam: error: cannot create the output folder") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags", [["--per-fold"], ["--save-seg"], ["-f", "0"], ["-step_size", "0.5"], ["--disable_tta"]]
+)
+def test_nnunet_options_without_an_nnunet_model_are_refused(scenes, tmp_path, capsys, flags):
+    # they were silently ignored for a plain model
+    image = scenes / "scene1000009.npy"
+    code = run("explain", image, *MODEL, "--target", "predicted:1", "--layer", LAYER,
+               "--out", tmp_path / "out", *flags)  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "nnU-Net's options, for an nnU-Net model" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

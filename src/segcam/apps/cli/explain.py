@@ -24,6 +24,7 @@ from segcam.apps.cli.options import (
     non_negative_float,
     parse_method_options,
     positive_int,
+    refuse_nnunet_only,
     resolve_nnunet_folder,
     sliding_window_of,
 )
@@ -194,7 +195,7 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
             "folder": str(args.nnunet),
             "folds": "all" if args.folds is None else list(args.folds),
             "checkpoint": args.checkpoint,
-            "step_size": args.step_size,
+            "step_size": 0.5 if args.step_size is None else args.step_size,
             "mirroring": not args.disable_tta,
             "save_seg": args.save_seg,
             "per_fold": args.per_fold,
@@ -211,6 +212,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     args.sliding_window = sliding_window_of(args)
     if args.nnunet is not None:
         return _nnunet_job(args, methods, method_options)
+    refuse_nnunet_only(args)
     if args.sliding_window:
         for method in methods:
             try:

@@ -14,6 +14,7 @@ from segcam.apps.cli.options import (
     add_model_options,
     add_nnunet_options,
     model_from_args,
+    refuse_nnunet_only,
     resolve_nnunet_folder,
 )
 from segcam.layers import describe_layers
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nnunet is not None and args.bundle is None:
         return _run_nnunet(args)
     example: tuple[int, ...] | None = None
+    if args.nnunet is None:
+        refuse_nnunet_only(args)
     if args.bundle is not None:
         model, example = _bundle_model(args)
     else:

@@ -246,7 +246,7 @@ def add_nnunet_options(
         "--step-size",
         "-step_size",
         type=_step_size,
-        default=0.5,
+        default=None,
         help="sliding-window step as a fraction of the patch (default 0.5)",
     )
     group.add_argument(
@@ -314,6 +314,32 @@ def resolve_nnunet_folder(args: argparse.Namespace) -> None:
             f"{args.nnunet_trainer}, plans {args.nnunet_plans}; -tr and -p choose others)"
         )
     args.nnunet = folder
+
+
+# nnU-Net's options and their defaults: given without an nnU-Net model, they are refused
+NNUNET_ONLY = {
+    "folds": ("-f/--folds", None),
+    "checkpoint": ("-chk/--checkpoint", "checkpoint_final.pth"),
+    "trust_checkpoint": ("--trust-checkpoint", False),
+    "step_size": ("--step-size", None),
+    "disable_tta": ("--disable-tta", False),
+    "save_seg": ("--save-seg", False),
+    "per_fold": ("--per-fold", False),
+}
+
+
+def refuse_nnunet_only(args: argparse.Namespace) -> None:
+    """One line when nnU-Net's options come without an nnU-Net model (they were ignored)."""
+    given = [
+        flag
+        for dest, (flag, default) in NNUNET_ONLY.items()
+        if hasattr(args, dest) and getattr(args, dest) != default
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: nnU-Net's options, for an nnU-Net model (--nnunet MODEL_FOLDER "
+            f"or -d DATASET -c CONFIGURATION)"
+        )
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:

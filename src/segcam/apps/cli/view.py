@@ -21,6 +21,7 @@ from segcam.apps.cli.options import (
     intensity,
     model_from_args,
     output_spec,
+    refuse_nnunet_only,
     resolve_nnunet_folder,
     sliding_window_of,
 )
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)  # before minutes of model loading
     resolve_nnunet_folder(args)
     args.sliding_window = sliding_window_of(args)
+    if args.nnunet is None:
+        refuse_nnunet_only(args)
     if args.nnunet is not None:
         session = _nnunet_session(args)
     elif args.input is None:
@@ -197,7 +200,7 @@ def _nnunet_session(args: argparse.Namespace) -> Any:
         [str(f) for f in files],
         folds="all" if args.folds is None else tuple(args.folds),
         checkpoint=args.checkpoint,
-        step_size=args.step_size,
+        step_size=0.5 if args.step_size is None else args.step_size,
         mirroring=not args.disable_tta,
         trust_checkpoint=args.trust_checkpoint,
         layers=args.layer or None,
