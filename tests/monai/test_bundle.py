@@ -107,6 +107,9 @@ def test_gaussian_blending_and_the_inferers_segcam_cannot_reproduce(tmp_path):
 def test_a_folder_that_is_not_a_usable_bundle_is_one_clear_error(tmp_path):
     with pytest.raises(BundleError, match="no such bundle folder"):
         load_bundle(tmp_path / "nowhere")
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(BundleError, match="a file, not a bundle folder"):
+        load_bundle(tmp_path / "model.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleError, match=r"no configs/inference\.json"):
         load_bundle(tmp_path / "empty")

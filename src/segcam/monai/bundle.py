@@ -169,7 +169,8 @@ def load_bundle(
         ) from None
     folder = Path(folder)
     if not folder.is_dir():
-        raise BundleError(f"{folder}: no such bundle folder")
+        what = "a file, not a bundle folder" if folder.exists() else "no such bundle folder"
+        raise BundleError(f"{folder}: {what}")
     config = _config_file(folder)
     parser = ConfigParser()
     metadata: dict[str, Any] = {}
