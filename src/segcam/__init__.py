@@ -24,6 +24,7 @@ from segcam.targets import (
     Probability,
     Region,
     Target,
+    Weighted,
 )
 from segcam.tokens import TokenLayer
 
@@ -42,6 +43,7 @@ __all__ = [
     "Region",
     "Target",
     "TokenLayer",
+    "Weighted",
     "__version__",
     "explain",
     "explain_methods",

@@ -222,8 +222,8 @@ def _backward_passes(
     scale = plan.gradient_scale(group, batch)
     scores = []
     for t in range(len(run.targets)):
-        window_sets = torch.cat([resolved.pixel_sets[t][(slice(None), *w)] for w in group])
-        if bool(window_sets.any()):
+        window_sets = torch.cat([resolved.weights[t][(slice(None), *w)] for w in group])
+        if bool(window_sets.any()):  # the score's weights (M, or a Weighted target's own)
             weights = window_sets.to(scale.dtype) * scale
             scores.append((t, resolved.score_gradient(t, recorded.logits, weights)))
     if scores:

@@ -62,6 +62,7 @@ __all__ = [
     "ResolvedTargets",
     "Target",
     "TargetLike",
+    "Weighted",
     "as_target_list",
     "class_logits",
     "largest_component",
@@ -148,15 +149,24 @@ class ResolvedTargets:
     stacked: torch.Tensor = field(repr=False)
     nonempty: torch.Tensor = field(repr=False)
     active: tuple[int, ...]
+    weights: tuple[torch.Tensor, ...] = ()  # each score's weights w: M itself, or a target's own
 
     @classmethod
     def resolve(cls, targets: Sequence[TargetLike], logits: torch.Tensor) -> ResolvedTargets:
-        """Each target's pixel set on ``logits`` (N, K, *S) (:func:`target_pixel_sets`)."""
+        """Each target's pixel set on ``logits`` (N, K, *S) (:func:`target_pixel_sets`).
+
+        A target with ``score_weights(logits)`` (:class:`Weighted`) scores the weighted sum
+        of its class's logits; every other target's weights are its pixel set.
+        """
         pixel_sets = tuple(target_pixel_sets(targets, logits))
         stacked = torch.stack(pixel_sets, dim=1)
         nonempty = stacked.flatten(2).any(dim=2)
         active = tuple(t for t in range(len(targets)) if bool(nonempty[:, t].any()))
-        return cls(tuple(targets), pixel_sets, stacked, nonempty, active)
+        weights = tuple(
+            target.score_weights(logits) if hasattr(target, "score_weights") else pixel_set
+            for target, pixel_set in zip(targets, pixel_sets, strict=True)
+        )
+        return cls(tuple(targets), pixel_sets, stacked, nonempty, active, weights)
 
     def score_gradient(
         self,
@@ -166,8 +176,8 @@ class ResolvedTargets:
         *,
         sigmoid_pair: bool = True,
     ) -> torch.Tensor:
-        """Target t's score gradient on ``logits`` (:func:`score_gradient`); weights M if none."""
-        pixel_set = self.pixel_sets[t] if weights is None else weights
+        """Target t's score gradient on ``logits`` (:func:`score_gradient`); its own if none."""
+        pixel_set = self.weights[t] if weights is None else weights
         return score_gradient(
             logits, self.targets[t].class_index, pixel_set, sigmoid_pair=sigmoid_pair
         )
@@ -251,6 +261,59 @@ class Mask(Target):
     def __repr__(self) -> str:
         shape = tuple(getattr(self.mask, "shape", ()))
         return f"Mask(class_index={self.class_index}, mask=<{shape}>)"
+
+
+@dataclass(frozen=True, eq=False)
+class Weighted(Target):
+    r"""A weighted sum of class c's logits: $y^c_w = \sum_v w(v)\, y^c(v)$; M = {w != 0}.
+
+    The score of a pipeline whose last steps are linear (resampling back to the original
+    image: $w = E^\top M$), or of a soft region. Its maps are those of the weighted score; the
+    pixel set (where ``w`` is not 0) is what is reported and drawn.
+
+    Args:
+        class_index: the class c.
+        weights: real, finite, of shape (*S) for every sample or (N, *S) per sample (tensor or
+            array).
+    """
+
+    uses_logits = False  # reads only the logits' shape, dtype and device
+
+    class_index: int
+    weights: Any = field(repr=False)
+
+    def score_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The weights as (N, *S) in the logits' dtype and device, checked."""
+        what = f"Weighted(class {self.class_index})"
+        values = torch.as_tensor(np.asarray(self.weights) if not isinstance(
+            self.weights, torch.Tensor) else self.weights)  # fmt: skip
+        if values.is_complex() or not (values.is_floating_point() or values.dtype in _INTEGERS):
+            raise TargetError(f"{what}: the weights must be real numbers; got {values.dtype}")
+        spatial = tuple(logits.shape[2:])
+        if tuple(values.shape) == spatial:
+            values = values.expand(logits.shape[0], *spatial)
+        if tuple(values.shape) != (logits.shape[0], *spatial):
+            raise TargetError(
+                f"{what}: weights of shape {tuple(values.shape)}; the output grid is {spatial} "
+                f"(or {(logits.shape[0], *spatial)} per sample)"
+            )
+        dtype = (
+            torch.float64 if values.dtype == torch.float64 else logits.dtype
+        )  # as exact as given
+        values = values.to(device=logits.device, dtype=dtype)
+        if not bool(torch.isfinite(values).all()):
+            raise TargetError(f"{what}: the weights hold NaN or Inf")
+        return values
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.score_weights(logits) != 0
+
+    def __repr__(self) -> str:
+        shape = tuple(getattr(self.weights, "shape", ()))
+        return f"Weighted(class_index={self.class_index}, weights=<{shape}>)"
+
+
+_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
 @dataclass(frozen=True)

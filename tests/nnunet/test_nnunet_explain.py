@@ -550,3 +550,21 @@ def test_case_explainer_frees_the_forwards_of_layers_it_lets_go(tmp_path):
     assert rounds[-1] <= rounds[0] + 2**20, rounds
     explainer.close()
     assert explainer.kept_bytes == 0
+
+
+def test_a_weighted_target_weighs_the_exported_logits_linearly(tmp_path):
+    """Weighted(c, a M1 + b M2) = a (M1's maps) + b (M2's maps): the weights reach the windows
+    through the export's adjoint exactly as a mask does (float64, raw maps)."""
+    model = nnunet.load(make_model_folder(tmp_path / "m"))
+    for network in model.networks:
+        network.double()
+    case = nnunet.read_case(model, (_image((18, 21, 20), seed=6), {"spacing": [1.0] * 3}))
+    one, other = (torch.from_numpy(m) for m in _boxes(case.original_shape))
+    layer = "decoder.stages.0"
+    first, second = (
+        nnunet.explain(model, case, segcam.Mask(1, m), layer, relu=False).maps for m in (one, other)
+    )
+    weights = 0.5 * one.double() - 2.0 * other.double()
+    mixed = nnunet.explain(model, case, segcam.Weighted(1, weights), layer, relu=False).maps
+    scale = float(first.abs().max() + second.abs().max())
+    torch.testing.assert_close(mixed, 0.5 * first - 2.0 * second, rtol=0, atol=1e-10 * scale)

@@ -149,9 +149,12 @@ class CaseExplanation:
         stand_in = torch.zeros((), device=self.device).expand(1, heads, *case.geometry.original)
         self.resolved = ResolvedTargets.resolve(targets, stand_in)  # sets on the original grid
         self.pixel_sets = [pixel_set[0] for pixel_set in self.resolved.pixel_sets]
-        # W = E^T M per target, zero-padded like the input (the exact weights of the export)
+        # W = E^T w per target (w = M, or a Weighted target's own), zero-padded like the input
+        # (the exact weights of the export)
         weights = case.geometry.from_original(
-            torch.stack(self.pixel_sets).to(device=self.device, dtype=torch.float64)
+            torch.stack([w[0] for w in self.resolved.weights]).to(
+                device=self.device, dtype=torch.float64
+            )
         )
         storage = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.weights = weights.new_zeros((len(targets), *plan.padded), dtype=storage)
