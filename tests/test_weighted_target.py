@@ -68,3 +68,17 @@ def test_bad_weights_are_one_clear_error(weights, message):
     net, x, _, _ = head_setup(0, 2)
     with pytest.raises(TargetError, match=message):
         segcam.explain(net, x, segcam.Weighted(1, weights), "body")
+
+
+def test_the_kept_forward_of_an_explainer_weighs_as_explain_does():
+    net, x, _, _ = head_setup(5, 3)
+    net, x = net.double(), x.double()
+    weights = torch.linspace(-1, 1, int(np.prod(x.shape[2:])), dtype=torch.float64)
+    target = segcam.Weighted(2, weights.reshape(x.shape[2:]))
+    explainer = segcam.Explainer(net, "body", relu=False)
+    explainer.forward(x)
+    kept = explainer.explain([target, segcam.Mask(2, torch.ones(x.shape[2:]))])
+    torch.testing.assert_close(
+        kept.maps[:, :1], segcam.explain(net, x, target, "body", relu=False).maps
+    )
+    explainer.close()
