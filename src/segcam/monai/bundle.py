@@ -45,7 +45,9 @@ class MonaiBundle:
     Attributes:
         folder: the bundle folder.
         network: ``network_def`` with the checkpoint's weights.
-        preprocessing, inferer, postprocessing: the config's objects (None where absent).
+        preprocessing: the config's ``preprocessing`` (None where absent).
+        inferer: the config's ``inferer`` (None where absent).
+        postprocessing: the config's ``postprocessing`` (None where absent).
         in_channels: the network's input channels (metadata, else ``network_def``'s
             ``in_channels``; None when neither says).
         metadata: ``configs/metadata.json`` (empty without one).
