@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,6 +54,7 @@ from segcam.pixel_sets import (
 __all__ = [
     "AllPixels",
     "Box",
+    "ExportedSet",
     "Mask",
     "Pixel",
     "Predicted",
@@ -314,6 +315,32 @@ class Weighted(Target):
 
 
 _INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+@dataclass(frozen=True, eq=False)
+class ExportedSet(Target):
+    """A class's voxels in a pipeline's own export (nnU-Net's, a MONAI bundle's), fixed beforehand.
+
+    It stands for the user's target (``Predicted(c)``) and keeps that target's description.
+    """
+
+    uses_logits = False
+
+    class_index: int
+    mask: torch.Tensor = field(repr=False)
+    description: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
+        """The fixed set, checked against the logits' grid."""
+        return as_pixel_set(self.mask, logits, self.label)
+
+    def describe(self) -> dict[str, Any]:
+        """The user's target as described, with the set's source."""
+        return dict(self.description)
+
+    def __repr__(self) -> str:
+        return self.label
 
 
 @dataclass(frozen=True)

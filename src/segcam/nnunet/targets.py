@@ -10,46 +10,21 @@ the set of voxels nnU-Net's *export* labels c, so the explained set is the one
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from segcam.errors import ClassIndexError, TargetError
 from segcam.nnunet.model import NnUNetModel
-from segcam.pixel_sets import as_pixel_set, mask_values_as_set
-from segcam.targets import Predicted, Region, Target, TargetLike, as_target_list
+from segcam.pixel_sets import mask_values_as_set
+from segcam.targets import ExportedSet, Predicted, Region, TargetLike, as_target_list
 
 if TYPE_CHECKING:
     from segcam.nnunet.predict import NnUNetPrediction
 
 __all__ = ["ExportedSet", "class_index_of", "predicted_sets", "resolve_targets"]
-
-
-@dataclass(frozen=True, eq=False)
-class ExportedSet(Target):
-    """The voxels nnU-Net's export gives a class, fixed beforehand, as the user's target."""
-
-    uses_logits = False
-
-    class_index: int
-    mask: torch.Tensor = field(repr=False)
-    description: Mapping[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
-        """The fixed set, checked against the logits' grid."""
-        return as_pixel_set(self.mask, logits, self.label)
-
-    def describe(self) -> dict[str, Any]:
-        """The user's target as described, with the set's source."""
-        return dict(self.description)
-
-    def __repr__(self) -> str:
-        return self.label
 
 
 def class_index_of(model: NnUNetModel, value: Any, target: TargetLike) -> int:
