@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,60 +9,12 @@ pytest.importorskip("monai")
 
 from segcam.apps.cli import main
 from segcam.monai import BundleError, load_bundle
+from segcam.testing.bundles import NETWORK, write_bundle
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # MONAI's own deprecation notes
     pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader"),
 ]
-
-NETWORK = {
-    "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-    "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1,
-}  # fmt: skip
-
-
-def write_bundle(folder, *, inferer=None, state=None, network=NETWORK):
-    """A bundle as the Model Zoo lays one out: its configs and its seeded weights."""
-    (folder / "configs").mkdir(parents=True)
-    (folder / "models").mkdir()
-    config = {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cpu')",
-        "network_def": network,
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image"},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-                {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0],
-                 "mode": "bilinear"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164,
-                 "b_min": 0.0, "b_max": 1.0, "clip": True},
-            ],
-        },
-        "inferer": inferer or {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16],
-                               "sw_batch_size": 4, "overlap": 0.5},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            ],
-        },
-    }  # fmt: skip
-    (folder / "configs" / "inference.json").write_text(json.dumps(config))
-    metadata = {"network_data_format": {"inputs": {"image": {"num_channels": 1}}}}
-    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    if state is None:
-        from monai.networks.nets import UNet
-
-        torch.manual_seed(0)
-        kwargs = {k: v for k, v in network.items() if k != "_target_"}
-        state = UNet(**kwargs).state_dict()
-    torch.save(state, folder / "models" / "model.pt")
-    return folder
 
 
 def test_the_bundle_s_own_network_weights_and_pipeline(tmp_path):

@@ -50,6 +50,7 @@ class MonaiBundle:
         postprocessing: the config's ``postprocessing`` (None where absent).
         in_channels: the network's input channels (metadata, else ``network_def``'s
             ``in_channels``; None when neither says).
+        out_channels: the network's output channels K, found the same way.
         metadata: ``configs/metadata.json`` (empty without one).
     """
 
@@ -59,7 +60,21 @@ class MonaiBundle:
     inferer: Any = None
     postprocessing: Any = None
     in_channels: int | None = None
+    out_channels: int | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The output channels' names (``metadata.json``'s ``channel_def``), or ()."""
+        try:
+            channels = self.metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+            names = {int(k): str(v) for k, v in channels.items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return ()
+        count = self.out_channels or len(names)
+        if sorted(names) != list(range(count)):
+            return ()
+        return tuple(names[i] for i in range(count))
 
     def sliding_window(self) -> dict[str, Any] | None:
         """The inferer's sliding windows as segcam's settings (None: the whole input at once).
@@ -139,14 +154,15 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {str(k).removeprefix("module."): v for k, v in loaded.items()}
 
 
-def _in_channels(metadata: Mapping[str, Any], parser: Any) -> int | None:
+def _channels(metadata: Mapping[str, Any], parser: Any, side: str) -> int | None:
+    """Input (``side="inputs"``) or output channels: the metadata's, else ``network_def``'s."""
+    key, argument = ("image", "in_channels") if side == "inputs" else ("pred", "out_channels")
     try:
-        image = metadata["network_data_format"]["inputs"]["image"]
-        return int(image["num_channels"])
+        return int(metadata["network_data_format"][side][key]["num_channels"])
     except (KeyError, TypeError, ValueError):
         pass
     try:
-        return int(parser["network_def"]["in_channels"])
+        return int(parser["network_def"][argument])
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -217,6 +233,7 @@ def load_bundle(
         preprocessing=parsed("preprocessing"),
         inferer=parsed("inferer"),
         postprocessing=parsed("postprocessing"),
-        in_channels=_in_channels(metadata, parser),
+        in_channels=_channels(metadata, parser, "inputs"),
+        out_channels=_channels(metadata, parser, "outputs"),
         metadata=metadata,
     )

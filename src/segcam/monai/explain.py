@@ -1,0 +1,307 @@
+r"""Exact explanations of a MONAI bundle's prediction, on the original image's grid.
+
+The bundle predicts an image through its own pipeline (:mod:`segcam.monai.pipeline`): the
+preprocessing gives the network's input $\tilde X$ on the preprocessed grid, the inferer the
+logits $y$ (sliding windows blended with constant or Gaussian weights), the postprocessing's
+``Invertd`` brings the prediction back to the original image. The target score is the masked sum
+of the logits brought back the same way, $T = \sum_v M(v)\, E(y^c)(v)$, with M on the original
+grid; E is linear, so with $W = E^\top M$ (autograd through MONAI's own inverse)
+
+$$
+T = \sum_u W(u)\, y^c(u),
+$$
+
+and the explanation of the bundle is the explanation of the :class:`segcam.Weighted` target
+$(c, W)$ through the bundle's inferer, exactly: :func:`segcam.explain_sliding_window_methods`
+with the inferer's ROI, overlap, blending mode, sigma and batch (an image smaller than the ROI
+is zero-padded and cropped back as MONAI does), or :func:`segcam.explain_methods` without
+windows.
+
+Maps (one convention, as for nnU-Net): the raw map is up-sampled to the preprocessed grid and
+brought to the original grid by E (the bundle's own inverse resampling); ReLU and normalisation
+follow on the original grid. ``Predicted(c)`` (and ``Region(c)`` without a mask) is the set of
+voxels the bundle's own postprocessing labels c: the segmentation ``monai.bundle.run`` writes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segcam.core import explain_methods as explain_whole
+from segcam.errors import OptionError, SegCamWarning, TargetError
+from segcam.explanation import Explanation, assemble
+from segcam.layers import LayerSpec
+from segcam.methods import MethodOptions, resolve_methods
+from segcam.monai.bundle import MonaiBundle
+from segcam.monai.pipeline import (
+    BundleCase,
+    BundlePrediction,
+    export_of,
+    iter_pipeline_names,
+    network_device,
+    network_input,
+    predict,
+    read_case,
+)
+from segcam.postprocess import Normalization, PostProcessing
+from segcam.sliding import explain_sliding_window_methods
+from segcam.targets import (
+    ExportedSet,
+    Predicted,
+    Probability,
+    Region,
+    ResolvedTargets,
+    TargetLike,
+    Weighted,
+    as_target_list,
+    uses_logits,
+)
+
+__all__ = ["explain", "explain_and_predict", "explain_methods"]
+
+CaseInput = str | Path | Mapping[str, Any] | BundleCase
+
+
+def _out_channels(bundle: MonaiBundle, case: BundleCase) -> int:
+    """K: the metadata's output channels, ``network_def``'s, else one window's forward."""
+    if bundle.out_channels is not None:
+        return bundle.out_channels
+    window = bundle.sliding_window()
+    roi = case.shape if window is None else _roi(window["roi_size"], case.shape)
+    device, dtype = network_device(bundle)
+    probe = torch.zeros((1, case.image.shape[0], *roi), dtype=dtype, device=device)
+    with torch.no_grad():
+        return int(bundle.network(probe).shape[1])
+
+
+def _roi(roi: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """MONAI's ``fall_back_tuple``: a non-positive ROI size takes the image's size."""
+    return tuple(int(r) if int(r) > 0 else int(s) for r, s in zip(roi, shape, strict=True))
+
+
+def _padding(roi: Sequence[int], shape: Sequence[int]) -> list[tuple[int, int]]:
+    """MONAI's padding of an image smaller than the ROI: (before, after) per axis."""
+    return [
+        (max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2)
+        for r, s in zip(roi, shape, strict=True)
+    ]
+
+
+def _pad(values: torch.Tensor, padding: Sequence[tuple[int, int]]) -> torch.Tensor:
+    if not any(b or a for b, a in padding):
+        return values
+    flat = [v for before, after in reversed(padding) for v in (before, after)]
+    return torch.nn.functional.pad(values, flat)
+
+
+def _crop(
+    values: torch.Tensor, padding: Sequence[tuple[int, int]], shape: Sequence[int]
+) -> torch.Tensor:
+    index = (slice(None),) * (values.ndim - len(shape)) + tuple(
+        slice(before, before + s) for (before, _), s in zip(padding, shape, strict=True)
+    )
+    return values[index]
+
+
+def _fixed_targets(
+    targets: list[TargetLike], prediction: BundlePrediction | None
+) -> list[TargetLike]:
+    """``Predicted(c)``/``Region(c)``: the bundle's own segmentation; ``Probability`` refused."""
+    result: list[TargetLike] = []
+    for target in targets:
+        if isinstance(target, Probability):
+            raise TargetError(
+                f"{target!r}: a probability threshold is not defined through a bundle's "
+                f"inverse; use Predicted (the bundle's own segmentation), a Mask or a Region"
+            )
+        if isinstance(target, Predicted | Region) and getattr(target, "mask", None) is None:
+            assert prediction is not None
+            predicted = prediction.predicted(target.class_index)
+            if isinstance(target, Region):
+                target = Region(target.class_index, predicted)
+            else:
+                description = {**target.describe(), "source": "bundle postprocessing"}
+                target = ExportedSet(target.class_index, predicted, description, repr(target))
+        elif uses_logits(target) and not isinstance(target, Region):
+            raise TargetError(
+                f"{target!r}: a target that reads the logits' values is not defined through a "
+                f"bundle's inverse; use Predicted, Mask, Box, Pixel, AllPixels or Region"
+            )
+        result.append(target)
+    return result
+
+
+def _check_classes(targets: Sequence[TargetLike], classes: int) -> None:
+    for target in targets:
+        c = target.class_index
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < classes:
+            from segcam.errors import ClassIndexError
+
+            raise ClassIndexError(
+                f"{target!r}: class {c!r} is out of range: the bundle's network has {classes} "
+                f"output channel(s)"
+            )
+
+
+def explain_and_predict(
+    bundle: MonaiBundle,
+    image: CaseInput,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    methods: Sequence[str],
+    *,
+    relu: bool = True,
+    normalize: Normalization | None = None,
+    method_options: MethodOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Explanation], BundlePrediction]:
+    """:func:`explain_methods` and the bundle's prediction of the image (its segmentation)."""
+    chosen = resolve_methods(methods, method_options)
+    for method, _ in chosen:
+        method.require_sliding_window()  # gradient methods: the score is a weighted sum
+    post = PostProcessing(relu, True, normalize)
+    case = image if isinstance(image, BundleCase) else read_case(bundle, image)
+    export = export_of(bundle, case)
+    window = bundle.sliding_window()
+    target_list = as_target_list(targets)
+    prediction = predict(bundle, case) if any(uses_logits(t) for t in target_list) else None
+    target_list = _fixed_targets(target_list, prediction)
+    classes = int(prediction.logits.shape[0]) if prediction else _out_channels(bundle, case)
+    _check_classes(target_list, classes)
+    grid = export.grid(case)
+    device, dtype = network_device(bundle)
+    reference = torch.zeros((), dtype=dtype, device=device).expand(1, classes, *grid)
+    resolved = ResolvedTargets.resolve(target_list, reference)
+    weights = torch.cat([w.to(device) for w in resolved.weights])  # (T, *grid)
+    score_weights = export.adjoint(weights, case, dtype)  # W = E^T M, (T, *S_preprocessed)
+    inputs = network_input(bundle, case)
+    roi = case.shape if window is None else _roi(window["roi_size"], case.shape)
+    padding = _padding(roi, case.shape)
+    inner = [
+        Weighted(t.class_index, _pad(w[None], padding)[0])
+        for t, w in zip(target_list, score_weights, strict=True)
+    ]
+    with warnings.catch_warnings():  # an empty set is warned about once, on the original grid
+        warnings.filterwarnings("ignore", message="empty pixel set", category=SegCamWarning)
+        if window is None:
+            inner_explanations = explain_whole(
+                bundle.network, inputs, inner, layer, [m.name for m, _ in chosen],
+                relu=False, upsample=True, method_options=method_options, progress=progress,
+            )  # fmt: skip
+        else:
+            inner_explanations = explain_sliding_window_methods(
+                bundle.network, _pad(inputs, padding), inner, layer, roi,
+                [m.name for m, _ in chosen], overlap=window["overlap"], mode=window["mode"],
+                sigma_scale=window["sigma_scale"], sw_batch_size=window["sw_batch_size"],
+                relu=False, upsample=True, method_options=method_options, progress=progress,
+            )  # fmt: skip
+    first = next(iter(inner_explanations.values()))
+    with torch.no_grad():
+        logits = _crop(first.logits[0], padding, case.shape)
+        if prediction is None:
+            prediction = predict(bundle, case, logits)
+        exported_logits = export(logits.to(dtype), case)[None]
+
+        def back(maps: torch.Tensor) -> torch.Tensor:
+            return export(_crop(maps[0], padding, case.shape), case)[None]
+
+        raw = {
+            method: {name: back(maps) for name, maps in explanation.layer_maps.items()}
+            for method, explanation in inner_explanations.items()
+        }
+    info = {
+        "monai_bundle": {
+            "folder": str(bundle.folder),
+            "preprocessing": list(iter_pipeline_names(bundle.preprocessing)),
+            "postprocessing": list(iter_pipeline_names(bundle.postprocessing)),
+            "inverse": list(export.operations),
+            "preprocessed_shape": list(case.shape),
+            "original_shape": list(grid),
+            "sliding_window": dict(window) if window else None,
+            "padding": [list(p) for p in padding] if any(any(p) for p in padding) else None,
+            "windows": first.info.get("sliding_window"),
+        }
+    }
+    explanations = assemble(
+        raw,
+        {name: e.method_options for name, e in inner_explanations.items()},
+        logits=exported_logits,
+        pixel_sets=resolved.stacked,
+        targets=target_list,
+        post=post,
+        size=None,  # on the original grid already
+        layer_shapes=first.layer_shapes,
+        inputs=inputs,
+        info=info,
+    )
+    return explanations, prediction
+
+
+def explain_methods(
+    bundle: MonaiBundle,
+    image: CaseInput,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    methods: Sequence[str],
+    *,
+    relu: bool = True,
+    normalize: Normalization | None = None,
+    method_options: MethodOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Explanation]:
+    """Several gradient methods from the same forward and backward passes (see :func:`explain`)."""
+    return explain_and_predict(
+        bundle, image, targets, layer, methods, relu=relu, normalize=normalize,
+        method_options=method_options, progress=progress,
+    )[0]  # fmt: skip
+
+
+def explain(
+    bundle: MonaiBundle,
+    image: CaseInput,
+    targets: TargetLike | Sequence[TargetLike],
+    layer: LayerSpec | Sequence[LayerSpec],
+    method: str = "seg-hires-grad-cam",
+    *,
+    relu: bool = True,
+    normalize: Normalization | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Explanation:
+    r"""Explain a MONAI bundle's prediction of one image exactly, on the original image's grid.
+
+    The score is the masked sum of the network's logits brought back to the original image by
+    the bundle's own ``Invertd``: $y^c_M = \sum_{v \in M} E(y^c)(v)$ (see the module's docstring
+    for the gradient, $W = E^\top M$, and the map convention).
+
+    Args:
+        bundle: from :func:`segcam.monai.load_bundle`.
+        image: the image file the bundle's preprocessing reads (``LoadImaged``), the item it takes
+            (``{"image": ...}``), or a case from :func:`segcam.monai.read_case`.
+        targets: targets in the original image's voxels (the array order of MONAI's reader):
+            ``Predicted(c)`` = the voxels the bundle's own postprocessing labels c, ``Mask``,
+            ``Box``, ``Pixel``, ``AllPixels``, ``Region``, ``Weighted``.
+        layer: the layer(s) to explain (module names of the bundle's network).
+        method: a gradient method (default Seg-HiRes-Grad CAM).
+        relu: keep the positive part (on the original grid).
+        normalize: ``"max"`` or ``"minmax"`` per map, last.
+        method_options: the method's options.
+        progress: called with (groups of windows done, groups).
+
+    Raises:
+        BundleError: the image cannot go through the bundle's pipeline, or the pipeline has a
+            transform whose inverse is not linear (named).
+        TargetError: a target that reads probabilities (not defined through the inverse).
+        OptionError: a bad option or a gradient-free method.
+    """
+    if not isinstance(method, str):
+        raise OptionError(f"method must be one method name (str); got {method!r}")
+    return explain_methods(
+        bundle, image, targets, layer, [method], relu=relu, normalize=normalize,
+        method_options={method: method_options} if method_options else None, progress=progress,
+    )[method]  # fmt: skip
