@@ -21,8 +21,10 @@ def test_a_changed_mask_file_is_not_already_done(tmp_path, capsys):
     assert run(*arguments) == 0 and "already done, skipped" in capsys.readouterr().err
     np.save(mask, np.fliplr(np.eye(16, dtype=np.uint8)))  # the same name, another set
     assert run(*arguments) == 2
+    # the differing setting named to its leaf: the mask file's own digest
     assert (
-        "holds results of 1 input made with other settings (depends_on:" in capsys.readouterr().err
+        f"holds results of 1 input made with other settings (depends_on.{mask}: '"
+        in capsys.readouterr().err
     )
     assert run(*arguments, "--overwrite") == 0
     saved = json.loads((tmp_path / "out" / "a" / "manifest.json").read_text(encoding="utf-8"))

@@ -293,9 +293,23 @@ def _same_settings(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
     return all(saved.get(key) == value for key, value in settings.items())
 
 
+def _leaf_differences(recorded: Any, settings: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """The differing settings as (dotted key, recorded, now), nested dicts opened to the leaf."""
+    if isinstance(recorded, dict) and isinstance(settings, dict):
+        for key in sorted(set(recorded) | set(settings), key=str):
+            if recorded.get(key) != settings.get(key):
+                name = f"{path}.{key}" if path else str(key)
+                yield from _leaf_differences(recorded.get(key), settings.get(key), name)
+    else:
+        yield path, recorded, settings
+
+
 def _differences(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
-    keys = sorted(k for k in settings if recorded.get(k) != settings[k])
-    return "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in keys[:4])
+    """The first four differing settings, each by its dotted key (``bundle.sha256.models/...``)."""
+    now = {k: v for k, v in settings.items()}
+    before = {k: recorded.get(k) for k in settings}
+    found = list(_leaf_differences(before, now, ""))[:4]
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in found)
 
 
 def _results(out: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
