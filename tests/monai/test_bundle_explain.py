@@ -24,6 +24,7 @@ from segcam.errors import TargetError
 from segcam.monai import BundleError, explain_and_predict, load_bundle, predict, read_case
 from segcam.sliding import window_slices
 from segcam.testing.bundles import PREPROCESSING, write_bundle
+from segcam.testing.bundles import write_oblique_ct as oblique_ct
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # MONAI's own deprecation notes
@@ -33,23 +34,6 @@ pytestmark = [
 ]
 LAYER = "model.1.submodule"
 GRADIENT_METHODS = ("seg-hires-grad-cam", "seg-grad-cam")
-
-
-def oblique_ct(path, shape=(40, 36, 20), seed=0):
-    """An anisotropic CT-like volume, rotated about z and flipped in x: a real resampling."""
-    rng = np.random.default_rng(seed)
-    i, j, k = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    body = 40 + 120 * np.exp(-((i - 0.2) ** 2 + (j + 0.1) ** 2 + 0.5 * k**2) / 0.15)
-    data = (body + rng.normal(0, 25, shape)).astype(np.float32)
-    angle = 0.3
-    rotation = np.array(
-        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
-    )
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([-0.8, 0.9, 2.5])
-    affine[:3, 3] = [10.0, -20.0, 5.0]
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return path
 
 
 def _inverse(bundle, case, values):

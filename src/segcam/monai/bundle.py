@@ -13,7 +13,10 @@ name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,30 @@ from torch import nn
 
 from segcam.errors import SegCamError
 
-__all__ = ["BundleError", "MonaiBundle", "load_bundle"]
+__all__ = ["BundleError", "MonaiBundle", "load_bundle", "quiet_monai"]
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 STATE_KEYS = ("model", "state_dict", "network")
+
+
+@contextmanager
+def quiet_monai() -> Iterator[None]:
+    """MONAI's notes about itself left out: its changing defaults, its optional DICOM decoders.
+
+    They speak of MONAI's internals (a default that changes in a later version, the GPU JPEG
+    decoder it does not find), not of the user's bundle or image.
+    """
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class BundleError(SegCamError, ValueError):
@@ -180,7 +203,8 @@ def load_bundle(
     from segcam.errors import MissingExtraError
 
     try:
-        from monai.bundle.config_parser import ConfigParser
+        with quiet_monai():
+            from monai.bundle.config_parser import ConfigParser
     except ImportError as error:
         raise MissingExtraError(
             f"MONAI bundles need pip install 'segcam[monai]' ({error})"
@@ -190,7 +214,14 @@ def load_bundle(
         what = "a file, not a bundle folder" if folder.exists() else "no such bundle folder"
         raise BundleError(f"{folder}: {what}")
     config = _config_file(folder)
-    parser = ConfigParser()
+    with quiet_monai():
+        return _load(folder, config, checkpoint, device, ConfigParser)
+
+
+def _load(
+    folder: Path, config: Path, checkpoint: str, device: str | torch.device, config_parser: Any
+) -> MonaiBundle:
+    parser = config_parser()
     metadata: dict[str, Any] = {}
     meta = folder / "configs" / "metadata.json"
     try:

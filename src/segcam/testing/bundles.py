@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NETWORK", "PREPROCESSING", "write_bundle"]
+__all__ = ["NETWORK", "PREPROCESSING", "write_bundle", "write_oblique_ct"]
 
 NETWORK: dict[str, Any] = {
     "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
@@ -126,3 +126,26 @@ def write_bundle(
         state = UNet(**{k: v for k, v in network.items() if k != "_target_"}).state_dict()
     torch.save(dict(state), folder / "models" / "model.pt")
     return folder
+
+
+def write_oblique_ct(path: str | Path, shape: Sequence[int] = (40, 36, 20), seed: int = 0) -> Path:
+    """An anisotropic CT-like NIfTI (0.8 x 0.9 x 2.5 mm, rotated about z, flipped in x).
+
+    A bright blob in noise: a bundle's Orientationd and Spacingd really resample it.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    body = 40 + 120 * np.exp(-((i - 0.2) ** 2 + (j + 0.1) ** 2 + 0.5 * k**2) / 0.15)
+    data = (body + rng.normal(0, 25, shape)).astype(np.float32)
+    angle = 0.3
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.8, 0.9, 2.5])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    nib.save(nib.Nifti1Image(data, affine), str(path))  # type: ignore[no-untyped-call]
+    return Path(path)

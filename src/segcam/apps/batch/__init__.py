@@ -5,7 +5,9 @@ so it travels to worker processes and Ray actors. The batch is four rooms:
 
 - :mod:`~segcam.apps.batch.job`: the job and its settings (what a manifest records);
 - :mod:`~segcam.apps.batch.inputs`: the kinds of input (plain files here,
-  :mod:`~segcam.apps.batch.nnunet_cases` for nnU-Net cases): find, name, digest, explain;
+  :mod:`~segcam.apps.batch.nnunet_cases` for nnU-Net cases,
+  :mod:`~segcam.apps.batch.bundle_inputs` for images through a MONAI bundle): find, name,
+  digest, explain;
 - :mod:`~segcam.apps.batch.outputs`: an input's files on threads and its manifest last, the
   output folder's lock and settings;
 - :mod:`~segcam.apps.batch.backends`: this process, a pool of processes, Ray actors;
@@ -15,7 +17,8 @@ manifest matches the job's settings and the input's digest is skipped; one faili
 stops the others: it is reported with its error.
 """
 
-# importing the input kinds registers them (plain files, nnU-Net cases)
+# importing the input kinds registers them (plain files, nnU-Net cases, bundle images)
+from segcam.apps.batch import bundle_inputs as bundle_inputs
 from segcam.apps.batch.inputs import expand_inputs, output_name
 from segcam.apps.batch.job import BatchJob
 from segcam.apps.batch.nnunet_cases import NnUNetCases

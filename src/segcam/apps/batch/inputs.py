@@ -56,6 +56,7 @@ __all__ = [
     "expand_inputs",
     "explain_options",
     "output_name",
+    "write_volume_map",
 ]
 
 SUPPORTED = (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, *MEDICAL_SUFFIXES, ".npy")
@@ -223,7 +224,7 @@ class FileExplainer:
         def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
             if data.spatial_dims == 2:
                 return _overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
-            return _write_map(where, stem, heat, data, job.map_format)
+            return write_volume_map(where, stem, heat, data, job.map_format)
 
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
         written = write_outputs(explanations, folder, names, tuple(array.shape[1:]), write_map)
@@ -242,7 +243,9 @@ def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
     return path
 
 
-def _write_map(folder: Path, stem: str, heat: np.ndarray, data: InputFile, chosen: str) -> Path:
+def write_volume_map(
+    folder: Path, stem: str, heat: np.ndarray, data: InputFile, chosen: str
+) -> Path:
     """A 3D map in the input's geometry: its own format, or ``--map-format``'s.
 
     NIfTI inputs keep their affine and header (nibabel); DICOM, NRRD and MetaImage inputs keep

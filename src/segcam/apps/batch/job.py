@@ -106,6 +106,8 @@ class BatchJob:
         nnunet: an nnU-Net model instead of ``model``: ``folder``, ``folds`` (or ``"all"``),
             ``checkpoint``, ``step_size``, ``mirroring``, ``save_seg``, ``trust_checkpoint``;
             inputs are then cases (:mod:`segcam.apps.batch.nnunet_cases`).
+        bundle: a MONAI bundle instead of ``model``: ``folder``, ``checkpoint``, ``save_seg``;
+            inputs are then images through its pipeline (:mod:`segcam.apps.batch.bundle_inputs`).
     """
 
     model: str | None
@@ -126,11 +128,13 @@ class BatchJob:
     map_format: str = "auto"
     series_uid: str | None = None
     nnunet: dict[str, Any] | None = None
+    bundle: dict[str, Any] | None = None
     recorded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def kind(self) -> InputKind:
-        """The job's kind of input: plain files, or nnU-Net cases (with an ``nnunet`` spec)."""
-        return _INPUT_KINDS["nnunet" if self.nnunet is not None else "files"](self)
+        """The job's kind of input: plain files, nnU-Net cases or images through a bundle."""
+        kind = "nnunet" if self.nnunet is not None else "bundle" if self.bundle else "files"
+        return _INPUT_KINDS[kind](self)
 
     def expand(self, inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
         """The job's inputs: files (and folders' files), or nnU-Net cases."""

@@ -13,6 +13,7 @@ from typing import Any
 from segcam.apps.batch import BACKENDS, BatchJob, explain_files
 from segcam.apps.cli.options import (
     UsageError,
+    add_bundle_option,
     add_classes_option,
     add_intensity_options,
     add_model_options,
@@ -138,6 +139,12 @@ def add_parser(commands: Any) -> None:
         "--series", metavar="UID", help="the DICOM series to read when a folder holds several"
     )
     add_nnunet_options(parser)
+    add_bundle_option(
+        parser,
+        "a MONAI bundle folder (the Model Zoo's layout): explain its prediction through its own "
+        "preprocessing, inferer and Invertd, maps on the original image (inputs: the images "
+        "its LoadImaged reads; classes from its metadata.json)",
+    )
     add_sliding_window_option(
         parser,
         "explain the sliding-window prediction (MONAI-style Gaussian blending): window "
@@ -204,6 +211,67 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
     )
 
 
+def _bundle_job(args: argparse.Namespace, methods: list[str], method_options: Any) -> BatchJob:
+    """``--bundle``: the bundle's config gives the model, its pipeline and its windows."""
+    from segcam.apps.batch.bundle_inputs import bundle_classes
+
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--weights", args.weights),
+            ("--nnunet", args.nnunet),
+            ("--sliding-window", args.sliding_window),
+            ("--preprocess", args.preprocess),
+            ("--window", args.window),
+            ("--zscore", args.zscore),
+            ("--minmax", args.minmax),
+            ("--output", args.output is not None),
+            ("--no-upsample", args.no_upsample),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"--bundle: {', '.join(given)} do not apply (the bundle's config gives the model, its "
+            f"preprocessing and its inferer; maps lie on the original image)"
+        )
+    refuse_nnunet_only(args, allowed=("save_seg",))
+    if not args.bundle.is_dir():
+        what = "a file, not a bundle folder" if args.bundle.exists() else "no such bundle folder"
+        raise UsageError(f"--bundle {args.bundle}: {what}")
+    classes = list(args.classes) or list(bundle_classes(args.bundle))
+    for spec in args.target:
+        parse_target(spec, classes)
+    for method in methods:
+        try:
+            get_method(method).require_sliding_window()
+        except MethodNotSupportedError as error:
+            raise UsageError(f"--bundle: {error}") from None
+    check_device(args.device)
+    return BatchJob(
+        model=None,
+        weights=None,
+        targets=tuple(args.target),
+        layers=tuple(args.layer),
+        methods=tuple(methods),
+        classes=tuple(classes),
+        method_options=method_options,
+        explain={
+            "relu": not args.no_relu,
+            "normalize": None if args.normalize == "none" else args.normalize,
+        },
+        device=args.device,
+        map_format=args.map_format,
+        series_uid=args.series,
+        bundle={
+            "folder": str(args.bundle.resolve()),
+            "checkpoint": "models/model.pt",
+            "save_seg": args.save_seg,
+        },
+    )
+
+
 def job_from_args(args: argparse.Namespace) -> BatchJob:
     """The batch job the options describe, checked before any model is loaded."""
     methods = list(dict.fromkeys(args.method or ["seg-hires-grad-cam"]))
@@ -212,6 +280,8 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     args.sliding_window = sliding_window_of(args)
     if args.nnunet is not None:
         return _nnunet_job(args, methods, method_options)
+    if args.bundle is not None:
+        return _bundle_job(args, methods, method_options)
     refuse_nnunet_only(args)
     if args.sliding_window:
         for method in methods:

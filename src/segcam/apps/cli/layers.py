@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from segcam.apps.cli.options import (
     UsageError,
+    add_bundle_option,
     add_model_options,
     add_nnunet_options,
     model_from_args,
@@ -33,12 +33,10 @@ def add_parser(commands: Any) -> None:
         help="example input shape (default 1,1,128,128 or 1,1,64,64,64)",
     )
     parser.add_argument("--all", action="store_true", help="also list layers off the path")
-    parser.add_argument(
-        "--bundle",
-        type=Path,
-        metavar="FOLDER",
-        help="a MONAI bundle folder (configs/inference.json, models/model.pt): its network, "
-        "on one window of its inferer",
+    add_bundle_option(
+        parser,
+        "a MONAI bundle folder (configs/inference.json, models/model.pt): its network, on one "
+        "window of its inferer",
     )
     add_nnunet_options(parser, inference=False)
     parser.set_defaults(run=run)

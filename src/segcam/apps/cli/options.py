@@ -328,12 +328,16 @@ NNUNET_ONLY = {
 }
 
 
-def refuse_nnunet_only(args: argparse.Namespace) -> None:
-    """One line when nnU-Net's options come without an nnU-Net model (they were ignored)."""
+def refuse_nnunet_only(args: argparse.Namespace, allowed: tuple[str, ...] = ()) -> None:
+    """One line when nnU-Net's options come without an nnU-Net model (they were ignored).
+
+    ``allowed``: the options (by ``dest``) the command's other model takes too (a bundle's
+    ``save_seg``).
+    """
     given = [
         flag
         for dest, (flag, default) in NNUNET_ONLY.items()
-        if hasattr(args, dest) and getattr(args, dest) != default
+        if dest not in allowed and hasattr(args, dest) and getattr(args, dest) != default
     ]
     if given:
         raise UsageError(
@@ -353,6 +357,11 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
         trust_pickle=args.trust_pickle,
         weights_key=args.weights_key,
     )
+
+
+def add_bundle_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--bundle FOLDER``: a MONAI bundle in the Model Zoo's layout."""
+    parser.add_argument("--bundle", type=Path, metavar="FOLDER", help=help_text)
 
 
 def add_intensity_options(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,221 @@
+"""The batch's MONAI bundle input kind: images explained through a bundle's own pipeline.
+
+A batch job with a ``bundle`` spec (``segcam explain --bundle FOLDER``) takes the image files the
+bundle's ``LoadImaged`` reads (NIfTI for the Model Zoo's CT and MR bundles) and explains each
+with :func:`segcam.monai.explain_and_predict`: the bundle's preprocessing, its inferer's windows,
+the score on the logits brought back by its ``Invertd``. Per image, into ``out/<name>/``:
+
+- ``<method>.npz``: the explanation (maps, the inverted logits and the pixel sets on the
+  original grid);
+- ``<method>__<layer>__t<i>-<kind>-<class>.nii.gz`` (or the input's own format): one float32
+  map per target and layer, in the input's geometry;
+- ``<name>_seg.nii.gz`` with ``save_seg``: the bundle's own segmentation (its postprocessing,
+  writers left out), as labels;
+- ``manifest.json`` last.
+
+Targets use the original image's voxel order (the array order of MONAI's reader, which for NIfTI
+is the file's (i, j, k)); classes by index or by the names in the bundle's ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcam.apps.batch.inputs import expand_inputs, explain_options, output_name, write_volume_map
+from segcam.apps.batch.job import BatchJob, Progress, register_input_kind
+from segcam.apps.batch.outputs import (
+    RunClaim,
+    check_unchanged,
+    clear_previous,
+    write_manifest,
+    write_outputs,
+)
+from segcam.apps.naming import spec_class_name
+from segcam.apps.specs import (
+    check_mask_geometry,
+    file_sha256,
+    mask_file,
+    mask_geometry,
+    parse_target,
+)
+from segcam.errors import InputFileError
+from segcam.io.files import InputFile, read_input, write_nifti
+from segcam.io.medical import ras_affine
+from segcam.targets import Target
+
+__all__ = ["BundleImageJob", "BundleInputs", "bundle_classes", "bundle_settings"]
+
+BUNDLE_FILES = ("configs/inference.json", "configs/inference.yaml", "configs/metadata.json")
+
+
+def bundle_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the manifest records it: SHA-256 of the configs and the checkpoint."""
+    folder = Path(spec["folder"])
+    checkpoint = spec.get("checkpoint", "models/model.pt")
+    return {
+        **spec,
+        "folder": str(folder),
+        "sha256": {
+            name: file_sha256(folder / name)
+            for name in (*BUNDLE_FILES, checkpoint)
+            if (folder / name).is_file()
+        },
+    }
+
+
+def bundle_classes(folder: str | Path) -> tuple[str, ...]:
+    """The bundle's class names (``metadata.json``'s ``channel_def``), read without MONAI."""
+    import json
+
+    from segcam.monai import MonaiBundle
+
+    path = Path(folder) / "configs" / "metadata.json"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return ()
+    holder = MonaiBundle(folder=Path(folder), network=torch.nn.Identity(), metadata=metadata)
+    return holder.class_names
+
+
+@dataclass(frozen=True)
+class BundleInputs:
+    """Image files explained through a MONAI bundle's pipeline (an input kind)."""
+
+    spec: dict[str, Any]
+
+    def expand(self, inputs: Sequence[Path], exclude: Path | None) -> list[Path]:  # noqa: D102
+        return expand_inputs(inputs, exclude=exclude)
+
+    def name(self, path: Path) -> str:  # noqa: D102
+        return output_name(path)
+
+    def digest(self, path: Path) -> str:  # noqa: D102
+        return file_sha256(path)
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return {"bundle": bundle_settings(self.spec)}
+
+    def build(self, job: BatchJob) -> BundleImageJob:  # noqa: D102
+        from segcam.layers import resolve_layers
+        from segcam.monai import load_bundle
+
+        bundle = load_bundle(
+            self.spec["folder"],
+            checkpoint=self.spec.get("checkpoint", "models/model.pt"),
+            device=torch.device(job.device),
+        )
+        resolve_layers(bundle.network, list(job.layers))  # a misspelt layer: once, before any
+        masks = {spec: mask_file(spec) for spec in job.targets}
+        return BundleImageJob(
+            job=job,
+            spec=dict(self.spec),
+            bundle=bundle,
+            targets=[parse_target(s, list(job.classes)) for s in job.targets],
+            settings=job.settings(),
+            mask_geometries={
+                spec: mask_geometry(read_input(path)) for spec, path in masks.items() if path
+            },
+        )
+
+
+def _same_grid(data: InputFile, shape: tuple[int, ...], affine: Any) -> bool:
+    """Whether segcam's reading of the input lies on the grid MONAI's reader gave the bundle."""
+    if tuple(data.array.shape[1:]) != tuple(shape) or affine is None:
+        return False
+    own = data.nifti_affine if data.nifti_affine is not None else None
+    if own is None and data.medical is not None:
+        own = ras_affine(data.medical)
+    if own is None:
+        return False
+    return bool(np.allclose(np.asarray(own, float), np.asarray(affine, float), atol=1e-4))
+
+
+@dataclass
+class BundleImageJob:
+    """A loaded bundle and parsed targets: explains one image and writes its outputs."""
+
+    job: BatchJob
+    spec: dict[str, Any]
+    bundle: Any  # a segcam.monai.MonaiBundle
+    targets: list[Target]
+    settings: dict[str, Any]
+    mask_geometries: dict[str, Any]
+
+    def explain(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> list[Path]:
+        """Explain one image through the bundle; its files, the manifest last."""
+        from segcam import monai
+
+        started = time.perf_counter()
+        job, bundle = self.job, self.bundle
+        before = file_sha256(path)  # what is read, checked again at the end
+        folder = out / output_name(path)
+        clear_previous(folder)
+        case = monai.read_case(bundle, path)
+        data = read_input(path, series_uid=job.series_uid)
+        for spec, geometry in self.mask_geometries.items():
+            check_mask_geometry(spec, geometry, data)
+        explain = explain_options(job.explain)
+        explanations, prediction = monai.explain_and_predict(
+            bundle,
+            case,
+            self.targets,
+            list(job.layers),
+            list(job.methods),
+            **{k: v for k, v in explain.items() if k in ("relu", "normalize")},
+            method_options={
+                m: job.method_options[m] for m in job.methods if m in job.method_options
+            },
+            progress=progress,
+        )
+        grid = tuple(next(iter(explanations.values())).maps.shape[2:])
+        affine = case.original_affine if grid == case.original_shape else case.image.affine
+        affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64))
+        own_grid = _same_grid(data, grid, affine)
+
+        def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
+            if own_grid:  # the input's own format and header
+                return write_volume_map(where, stem, heat, data, job.map_format)
+            if job.map_format not in ("auto", "nifti"):
+                raise InputFileError(
+                    f"{path}: MONAI's reader gives another grid than segcam's; maps are NIfTI "
+                    f"on the bundle's grid (--map-format {job.map_format} does not apply)"
+                )
+            return write_nifti(
+                where / f"{stem}.nii.gz", heat, affine, None, description=f"segcam {stem}"
+            )
+
+        extra: list[tuple[Callable[..., Path], tuple[Any, ...]]] = []
+        if self.spec.get("save_seg"):
+            labels = prediction.labels.cpu().numpy()  # float32, as the bundle's SaveImaged
+            segmentation = folder / f"{output_name(path)}_seg.nii.gz"
+            extra.append((write_nifti, (segmentation, labels, affine, None)))
+        names = [spec_class_name(spec, job.classes) for spec in job.targets]
+        written = write_outputs(explanations, folder, names, grid, write_map, extra)
+        check_unchanged(path, before, file_sha256(path), written)
+        info = next(iter(explanations.values())).info["monai_bundle"]
+        record = {
+            "path": str(path),
+            "sha256": before,
+            "shape": [int(case.image.shape[0]), *grid],
+            "preprocessed_shape": info["preprocessed_shape"],
+            "inverse": info["inverse"],
+            "axes": "MONAI reader's array order",
+        }
+        return write_manifest(written, record, self.settings, folder, started, run)
+
+
+register_input_kind("bundle", lambda job: BundleInputs(dict(job.bundle or {})))

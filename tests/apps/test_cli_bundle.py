@@ -1,0 +1,136 @@
+"""``segcam explain --bundle``: images through a MONAI bundle's pipeline, maps on the CT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+pytest.importorskip("nibabel")
+
+import nibabel as nib
+
+import segcam
+from segcam.apps.cli import main
+from segcam.monai import load_bundle
+from segcam.testing.bundles import write_bundle, write_oblique_ct
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+LAYER = "model.1.submodule"
+
+
+def run(*args):
+    """The exit status (argparse's usage errors exit; segcam's errors return 2)."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+@pytest.fixture
+def setup(tmp_path):
+    bundle = write_bundle(tmp_path / "spleen_ct_segmentation", seed=4)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_oblique_ct(images / "case_a.nii.gz", seed=1)
+    write_oblique_ct(images / "case_b.nii.gz", (36, 40, 18), seed=2)
+    return bundle, images
+
+
+def test_maps_lie_on_the_ct_and_equal_the_library_s(setup, tmp_path, capsys):
+    bundle, images = setup
+    out = tmp_path / "out"
+    code = run(
+        "explain", "--bundle", bundle, images, "--target", "predicted:spleen",
+        "--target", "box:0:4,4,2,20,20,10", "--layer", LAYER, "--method", "seg-hires-grad-cam",
+        "--method", "seg-grad-cam", "-o", out, "--save-seg", "--quiet",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # MONAI's notes about itself stay out of the output
+    ct = nib.load(images / "case_a.nii.gz")
+    folder = out / "case_a"
+    name = f"seg-hires-grad-cam__{LAYER}__t0-predicted-spleen.nii.gz"
+    written = nib.load(folder / name)
+    assert written.shape == ct.shape == (40, 36, 20)
+    np.testing.assert_allclose(written.affine, ct.affine, atol=1e-5)
+    expected = segcam.monai.explain_methods(
+        load_bundle(bundle), images / "case_a.nii.gz",
+        [segcam.Predicted(1), segcam.Box(0, [(4, 20), (4, 20), (2, 10)])], LAYER,
+        ["seg-hires-grad-cam", "seg-grad-cam"],
+    )  # fmt: skip
+    for t in (0, 1):
+        assert float(expected["seg-hires-grad-cam"].maps[0, t].max()) > 0
+    np.testing.assert_allclose(
+        np.asarray(written.dataobj), expected["seg-hires-grad-cam"].maps[0, 0].numpy(), atol=1e-6
+    )
+    saved = segcam.load(folder / "seg-grad-cam.npz")
+    torch.testing.assert_close(saved.maps, expected["seg-grad-cam"].maps)
+    segmentation = nib.load(folder / "case_a_seg.nii.gz")
+    labels = np.asarray(segmentation.dataobj)
+    assert np.array_equal(labels == 1, expected["seg-hires-grad-cam"].pixel_sets[0, 0].numpy())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["classes"] == ["background", "spleen"]  # from the bundle's metadata.json
+    assert set(manifest["bundle"]["sha256"]) == {
+        "configs/inference.json", "configs/metadata.json", "models/model.pt",
+    }  # fmt: skip
+    assert manifest["input"]["inverse"] == ["Orientation", "SpatialResample"]
+    assert (out / "case_b" / "manifest.json").is_file()
+    # a rerun finds both done; a changed checkpoint is another model
+    again = ["explain", "--bundle", bundle, images, "--target", "predicted:spleen", "--target",
+             "box:0:4,4,2,20,20,10", "--layer", LAYER, "--method", "seg-hires-grad-cam",
+             "--method", "seg-grad-cam", "-o", out, "--save-seg"]  # fmt: skip
+    assert run(*again) == 0
+    assert capsys.readouterr().err.count("already done, skipped") == 2
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    torch.save({k: v * 1.5 for k, v in state.items()}, bundle / "models" / "model.pt")
+    assert run(*again) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (bundle.sha256.models/model.pt: '" in err
+    assert err.count("\n") == 1
+
+
+def test_options_the_bundle_gives_are_refused_in_one_line(setup, tmp_path, capsys):
+    bundle, images = setup
+    base = ["explain", "--bundle", bundle, images / "case_a.nii.gz", "--target", "predicted:1",
+            "--layer", LAYER, "-o", tmp_path / "o"]  # fmt: skip
+    cases = [
+        (["--sliding-window", "32"], "--sliding-window do not apply"),
+        (["--model", "monai:UNet"], "--model do not apply"),
+        (["--window", "-57,164"], "--window do not apply"),
+        (["--no-upsample"], "--no-upsample do not apply"),
+        (["--per-fold"], "nnU-Net's options"),
+        (["--method", "seg-score-cam"], "gradient-free"),
+    ]
+    for extra, message in cases:
+        assert run(*base, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert run(*base[:2], tmp_path / "nowhere", *base[3:]) == 2
+    assert "no such bundle folder" in capsys.readouterr().err
+    bad_target = [*base[:4], "--target", "probability:1", *base[6:]]
+    assert run(*bad_target) == 2
+    err = capsys.readouterr().err
+    assert "probability threshold is not defined" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.npz"))
+
+
+def test_a_batch_goes_on_past_an_image_the_bundle_cannot_read(setup, tmp_path, capsys):
+    bundle, images = setup
+    (images / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    out = tmp_path / "out"
+    code = run("explain", "--bundle", bundle, images, "--target", "predicted:spleen",
+               "--layer", LAYER, "-o", out, "--quiet")  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 inputs failed" in err and "broken.nii.gz" in err
+    assert "Traceback" not in err
+    assert (out / "case_a" / "manifest.json").is_file()
+    assert (out / "case_b" / "manifest.json").is_file()
+    assert not (out / "broken").exists() or not any((out / "broken").iterdir())
