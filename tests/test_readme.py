@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -24,31 +23,34 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")  # random weights: may be empty
-def test_readme_third_party_command_runs(tmp_path, monkeypatch):
-    """The README's pretrained-model command, as written, on the same architecture."""
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's notes on its own defaults
+def test_readme_bundle_command_runs(tmp_path, monkeypatch):
+    """The README's Model Zoo command, as written, on a bundle of the spleen bundle's layout."""
     import shlex
 
-    import numpy as np
-    import torch
-    from monai.networks.nets import UNet
-
+    pytest.importorskip("monai")
+    pytest.importorskip("nibabel")
     from segcam.apps.cli import main
+    from segcam.testing.bundles import write_bundle, write_oblique_ct
 
     block = next(
         b for b in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-        if "--model monai:UNet" in b
+        if "--bundle" in b
     )  # fmt: skip
     argv = shlex.split(block.replace("\\\n", " "))
     assert argv[0] == "segcam"
-    kwargs = json.loads(argv[argv.index("--model-kwargs") + 1])
-    torch.manual_seed(0)
-    torch.save(UNet(**kwargs).state_dict(), tmp_path / "model.pt")  # stands in for the download
-    nibabel = pytest.importorskip("nibabel")
-    volume = np.random.default_rng(0).normal(40, 60, size=(96, 96, 96)).astype(np.float32)
-    nibabel.save(
-        nibabel.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0])), tmp_path / "spleen_ct.nii.gz"
-    )
+    spleen = {  # the spleen_ct_segmentation bundle's network_def and inferer
+        "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+        "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2,
+        "norm": "batch",
+    }  # fmt: skip
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [96, 96, 96], "sw_batch_size": 4,
+               "overlap": 0.5}  # fmt: skip
+    write_bundle(tmp_path / "spleen_ct_segmentation", network=spleen, inferer=inferer)
+    write_oblique_ct(tmp_path / "spleen_ct.nii.gz", (100, 96, 36))
     monkeypatch.chdir(tmp_path)
     assert main(argv[1:]) == 0
-    written = sorted(p.name for p in (tmp_path / "spleen-maps" / "spleen_ct").iterdir())
+    folder = tmp_path / "spleen-maps" / "spleen_ct"
+    written = sorted(p.name for p in folder.iterdir())
     assert "seg-hires-grad-cam.npz" in written and "seg-grad-cam.npz" in written
+    assert "seg-hires-grad-cam__model.1.submodule.2__t0-predicted-spleen.nii.gz" in written

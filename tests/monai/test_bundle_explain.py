@@ -213,3 +213,18 @@ def test_targets_that_read_probabilities_are_refused(tmp_path, ct):
         segcam.monai.explain(bundle, ct, segcam.Box(2, [(0, 4)] * 3), LAYER)
     with pytest.raises(BundleError, match="preprocessing fails"):
         predict(bundle, read_case(bundle, tmp_path / "missing.nii.gz"))
+
+
+def test_the_bundles_page_python_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "bundles.md"
+    block = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)[0]
+    write_bundle(tmp_path / "spleen_ct_segmentation")
+    oblique_ct(tmp_path / "ct.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "docs/bundles.md", "exec"), namespace)
+    assert tuple(namespace["explanations"]["seg-hires-grad-cam"].maps.shape) == (1, 1, 40, 36, 20)
+    assert tuple(namespace["prediction"].labels.shape) == (40, 36, 20)
