@@ -134,3 +134,63 @@ def test_a_batch_goes_on_past_an_image_the_bundle_cannot_read(setup, tmp_path, c
     assert (out / "case_a" / "manifest.json").is_file()
     assert (out / "case_b" / "manifest.json").is_file()
     assert not (out / "broken").exists() or not any((out / "broken").iterdir())
+
+
+def test_the_viewer_on_a_bundle(setup, tmp_path, capsys):
+    """``segcam view --bundle``'s session: the bundle's segmentation, exact maps on request."""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from segcam.apps.viewer.app import create_app
+    from segcam.apps.viewer.bundle_session import bundle_session
+
+    bundle, images = setup
+    image = images / "case_a.nii.gz"
+    loaded = load_bundle(bundle)
+    prediction = segcam.monai.predict(loaded, segcam.monai.read_case(loaded, image))
+    truth = tmp_path / "truth.nii.gz"
+    labels = prediction.labels.numpy().astype(np.uint8)
+    source = nib.load(image)
+    nib.save(nib.Nifti1Image(labels, source.affine), truth)
+    session = bundle_session(bundle, image, ground_truth=truth)
+    assert session.spatial == source.shape
+    assert np.array_equal(session.prediction, labels)
+    np.testing.assert_array_equal(session.ground_truth, labels)
+    np.testing.assert_allclose(session.affine, source.affine, atol=1e-5)
+    assert session.intensity_unit == "HU"  # the bundle windows a CT (-57..164)
+    with TestClient(create_app(session)) as client:
+        info = client.get("/api/info").json()
+        assert info["classes"] == ["background", "spleen"]
+        assert info["shape"] == list(source.shape)
+        assert LAYER in [entry["name"] for entry in info["layers"]]
+        assert all(m["name"] != "seg-score-cam" for m in info["methods"])
+        box = {"kind": "box", "start": [4, 3, 2], "stop": [20, 22, 12]}
+        payload = {"class": 1, "target": box, "layer": LAYER, "axis": 2, "index": 6,
+                   "methods": ["seg-hires-grad-cam"]}  # fmt: skip
+        response = client.post("/api/explain", json=payload)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        shown = np.frombuffer(base64.b64decode(answer["maps"][0]["data"]), "<f4")
+        expected = segcam.monai.explain(
+            loaded, image, segcam.Box(1, [(4, 20), (3, 22), (2, 12)]), LAYER
+        ).maps[0, 0]
+        assert float(expected.max()) > 0
+        cut = session.plane(2).cut(expected.numpy(), 6)
+        np.testing.assert_allclose(shown.reshape(answer["shape"]), cut, rtol=1e-5, atol=1e-6)
+        predicted = {**payload, "target": {"kind": "predicted"}}
+        answer = client.post("/api/explain", json=predicted).json()
+        assert answer["pixels"] == int((labels == 1).sum()) > 0
+        exported = client.post("/api/export", json={**payload, "method": "seg-hires-grad-cam",
+                                                    "format": "nifti"})  # fmt: skip
+        assert exported.status_code == 200
+        written = tmp_path / "map.nii.gz"
+        written.write_bytes(exported.content)
+        np.testing.assert_allclose(nib.load(written).affine, source.affine, atol=1e-5)
+        np.testing.assert_allclose(nib.load(written).get_fdata(), expected.numpy(), atol=1e-6)
+    # the command line refuses what the bundle gives, in one line, before serving
+    assert run("view", "--bundle", bundle, image, "--window", "0,1", "--no-browser") == 2
+    err = capsys.readouterr().err
+    assert "--window do not apply" in err and err.count("\n") == 1
+    assert run("view", "--bundle", bundle, "--no-browser") == 2
+    assert "needs an image" in capsys.readouterr().err

@@ -159,8 +159,13 @@ def explain_and_predict(
     normalize: Normalization | None = None,
     method_options: MethodOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
+    prediction: BundlePrediction | None = None,
 ) -> tuple[dict[str, Explanation], BundlePrediction]:
-    """:func:`explain_methods` and the bundle's prediction of the image (its segmentation)."""
+    """:func:`explain_methods` and the bundle's prediction of the image (its segmentation).
+
+    ``prediction``: the case's prediction made before (:func:`segcam.monai.predict`), for a case
+    explained again and again (the viewer): neither the inferer nor the postprocessing runs again.
+    """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
         method.require_sliding_window()  # gradient methods: the score is a weighted sum
@@ -169,7 +174,8 @@ def explain_and_predict(
     export = export_of(bundle, case)
     window = bundle.sliding_window()
     target_list = as_target_list(targets)
-    prediction = predict(bundle, case) if any(uses_logits(t) for t in target_list) else None
+    if prediction is None and any(uses_logits(t) for t in target_list):
+        prediction = predict(bundle, case)
     target_list = _fixed_targets(target_list, prediction)
     classes = int(prediction.logits.shape[0]) if prediction else _out_channels(bundle, case)
     _check_classes(target_list, classes)

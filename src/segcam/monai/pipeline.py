@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from segcam.monai.bundle import BundleError, MonaiBundle
@@ -40,8 +41,15 @@ __all__ = [
     "BundleCase",
     "BundlePrediction",
     "Export",
+    "export_of",
+    "iter_pipeline_names",
+    "iter_transforms",
+    "network_device",
+    "network_input",
     "predict",
     "read_case",
+    "read_original",
+    "run_inferer",
 ]
 
 IMAGE_KEY = "image"  # the Model Zoo's keys (MONAI's CommonKeys): the input and the prediction
@@ -343,7 +351,43 @@ def predict(
     return BundlePrediction(logits, output, export)
 
 
+def iter_transforms(pipeline: Any) -> Iterator[Any]:
+    """A pipeline's transforms, nested ``Compose`` opened, in the order they run."""
+    yield from _transforms(pipeline)
+
+
 def iter_pipeline_names(pipeline: Any) -> Iterator[str]:
     """The class names of a pipeline's transforms, in order (for the manifest)."""
     for transform in _transforms(pipeline):
         yield type(transform).__name__
+
+
+def read_original(bundle: MonaiBundle, path: str | Path) -> np.ndarray:
+    """A file as the bundle's ``LoadImaged`` reads it, on its own grid: (*S), channels averaged.
+
+    The grid the export brings maps to (the image itself, a label file beside it).
+
+    Raises:
+        BundleError: the preprocessing has no ``LoadImaged``, or it cannot read the file.
+    """
+    from monai.transforms.utils import allow_missing_keys_mode
+
+    loaders = [t for t in _transforms(bundle.preprocessing) if type(t).__name__ == "LoadImaged"]
+    if not loaders:
+        raise BundleError(f"{bundle.folder}: the preprocessing has no LoadImaged")
+    loader = loaders[0]
+    try:
+        with allow_missing_keys_mode(loader):
+            loaded = loader({IMAGE_KEY: str(path)})[IMAGE_KEY]
+    except Exception as error:  # MONAI's readers raise many types
+        raise BundleError(
+            f"{path}: the bundle's reader cannot read it ({_first_line(error)})"
+        ) from None
+    array = np.asarray(torch.as_tensor(loaded).detach().cpu(), dtype=np.float32)
+    meta = getattr(loaded, "meta", {}) or {}
+    channel = meta.get("original_channel_dim", "no_channel")
+    if isinstance(channel, torch.Tensor):
+        channel = int(channel)
+    if isinstance(channel, int | np.integer) and array.ndim >= 3:
+        array = array.mean(axis=int(channel))
+    return np.ascontiguousarray(array)

@@ -12,6 +12,7 @@ import numpy as np
 
 from segcam.apps.cli.options import (
     UsageError,
+    add_bundle_option,
     add_classes_option,
     add_intensity_options,
     add_model_options,
@@ -63,6 +64,11 @@ def add_parser(commands: Any) -> None:
         parser, "explain the sliding-window prediction (inputs larger than the model's window)"
     )
     add_nnunet_options(parser, save_seg=False)
+    add_bundle_option(
+        parser,
+        "a MONAI bundle folder: view INPUT through the bundle's own pipeline (its "
+        "segmentation, maps on the image's grid)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -84,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         refuse_nnunet_only(args)
     if args.nnunet is not None:
         session = _nnunet_session(args)
+    elif args.bundle is not None:
+        session = _bundle_session(args)
     elif args.input is None:
         if args.ground_truth is not None:
             raise UsageError("--ground-truth needs an INPUT (the demo shows its own labels)")
@@ -206,3 +214,49 @@ def _nnunet_session(args: argparse.Namespace) -> Any:
         layers=args.layer or None,
         ground_truth=None if args.ground_truth is None else str(args.ground_truth),
     )
+
+
+def _bundle_session(args: argparse.Namespace) -> Any:
+    """``--bundle FOLDER IMAGE``: the image through the bundle's preprocessing and inferer."""
+    from segcam.apps.viewer.bundle_session import bundle_session
+
+    if args.input is None:
+        raise UsageError("--bundle needs an image to view: the file its LoadImaged reads")
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--weights", args.weights),
+            ("--sliding-window", args.sliding_window),
+            ("--window", args.window),
+            ("--zscore", args.zscore),
+            ("--minmax", args.minmax),
+            ("--output", args.output is not None),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"--bundle: {', '.join(given)} do not apply (the bundle's config gives the model, "
+            f"its preprocessing and its inferer)"
+        )
+    if not args.bundle.is_dir():
+        what = "a file, not a bundle folder" if args.bundle.exists() else "no such bundle folder"
+        raise UsageError(f"--bundle {args.bundle}: {what}")
+    if not args.input.exists():
+        raise UsageError(f"{args.input}: no such file")
+    if args.ground_truth is not None and not args.ground_truth.is_file():
+        raise UsageError(f"--ground-truth {args.ground_truth}: no such file")
+    session = bundle_session(
+        args.bundle,
+        args.input,
+        layers=args.layer or None,
+        ground_truth=args.ground_truth,
+    )
+    if args.classes:
+        if len(args.classes) != max(session.classes, 2):
+            raise UsageError(
+                f"--classes: {len(args.classes)} names for the bundle's {session.classes} outputs"
+            )
+        session.class_names = list(args.classes)
+    return session
