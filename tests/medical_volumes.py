@@ -29,7 +29,9 @@ def oblique_image(volume_kji: np.ndarray) -> sitk.Image:
     return image
 
 
-def write_series(folder: Path, volume_kji: np.ndarray, uid: str, *, tilt_slice: int = -1) -> None:
+def write_series(
+    folder: Path, volume_kji: np.ndarray, uid: str, *, tilt_slice: int = -1, frame_of_reference=True
+) -> None:
     """A CT series written slice by slice with its geometry (SimpleITK's documented recipe)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = oblique_image(volume_kji.astype(np.int16))
@@ -50,6 +52,8 @@ def write_series(folder: Path, volume_kji: np.ndarray, uid: str, *, tilt_slice: 
             "0008|0018": f"{uid}.{k + 1}",
             "0018|0050": str(image.GetSpacing()[2]),
         }
+        if frame_of_reference:  # as every CT series has one
+            tags["0020|0052"] = f"{uid}.0"
         for tag, value in tags.items():
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))

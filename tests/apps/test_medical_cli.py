@@ -40,12 +40,20 @@ def test_a_dicom_series_among_other_inputs(tmp_path):
     series = sitk.ReadImage(
         sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs / "patient1" / "ct"))
     )
-    dicom_map = next((out / "ct").glob("*.nii.gz"))  # DICOM in, NIfTI out by default
-    written = assert_same_grid(dicom_map, series)
-    saved = segcam.load(out / "ct" / "seg-hires-grad-cam.npz")
-    np.testing.assert_allclose(
-        np.swapaxes(sitk.GetArrayFromImage(written), 0, 2), saved.maps[0, 0].numpy(), atol=1e-6
-    )
+    # DICOM in, DICOM out by default: a Parametric Map on the series' own slices
+    import pydicom
+
+    dicom_map = pydicom.dcmread(next((out / "ct").glob("seg-hires-grad-cam__*.dcm")))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs / "patient1" / "ct"))
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    saved = segcam.load(out / "ct" / "seg-hires-grad-cam.npz").maps[0, 0].numpy()
+    assert dicom_map.NumberOfFrames == series.GetDepth() == saved.shape[2]
+    for f, frame in enumerate(dicom_map.PerFrameFunctionalGroupsSequence):
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        k = uids.index(source.ReferencedSOPInstanceUID)
+        np.testing.assert_array_equal(dicom_map.pixel_array[f], saved[:, :, k].T)
+    assert dicom_map.SeriesDescription.startswith("segcam seg-hires-grad-cam body.3 t0")
+    assert (out / "ct" / "pixel_sets.dcm").is_file()  # the pixel set as a Segmentation
     nrrd_map = next((out / "scan").glob("*.nrrd"))  # NRRD in, NRRD out
     assert_same_grid(nrrd_map, sitk.ReadImage(str(inputs / "scan.nrrd")))
     manifest = (out / "ct" / "manifest.json").read_text(encoding="utf-8")
@@ -148,3 +156,27 @@ def test_the_viewer_takes_a_dicom_folder_and_orients_nrrd_as_nifti(tmp_path, cap
     assert oriented is not None
     np.testing.assert_allclose(oriented, _affine_of(read_input(tmp_path / "v.nii.gz")), atol=1e-4)
     np.testing.assert_allclose(_affine_of(read_input(series)), oriented, atol=1e-3)
+
+
+def test_dicom_maps_where_a_series_can_take_them_and_one_line_where_not(tmp_path, capsys):
+    import json
+
+    nifti = tmp_path / "scan.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(VOLUME.astype(np.float32), np.eye(4)), nifti)
+    assert run("explain", nifti, *ARGS, "--map-format", "dicom", "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert "--map-format dicom needs a DICOM series input" in err and err.count("\n") == 1
+    # a series without a Frame of Reference: auto falls back to NIfTI, and says so
+    write_series(tmp_path / "bare", VOLUME, "1.2.826.0.1.3680043.2.1125.510",
+                 frame_of_reference=False)  # fmt: skip
+    assert run("explain", tmp_path / "bare", *ARGS, "--out", tmp_path / "b") == 0
+    assert next((tmp_path / "b" / "bare").glob("*.nii.gz"))
+    manifest = json.loads((tmp_path / "b" / "bare" / "manifest.json").read_text())
+    assert manifest["input"]["map_format"] == "nifti"
+    capsys.readouterr()
+    code = run("explain", tmp_path / "bare", *ARGS, "--map-format", "dicom", "--out",
+               tmp_path / "c")  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no Frame of Reference UID" in err and err.count("\n") == 1
+    assert not list((tmp_path / "c").rglob("*.dcm"))

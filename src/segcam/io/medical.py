@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 MEDICAL_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-MAP_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+MAP_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom": ".dcm"}
 _FORMAT_OF = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha", ".dcm": "dicom"}
 
 
@@ -153,12 +153,14 @@ class MedicalVolume:
         geometry: spacing, origin and direction of the (i, j, k) grid.
         format: ``"dicom"``, ``"nrrd"`` or ``"mha"``.
         reference: the SimpleITK image whose geometry maps are written with.
+        files: a DICOM series' files, in slice order (k): what DICOM maps reference.
     """
 
     array: np.ndarray
     geometry: Geometry
     format: str
     reference: Any
+    files: tuple[str, ...] = ()
 
 
 def is_dicom_folder(path: Path) -> bool:
@@ -226,6 +228,7 @@ def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None)
     """Read a DICOM file or series folder, an NRRD or a MetaImage file, with its geometry."""
     sitk = _sitk()
     source = Path(path)
+    files: list[str] = []
     try:
         with _c_stderr() as said:
             if source.is_dir():
@@ -260,7 +263,8 @@ def read_medical(path: str | os.PathLike[str], *, series_uid: str | None = None)
         tuple(float(v) for v in image.GetOrigin()),
         tuple(float(v) for v in image.GetDirection()),
     )
-    return MedicalVolume(np.ascontiguousarray(array), geometry, kind, image)
+    series = tuple(str(f) for f in files) if kind == "dicom" else ()
+    return MedicalVolume(np.ascontiguousarray(array), geometry, kind, image, series)
 
 
 def ras_affine(volume: MedicalVolume) -> np.ndarray | None:

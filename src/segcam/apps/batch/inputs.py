@@ -56,6 +56,8 @@ __all__ = [
     "expand_inputs",
     "explain_options",
     "output_name",
+    "pixel_set_writer",
+    "resolve_map_format",
     "write_volume_map",
 ]
 
@@ -201,6 +203,8 @@ class FileExplainer:
         data: InputFile = read_input(path, series_uid=job.series_uid)
         for spec, geometry in self.mask_geometries.items():
             check_mask_geometry(spec, geometry, data)
+        # before the compute: a format the input cannot take is its error, at once
+        map_format = resolve_map_format(data, job.map_format) if data.spatial_dims == 3 else ""
         array = apply_intensity(data.array, preprocess=self.preprocess, **job.intensity)
         x = torch.from_numpy(array)[None].to(self.device)
         folder = out / output_name(path)
@@ -224,12 +228,23 @@ class FileExplainer:
         def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
             if data.spatial_dims == 2:
                 return _overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
-            return write_volume_map(where, stem, heat, data, job.map_format)
+            return write_volume_map(where, stem, heat, data, map_format)
 
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
-        written = write_outputs(explanations, folder, names, tuple(array.shape[1:]), write_map)
+        extra = []
+        if map_format == "dicom":  # the pixel sets as a Segmentation beside the maps
+            segmentation = pixel_set_writer(explanations, names, data, folder)
+            extra = [segmentation] if segmentation is not None else []
+        written = write_outputs(
+            explanations, folder, names, tuple(array.shape[1:]), write_map, extra
+        )
         check_unchanged(path, before, file_sha256(path), written)
-        record = {"path": str(path), "sha256": before, "shape": list(array.shape)}
+        record = {
+            "path": str(path),
+            "sha256": before,
+            "shape": list(array.shape),
+            **({"map_format": map_format} if data.spatial_dims == 3 else {}),
+        }
         return write_manifest(written, record, self.settings, folder, started, run)
 
 
@@ -243,24 +258,85 @@ def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
     return path
 
 
+def resolve_map_format(data: InputFile, chosen: str) -> str:
+    """The format a 3D map of ``data`` is written in: ``--map-format``, or the input's own.
+
+    ``auto`` is the input's own format: NIfTI, NRRD, MetaImage, and for a DICOM series a DICOM
+    Parametric Map referencing it (NIfTI when the series cannot be referenced: no Frame of
+    Reference, a single slice).
+
+    Raises:
+        OptionError: a format the input cannot take (``nrrd`` for a NIfTI input, ``dicom`` for a
+            file that is no DICOM series).
+    """
+    from segcam.io.dicom_maps import dicom_refusal
+
+    medical = data.medical
+    if chosen == "dicom" and (medical is None or medical.format != "dicom"):
+        raise OptionError("--map-format dicom needs a DICOM series input")
+    if medical is None:
+        if chosen in ("auto", "nifti"):
+            return "nifti"
+        raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
+    if chosen == "dicom":
+        reason = dicom_refusal(medical)
+        if reason is not None:
+            raise OptionError(f"--map-format dicom: {reason}; write NIfTI (--map-format nifti)")
+    if chosen != "auto":
+        return chosen
+    if medical.format == "dicom":
+        return "dicom" if dicom_refusal(medical) is None else "nifti"
+    return medical.format
+
+
 def write_volume_map(
     folder: Path, stem: str, heat: np.ndarray, data: InputFile, chosen: str
 ) -> Path:
-    """A 3D map in the input's geometry: its own format, or ``--map-format``'s.
+    """A 3D map in the input's geometry, in :func:`resolve_map_format`'s format.
 
-    NIfTI inputs keep their affine and header (nibabel); DICOM, NRRD and MetaImage inputs keep
-    their spacing, origin and direction (SimpleITK); a DICOM input gets NIfTI unless told.
+    NIfTI inputs keep their affine and header (nibabel); NRRD and MetaImage inputs (and DICOM
+    ones written as NIfTI) keep their spacing, origin and direction (SimpleITK); DICOM maps are
+    Parametric Maps referencing the series (:mod:`segcam.io.dicom_maps`).
     """
+    chosen = resolve_map_format(data, chosen) if chosen == "auto" else chosen
+    if data.medical is not None and chosen == "dicom":
+        from segcam.io.dicom_maps import write_parametric_map
+
+        description = "segcam " + stem.replace("__", " ")
+        return write_parametric_map(
+            folder / f"{stem}.dcm", heat, data.medical, description=description
+        )
     if data.medical is not None:
-        own = {"dicom": "nifti"}.get(data.medical.format, data.medical.format)
-        suffix = MAP_FORMATS[own if chosen == "auto" else chosen]
-        return write_like(folder / f"{stem}{suffix}", heat, data.medical)
+        return write_like(folder / f"{stem}{MAP_FORMATS[chosen]}", heat, data.medical)
     affine = data.nifti_affine if data.nifti_affine is not None else np.eye(4)
-    if chosen in ("auto", "nifti"):
+    if chosen == "nifti":
         return write_nifti(
             folder / f"{stem}.nii.gz", heat, affine, data.nifti_header, description=f"segcam {stem}"
         )
     raise OptionError(f"--map-format {chosen} needs a DICOM, NRRD or MetaImage input")
+
+
+def pixel_set_writer(
+    explanations: dict[str, segcam.Explanation],
+    names: Sequence[tuple[str, str]],
+    data: InputFile,
+    folder: Path,
+) -> tuple[Any, tuple[Any, ...]] | None:
+    """The DICOM Segmentation of the targets' non-empty pixel sets, as an extra write (or None)."""
+    from segcam.io.dicom_maps import PixelSet, write_segmentation
+
+    first = next(iter(explanations.values()))
+    sets = [
+        PixelSet(
+            f"t{t} {kind} {name}",
+            first.pixel_sets[0, t].cpu().numpy(),
+            kind in ("predicted", "probability", "region"),
+        )
+        for t, (kind, name) in enumerate(names)
+    ]
+    if not any(bool(item.mask.any()) for item in sets):
+        return None  # a Segmentation needs a segment
+    return write_segmentation, (folder / "pixel_sets.dcm", sets, data.medical)
 
 
 register_input_kind("files", lambda job: FileInputs())

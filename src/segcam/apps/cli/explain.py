@@ -130,10 +130,11 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--map-format",
-        choices=["auto", "nifti", "nrrd", "mha"],
+        choices=["auto", "nifti", "nrrd", "mha", "dicom"],
         default="auto",
-        help="3D maps: auto = the input's own format with its geometry (NIfTI for DICOM), or "
-        "nifti/nrrd/mha (DICOM, NRRD, MetaImage inputs)",
+        help="3D maps: auto = the input's own format with its geometry (for a DICOM series: "
+        "DICOM Parametric Maps referencing it, and the pixel sets as a DICOM Segmentation), or "
+        "nifti/nrrd/mha/dicom",
     )
     parser.add_argument(
         "--series", metavar="UID", help="the DICOM series to read when a folder holds several"
