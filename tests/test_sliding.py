@@ -174,3 +174,42 @@ def test_batching_windows_changes_nothing_and_errors():
         segcam.explain_sliding_window(model, x, segcam.Predicted(1), "model.1.submodule", 48)
     with pytest.raises(InputError, match="roi_size must be"):
         segcam.explain_sliding_window(model, x, segcam.Predicted(1), "model.1.submodule", (16,))
+
+
+def test_a_predicted_set_reuses_the_prediction_s_kept_forwards():
+    """Predicted reads the blended logits: its windows' forwards are kept from the prediction
+    pass (within keep_bytes), so each window runs once; without a budget, twice; same maps."""
+    model = _unet(3, seed=8)
+    x = torch.randn((1, 1, 40, 24, 24), generator=torch.Generator().manual_seed(8)).double()
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        runs = {}
+        for budget in (2**31, 0, "one"):
+            calls.clear()
+            keep = budget
+            if budget == "one":  # room for the first group's forward only
+                from segcam.kept import KeepBudget, KeptWindows
+
+                probe = KeptWindows(KeepBudget())
+                probe.record(0, model, x[..., :16, :16, :16], "model.1.submodule")
+                keep = probe.last_size
+                probe.close()
+                calls.clear()
+            runs[budget] = segcam.explain_sliding_window_methods(
+                model, x, [segcam.Predicted(1), segcam.Predicted(2)], "model.1.submodule", 16,
+                ["seg-hires-grad-cam", "seg-grad-cam"], sw_batch_size=1, keep_bytes=keep, **RAW,
+            )  # fmt: skip
+            runs[budget, "forwards"] = len(calls)
+    finally:
+        handle.remove()
+    assert runs[2**31, "forwards"] == 12  # 12 windows, each run once
+    assert runs[0, "forwards"] == 24  # a prediction pass, then a recorded forward per window
+    assert runs["one", "forwards"] == 23  # the first window kept, the others run twice
+    for budget in (0, "one"):
+        for method in ("seg-hires-grad-cam", "seg-grad-cam"):
+            torch.testing.assert_close(runs[budget][method].maps, runs[2**31][method].maps)
+            torch.testing.assert_close(runs[budget][method].logits, runs[2**31][method].logits)
+    with torch.no_grad():
+        blended = sliding_window_inference(x, (16, 16, 16), 1, model, overlap=0.25, mode="gaussian")
+    assert torch.equal(runs[2**31]["seg-hires-grad-cam"].logits, blended)  # the same numbers

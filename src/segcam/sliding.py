@@ -50,6 +50,7 @@ from segcam.core import (
 )
 from segcam.errors import OptionError
 from segcam.explanation import Explanation, assemble
+from segcam.kept import KEEP_BYTES, KeepBudget, KeptWindows
 from segcam.layers import LayerSpec
 from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec, select_logits
@@ -69,7 +70,6 @@ from segcam.windows import (
     blended_logits,
     check_blended,
     plan_windows,
-    predict_blended,
     window_slices,
 )
 
@@ -167,6 +167,36 @@ class _SlidingRun:
         return any(bool(p[(slice(None), *w)].any()) for p in sets for w in group)
 
 
+def _predict_keeping(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    plan: SlidingWindowPlan,
+    layer: LayerSpec | Sequence[LayerSpec],
+    output: OutputSpec,
+    store: KeptWindows,
+) -> torch.Tensor:
+    """The blended logits, each group's forward recorded and kept while ``store``'s budget lasts.
+
+    The same forwards, blend and division as :func:`~segcam.windows.predict_blended` (the same
+    numbers); a kept group's later backward passes need no forward of their own. Once a group's
+    forward would not fit, the remaining groups run without gradients.
+    """
+    blended: torch.Tensor | None = None
+    for index, group in enumerate(plan.groups):
+        crops = plan.crops(inputs, group)
+        if store.budget.used + store.last_size <= store.budget.limit:
+            recorded, kept = store.record(index, model, crops, layer, output)
+            logits = recorded.logits
+            if not kept:
+                recorded.release()
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                logits = select_logits(run_model(model, crops), output, inputs.ndim)
+        blended = plan.blend(blended, logits, group)
+    assert blended is not None  # a plan has at least one window
+    return check_blended(blended.div_(plan.count))
+
+
 def _run_group(
     run: _SlidingRun,
     model: nn.Module,
@@ -174,18 +204,26 @@ def _run_group(
     group: list[Window],
     layer: LayerSpec | Sequence[LayerSpec],
     output: OutputSpec,
+    kept: RecordedForward | None = None,
 ) -> None:
-    """Forward one group of windows; take the backward passes of the targets it meets."""
+    """Forward one group of windows (or take its kept forward); the backward passes it meets."""
     plan, batch = run.plan, inputs.shape[0]
     run.windows_run += len(group)
     if not run.touched(group):
+        if kept is not None:
+            kept.release()
         if run.sets_fixed:  # the blended logits still need this window's prediction
             with torch.inference_mode(False), torch.no_grad():
                 crops = plan.crops(inputs, group)
                 logits = select_logits(run_model(model, crops), output, inputs.ndim)
             run.blended = plan.blend(run.blended, logits, group)
         return
-    with record_forward(model, plan.crops(inputs, group), layer, output) as recorded:
+    forward = (
+        kept
+        if kept is not None
+        else record_forward(model, plan.crops(inputs, group), layer, output)
+    )
+    with forward as recorded:
         window_logits = recorded.logits
         if run.sets_fixed:
             run.blended = plan.blend(run.blended, window_logits, group)
@@ -298,12 +336,17 @@ def explain_sliding_window_methods(
     output: OutputSpec = None,
     method_options: MethodOptions | None = None,
     progress: Progress | None = None,
+    keep_bytes: int = KEEP_BYTES,
 ) -> dict[str, Explanation]:
     """:func:`explain_sliding_window` for several gradient methods: method name -> explanation.
 
     Every window's forward pass and its backward passes are shared by all the methods.
     Everything is checked (methods, options, windows) before the first forward pass.
-    ``progress`` is called with (groups of windows done, groups) after each group.
+    ``progress`` is called with (groups of windows done, groups) after each group. Targets that
+    read the logits need the whole prediction first: its forwards are recorded and kept within
+    ``keep_bytes`` (:class:`segcam.kept.KeptWindows`), so the windows kept take their backward
+    passes without a second forward (0: a prediction pass without gradients, then a recorded
+    forward per window met).
     """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
@@ -314,12 +357,17 @@ def explain_sliding_window_methods(
     run = _SlidingRun(
         plan, target_list, chosen, sets_fixed=not any(uses_logits(t) for t in target_list)
     )
-    if not run.sets_fixed:  # the prediction first: one pass without gradients
-        run.blended = check_blended(predict_blended(model, inputs, plan, output))
-    for done, group in enumerate(plan.groups, 1):
-        _run_group(run, model, inputs, group, layer, output)
-        if progress is not None:
-            progress(done, len(plan.groups))
+    store = KeptWindows(KeepBudget(int(keep_bytes)))
+    if not run.sets_fixed:  # the prediction first, its forwards recorded and kept (a budget)
+        run.blended = _predict_keeping(model, inputs, plan, layer, output, store)
+    try:
+        for done, group in enumerate(plan.groups, 1):
+            kept = store.forwards.pop(done - 1, None)
+            _run_group(run, model, inputs, group, layer, output, kept)
+            if progress is not None:
+                progress(done, len(plan.groups))
+    finally:
+        store.close()
     return _finish(run, inputs, post)
 
 

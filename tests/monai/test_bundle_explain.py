@@ -106,9 +106,17 @@ def test_predicted_is_the_segmentation_monai_bundle_run_writes(tmp_path, ct, mod
     monai.bundle.run(config_file=str(folder / "configs" / "inference.json"))
     written = nib.load(folder / "eval" / "case_seg.nii.gz")
     bundle = load_bundle(folder)
-    explanations, prediction = explain_and_predict(
-        bundle, folder / "images" / "case.nii.gz", segcam.Predicted(1), LAYER, GRADIENT_METHODS
-    )
+    calls = []
+    handle = bundle.network.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        explanations, prediction = explain_and_predict(
+            bundle, folder / "images" / "case.nii.gz", segcam.Predicted(1), LAYER, GRADIENT_METHODS
+        )
+    finally:
+        handle.remove()
+    windows = explanations["seg-grad-cam"].info["monai_bundle"]["windows"]
+    # one pass: the prediction's forwards are kept for the backward passes (3 windows a batch)
+    assert len(calls) == -(-windows["windows"] // 3) and windows["windows"] > 3
     labels = np.asarray(written.dataobj)
     assert labels.shape == (40, 36, 20)  # the original CT's grid, not the 1.5x1.5x2 mm one
     assert 0 < (labels == 1).sum() < labels.size  # both classes present: a real test

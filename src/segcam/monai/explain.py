@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from segcam.monai.bundle import MonaiBundle
 from segcam.monai.pipeline import (
     BundleCase,
     BundlePrediction,
+    Export,
     export_of,
     iter_pipeline_names,
     network_device,
@@ -108,17 +110,27 @@ def _crop(
     return values[index]
 
 
-def _fixed_targets(
-    targets: list[TargetLike], prediction: BundlePrediction | None
-) -> list[TargetLike]:
-    """``Predicted(c)``/``Region(c)``: the bundle's own segmentation; ``Probability`` refused."""
-    result: list[TargetLike] = []
+def _check_targets(targets: Sequence[TargetLike]) -> None:
+    """Refuse, before any window runs, the targets that read probabilities or other values."""
     for target in targets:
         if isinstance(target, Probability):
             raise TargetError(
                 f"{target!r}: a probability threshold is not defined through a bundle's "
                 f"inverse; use Predicted (the bundle's own segmentation), a Mask or a Region"
             )
+        if uses_logits(target) and not isinstance(target, Predicted | Region):
+            raise TargetError(
+                f"{target!r}: a target that reads the logits' values is not defined through a "
+                f"bundle's inverse; use Predicted, Mask, Box, Pixel, AllPixels or Region"
+            )
+
+
+def _fixed_targets(
+    targets: Sequence[TargetLike], prediction: BundlePrediction | None
+) -> list[TargetLike]:
+    """``Predicted(c)``/``Region(c)``: the sets of the bundle's own segmentation."""
+    result: list[TargetLike] = []
+    for target in targets:
         if isinstance(target, Predicted | Region) and getattr(target, "mask", None) is None:
             assert prediction is not None
             predicted = prediction.predicted(target.class_index)
@@ -127,13 +139,75 @@ def _fixed_targets(
             else:
                 description = {**target.describe(), "source": "bundle postprocessing"}
                 target = ExportedSet(target.class_index, predicted, description, repr(target))
-        elif uses_logits(target) and not isinstance(target, Region):
-            raise TargetError(
-                f"{target!r}: a target that reads the logits' values is not defined through a "
-                f"bundle's inverse; use Predicted, Mask, Box, Pixel, AllPixels or Region"
-            )
         result.append(target)
     return result
+
+
+@dataclass(eq=False)
+class _Resolution:
+    """The targets of one explanation on the original grid and their weights W = E^T M.
+
+    Resolved from the bundle's prediction: given, or made from the blended logits once every
+    window has run (the first :class:`_PipelineTarget` asking for its weights).
+    """
+
+    bundle: MonaiBundle
+    case: BundleCase
+    export: Export
+    targets: Sequence[TargetLike]
+    padding: Sequence[tuple[int, int]]
+    dtype: torch.dtype
+    device: torch.device
+    prediction: BundlePrediction | None = None
+    resolved: ResolvedTargets | None = None
+    weights: torch.Tensor | None = None  # (T, *padded preprocessed grid)
+
+    def resolve(self, prediction: BundlePrediction | None) -> None:
+        """The sets on the original grid (Predicted: ``prediction``'s), then W, padded."""
+        self.prediction = prediction
+        fixed = _fixed_targets(self.targets, prediction)
+        if prediction is not None:
+            classes = int(prediction.logits.shape[0])
+        else:
+            classes = _out_channels(self.bundle, self.case)
+        _check_classes(fixed, classes)
+        grid = self.export.grid(self.case)
+        reference = torch.zeros((), dtype=self.dtype, device=self.device)
+        self.resolved = ResolvedTargets.resolve(fixed, reference.expand(1, classes, *grid))
+        weights = torch.cat([w.to(self.device) for w in self.resolved.weights])  # (T, *grid)
+        adjoint = self.export.adjoint(weights, self.case, self.dtype)  # (T, *S_preprocessed)
+        self.weights = _pad(adjoint, self.padding)
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """W of every target, resolving on the bundle's postprocessing of ``logits`` once."""
+        if self.weights is None:
+            cropped = _crop(logits[0].detach(), self.padding, self.case.shape)
+            self.resolve(predict(self.bundle, self.case, cropped))
+        assert self.weights is not None
+        return self.weights
+
+
+@dataclass(frozen=True, eq=False)
+class _PipelineTarget:
+    """Target ``index``'s weighted score on the windows' grid, its set read from the prediction.
+
+    It reads the blended logits (``uses_logits``): the windows driver resolves it once every
+    window's forward has run (kept for the backward passes) and hands it the blended logits.
+    """
+
+    class_index: int
+    index: int
+    resolution: _Resolution = field(repr=False)
+    uses_logits = True
+
+    def score_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """W of this target, (1, *S), in the logits' dtype."""
+        weights = self.resolution.from_logits(logits)[self.index][None]
+        return weights.to(device=logits.device, dtype=logits.dtype)
+
+    def pixel_set(self, logits: torch.Tensor) -> torch.Tensor:
+        """Where W is not 0."""
+        return self.score_weights(logits) != 0
 
 
 def _check_classes(targets: Sequence[TargetLike], classes: int) -> None:
@@ -174,24 +248,22 @@ def explain_and_predict(
     export = export_of(bundle, case)
     window = bundle.sliding_window()
     target_list = as_target_list(targets)
-    if prediction is None and any(uses_logits(t) for t in target_list):
-        prediction = predict(bundle, case)
-    target_list = _fixed_targets(target_list, prediction)
-    classes = int(prediction.logits.shape[0]) if prediction else _out_channels(bundle, case)
-    _check_classes(target_list, classes)
-    grid = export.grid(case)
+    _check_targets(target_list)
+    if bundle.out_channels is not None:
+        _check_classes(target_list, bundle.out_channels)
     device, dtype = network_device(bundle)
-    reference = torch.zeros((), dtype=dtype, device=device).expand(1, classes, *grid)
-    resolved = ResolvedTargets.resolve(target_list, reference)
-    weights = torch.cat([w.to(device) for w in resolved.weights])  # (T, *grid)
-    score_weights = export.adjoint(weights, case, dtype)  # W = E^T M, (T, *S_preprocessed)
     inputs = network_input(bundle, case)
     roi = case.shape if window is None else _roi(window["roi_size"], case.shape)
     padding = _padding(roi, case.shape)
-    inner = [
-        Weighted(t.class_index, _pad(w[None], padding)[0])
-        for t, w in zip(target_list, score_weights, strict=True)
-    ]
+    resolution = _Resolution(bundle, case, export, target_list, padding, dtype, device)
+    if prediction is not None or not any(uses_logits(t) for t in target_list):
+        resolution.resolve(prediction)  # the sets are known: W = E^T M before any window runs
+        assert resolution.weights is not None
+        inner: list[TargetLike] = [
+            Weighted(t.class_index, w) for t, w in zip(target_list, resolution.weights, strict=True)
+        ]
+    else:  # the sets read the bundle's prediction: resolved once every window has run
+        inner = [_PipelineTarget(t.class_index, i, resolution) for i, t in enumerate(target_list)]
     with warnings.catch_warnings():  # an empty set is warned about once, on the original grid
         warnings.filterwarnings("ignore", message="empty pixel set", category=SegCamWarning)
         if window is None:
@@ -209,8 +281,11 @@ def explain_and_predict(
     first = next(iter(inner_explanations.values()))
     with torch.no_grad():
         logits = _crop(first.logits[0], padding, case.shape)
-        if prediction is None:
-            prediction = predict(bundle, case, logits)
+        if resolution.prediction is None:  # the bundle's postprocessing of the blended logits
+            resolution.prediction = predict(bundle, case, logits)
+        prediction = resolution.prediction
+        resolved = resolution.resolved
+        assert resolved is not None
         exported_logits = export(logits.to(dtype), case)[None]
 
         def back(maps: torch.Tensor) -> torch.Tensor:
@@ -227,7 +302,7 @@ def explain_and_predict(
             "postprocessing": list(iter_pipeline_names(bundle.postprocessing)),
             "inverse": list(export.operations),
             "preprocessed_shape": list(case.shape),
-            "original_shape": list(grid),
+            "original_shape": list(export.grid(case)),
             "sliding_window": dict(window) if window else None,
             "padding": [list(p) for p in padding] if any(any(p) for p in padding) else None,
             "windows": first.info.get("sliding_window"),
@@ -238,7 +313,7 @@ def explain_and_predict(
         {name: e.method_options for name, e in inner_explanations.items()},
         logits=exported_logits,
         pixel_sets=resolved.stacked,
-        targets=target_list,
+        targets=list(resolved.targets),
         post=post,
         size=None,  # on the original grid already
         layer_shapes=first.layer_shapes,

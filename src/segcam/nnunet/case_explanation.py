@@ -7,16 +7,15 @@ partial backward to the layers, and sums each map, up-sampled to its window and 
 the padded preprocessed grid. :meth:`CaseExplanation.assemble` brings the sums to the original
 grid as nnU-Net brings its logits and hands them to :func:`segcam.explanation.assemble`.
 
-:class:`KeptWindows` keeps recorded forwards (activations and the graph from the layers to the
-logits) per (fold, window, mirroring group) within a byte budget, so that a later pass for new
-targets on the same layers runs only the partial backward passes
+:class:`~segcam.kept.KeptWindows` keeps recorded forwards (activations and the graph from the
+layers to the logits) per (fold, window, mirroring group) within a byte budget, so that a later
+pass for new targets on the same layers runs only the partial backward passes
 (:class:`~segcam.nnunet.explain.CaseExplainer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from segcam.core import MapRecord, method_maps
 from segcam.explanation import Explanation, assemble
+from segcam.kept import KEEP_BYTES, KeepBudget, KeptWindows
 from segcam.layers import LayerSpec, resolve_layers
 from segcam.methods import Method
 from segcam.metrics import fold_agreement
@@ -52,7 +52,6 @@ __all__ = [
     "case_facts",
 ]
 
-KEEP_BYTES = 2 * 1024**3  # default budget of kept window graphs (activations and saved tensors)
 WindowKey = tuple[int, tuple[Any, ...], int, int]  # fold, window bounds, first mirroring, batch
 
 LayerSums = list[dict[str, torch.Tensor]]
@@ -62,64 +61,6 @@ LayerSums = list[dict[str, torch.Tensor]]
 def _bounds(window: Window) -> tuple[Any, ...]:
     """A window as hashable bounds (slices are not hashable before Python 3.12)."""
     return tuple((s.start, s.stop) if isinstance(s, slice) else s for s in window)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return int(tensor.numel()) * int(tensor.element_size())
-
-
-@dataclass
-class KeepBudget:
-    """The bytes that kept forwards may hold, shared by the stores of several layer choices."""
-
-    limit: int = KEEP_BYTES
-    used: int = 0
-
-
-@dataclass
-class KeptWindows:
-    """Recorded forwards kept per (fold, window, mirroring group) for one layer choice.
-
-    A forward is kept while the estimated bytes of all stores sharing ``budget`` (each
-    forward's activations, logits, input and every tensor its graph saves) stay within its
-    limit; beyond it, forwards are recorded and freed as without a store. :meth:`close` frees
-    them all and gives their bytes back.
-    """
-
-    budget: KeepBudget = field(default_factory=KeepBudget)
-    forwards: dict[WindowKey, RecordedForward] = field(default_factory=dict, repr=False)
-    bytes: int = 0
-
-    def record(
-        self, key: WindowKey, network: nn.Module, x: torch.Tensor, layer: Any
-    ) -> tuple[RecordedForward, bool]:
-        """Record a forward and keep it under ``key`` if the budget allows (then True)."""
-        saved: dict[tuple[int, int], int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            saved[tensor.data_ptr(), tensor.numel()] = _tensor_bytes(tensor)
-            # detached: the tensor itself would make a reference cycle through the retained
-            # C++ graph that the garbage collector cannot see (freed stores stayed in memory)
-            return tensor.detach()
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            recorded = record_forward(network, x, layer)
-        size = sum(saved.values()) + _tensor_bytes(x) + _tensor_bytes(recorded.logits)
-        size += sum(_tensor_bytes(a) for a in recorded.activations)
-        if self.budget.used + size > self.budget.limit:
-            return recorded, False
-        self.forwards[key] = recorded
-        self.bytes += size
-        self.budget.used += size
-        return recorded, True
-
-    def close(self) -> None:
-        """Free every kept forward."""
-        for recorded in self.forwards.values():
-            recorded.release()
-        self.forwards.clear()
-        self.budget.used -= self.bytes
-        self.bytes = 0
 
 
 class CaseExplanation:

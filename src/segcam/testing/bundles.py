@@ -128,10 +128,18 @@ def write_bundle(
     return folder
 
 
-def write_oblique_ct(path: str | Path, shape: Sequence[int] = (40, 36, 20), seed: int = 0) -> Path:
-    """An anisotropic CT-like NIfTI (0.8 x 0.9 x 2.5 mm, rotated about z, flipped in x).
+def write_oblique_ct(
+    path: str | Path,
+    shape: Sequence[int] = (40, 36, 20),
+    seed: int = 0,
+    *,
+    spacing: Sequence[float] = (0.8, 0.9, 2.5),
+    angle: float = 0.3,
+) -> Path:
+    """A CT-like NIfTI: ``spacing`` mm, rotated by ``angle`` about z, flipped in x.
 
-    A bright blob in noise: a bundle's Orientationd and Spacingd really resample it.
+    A bright blob in noise: with the defaults (anisotropic, oblique) a bundle's Orientationd and
+    Spacingd really resample it.
     """
     import nibabel as nib
     import numpy as np
@@ -140,12 +148,11 @@ def write_oblique_ct(path: str | Path, shape: Sequence[int] = (40, 36, 20), seed
     i, j, k = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     body = 40 + 120 * np.exp(-((i - 0.2) ** 2 + (j + 0.1) ** 2 + 0.5 * k**2) / 0.15)
     data = (body + rng.normal(0, 25, shape)).astype(np.float32)
-    angle = 0.3
     rotation = np.array(
         [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
     )
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([-0.8, 0.9, 2.5])
+    affine[:3, :3] = rotation @ np.diag([-spacing[0], spacing[1], spacing[2]])
     affine[:3, 3] = [10.0, -20.0, 5.0]
     nib.save(nib.Nifti1Image(data, affine), str(path))  # type: ignore[no-untyped-call]
     return Path(path)
