@@ -36,6 +36,7 @@ import torch
 from segcam.core import explain_methods as explain_whole
 from segcam.errors import OptionError, SegCamWarning, TargetError
 from segcam.explanation import Explanation, assemble
+from segcam.kept import KEEP_BYTES
 from segcam.layers import LayerSpec
 from segcam.methods import MethodOptions, resolve_methods
 from segcam.monai.bundle import MonaiBundle
@@ -234,11 +235,16 @@ def explain_and_predict(
     method_options: MethodOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
     prediction: BundlePrediction | None = None,
+    keep_bytes: int = KEEP_BYTES,
 ) -> tuple[dict[str, Explanation], BundlePrediction]:
     """:func:`explain_methods` and the bundle's prediction of the image (its segmentation).
 
     ``prediction``: the case's prediction made before (:func:`segcam.monai.predict`), for a case
     explained again and again (the viewer): neither the inferer nor the postprocessing runs again.
+    ``keep_bytes``: without ``prediction``, targets that read it (``Predicted``) are resolved
+    once every window has run; the windows' forwards are kept for their backward passes within
+    this budget (:class:`segcam.kept.KeptWindows`; 0: a prediction pass, then a forward per
+    window met).
     """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
@@ -277,6 +283,7 @@ def explain_and_predict(
                 [m.name for m, _ in chosen], overlap=window["overlap"], mode=window["mode"],
                 sigma_scale=window["sigma_scale"], sw_batch_size=window["sw_batch_size"],
                 relu=False, upsample=True, method_options=method_options, progress=progress,
+                keep_bytes=keep_bytes,
             )  # fmt: skip
     first = next(iter(inner_explanations.values()))
     with torch.no_grad():
