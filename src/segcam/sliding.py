@@ -328,7 +328,7 @@ def explain_sliding_window_methods(
     *,
     overlap: float | Sequence[float] = 0.25,
     mode: str = "gaussian",
-    sigma_scale: float = 0.125,
+    sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 1,
     relu: bool = True,
     upsample: bool = True,
@@ -380,7 +380,7 @@ def explain_sliding_window(
     *,
     overlap: float | Sequence[float] = 0.25,
     mode: str = "gaussian",
-    sigma_scale: float = 0.125,
+    sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 1,
     method: str = "seg-hires-grad-cam",
     relu: bool = True,
@@ -410,7 +410,7 @@ def explain_sliding_window(
         roi_size: the window size (one int for every axis, or one per axis).
         overlap: the windows' overlap fraction in [0, 1), per axis or for all.
         mode: ``"gaussian"`` or ``"constant"`` blending.
-        sigma_scale: the Gaussian's sigma as a fraction of the window size.
+        sigma_scale: the Gaussian's sigma as a fraction of the window size (or one per axis).
         sw_batch_size: windows per forward pass.
         method: a registered gradient method.
         relu: keep only positive evidence.

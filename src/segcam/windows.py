@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,22 +72,45 @@ def window_slices(
 
 
 def importance_map(
-    roi: Sequence[int], mode: str, sigma_scale: float, dtype: torch.dtype, device: torch.device
+    roi: Sequence[int],
+    mode: str,
+    sigma_scale: float | Sequence[float],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     """The blending weight of a window, as MONAI's ``compute_importance_map``.
 
-    Ones, or the separable Gaussian with sigma = ``sigma_scale`` * roi per axis, its values
-    raised to at least max(min, 1e-3) (MONAI's floor, which keeps window corners from vanishing).
+    Ones, or the separable Gaussian with sigma = ``sigma_scale`` * roi per axis (one scale for
+    every axis, or one per axis), its values raised to at least max(min, 1e-3) (MONAI's floor,
+    which keeps window corners from vanishing).
     """
     if mode == "constant":
         return torch.ones(tuple(roi), dtype=dtype, device=device)
+    scales = _sigma_scales(sigma_scale, len(roi))
     weight = torch.ones((), dtype=torch.float32, device=device)
     for axis, r in enumerate(roi):
         x = torch.arange(-(r - 1) / 2.0, (r - 1) / 2.0 + 1, dtype=torch.float32, device=device)
-        profile = torch.exp(x**2 / (-2 * (sigma_scale * r) ** 2))
+        profile = torch.exp(x**2 / (-2 * (scales[axis] * r) ** 2))
         weight = weight.unsqueeze(-1) * profile[(None,) * axis] if axis else profile
     floor = max(float(weight.min()), 1e-3)
     return weight.clamp_min(floor).to(dtype)
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf
+
+
+def _sigma_scales(sigma_scale: float | Sequence[float], dims: int) -> tuple[float, ...]:
+    """``sigma_scale`` per axis (one number for all, or one per axis), checked positive."""
+    if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, str):
+        scales = tuple(sigma_scale)
+        if len(scales) == dims and all(_positive(v) for v in scales):
+            return tuple(float(v) for v in scales)
+    elif _positive(sigma_scale):
+        return (float(sigma_scale),) * dims
+    raise OptionError(
+        f"sigma_scale must be a positive number or one per axis ({dims}); got {sigma_scale!r}"
+    )
 
 
 def _roi(roi_size: int | Sequence[int], spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -167,7 +191,7 @@ def plan_windows(
     *,
     overlap: float | Sequence[float] = 0.25,
     mode: str = "gaussian",
-    sigma_scale: float = 0.125,
+    sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 1,
 ) -> SlidingWindowPlan:
     """Check the options and lay out the windows and blending weights for ``inputs``.
@@ -183,12 +207,7 @@ def plan_windows(
     overlaps = _overlaps(overlap, len(spatial))
     if mode not in ("constant", "gaussian"):
         raise OptionError(f"mode must be 'constant' or 'gaussian'; got {mode!r}")
-    if (
-        isinstance(sigma_scale, bool)
-        or not isinstance(sigma_scale, int | float)
-        or not 0 < sigma_scale < math.inf
-    ):
-        raise OptionError(f"sigma_scale must be a positive number; got {sigma_scale!r}")
+    _sigma_scales(sigma_scale, len(spatial))  # checked before any window
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise OptionError(f"sw_batch_size must be a positive int; got {sw_batch_size!r}")
     windows = window_slices(spatial, roi, overlaps)
@@ -207,7 +226,7 @@ class SlidingWindowOptions:
     roi_size: int | Sequence[int]
     overlap: float | Sequence[float] = 0.25
     mode: str = "gaussian"
-    sigma_scale: float = 0.125
+    sigma_scale: float | Sequence[float] = 0.125
     sw_batch_size: int = 1
 
     def plan(self, inputs: torch.Tensor) -> SlidingWindowPlan:
@@ -229,7 +248,7 @@ def blended_logits(
     *,
     overlap: float | Sequence[float] = 0.25,
     mode: str = "gaussian",
-    sigma_scale: float = 0.125,
+    sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 1,
     output: OutputSpec = None,
 ) -> torch.Tensor:

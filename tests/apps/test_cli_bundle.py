@@ -16,6 +16,7 @@ import nibabel as nib
 import segcam
 from segcam.apps.cli import main
 from segcam.monai import load_bundle
+from segcam.testing.bundles import NETWORK as NETWORK_3D
 from segcam.testing.bundles import write_bundle, write_oblique_ct
 
 pytestmark = [
@@ -107,6 +108,10 @@ def test_options_the_bundle_gives_are_refused_in_one_line(setup, tmp_path, capsy
         (["--no-upsample"], "--no-upsample do not apply"),
         (["--per-fold"], "nnU-Net's options"),
         (["--method", "seg-score-cam"], "gradient-free"),
+        (["--logits-from", "probabilities"], "--logits-from do not apply"),
+        (["--model-kwargs", '{"a": 1}'], "--model-kwargs do not apply"),
+        (["--trust-pickle"], "--trust-pickle do not apply"),
+        (["--weights-key", "ema"], "--weights-key do not apply"),
     ]
     for extra, message in cases:
         assert run(*base, *extra) == 2, extra
@@ -194,3 +199,72 @@ def test_the_viewer_on_a_bundle(setup, tmp_path, capsys):
     assert "--window do not apply" in err and err.count("\n") == 1
     assert run("view", "--bundle", bundle, "--no-browser") == 2
     assert "needs an image" in capsys.readouterr().err
+
+
+def test_a_map_format_the_input_cannot_take_is_refused_before_any_work(setup, tmp_path, capsys):
+    bundle, images = setup
+    out = tmp_path / "out"
+    code = run("explain", "--bundle", bundle, images / "case_a.nii.gz", "--target",
+               "predicted:1", "--layer", LAYER, "-o", out, "--map-format", "nrrd")  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--map-format nrrd needs a DICOM, NRRD or MetaImage input" in err
+    assert err.count("\n") == 1
+    assert not list(out.rglob("*.npz"))  # nothing half-written
+
+
+def test_a_2d_bundle_writes_png_maps_and_a_multi_label_one_its_channels(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((30, 44)) * 255).astype(np.uint8)
+    pixels[5:15, 10:30] = 250
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+               "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}  # fmt: skip
+    steps = [{"_target_": "LoadImaged", "keys": "image"},
+             {"_target_": "EnsureChannelFirstd", "keys": "image"},
+             {"_target_": "ScaleIntensityd", "keys": "image"},
+             {"_target_": "Resized", "keys": "image", "spatial_size": [32, 48]}]  # fmt: skip
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [16, 16], "sw_batch_size": 2}
+    flat = write_bundle(tmp_path / "flat", network=network, preprocessing=steps,
+                        inferer=inferer, save=False)  # fmt: skip
+    out = tmp_path / "out"
+    code = run("explain", "--bundle", flat, tmp_path / "img.png", "--target", "predicted:1",
+               "--layer", LAYER, "-o", out, "--save-seg", "--quiet")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    written = sorted(p.name for p in (out / "img").iterdir())
+    assert f"seg-hires-grad-cam__{LAYER}__t0-predicted-spleen.png" in written
+    assert "img_seg.png" in written
+    # written in the file's own (rows, columns), over the image (MONAI's reader gives (x, y))
+    assert np.asarray(Image.open(out / "img" / "img_seg.png")).shape == pixels.shape
+    overlay = np.asarray(
+        Image.open(out / "img" / f"seg-hires-grad-cam__{LAYER}__t0-predicted-spleen.png")
+    )
+    assert overlay.shape[:2] == pixels.shape
+    # a multi-label bundle: --save-seg writes its channels, as its SaveImaged would
+    multi = write_bundle(tmp_path / "multi", network={**NETWORK_3D, "out_channels": 3},
+                         classes=("tc", "wt", "et"), activation="sigmoid", seed=5)  # fmt: skip
+    write_oblique_ct(tmp_path / "ct.nii.gz")
+    code = run("explain", "--bundle", multi, tmp_path / "ct.nii.gz", "--target", "predicted:wt",
+               "--layer", LAYER, "-o", tmp_path / "m", "--save-seg", "--quiet")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    channels = nib.load(tmp_path / "m" / "ct" / "ct_seg.nii.gz")
+    assert channels.shape == (40, 36, 20, 3)
+    saved = segcam.load(tmp_path / "m" / "ct" / "seg-hires-grad-cam.npz")
+    assert np.array_equal(
+        np.asarray(channels.dataobj)[..., 1] > 0.5, saved.pixel_sets[0, 0].numpy()
+    )
+
+
+def test_the_viewer_refuses_a_truth_file_of_another_grid(setup, tmp_path):
+    from segcam.apps.viewer.bundle_session import bundle_session
+    from segcam.errors import InputFileError
+
+    bundle, images = setup
+    source = nib.load(images / "case_a.nii.gz")
+    shifted = source.affine.copy()
+    shifted[0, 3] += 7.0  # the same shape, 7 mm away
+    nib.save(nib.Nifti1Image(np.zeros(source.shape, np.uint8), shifted), tmp_path / "t.nii.gz")
+    with pytest.raises(InputFileError, match="its affine differs from the image's"):
+        bundle_session(bundle, images / "case_a.nii.gz", ground_truth=tmp_path / "t.nii.gz")

@@ -23,7 +23,7 @@ import segcam
 from segcam.errors import TargetError
 from segcam.monai import BundleError, explain_and_predict, load_bundle, predict, read_case
 from segcam.sliding import window_slices
-from segcam.testing.bundles import PREPROCESSING, write_bundle
+from segcam.testing.bundles import NETWORK, PREPROCESSING, write_bundle
 from segcam.testing.bundles import write_oblique_ct as oblique_ct
 
 pytestmark = [
@@ -166,6 +166,7 @@ def test_maps_are_float64_autograd_of_the_inverted_logits_through_the_pipeline(
     exported = _inverse(bundle, case, logits[0]).double()
     torch.testing.assert_close(ours.logits[0].double(), exported, rtol=0, atol=1e-6)
     info = ours.info["monai_bundle"]
+    assert info["windows"]["placement"] == {LAYER: "input"}  # as the reference places them
     assert info["inverse"] == ["Orientation", "SpatialResample"]
     assert info["sliding_window"]["mode"] == mode
 
@@ -236,3 +237,84 @@ def test_the_bundles_page_python_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "docs/bundles.md", "exec"), namespace)
     assert tuple(namespace["explanations"]["seg-hires-grad-cam"].maps.shape) == (1, 1, 40, 36, 20)
     assert tuple(namespace["prediction"].labels.shape) == (40, 36, 20)
+
+
+def _run_bundle(folder, ct):
+    """``monai.bundle.run`` on the bundle's images folder; the file it writes, as an array."""
+    pytest.importorskip("ignite")
+    import monai.bundle
+
+    (folder / "images").mkdir()
+    shutil.copy(ct, folder / "images" / "case.nii.gz")
+    monai.bundle.run(config_file=str(folder / "configs" / "inference.json"))
+    return np.asarray(nib.load(folder / "eval" / "case_seg.nii.gz").dataobj)
+
+
+def test_a_single_logit_sigmoid_bundle_explains_its_foreground(tmp_path, ct):
+    network = {**NETWORK, "out_channels": 1}
+    folder = write_bundle(tmp_path / "b", network=network, classes=("spleen",),
+                          activation="sigmoid", seed=3)  # fmt: skip
+    written = _run_bundle(folder, ct)
+    bundle = load_bundle(folder)
+    assert bundle.class_names == ("background", "spleen")  # class 1 is the logit
+    explanation, prediction = explain_and_predict(
+        bundle, ct, segcam.Predicted(1), LAYER, ["seg-hires-grad-cam"]
+    )
+    assert 0 < (written == 1).sum() < written.size
+    assert np.array_equal(explanation["seg-hires-grad-cam"].pixel_sets[0, 0].numpy(), written == 1)
+    assert np.array_equal(prediction.predicted(0).numpy(), written == 0)
+    assert np.array_equal(prediction.labels.numpy(), written.astype(np.int64))
+
+
+def test_a_multi_label_bundle_has_its_sets_but_no_label_map(tmp_path, ct):
+    network = {**NETWORK, "out_channels": 3}
+    folder = write_bundle(tmp_path / "b", network=network, classes=("tc", "wt", "et"),
+                          activation="sigmoid", seed=5)  # fmt: skip
+    written = np.moveaxis(_run_bundle(folder, ct), -1, 0)  # SaveImaged: channels last
+    bundle = load_bundle(folder)
+    prediction = predict(bundle, read_case(bundle, ct))
+    assert prediction.multi_label
+    for c in range(3):
+        assert np.array_equal(prediction.predicted(c).numpy(), written[c] > 0.5)
+    with pytest.raises(BundleError, match="multi-label"):
+        _ = prediction.labels
+
+
+def test_scalar_rois_and_per_axis_sigmas_blend_as_monai_does(tmp_path, ct):
+    from segcam.monai.pipeline import export_of, run_inferer
+
+    for inferer in (
+        {"_target_": "SlidingWindowInferer", "roi_size": 16, "sw_batch_size": 2},
+        {"_target_": "SlidingWindowInferer", "roi_size": [16, 12, 16], "mode": "gaussian",
+         "sigma_scale": [0.1, 0.2, 0.3], "overlap": [0.25, 0.5, 0.6]},
+    ):  # fmt: skip
+        folder = write_bundle(tmp_path / f"b{len(list(tmp_path.iterdir()))}", inferer=inferer)
+        bundle = load_bundle(folder)
+        case = read_case(bundle, ct)
+        explanation = segcam.monai.explain(bundle, case, segcam.Predicted(1), LAYER)
+        monai_logits = export_of(bundle, case)(run_inferer(bundle, case), case)
+        assert torch.equal(explanation.logits[0], monai_logits)  # the same blend, bit for bit
+        assert float(explanation.maps.max()) > 0
+
+
+def test_pipelines_segcam_cannot_follow_are_one_clear_error(tmp_path, ct):
+    import json
+
+    folder = write_bundle(tmp_path / "keys")
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    for step in config["postprocessing"]["transforms"]:
+        if step["_target_"] == "Invertd":
+            step["orig_keys"] = "img"
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="orig_keys 'img', which the preprocessing does not"):
+        segcam.monai.explain(load_bundle(folder), ct, segcam.Box(1, [(2, 9)] * 3), LAYER)
+    # ToTensord's inverse converts to NumPy: no gradient through it, said as such
+    tensor = {"_target_": "ToTensord", "keys": "image"}
+    steps = [*PREPROCESSING[:2], tensor, *PREPROCESSING[2:]]
+    bundle = load_bundle(write_bundle(tmp_path / "t", preprocessing=steps))
+    with pytest.raises(BundleError, match="applies ToTensord: its inverse converts the values"):
+        segcam.monai.explain(bundle, ct, segcam.Predicted(1), LAYER)
+    broken = write_bundle(tmp_path / "fit", state={"model.0.conv.unit0.conv.weight":
+                                                   torch.zeros(1)})  # fmt: skip
+    with pytest.raises(BundleError, match=r"does not fit network_def \((Missing key|Unexpected)"):
+        load_bundle(broken)

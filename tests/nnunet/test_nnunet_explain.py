@@ -27,14 +27,11 @@ from nnunetv2.inference.sliding_window_prediction import (
     compute_gaussian,
     compute_steps_for_sliding_window,
 )
-from nnunetv2.preprocessing.resampling.default_resampling import (
-    determine_do_sep_z_and_axis,
-    resample_data_or_seg_to_shape,
-)
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 from scipy.ndimage import map_coordinates
 
 from segcam import nnunet
-from segcam.nnunet.geometry import linear_matrix, nearest_matrix
+from segcam.nnunet.geometry import linear_matrix, nearest_matrix, separate_z
 from segcam.testing.nnunet import make_model_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:perform_everything_on_device")
@@ -138,7 +135,7 @@ def test_export_matrices_are_nnunets_resampling(source, target, current, new):
     expected = resample_data_or_seg_to_shape(
         data, target, current, new, is_seg=False, order=1, order_z=0, force_separate_z=None
     )
-    separate, axis = determine_do_sep_z_and_axis(None, current, new)
+    separate, axis = separate_z({"force_separate_z": None}, current, new)  # nnU-Net's rule
     matrices = [
         nearest_matrix(o, i) if separate and k == axis else linear_matrix(o, i)
         for k, (o, i) in enumerate(zip(target, source, strict=True))

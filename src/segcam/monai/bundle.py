@@ -88,7 +88,11 @@ class MonaiBundle:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """The output channels' names (``metadata.json``'s ``channel_def``), or ()."""
+        """The classes' names (``metadata.json``'s ``channel_def``), or ().
+
+        A single-channel (sigmoid) output is segcam's two classes: ``background`` and the
+        channel's own name (class 1, the logit).
+        """
         try:
             channels = self.metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
             names = {int(k): str(v) for k, v in channels.items()}
@@ -97,6 +101,8 @@ class MonaiBundle:
         count = self.out_channels or len(names)
         if sorted(names) != list(range(count)):
             return ()
+        if count == 1:
+            return ("background", names[0])
         return tuple(names[i] for i in range(count))
 
     def sliding_window(self) -> dict[str, Any] | None:
@@ -104,7 +110,7 @@ class MonaiBundle:
 
         Raises:
             BundleError: an inferer segcam's windows do not reproduce (another kind, padding
-                other than zeros, coordinates fed to the network, windows on another device).
+                other than zeros, coordinates fed to the network).
         """
         inferer = self.inferer
         if inferer is None or type(inferer).__name__ == "SimpleInferer":
@@ -124,7 +130,10 @@ class MonaiBundle:
         if mode not in ("constant", "gaussian"):
             raise BundleError(f"{self.folder}: the inferer blends with {mode!r}; "
                               f"constant or gaussian are supported")  # fmt: skip
-        roi = [int(r) for r in inferer.roi_size]
+        size = inferer.roi_size
+        roi: int | list[int] = (
+            [int(r) for r in size] if isinstance(size, list | tuple) else int(size)
+        )
         overlap = inferer.overlap
         return {
             "roi_size": roi,
@@ -255,8 +264,11 @@ def _load(
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise BundleError(f"{folder / checkpoint}: does not fit network_def ({first})") from None
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines[1:]), lines[0] if lines else "")
+        raise BundleError(
+            f"{folder / checkpoint}: does not fit network_def ({detail[:300]})"
+        ) from None
     network = network.to(device).eval()
     return MonaiBundle(
         folder=folder,

@@ -82,9 +82,10 @@ def _out_channels(bundle: MonaiBundle, case: BundleCase) -> int:
         return int(bundle.network(probe).shape[1])
 
 
-def _roi(roi: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """MONAI's ``fall_back_tuple``: a non-positive ROI size takes the image's size."""
-    return tuple(int(r) if int(r) > 0 else int(s) for r, s in zip(roi, shape, strict=True))
+def _roi(roi: int | Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """MONAI's ``fall_back_tuple``: one size for every axis; a non-positive one, the image's."""
+    sizes = [roi] * len(shape) if isinstance(roi, int) else list(roi)
+    return tuple(int(r) if int(r) > 0 else int(s) for r, s in zip(sizes, shape, strict=True))
 
 
 def _padding(roi: Sequence[int], shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -212,9 +213,10 @@ class _PipelineTarget:
 
 
 def _check_classes(targets: Sequence[TargetLike], classes: int) -> None:
+    """Each target's class among the network's (a single logit: classes 0 and 1)."""
     for target in targets:
         c = target.class_index
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < classes:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < max(classes, 2):
             from segcam.errors import ClassIndexError
 
             raise ClassIndexError(

@@ -62,6 +62,11 @@ LINEAR_INVERSES = frozenset({
     "CenterSpatialCrop", "CenterScaleCrop", "CropForeground", "ResizeWithPadOrCrop", "Crop",
     "Identity",
 })  # fmt: skip
+# Recorded transforms whose inverse leaves torch (NumPy): no gradient through them, and why.
+OUTSIDE_TORCH = {
+    "ToTensor": "its inverse converts the values to NumPy; EnsureTyped keeps them in torch",
+    "ToTensord": "its inverse converts the values to NumPy; EnsureTyped keeps them in torch",
+}
 
 
 def _first_line(error: BaseException) -> str:
@@ -169,14 +174,15 @@ class Export:
                 )
             if not exported.requires_grad:  # an inverse that leaves autograd: not differentiable
                 raise BundleError(
-                    "the bundle's Invertd path cannot be differentiated (its inverse transforms "
-                    f"{', '.join(self.operations)} leave autograd)"
+                    f"the bundle's Invertd inverts {', '.join(self.operations)} outside torch "
+                    f"(through NumPy, as a spline resampling, mode 3, does): segcam takes the "
+                    f"gradient through the inverse; use a bilinear or nearest mode"
                 )
             (gradient,) = torch.autograd.grad((exported * weights.to(exported.dtype)).sum(), probe)
         return gradient.detach()
 
 
-def _export(bundle: MonaiBundle, image: Any) -> Export:
+def _export(bundle: MonaiBundle, data: Mapping[Any, Any], image: Any) -> Export:
     """The postprocessing's ``Invertd`` of the prediction, its recorded transforms checked."""
     inverts = [
         t for t in _transforms(bundle.postprocessing)
@@ -187,12 +193,25 @@ def _export(bundle: MonaiBundle, image: Any) -> Export:
     if len(inverts) > 1:
         raise BundleError(f"{bundle.folder}: the postprocessing inverts {PRED_KEY!r} twice")
     invertd = inverts[0]
+    orig_key = invertd.orig_keys[_keys(invertd).index(PRED_KEY)]
+    if orig_key not in data or not hasattr(data[orig_key], "applied_operations"):
+        raise BundleError(
+            f"{bundle.folder}: the postprocessing's Invertd inverts the transforms of "
+            f"orig_keys {orig_key!r}, which the preprocessing does not give (it gives "
+            f"{', '.join(map(repr, data))})"
+        )
     if callable(invertd.post_func[_keys(invertd).index(PRED_KEY)]):
         raise BundleError(
             f"{bundle.folder}: the postprocessing's Invertd applies a post_func to the "
             f"prediction; segcam brings logits back by the inverse alone"
         )
     operations = tuple(str(op.get("class", "?")) for op in image.applied_operations)
+    outside = [name for name in operations if name in OUTSIDE_TORCH]
+    if outside:
+        raise BundleError(
+            f"{bundle.folder}: the preprocessing applies {outside[0]}: "
+            f"{OUTSIDE_TORCH[outside[0]]}, and segcam takes the gradient through the inverse"
+        )
     refused = [name for name in operations if name not in LINEAR_INVERSES]
     if refused:
         raise BundleError(
@@ -218,8 +237,15 @@ def read_case(bundle: MonaiBundle, image: str | Path | Mapping[str, Any]) -> Bun
         cause: BaseException = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
+        reason = _first_line(cause)
+        source = str(item.get(IMAGE_KEY, ""))
+        if "DICOM" in reason and not source.lower().endswith(".dcm") and Path(source).is_file():
+            reason = (
+                f"MONAI has no reader for {Path(source).name} here (for NRRD and MetaImage it "
+                f"needs ITK: pip install itk)"
+            )
         raise BundleError(
-            f"{item.get(IMAGE_KEY, item)}: the bundle's preprocessing fails: {_first_line(cause)}"
+            f"{item.get(IMAGE_KEY, item)}: the bundle's preprocessing fails: {reason}"
         ) from None
     tensor = data.get(IMAGE_KEY)
     if not isinstance(tensor, torch.Tensor) or tensor.ndim < 3:
@@ -251,19 +277,45 @@ class BundlePrediction:
     output: torch.Tensor
     export: Export = field(default_factory=Export)
 
-    def predicted(self, class_index: int) -> torch.Tensor:
-        """The voxels the bundle's output gives class c (labels == c, or channel c > 0.5)."""
+    @property
+    def multi_label(self) -> bool:
+        """Whether the output has a channel per class whose sets overlap (sigmoid heads)."""
         output = self.output
+        if output.shape[0] == 1:
+            return False
+        return bool(((output > 0.5).sum(0) != 1).any())
+
+    def predicted(self, class_index: int) -> torch.Tensor:
+        """The voxels the bundle's output gives class c.
+
+        A single-logit network (sigmoid, one channel): its 0/1 output is class 1 (segcam's
+        convention: class 0 is its negation). Labels (one channel of K > 1 classes): labels == c.
+        A channel per class (one-hot or multi-label): channel c > 0.5.
+        """
+        output = self.output
+        if output.shape[0] == 1 and int(self.logits.shape[0]) == 1:
+            positive = output[0] > 0.5
+            return positive if class_index == 1 else ~positive
         if output.shape[0] == 1:
             return output[0].round().long() == class_index
         return output[class_index] > 0.5
 
     @property
     def labels(self) -> torch.Tensor:
-        """The segmentation as labels (*S) (a channel per class: its argmax)."""
+        """The segmentation as labels (*S): one-hot channels as their index, a sigmoid's 0/1.
+
+        Raises:
+            BundleError: a multi-label output (overlapping channels) has no label map.
+        """
         output = self.output
         if output.shape[0] == 1:
-            return output[0].round().long()
+            return (output[0] > 0.5).long() if int(self.logits.shape[0]) == 1 else (
+                output[0].round().long())  # fmt: skip
+        if self.multi_label:
+            raise BundleError(
+                "the bundle's output is multi-label (a channel per class, overlapping or empty "
+                "at some voxels): it has no label map; its channels are the classes' sets"
+            )
         return output.argmax(0)
 
 
@@ -327,7 +379,7 @@ def run_inferer(bundle: MonaiBundle, case: BundleCase) -> torch.Tensor:
 
 def export_of(bundle: MonaiBundle, case: BundleCase) -> Export:
     """E of the case: the postprocessing's ``Invertd`` (the identity without one), checked."""
-    return _export(bundle, case.image)
+    return _export(bundle, case.data, case.image)
 
 
 def predict(
@@ -362,10 +414,11 @@ def iter_pipeline_names(pipeline: Any) -> Iterator[str]:
         yield type(transform).__name__
 
 
-def read_original(bundle: MonaiBundle, path: str | Path) -> np.ndarray:
-    """A file as the bundle's ``LoadImaged`` reads it, on its own grid: (*S), channels averaged.
+def read_original(bundle: MonaiBundle, path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A file as the bundle's ``LoadImaged`` reads it, on its own grid, and that grid's affine.
 
-    The grid the export brings maps to (the image itself, a label file beside it).
+    The array is (*S), channels averaged; the affine is MONAI's (RAS), or None where the reader
+    gives none. The grid the export brings maps to (the image itself, a label file beside it).
 
     Raises:
         BundleError: the preprocessing has no ``LoadImaged``, or it cannot read the file.
@@ -390,4 +443,6 @@ def read_original(bundle: MonaiBundle, path: str | Path) -> np.ndarray:
         channel = int(channel)
     if isinstance(channel, int | np.integer) and array.ndim >= 3:
         array = array.mean(axis=int(channel))
-    return np.ascontiguousarray(array)
+    affine = meta.get("original_affine", meta.get("affine"))
+    matrix = None if affine is None else np.asarray(torch.as_tensor(affine), dtype=np.float64)
+    return np.ascontiguousarray(array), matrix

@@ -112,9 +112,12 @@ def read_case(model: NnUNetModel, case: CaseLike) -> NnUNetCase:
     if not np.issubdtype(data.dtype, np.number) or not np.isfinite(data).all():
         raise NnUNetError("the case holds NaN or Inf values (or is not numeric)")
     preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
-    preprocessed, _, properties = preprocessor.run_case_npy(
+    result = preprocessor.run_case_npy(
         data, None, properties, model.plans_manager, model.configuration_manager, model.dataset_json
     )
+    preprocessed = result[0]
+    if len(result) > 2:  # 2.8 returns the properties; before, they were updated in place
+        properties = result[2]
     tensor = torch.from_numpy(preprocessed).to(dtype=torch.float32).contiguous()
     geometry = export_geometry(
         model.plans_manager, model.configuration_manager, properties, tensor.shape[1:]

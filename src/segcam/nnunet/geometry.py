@@ -21,6 +21,7 @@ against nnU-Net's own function in float64.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,37 @@ class ExportGeometry:
         return full.permute(0, *(axis + 1 for axis in self.transpose_backward))
 
 
+def separate_z(
+    kwargs: dict[str, Any], current: list[float], spacing: list[float]
+) -> tuple[bool, int | None]:
+    """Whether nnU-Net resamples the low-resolution axis on its own, and which axis it is.
+
+    nnunetv2 2.5 and later decide it in ``determine_do_sep_z_and_axis``; 2.4 decided it inside
+    ``resample_data_or_seg_to_shape`` (the same rule, with ``force_separate_z`` False when the
+    plans do not give it) and returned the axis as an array.
+    """
+    resampling = importlib.import_module("nnunetv2.preprocessing.resampling.default_resampling")
+    decide = getattr(resampling, "determine_do_sep_z_and_axis", None)
+    if decide is not None:
+        separate, axis = decide(kwargs.get("force_separate_z"), current, spacing)
+        return bool(separate), None if axis is None else int(axis)
+    force = kwargs.get("force_separate_z", False)
+    threshold = resampling.ANISO_THRESHOLD
+    axes = None
+    if force is not None:
+        separate = bool(force)
+        axes = resampling.get_lowres_axis(current) if force else None
+    elif resampling.get_do_separate_z(current, threshold):
+        separate, axes = True, resampling.get_lowres_axis(current)
+    elif resampling.get_do_separate_z(spacing, threshold):
+        separate, axes = True, resampling.get_lowres_axis(spacing)
+    else:
+        separate = False
+    if axes is None or len(axes) != 1:  # no axis, or two or three of one spacing
+        return False, None
+    return separate, int(axes[0])
+
+
 def export_geometry(
     plans_manager: Any,
     configuration_manager: Any,
@@ -139,10 +171,6 @@ def export_geometry(
         NnUNetError: a probability resampling that is not linear (order other than 1, or order_z
             other than 0 or 1): its clipping makes the exported logits a non-linear function.
     """
-    from nnunetv2.preprocessing.resampling.default_resampling import (
-        determine_do_sep_z_and_axis,
-    )
-
     kwargs = dict(configuration_manager.configuration.get("resampling_fn_probabilities_kwargs", {}))
     function = configuration_manager.configuration.get("resampling_fn_probabilities")
     order, order_z = int(kwargs.get("order", 3)), int(kwargs.get("order_z", 0))
@@ -158,7 +186,7 @@ def export_geometry(
     current = list(configuration_manager.spacing)
     if len(current) != len(cropped):  # a 2D configuration: the slice axis keeps its spacing
         current = [spacing[0], *current]
-    separate, axis = determine_do_sep_z_and_axis(kwargs.get("force_separate_z"), current, spacing)
+    separate, axis = separate_z(kwargs, current, spacing)
     preprocessed = tuple(int(s) for s in preprocessed)
     matrices = []
     for k, (n_out, n_in) in enumerate(zip(cropped, preprocessed, strict=True)):

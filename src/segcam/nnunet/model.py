@@ -163,6 +163,22 @@ def _strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return state
 
 
+def _nnunet_trainer_lookup() -> Any:
+    """nnU-Net's own trainer lookup: ``find_objects``' (2.8) or ``find_class_by_name``'s."""
+    try:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    except ImportError:  # before 2.8: the search over the trainer package's folder
+        import nnunetv2
+        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+        folder = str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer")
+
+        def recursive_find_trainer_class_by_name(name: str) -> Any:
+            return recursive_find_python_class(folder, name, "nnunetv2.training.nnUNetTrainer")
+
+    return recursive_find_trainer_class_by_name
+
+
 def _find_trainer(name: str, nnunet_lookup: Any) -> Any:
     """The trainer class nnU-Net would use, also where some trainer modules fail to import.
 
@@ -217,7 +233,6 @@ def load(
         MissingExtraError: nnunetv2 is not installed.
     """
     _require_nnunet()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -241,7 +256,7 @@ def load(
         folder, chosen, checkpoints, plans_manager
     )
     label_manager = plans_manager.get_label_manager(dataset_json)
-    trainer = _find_trainer(trainer_name, recursive_find_trainer_class_by_name)
+    trainer = _find_trainer(trainer_name, _nnunet_trainer_lookup())
     if trainer is None:
         raise NnUNetError(f"{folder}: trainer {trainer_name!r} is not installed")
     inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)

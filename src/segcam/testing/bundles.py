@@ -34,15 +34,18 @@ PREPROCESSING: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-def _postprocessing(invert: bool, save: bool) -> list[dict[str, Any]]:
-    steps: list[dict[str, Any]] = [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
+def _postprocessing(invert: bool, save: bool, activation: str) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = [{"_target_": "Activationsd", "keys": "pred", activation: True}]
     if invert:
         steps.append({
             "_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
             "orig_keys": "image", "meta_key_postfix": "meta_dict", "nearest_interp": False,
             "to_tensor": True,
         })  # fmt: skip
-    steps.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
+    if activation == "sigmoid":  # a channel per class, each its own 0/1 set
+        steps.append({"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5})
+    else:
+        steps.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
     if save:
         steps.append({
             "_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
@@ -62,6 +65,7 @@ def write_bundle(
     state: Mapping[str, Any] | None = None,
     seed: int = 0,
     classes: Sequence[str] = ("background", "spleen"),
+    activation: str = "softmax",
 ) -> Path:
     """Write a bundle folder: configs (inference, metadata) and the network's seeded weights.
 
@@ -75,6 +79,8 @@ def write_bundle(
         state: the checkpoint to save instead of the seeded weights.
         seed: the seed of the network's weights.
         classes: the output channels' names (``metadata.json``).
+        activation: ``softmax`` then argmax (one label map), or ``sigmoid`` then a 0.5
+            threshold per channel (a single-logit or multi-label bundle).
     """
     folder = Path(folder)
     (folder / "configs").mkdir(parents=True)
@@ -96,7 +102,8 @@ def write_bundle(
         "inferer": dict(inferer) if inferer is not None else {
             "_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16], "sw_batch_size": 4,
             "overlap": 0.5},
-        "postprocessing": {"_target_": "Compose", "transforms": _postprocessing(invert, save)},
+        "postprocessing": {"_target_": "Compose",
+                           "transforms": _postprocessing(invert, save, activation)},
         "handlers": [{"_target_": "CheckpointLoader",
                       "load_path": "$@bundle_root + '/models/model.pt'",
                       "load_dict": {"model": "@network"}}],

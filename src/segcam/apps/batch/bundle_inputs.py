@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcam.apps.batch.inputs import expand_inputs, explain_options, output_name, write_volume_map
+from segcam.apps.batch.inputs import (
+    expand_inputs,
+    explain_options,
+    output_name,
+    resolve_map_format,
+    write_overlay_png,
+    write_volume_map,
+)
 from segcam.apps.batch.job import BatchJob, Progress, register_input_kind
 from segcam.apps.batch.outputs import (
     RunClaim,
@@ -48,6 +55,7 @@ from segcam.apps.specs import (
 from segcam.errors import InputFileError
 from segcam.io.files import InputFile, read_input, write_nifti
 from segcam.io.medical import ras_affine
+from segcam.monai.pipeline import export_of, read_original
 from segcam.targets import Target
 
 __all__ = ["BundleImageJob", "BundleInputs", "bundle_classes", "bundle_settings"]
@@ -138,6 +146,35 @@ def _same_grid(data: InputFile, shape: tuple[int, ...], affine: Any) -> bool:
     return bool(np.allclose(np.asarray(own, float), np.asarray(affine, float), atol=1e-4))
 
 
+def _segmentation_writer(
+    prediction: Any, folder: Path, name: str, affine: np.ndarray, flip: bool = False
+) -> tuple[Callable[..., Path], tuple[Any, ...]]:
+    """The bundle's own segmentation: labels (float32, as its SaveImaged), or its channels.
+
+    A multi-label output (a channel per class, overlapping) is written as it is, channels last
+    (as SaveImaged writes a multi-channel prediction); a 2D one as a PNG of labels.
+    """
+    output = prediction.output.cpu().numpy()
+    if output.ndim == 3:  # (channels, rows, columns)
+        labels = prediction.labels.cpu().numpy().astype(np.uint8)
+        return _write_label_png, (folder / f"{name}_seg.png", labels.T if flip else labels)
+    if prediction.multi_label:
+        values = np.moveaxis(output, 0, -1).astype(np.float32)
+    else:
+        values = prediction.labels.cpu().numpy().astype(np.float32)
+    return write_nifti, (folder / f"{name}_seg.nii.gz", values, affine, None)
+
+
+def _write_label_png(path: Path, labels: np.ndarray) -> Path:
+    from PIL import Image
+
+    from segcam.io.writing import atomic_write
+
+    with atomic_write(path) as stream:
+        Image.fromarray(labels).save(stream, format="PNG")
+    return path
+
+
 @dataclass
 class BundleImageJob:
     """A loaded bundle and parsed targets: explains one image and writes its outputs."""
@@ -168,6 +205,24 @@ class BundleImageJob:
         data = read_input(path, series_uid=job.series_uid)
         for spec, geometry in self.mask_geometries.items():
             check_mask_geometry(spec, geometry, data)
+        grid = export_of(bundle, case).grid(case)  # the original image's (preprocessed: no Invertd)
+        given = case.original_affine if grid == case.original_shape else case.image.affine
+        affine = (
+            np.eye(4) if given is None else np.asarray(torch.as_tensor(given, dtype=torch.float64))
+        )
+        own_grid = _same_grid(data, grid, affine) or (
+            len(grid) == 2 and tuple(data.array.shape[1:]) == grid
+        )
+        # before the compute: a format the input cannot take is its error, at once
+        if own_grid and len(grid) == 3:
+            map_format = resolve_map_format(data, job.map_format)
+        elif job.map_format not in ("auto", "nifti"):
+            raise InputFileError(
+                f"{path}: MONAI's reader gives another grid than segcam's; maps are NIfTI on the "
+                f"bundle's grid (--map-format {job.map_format} does not apply)"
+            )
+        else:
+            map_format = "nifti"
         explain = explain_options(job.explain)
         explanations, prediction = monai.explain_and_predict(
             bundle,
@@ -181,28 +236,27 @@ class BundleImageJob:
             },
             progress=progress,
         )
-        grid = tuple(next(iter(explanations.values())).maps.shape[2:])
-        affine = case.original_affine if grid == case.original_shape else case.image.affine
-        affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64))
-        own_grid = _same_grid(data, grid, affine)
+        # a 2D image: MONAI's PIL reader gives (x, y), the file's (rows, columns) transposed
+        flip = len(grid) == 2 and tuple(data.array.shape[1:]) == grid[::-1] != grid
+        if own_grid or flip:
+            shown = data.array.mean(axis=0)
+        elif grid == case.original_shape:
+            shown = read_original(bundle, path)[0]
+        else:
+            shown = case.image.as_tensor().mean(0).numpy()
 
         def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
+            if len(grid) == 2:  # a 2D image: the map over it, as for other 2D inputs
+                return write_overlay_png(where / f"{stem}.png", shown, heat.T if flip else heat)
             if own_grid:  # the input's own format and header
-                return write_volume_map(where, stem, heat, data, job.map_format)
-            if job.map_format not in ("auto", "nifti"):
-                raise InputFileError(
-                    f"{path}: MONAI's reader gives another grid than segcam's; maps are NIfTI "
-                    f"on the bundle's grid (--map-format {job.map_format} does not apply)"
-                )
+                return write_volume_map(where, stem, heat, data, map_format)
             return write_nifti(
                 where / f"{stem}.nii.gz", heat, affine, None, description=f"segcam {stem}"
             )
 
         extra: list[tuple[Callable[..., Path], tuple[Any, ...]]] = []
         if self.spec.get("save_seg"):
-            labels = prediction.labels.cpu().numpy()  # float32, as the bundle's SaveImaged
-            segmentation = folder / f"{output_name(path)}_seg.nii.gz"
-            extra.append((write_nifti, (segmentation, labels, affine, None)))
+            extra.append(_segmentation_writer(prediction, folder, output_name(path), affine, flip))
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
         written = write_outputs(explanations, folder, names, grid, write_map, extra)
         check_unchanged(path, before, file_sha256(path), written)

@@ -58,6 +58,7 @@ __all__ = [
     "output_name",
     "pixel_set_writer",
     "resolve_map_format",
+    "write_overlay_png",
     "write_volume_map",
 ]
 
@@ -227,7 +228,7 @@ class FileExplainer:
 
         def write_map(where: Path, stem: str, heat: np.ndarray) -> Path:
             if data.spatial_dims == 2:
-                return _overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
+                return write_overlay_png(where / f"{stem}.png", array.mean(axis=0), heat)
             return write_volume_map(where, stem, heat, data, map_format)
 
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
@@ -248,7 +249,8 @@ class FileExplainer:
         return write_manifest(written, record, self.settings, folder, started, run)
 
 
-def _overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
+def write_overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
+    """A 2D map over its image (grey, the map in colour) as a PNG, atomically."""
     from PIL import Image
 
     from segcam.viz import overlay

@@ -21,6 +21,7 @@ from segcam.apps.cli.options import (
     add_output_option,
     add_sliding_window_option,
     check_device,
+    given_model_options,
     intensity,
     non_negative_float,
     parse_method_options,
@@ -158,22 +159,10 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
     """``--nnunet``: the options nnU-Net does not take are refused; targets use its classes."""
     from segcam.apps.batch.nnunet_cases import folder_facts, parse_case_target
 
-    given = [
-        flag
-        for flag, value in (
-            ("--model", args.model),
-            ("--weights", args.weights),
-            ("--sliding-window", args.sliding_window),
-            ("--preprocess", args.preprocess),
-            ("--window", args.window),
-            ("--zscore", args.zscore),
-            ("--minmax", args.minmax),
-            ("--classes", args.classes),
-            ("--output", args.output is not None),
-            ("--series", args.series),
-        )
-        if value
-    ]
+    given = given_model_options(args)
+    for flag, value in (("--classes", args.classes), ("--series", args.series)):
+        if value:
+            given.append(flag)
     if args.map_format != "auto":
         given.append("--map-format")
     if given:
@@ -216,22 +205,11 @@ def _bundle_job(args: argparse.Namespace, methods: list[str], method_options: An
     """``--bundle``: the bundle's config gives the model, its pipeline and its windows."""
     from segcam.apps.batch.bundle_inputs import bundle_classes
 
-    given = [
-        flag
-        for flag, value in (
-            ("--model", args.model),
-            ("--weights", args.weights),
-            ("--nnunet", args.nnunet),
-            ("--sliding-window", args.sliding_window),
-            ("--preprocess", args.preprocess),
-            ("--window", args.window),
-            ("--zscore", args.zscore),
-            ("--minmax", args.minmax),
-            ("--output", args.output is not None),
-            ("--no-upsample", args.no_upsample),
-        )
-        if value
-    ]
+    given = given_model_options(args)
+    if args.nnunet is not None:
+        given.insert(0, "--nnunet")
+    if args.no_upsample:
+        given.append("--no-upsample")
     if given:
         raise UsageError(
             f"--bundle: {', '.join(given)} do not apply (the bundle's config gives the model, its "

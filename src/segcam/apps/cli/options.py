@@ -393,6 +393,33 @@ def add_classes_option(parser: argparse.ArgumentParser, what: str = "") -> None:
     )
 
 
+def given_model_options(args: argparse.Namespace) -> list[str]:
+    """The model, output and intensity options given, by flag.
+
+    An nnU-Net model folder or a bundle's own config gives all of them, so they are refused
+    beside ``--nnunet`` or ``--bundle``.
+    """
+    options: tuple[tuple[str, str, Any], ...] = (
+        ("--model", "model", None),
+        ("--weights", "weights", None),
+        ("--model-kwargs", "model_kwargs", {}),
+        ("--weights-key", "weights_key", None),
+        ("--trust-pickle", "trust_pickle", False),
+        ("--output", "output", None),
+        ("--logits-from", "logits_from", "logits"),
+        ("--sliding-window", "sliding_window", None),
+        ("--preprocess", "preprocess", None),
+        ("--window", "window", None),
+        ("--zscore", "zscore", False),
+        ("--minmax", "minmax", False),
+    )
+    return [
+        flag
+        for flag, dest, default in options
+        if hasattr(args, dest) and getattr(args, dest) not in (default, None, False, {})
+    ]
+
+
 def add_output_option(parser: argparse.ArgumentParser) -> None:
     """``--output KEY|INDEX`` and ``--logits-from``: where the logits are, and what they are."""
     parser.add_argument(

@@ -19,6 +19,7 @@ from segcam.apps.cli.options import (
     add_nnunet_options,
     add_output_option,
     add_sliding_window_option,
+    given_model_options,
     intensity,
     model_from_args,
     output_spec,
@@ -199,8 +200,12 @@ def _nnunet_session(args: argparse.Namespace) -> Any:
 
     if args.input is None:
         raise UsageError("--nnunet needs a case to view: its _0000 file")
-    if args.model or args.weights or args.sliding_window:
-        raise UsageError("--nnunet: --model, --weights and --sliding-window do not apply")
+    given = given_model_options(args)
+    if given:
+        raise UsageError(
+            f"--nnunet: {', '.join(given)} do not apply (nnU-Net's plans give the model, its "
+            f"preprocessing and its windows)"
+        )
     facts = folder_facts(args.nnunet)
     files = channel_files(args.input, facts["file_ending"], facts["channels"])
     return nnunet_session(
@@ -222,19 +227,7 @@ def _bundle_session(args: argparse.Namespace) -> Any:
 
     if args.input is None:
         raise UsageError("--bundle needs an image to view: the file its LoadImaged reads")
-    given = [
-        flag
-        for flag, value in (
-            ("--model", args.model),
-            ("--weights", args.weights),
-            ("--sliding-window", args.sliding_window),
-            ("--window", args.window),
-            ("--zscore", args.zscore),
-            ("--minmax", args.minmax),
-            ("--output", args.output is not None),
-        )
-        if value
-    ]
+    given = given_model_options(args)
     if given:
         raise UsageError(
             f"--bundle: {', '.join(given)} do not apply (the bundle's config gives the model, "

@@ -50,6 +50,11 @@ class BundleViewerSession(ViewerSession):
         bundle, case = self.bundle, self.case
         assert bundle is not None and case is not None and self.original is not None
         self._prediction = monai.predict(bundle, case)
+        if self._prediction.multi_label:
+            raise InputFileError(
+                f"{bundle.folder}: the bundle's output is multi-label (overlapping channels): "
+                f"the viewer shows one label map; explain it with segcam explain --bundle"
+            )
         labels = self._prediction.labels
         self.spatial = tuple(int(s) for s in labels.shape)
         if tuple(self.original.shape) != self.spatial:
@@ -66,10 +71,11 @@ class BundleViewerSession(ViewerSession):
             raise OptionError(f"{len(self.class_names)} class names for {self.classes} outputs")
         self.forward_seconds = float("nan")  # gradient-free methods are not offered here
         window = bundle.sliding_window()
-        roi = case.shape if window is None else tuple(
-            int(r) if int(r) > 0 else int(s)
-            for r, s in zip(window["roi_size"], case.shape, strict=True)
-        )  # fmt: skip
+        sizes = case.shape if window is None else window["roi_size"]
+        sizes = [sizes] * len(case.shape) if isinstance(sizes, int) else sizes
+        roi = tuple(
+            int(r) if int(r) > 0 else int(s) for r, s in zip(sizes, case.shape, strict=True)
+        )
         parameter = next(iter(bundle.network.parameters()))
         example = torch.zeros((1, int(case.image.shape[0]), *roi), dtype=parameter.dtype)
         table = describe_layers(bundle.network, example.to(parameter.device))
@@ -127,8 +133,8 @@ def _ct_window(bundle: Any) -> bool:
     )
 
 
-def _load(bundle: Any, path: str | Path) -> np.ndarray:
-    """An image as the bundle's ``LoadImaged`` reads it: (*S), channels averaged."""
+def _load(bundle: Any, path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image as the bundle's ``LoadImaged`` reads it: (*S), channels averaged; its affine."""
     from segcam.monai.pipeline import read_original
 
     return read_original(bundle, path)
@@ -149,17 +155,26 @@ def bundle_session(
     """
     bundle = monai.load_bundle(folder, device=device)
     case = monai.read_case(bundle, image)
-    original = _load(bundle, image)
+    original, affine = _load(bundle, image)
     truth = None
     if ground_truth is not None:
         try:
-            values = _load(bundle, ground_truth)
+            values, truth_affine = _load(bundle, ground_truth)
         except Exception as error:  # MONAI's readers raise many types for unreadable files
             raise InputFileError(f"--ground-truth {ground_truth}: cannot read ({error})") from None
         if tuple(values.shape) != tuple(original.shape):
             raise InputFileError(
                 f"--ground-truth {ground_truth}: shape {tuple(values.shape)}, but the image's is "
                 f"{tuple(original.shape)}"
+            )
+        if (
+            affine is not None
+            and truth_affine is not None
+            and not np.allclose(affine, truth_affine, rtol=1e-4, atol=1e-3)
+        ):
+            raise InputFileError(
+                f"--ground-truth {ground_truth}: its affine differs from the image's (its voxels "
+                f"lie elsewhere); give the label file of this image"
             )
         if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
             raise InputFileError(
