@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.segcam-installed
 PYTEST_ARGS ?=
 
-.PHONY: install data browser test lint format docs demo bench bench-nnunet evaluate view clean
+.PHONY: install data browser test test-nnunet-oldest lint format docs demo bench bench-nnunet evaluate view clean
 
 install: $(STAMP)
 
@@ -70,8 +70,26 @@ bench-nnunet: $(STAMP) data
 		nnunetv2-cam==0.1.6.1
 	$(PY) benchmarks/bench_nnunet.py
 
+# The oldest nnunetv2 the [nnunet] extra accepts, in an environment of its own (CI runs it after
+# `make test`, which runs the newest): nnU-Net's tests and the command line's.
+NNUNET_OLDEST := 2.5.2
+OLDEST := .venv-nnunet-oldest
+OLDEST_STAMP := $(OLDEST)/.segcam-installed
+
+$(OLDEST_STAMP): pyproject.toml constraints.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(OLDEST)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+		-e '.[nnunet,monai,nifti,viewer,viz,images]' "nnunetv2==$(NNUNET_OLDEST)" \
+		pytest pytest-xdist hypothesis httpx2
+	touch $(OLDEST_STAMP)
+
+test-nnunet-oldest: $(OLDEST_STAMP) data
+	$(OLDEST)/bin/python -m pytest -q -n 2 tests/nnunet tests/apps/test_cli_nnunet.py \
+		tests/apps/test_demo_nnunet.py
+
 view: $(STAMP) data
 	$(VENV)/bin/segcam view
 
 clean:
-	rm -rf $(VENV) demo-out site .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OLDEST) demo-out site .pytest_cache .mypy_cache .ruff_cache .hypothesis

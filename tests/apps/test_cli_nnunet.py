@@ -297,6 +297,14 @@ def test_nnunet_spellings_find_the_model_under_nnunet_results(setup, tmp_path, m
     trained = results / "Dataset003_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     shutil.copytree(model_folder, trained)
     monkeypatch.setenv("nnUNet_results", str(results))
+    import importlib
+
+    for name in ("nnunetv2.paths", "nnunetv2.utilities.dataset_name_id_conversion",
+                 "nnunetv2.utilities.file_path_utilities"):  # fmt: skip
+        module = importlib.import_module(name)
+        if isinstance(getattr(module, "nnUNet_results", 0), str | None):  # before 2.8: read at
+            # import once (a new process reads the variable); 2.8 reads it on use
+            monkeypatch.setattr(module, "nnUNet_results", str(results))
     target = ["--target", "box:liver:0,0,0,9,9,9", "--layer", LAYER]
     nnunet_style = ["explain", "-d", "3", "-c", "3d_fullres", "-f", "0", "1", "-i", raw,
                     "-o", tmp_path / "a", "-step_size", "0.5", "--disable_tta",
