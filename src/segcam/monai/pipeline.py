@@ -44,9 +44,11 @@ __all__ = [
     "export_of",
     "iter_pipeline_names",
     "iter_transforms",
+    "load_image",
     "network_device",
     "network_input",
     "predict",
+    "preprocess_loaded",
     "read_case",
     "read_original",
     "run_inferer",
@@ -220,6 +222,44 @@ def _export(bundle: MonaiBundle, data: Mapping[Any, Any], image: Any) -> Export:
             f"exact (supported: {', '.join(sorted(LINEAR_INVERSES))})"
         )
     return Export(invertd, operations)
+
+
+def load_image(bundle: MonaiBundle, path: str | Path) -> Any:
+    """The image as the preprocessing's ``LoadImaged`` gives it (a MONAI ``MetaTensor``).
+
+    Raises:
+        BundleError: the preprocessing has no ``LoadImaged``, or it cannot read the file.
+    """
+    from monai.transforms.utils import allow_missing_keys_mode
+
+    loaders = [t for t in _transforms(bundle.preprocessing) if type(t).__name__ == "LoadImaged"]
+    if not loaders:
+        raise BundleError(f"{bundle.folder}: the preprocessing has no LoadImaged")
+    try:
+        with allow_missing_keys_mode(loaders[0]):
+            return loaders[0]({IMAGE_KEY: str(path)})[IMAGE_KEY]
+    except Exception as error:  # MONAI's readers raise many types
+        raise BundleError(
+            f"{path}: the bundle's reader cannot read it ({_first_line(error)})"
+        ) from None
+
+
+def preprocess_loaded(bundle: MonaiBundle, loaded: Any) -> BundleCase:
+    """The preprocessing after ``LoadImaged`` on an image already loaded.
+
+    Its values may have changed (a perturbed image), its metadata is the loaded one's: the case
+    :func:`read_case` makes from the file, for other values.
+    """
+    from monai.transforms.transform import apply_transform
+
+    steps = _transforms(bundle.preprocessing)
+    first = next(i for i, t in enumerate(steps) if type(t).__name__ == "LoadImaged")
+    data: dict[Any, Any] = {IMAGE_KEY: loaded}
+    for transform in steps[first + 1 :]:
+        data = dict(apply_transform(transform, data))
+    image = data[IMAGE_KEY]
+    shape = tuple(int(v) for v in torch.as_tensor(loaded.meta["spatial_shape"]).flatten())
+    return BundleCase(loaded, data, image, shape, loaded.meta.get("original_affine"))
 
 
 def read_case(bundle: MonaiBundle, image: str | Path | Mapping[str, Any]) -> BundleCase:
@@ -423,19 +463,7 @@ def read_original(bundle: MonaiBundle, path: str | Path) -> tuple[np.ndarray, np
     Raises:
         BundleError: the preprocessing has no ``LoadImaged``, or it cannot read the file.
     """
-    from monai.transforms.utils import allow_missing_keys_mode
-
-    loaders = [t for t in _transforms(bundle.preprocessing) if type(t).__name__ == "LoadImaged"]
-    if not loaders:
-        raise BundleError(f"{bundle.folder}: the preprocessing has no LoadImaged")
-    loader = loaders[0]
-    try:
-        with allow_missing_keys_mode(loader):
-            loaded = loader({IMAGE_KEY: str(path)})[IMAGE_KEY]
-    except Exception as error:  # MONAI's readers raise many types
-        raise BundleError(
-            f"{path}: the bundle's reader cannot read it ({_first_line(error)})"
-        ) from None
+    loaded = load_image(bundle, path)
     array = np.asarray(torch.as_tensor(loaded).detach().cpu(), dtype=np.float32)
     meta = getattr(loaded, "meta", {}) or {}
     channel = meta.get("original_channel_dim", "no_channel")
