@@ -8,9 +8,9 @@ weights), its preprocessing (RAS, 1.5 x 1.5 x 2 mm, the intensity window), its i
 windows, 4 per batch, overlap 0.5, constant blending) and its postprocessing (softmax, Invertd,
 argmax), on a CT-like NIfTI of ``--shape`` voxels at 1.5 x 1.5 x 2 mm.
 
-Contenders, each timed in this process (median of ``--repeats``, after a warm-up) and measured
-for memory in a fresh process (the peak resident-set growth of a second run, sampled every
-2 ms):
+Contenders, timed in this process interleaved (median of ``--repeats``, after a warm-up) and
+measured for memory in a fresh process (the peak resident-set growth of a second run, sampled
+every 2 ms):
 
 - ``bundle``: the bundle's own inference, what ``monai.bundle.run`` computes for one image:
   its preprocessing, its ``SlidingWindowInferer``, its postprocessing (writing left out):
@@ -18,8 +18,9 @@ for memory in a fresh process (the peak resident-set growth of a second run, sam
 - ``segcam``: ``segcam.monai.explain_and_predict`` for ``Predicted(1)`` with Seg-HiRes-Grad CAM
   and Seg-Grad CAM at ``model.1.submodule.2``, maps on the original grid (preprocessing
   included);
-- ``segcam, no kept forwards``: the same with ``keep_bytes=0`` (the bundle's prediction pass
-  first, then a recorded forward per window): what the kept forwards save.
+- ``segcam, kept forwards``: the same with ``keep_bytes`` 2 GiB (the prediction's forwards kept
+  for the backward passes instead of a second forward per window): what keeping saves, and
+  costs.
 
 Writes benchmarks/results/bundle.json.
 """
@@ -41,7 +42,7 @@ import warnings
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ("bundle", "segcam", "segcam, no kept forwards")
+KINDS = ("bundle", "segcam", "segcam, kept forwards")
 LAYER = "model.1.submodule.2"
 SPLEEN = {
     "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
@@ -75,7 +76,7 @@ def _contender(kind: str, spec: dict):
     bundle = monai.load_bundle(spec["folder"])
     if kind == "bundle":
         return lambda: monai.predict(bundle, monai.read_case(bundle, spec["image"]))
-    keep = {"keep_bytes": 0} if kind == "segcam, no kept forwards" else {}
+    keep = {"keep_bytes": 2 * 1024**3} if kind == "segcam, kept forwards" else {}
     return lambda: monai.explain_and_predict(
         bundle, spec["image"], segcam.Predicted(1), LAYER, ["seg-hires-grad-cam", "seg-grad-cam"],
         **keep,
@@ -109,20 +110,23 @@ def child(kind: str, spec: dict) -> dict:
     return {"peak_growth_bytes": max(samples) - base, "info": info}
 
 
-def timed(kind: str, spec: dict, repeats: int) -> list[float]:
-    run = _contender(kind, spec)
-    run()  # warm-up
-    times = []
+def timed(spec: dict, repeats: int) -> dict[str, list[float]]:
+    """Each contender's times, interleaved (A, B, C, A, B, C, ...) after a warm-up of each."""
+    runs = {kind: _contender(kind, spec) for kind in KINDS}
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
+        for kind, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[kind].append(time.perf_counter() - started)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shape", type=int, nargs=3, default=[192, 192, 128])
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,8 +146,9 @@ def main() -> None:
     try:
         spec = prepare(work, args.shape)
         rows = report["rows"]
+        all_times = timed(spec, args.repeats)
         for kind in KINDS:
-            times = timed(kind, spec, args.repeats)
+            times = all_times[kind]
             measured = subprocess.run(
                 [sys.executable, __file__, "--child", kind, json.dumps(spec)],
                 capture_output=True,

@@ -53,13 +53,13 @@ def test_an_nnunet_model_on_its_labelled_cases(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "deletion and insertion run the pipeline 24 times (2 steps" in err  # said first
     records = _records(tmp_path / "a", "nnunet_model")
-    assert {r["target"] for r in records} == {"class 1", "class 2"}
+    assert {r["target"] for r in records} == {"liver (class 1)", "tumour (class 2)"}
     assert {r["method"] for r in records} == {"seg-hires-grad-cam", "seg-grad-cam"}
     # the energy is the map's share inside the truth: recomputed from nnU-Net's explanation
     explanation = nnunet.explain(model, files, segcam.Predicted(2), layer, mirroring=False)
     expected = float(energy_inside(explanation.maps[:, 0], torch.from_numpy(truth == 2)[None]))
     hires = next(r for r in records if r["method"] == "seg-hires-grad-cam" and r["target"] ==
-                 "class 2")  # fmt: skip
+                 "tumour (class 2)")  # fmt: skip
     assert hires["energy in ground truth"] == pytest.approx(expected, abs=1e-6)
     for record in records:
         assert -1 <= record["Spearman, all randomised"] <= 1
@@ -96,7 +96,7 @@ def test_a_bundle_on_its_labelled_images(tmp_path, capsys):
                  "--steps", "2", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     (record,) = _records(tmp_path / "out", "bundle_spleen")
-    assert record["target"] == "class 1"
+    assert record["target"] == "spleen (class 1)"
     # the truth is the bundle's own prediction: the map's positive mass lies mostly inside it
     assert 0 < record["energy in ground truth"] <= 1
     assert np.isfinite(record["deletion AUC"]) and -1 <= record["Spearman, half randomised"] <= 1

@@ -110,12 +110,13 @@ def test_predicted_is_the_segmentation_monai_bundle_run_writes(tmp_path, ct, mod
     handle = bundle.network.register_forward_hook(lambda *_: calls.append(1))
     try:
         explanations, prediction = explain_and_predict(
-            bundle, folder / "images" / "case.nii.gz", segcam.Predicted(1), LAYER, GRADIENT_METHODS
-        )
+            bundle, folder / "images" / "case.nii.gz", segcam.Predicted(1), LAYER,
+            GRADIENT_METHODS, keep_bytes=2**31,
+        )  # fmt: skip
     finally:
         handle.remove()
     windows = explanations["seg-grad-cam"].info["monai_bundle"]["windows"]
-    # one pass: the prediction's forwards are kept for the backward passes (3 windows a batch)
+    # one pass: the prediction's forwards kept for the backward passes (3 windows a batch)
     assert len(calls) == -(-windows["windows"] // 3) and windows["windows"] > 3
     labels = np.asarray(written.dataobj)
     assert labels.shape == (40, 36, 20)  # the original CT's grid, not the 1.5x1.5x2 mm one

@@ -10,10 +10,10 @@ and method:
   the map's top voxels (``steps`` + 1 fractions, a blurred baseline) and run through the whole
   pipeline again (nnU-Net's preprocessing, windows, mirroring, folds and export; a bundle's
   preprocessing, inferer and ``Invertd``); the score is the masked sum of the exported logits
-  over the unperturbed predicted set, divided by its unperturbed value;
-- *cascading randomisation* (Adebayo et al., NeurIPS 2018): the Spearman correlation of the maps
-  with those of a copy of the network whose later half (from the output), then all, of its
-  parameter layers are re-initialised (seeded);
+  over the unperturbed predicted set, divided by the magnitude of its unperturbed value;
+- *cascading randomisation* (Adebayo et al., NeurIPS 2018): the Spearman correlation of the raw
+  maps (no ReLU) with those of a copy of the network whose later half (from the output), then
+  all, of its parameter layers are re-initialised (seeded);
 - for nnU-Net with several folds, the folds' agreement (mean pairwise Spearman inside the set).
 
 Records go to the evaluation's report (:mod:`segcam.apps.evaluation.reports`: mean and 95%
@@ -47,7 +47,8 @@ from segcam.metrics import (
 
 __all__ = ["PipelineCase", "bundle_cases", "evaluate_pipeline", "nnunet_cases", "pipeline_runs"]
 
-Explain = Callable[[Any, list[Any], list[str], list[str]], tuple[dict[str, Any], Any]]
+Explain = Callable[..., tuple[dict[str, Any], Any]]
+"""(model, targets, layers, methods, relu=True) -> (explanations, predicted(c))."""
 
 
 class _Pipeline(nn.Module):
@@ -76,6 +77,7 @@ class PipelineCase:
         model: the model as loaded; ``with_network(model, network)`` puts a network in place.
         network: the network randomisation copies (nnU-Net: the first fold's).
         with_network: the model with another network (for cascading randomisation).
+        class_names: the classes' names (``dataset.json``, ``metadata.json``), for the report.
     """
 
     name: str
@@ -86,6 +88,7 @@ class PipelineCase:
     model: Any
     network: nn.Module
     with_network: Callable[[Any, nn.Module], Any]
+    class_names: Sequence[str] = ()
 
 
 def _labels(values: np.ndarray, where: Path) -> torch.Tensor:
@@ -141,12 +144,14 @@ def nnunet_cases(
             targets: list[Any],
             layers: list[str],
             methods: list[str],
+            relu: bool = True,
             image: np.ndarray = image,
             properties: dict[str, Any] = properties,
         ) -> tuple[dict[str, Any], Any]:
             explanations, prediction = nnunet.explain_and_predict(
                 model, (image, copy.deepcopy(properties)), targets, layers, methods,
                 step_size=step_size, mirroring=mirroring, per_fold=len(model.networks) > 1,
+                relu=relu,
             )  # fmt: skip
             return explanations, lambda c: prediction.predicted(model, c)
 
@@ -162,6 +167,7 @@ def nnunet_cases(
                 with_network=lambda model, network: dataclasses.replace(
                     model, networks=(network,), folds=model.folds[:1]
                 ),
+                class_names=tuple(model.class_names),
             )
         )
     return result
@@ -205,10 +211,15 @@ def bundle_cases(folder: str | Path, data: Path, labels: Path) -> list[PipelineC
             return export_of(bundle, variant)(logits, variant)[None].float()
 
         def explain(
-            model: Any, targets: list[Any], layers: list[str], methods: list[str], case: Any = case
+            model: Any,
+            targets: list[Any],
+            layers: list[str],
+            methods: list[str],
+            relu: bool = True,
+            case: Any = case,
         ) -> tuple[dict[str, Any], Any]:
             explanations, prediction = monai.explain_and_predict(
-                model, case, targets, layers, methods
+                model, case, targets, layers, methods, relu=relu
             )
             return explanations, prediction.predicted
 
@@ -222,9 +233,14 @@ def bundle_cases(folder: str | Path, data: Path, labels: Path) -> list[PipelineC
                 model=bundle,
                 network=bundle.network,
                 with_network=lambda model, network: dataclasses.replace(model, network=network),
+                class_names=bundle.class_names,
             )
         )
     return result
+
+
+def _class_label(names: Sequence[str], c: int) -> str:
+    return f"{names[c]} (class {c})" if c < len(names) else f"class {c}"
 
 
 def pipeline_runs(classes: int, methods: int, layers: int, steps: int) -> int:
@@ -311,17 +327,19 @@ def evaluate_pipeline(
                         "sample": case.name,
                         "method": method,
                         "layer": layer,
-                        "target": f"class {c}",
+                        "target": _class_label(case.class_names, c),
                         "energy in ground truth": float(energy_inside(heat, region)[0]),
                         "pointing game": float(pointing_game(heat, region)[0]),
                         "relevance rank accuracy": float(relevance_rank_accuracy(heat, region)[0]),
                     }
+                    start: torch.Tensor | None = None  # the unperturbed score's magnitude
                     for mode in ("deletion", "insertion"):
                         curves = deletion_insertion(
                             pipeline, case.inputs, heat, mask, mode=mode, steps=steps,
                             batch_size=1,
                         )  # fmt: skip
-                        start = curves.scores[:, :1].clamp_min(1e-6)
+                        if start is None:  # deletion's first point: nothing deleted yet
+                            start = curves.scores[:, :1].abs().clamp_min(1e-6)
                         auc = torch.trapezoid(curves.scores / start, curves.fractions, dim=1)
                         record[f"{mode} AUC"] = float(auc[0])
                     for label, maps in randomised.items():
@@ -351,7 +369,7 @@ def _randomised_maps(
     names = _parameter_modules_from_output(network, example_input.to(parameter))
     modules = dict(network.named_modules())
     single = case.with_network(case.model, case.network)  # the same fold the copy comes from
-    reference, _ = case.explain(single, targets, list(layers), list(methods))
+    reference, _ = case.explain(single, targets, list(layers), list(methods), relu=False)
     result: dict[str, dict[str, dict[str, list[float]]]] = {}
     halves = [("Spearman, half randomised", names[: len(names) // 2]),
               ("Spearman, all randomised", names[len(names) // 2 :])]  # fmt: skip
@@ -360,8 +378,9 @@ def _randomised_maps(
         for label, group in halves:
             _randomise([modules[name] for name in group])
             explanations, _ = case.explain(
-                case.with_network(case.model, network), targets, list(layers), list(methods)
-            )
+                case.with_network(case.model, network), targets, list(layers), list(methods),
+                relu=False,
+            )  # fmt: skip
             result[label] = {
                 method: {
                     layer: spearman(
