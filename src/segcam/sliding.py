@@ -50,7 +50,7 @@ from segcam.core import (
 )
 from segcam.errors import OptionError
 from segcam.explanation import Explanation, assemble
-from segcam.kept import KeepBudget, KeptWindows
+from segcam.kept import KEEP_BYTES, KeepBudget, KeptWindows
 from segcam.layers import LayerSpec
 from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec, select_logits
@@ -336,19 +336,18 @@ def explain_sliding_window_methods(
     output: OutputSpec = None,
     method_options: MethodOptions | None = None,
     progress: Progress | None = None,
-    keep_bytes: int = 0,
+    keep_bytes: int = KEEP_BYTES,
 ) -> dict[str, Explanation]:
     """:func:`explain_sliding_window` for several gradient methods: method name -> explanation.
 
     Every window's forward pass and its backward passes are shared by all the methods.
     Everything is checked (methods, options, windows) before the first forward pass.
     ``progress`` is called with (groups of windows done, groups) after each group. Targets that
-    read the logits need the whole prediction first: a pass without gradients, then a recorded
-    forward per window met (memory: one group's graph at a time). With ``keep_bytes`` > 0 the
-    prediction's forwards are recorded and kept within that budget
-    (:class:`segcam.kept.KeptWindows`, e.g. :data:`segcam.kept.KEEP_BYTES`), so the windows kept
-    take their backward passes without a second forward: the benchmarks page says when that
-    pays.
+    read the logits need the whole prediction first: its forwards are recorded and kept within
+    ``keep_bytes`` (:class:`segcam.kept.KeptWindows`), so the windows kept take their backward
+    passes without a second forward; ``keep_bytes=0``: a prediction pass without gradients, then
+    a recorded forward per window met, one group's graph at a time (the benchmarks page has the
+    trade).
     """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:

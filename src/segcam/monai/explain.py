@@ -36,6 +36,7 @@ import torch
 from segcam.core import explain_methods as explain_whole
 from segcam.errors import OptionError, SegCamWarning, TargetError
 from segcam.explanation import Explanation, assemble
+from segcam.kept import KEEP_BYTES
 from segcam.layers import LayerSpec
 from segcam.methods import MethodOptions, resolve_methods
 from segcam.monai.bundle import MonaiBundle
@@ -236,16 +237,16 @@ def explain_and_predict(
     method_options: MethodOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
     prediction: BundlePrediction | None = None,
-    keep_bytes: int = 0,
+    keep_bytes: int = KEEP_BYTES,
 ) -> tuple[dict[str, Explanation], BundlePrediction]:
     """:func:`explain_methods` and the bundle's prediction of the image (its segmentation).
 
     ``prediction``: the case's prediction made before (:func:`segcam.monai.predict`), for a case
     explained again and again (the viewer): neither the inferer nor the postprocessing runs again.
     ``keep_bytes``: without ``prediction``, targets that read it (``Predicted``) are resolved
-    once every window has run: a prediction pass, then a forward per window met; with a budget
-    (:data:`segcam.kept.KEEP_BYTES`), the prediction's forwards are kept for their backward
-    passes instead (:class:`segcam.kept.KeptWindows`).
+    once every window has run; the prediction's forwards are kept for their backward passes
+    within this budget (:class:`segcam.kept.KeptWindows`; 0: a prediction pass, then a forward
+    per window met, one window group's graph at a time).
     """
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
