@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from segcam.errors import OptionError
+
 __all__ = ["NETWORK", "PREPROCESSING", "write_bundle", "write_oblique_ct"]
 
 NETWORK: dict[str, Any] = {
@@ -128,7 +130,7 @@ def write_bundle(
         from monai.networks.nets.unet import UNet
 
         if network.get("_target_") != "UNet":
-            raise ValueError("give state= for a network other than MONAI's UNet")
+            raise OptionError("give state= for a network other than MONAI's UNet")
         torch.manual_seed(seed)
         state = UNet(**{k: v for k, v in network.items() if k != "_target_"}).state_dict()
     torch.save(dict(state), folder / "models" / "model.pt")
