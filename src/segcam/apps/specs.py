@@ -25,6 +25,7 @@ __all__ = [
     "SpecError",
     "apply_intensity",
     "file_sha256",
+    "label_map",
     "load_callable",
     "load_model",
     "parse_class",
@@ -314,6 +315,18 @@ def split_label(argument: str, spec: str) -> tuple[str, int | None]:
             f"(below {EXACT_LABELS})"
         )
     return path, int(label)
+
+
+def label_map(values: np.ndarray, what: str) -> np.ndarray:
+    """Reference labels as integers (uint8 when they fit), or one line naming ``what``.
+
+    Raises:
+        InputFileError: values that are not non-negative integers (NaN, fractions, negatives).
+    """
+    values = np.asarray(values)
+    if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
+        raise InputFileError(f"{what}: not labels (non-negative integers)")
+    return np.round(values).astype(np.uint8 if values.max() < 256 else np.int64)
 
 
 def mask_file(spec: str) -> Path | None:

@@ -27,8 +27,8 @@ from segcam.apps.cli.options import (
     resolve_nnunet_folder,
     sliding_window_of,
 )
-from segcam.apps.specs import apply_intensity, file_sha256
-from segcam.errors import MissingExtraError
+from segcam.apps.specs import apply_intensity, file_sha256, label_map
+from segcam.errors import InputFileError, MissingExtraError
 from segcam.io.files import InputFile, read_input
 from segcam.io.medical import is_dicom_folder, ras_affine
 
@@ -159,9 +159,10 @@ def _ground_truth(path: Path | None) -> np.ndarray | None:
         raise UsageError(f"--ground-truth {path}: no such file")
     labels = read_input(path).array
     labels = labels[0] if labels.shape[0] == 1 else labels
-    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or labels.min() < 0:
-        raise UsageError(f"--ground-truth {path}: not labels (non-negative integers)")
-    return labels.astype(np.uint8 if labels.max() < 256 else np.int64)
+    try:
+        return label_map(labels, f"--ground-truth {path}")
+    except InputFileError as error:
+        raise UsageError(str(error)) from None
 
 
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")

@@ -36,6 +36,7 @@ from torch import nn
 
 import segcam
 from segcam.apps.evaluation.reports import Record
+from segcam.apps.specs import label_map
 from segcam.errors import InputFileError, OptionError
 from segcam.metrics import (
     deletion_insertion,
@@ -92,9 +93,7 @@ class PipelineCase:
 
 
 def _labels(values: np.ndarray, where: Path) -> torch.Tensor:
-    if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
-        raise InputFileError(f"{where}: not labels (non-negative integers)")
-    return torch.from_numpy(np.round(values).astype(np.int64))
+    return torch.from_numpy(label_map(values, str(where)).astype(np.int64))
 
 
 def nnunet_cases(

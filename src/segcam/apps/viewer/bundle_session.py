@@ -21,6 +21,7 @@ import torch
 
 import segcam
 from segcam import Explainer, monai
+from segcam.apps.specs import label_map
 from segcam.apps.viewer.layers import LayerMenu
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
@@ -176,11 +177,7 @@ def bundle_session(
                 f"--ground-truth {ground_truth}: its affine differs from the image's (its voxels "
                 f"lie elsewhere); give the label file of this image"
             )
-        if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
-            raise InputFileError(
-                f"--ground-truth {ground_truth}: not labels (non-negative integers)"
-            )
-        truth = values.astype(np.uint8 if values.max() < 256 else np.int64)
+        truth = label_map(values, f"--ground-truth {ground_truth}")
     return BundleViewerSession(
         model=bundle.network,
         inputs=case.image.as_tensor().float(),

@@ -23,6 +23,7 @@ import torch
 
 import segcam
 from segcam import Explainer
+from segcam.apps.specs import label_map
 from segcam.apps.viewer.layers import LayerMenu, on_path_shapes
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
@@ -226,11 +227,7 @@ def nnunet_session(
                 f"--ground-truth {ground_truth}: shape {tuple(values.shape)}, but the case's is "
                 f"{tuple(case.original_shape)}"
             )
-        if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0:
-            raise InputFileError(
-                f"--ground-truth {ground_truth}: not labels (non-negative integers)"
-            )
-        truth = values.astype(np.uint8 if values.max() < 256 else np.int64)
+        truth = label_map(values, f"--ground-truth {ground_truth}")
     order = file_order(type(reader).__name__, len(case.original_shape))
     return NnUNetViewerSession(
         model=model.networks[0],
