@@ -100,6 +100,27 @@ def test_a_bundle_on_its_labelled_images(tmp_path, capsys):
     # the truth is the bundle's own prediction: the map's positive mass lies mostly inside it
     assert 0 < record["energy in ground truth"] <= 1
     assert np.isfinite(record["deletion AUC"]) and -1 <= record["Spearman, half randomised"] <= 1
+    # a case without a class in its truth is skipped, said; a label the model lacks is refused
+    images2, labels2 = tmp_path / "images2", tmp_path / "labels2"
+    images2.mkdir()
+    labels2.mkdir()
+    write_oblique_ct(images2 / "a.nii.gz", seed=2)
+    write_oblique_ct(images2 / "b.nii.gz", seed=3)
+    affine = nib.load(ct).affine
+    nib.save(nib.Nifti1Image(np.zeros_like(predicted), affine), labels2 / "a.nii.gz")
+    nib.save(nib.Nifti1Image(predicted, affine), labels2 / "b.nii.gz")
+    common = ["evaluate", "--bundle", str(folder), "--data", str(images2), "--labels",
+              str(labels2), "--layer", "model.1.submodule", "--methods", "seg-hires-grad-cam",
+              "--steps", "1", "--out", str(tmp_path / "out2")]  # fmt: skip
+    capsys.readouterr()
+    assert main(common) == 0
+    assert "a.nii.gz: no class in its label file: skipped" in capsys.readouterr().err
+    assert [r["sample"] for r in _records(tmp_path / "out2", "bundle_spleen")] == ["b.nii.gz"]
+    nib.save(nib.Nifti1Image(predicted * 7, affine), labels2 / "b.nii.gz")
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz: its label file holds label 7, but the model has 2 classes" in err
+    assert "deletion and insertion run" not in err  # refused before any work
     # one clear line for what is missing
     assert main(["evaluate", "--bundle", str(folder), "--data", str(images), "--layer",
                  "model.1.submodule"]) == 2  # fmt: skip

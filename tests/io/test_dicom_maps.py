@@ -115,3 +115,29 @@ def test_a_series_without_a_frame_of_reference_is_refused_in_one_line(tmp_path):
         write_series(tmp_path / "ok", VOLUME, UID + ".1")
         write_parametric_map(tmp_path / "m.dcm", np.zeros((3, 3, 3)), read_medical(tmp_path / "ok"),
                              description="x")  # fmt: skip
+
+
+def test_names_in_any_script_and_long_descriptions_keep_what_tells_maps_apart(series, tmp_path):
+    from segcam.apps.batch.outputs import clear_previous
+    from segcam.io.dicom_maps import _lo
+
+    long = "segcam seg-hires-grad-cam encoder.stages.5.0.convs.1.all_modules.0 t3-predicted-liver"
+    assert len(_lo(long)) <= 64 and _lo(long).endswith("t3-predicted-liver")
+    assert _lo("a\nb\\c") == "a b/c"
+    volume = np.zeros(series.array.shape[1:], dtype=np.float32)  # an all-zero map
+    path = write_parametric_map(tmp_path / "m.dcm", volume, series, description="Leber é 肝臓")
+    dataset = pydicom.dcmread(path)
+    assert dataset.SpecificCharacterSet == "ISO_IR 192"  # UTF-8, declared
+    assert dataset.SeriesDescription == "Leber é 肝臓"
+    voi = dataset.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert voi.VOILUTFunction == "LINEAR_EXACT" and float(voi.WindowWidth) > 0
+    # a rerun without a readable manifest removes the Segmentation of earlier settings too
+    folder = tmp_path / "out"
+    folder.mkdir()
+    sets = [PixelSet("t0 box 肝臓", np.ones(series.array.shape[1:], bool), False)]
+    write_segmentation(folder / "pixel_sets.dcm", sets, series)
+    assert hd.seg.segread(folder / "pixel_sets.dcm").SegmentSequence[0].SegmentLabel == (
+        "t0 box 肝臓"
+    )
+    clear_previous(folder)
+    assert not (folder / "pixel_sets.dcm").exists()

@@ -50,9 +50,13 @@ def _version() -> str:
 
 
 def _lo(text: str) -> str:
-    """A DICOM LO value: at most 64 characters, no backslash, cut between words."""
-    text = text.replace("\\", "/")
-    return text if len(text) <= 64 else text[:61].rsplit(" ", 1)[0] + "..."
+    """A DICOM LO value: at most 64 characters, no backslash or control characters.
+
+    A longer text keeps its start and its end (the target and class come last): the middle
+    (the layer's inner part) gives way to ``...``.
+    """
+    text = "".join(c if c.isprintable() else " " for c in text.replace("\\", "/")).strip()
+    return text if len(text) <= 64 else text[:30].rstrip() + "..." + text[-31:].lstrip()
 
 
 def dicom_refusal(like: MedicalVolume) -> str | None:
@@ -90,6 +94,7 @@ def _frames(volume: np.ndarray, like: MedicalVolume) -> np.ndarray:
 
 
 def _write(path: Path, dataset: Any) -> Path:
+    dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class names in any script
     with atomic_path(path) as temporary:
         dataset.save_as(str(temporary), enforce_file_format=True)
     return path
@@ -125,8 +130,10 @@ def write_parametric_map(
         slope=1,
         intercept=0,
     )
-    window = hd.VOILUTTransformation(
-        window_center=(low + high) / 2, window_width=max(high - low, 1e-6)
+    window = hd.VOILUTTransformation(  # LINEAR_EXACT: a window narrower than 1 is allowed
+        window_center=(low + high) / 2,
+        window_width=max(high - low, 1e-6),
+        voi_lut_function="LINEAR_EXACT",
     )
     parametric_map = hd.pm.ParametricMap(
         source_images=sources,

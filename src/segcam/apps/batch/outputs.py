@@ -201,8 +201,17 @@ def clear_previous(folder: Path) -> None:
 
 
 def _written_by_segcam(name: str) -> bool:
-    """Named as segcam names outputs: a method's ``.npz``, or a map (``METHOD__LAYER__tN-...``)."""
-    return name.endswith(".npz") or re.fullmatch(r"[^.][^/]*__.*__t\d+-.+", name) is not None
+    """Named as segcam names its outputs.
+
+    A method's ``.npz``, a map (``METHOD__LAYER__tN-...``), the pixel sets' DICOM Segmentation,
+    a bundle's ``--save-seg`` segmentation.
+    """
+    return (
+        name.endswith(".npz")
+        or name == "pixel_sets.dcm"
+        or name.endswith(("_seg.nii.gz", "_seg.png"))
+        or re.fullmatch(r"[^.][^/]*__.*__t\d+-.+", name) is not None
+    )
 
 
 RUN_FILE = ".segcam-run.json"

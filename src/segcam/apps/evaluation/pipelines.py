@@ -295,13 +295,24 @@ def evaluate_pipeline(
     """
     if steps < 1:
         raise OptionError(f"--steps must be at least 1, got {steps}")
+    for case in cases:  # before any work: a label the model does not have
+        values = [int(c) for c in torch.unique(case.truth).tolist()]
+        if case.class_names and max(values) >= len(case.class_names):
+            raise InputFileError(
+                f"{case.name}: its label file holds label {max(values)}, but the model has "
+                f"{len(case.class_names)} classes ({', '.join(case.class_names)})"
+            )
     records: list[Record] = []
     for index, case in enumerate(cases, 1):
+        classes = [int(c) for c in torch.unique(case.truth).tolist() if c > 0]
+        if not classes:
+            if say is not None:
+                say(f"[{index}/{len(cases)}] {case.name}: no class in its label file: skipped")
+            continue
         started = time.perf_counter()
         with torch.no_grad():
             case.predict(case.inputs)
         seconds = time.perf_counter() - started
-        classes = [int(c) for c in torch.unique(case.truth).tolist() if c > 0]
         runs = pipeline_runs(len(classes), len(methods), len(layers), steps)
         if say is not None:
             say(
