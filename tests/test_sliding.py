@@ -213,3 +213,24 @@ def test_a_predicted_set_reuses_the_prediction_s_kept_forwards():
     with torch.no_grad():
         blended = sliding_window_inference(x, (16, 16, 16), 1, model, overlap=0.25, mode="gaussian")
     assert torch.equal(runs[2**31]["seg-hires-grad-cam"].logits, blended)  # the same numbers
+
+
+def test_kept_forwards_equal_a_second_forward_for_batches_groups_and_layers():
+    model = _unet(3, seed=9)
+    x = torch.randn((2, 1, 24, 20, 28), generator=torch.Generator().manual_seed(9)).double()
+    layers = ["model.1.submodule", "model.1.submodule.1"]
+    targets = [segcam.Predicted(1), segcam.Region(2)]
+    methods = ["seg-hires-grad-cam", "seg-grad-cam"]
+    runs = {}
+    for keep in (0, 2**31):
+        runs[keep] = segcam.explain_sliding_window_methods(
+            model, x, targets, layers, 16, methods, sw_batch_size=3, overlap=0.5,
+            keep_bytes=keep, **RAW,
+        )  # fmt: skip
+
+    for method in ("seg-hires-grad-cam", "seg-grad-cam"):
+        for layer in layers:
+            kept, fresh = runs[2**31][method].layer_maps[layer], runs[0][method].layer_maps[layer]
+            assert float(fresh.abs().max()) > 0
+            torch.testing.assert_close(kept, fresh, rtol=1e-12, atol=1e-12)
+        assert torch.equal(runs[2**31][method].pixel_sets, runs[0][method].pixel_sets)

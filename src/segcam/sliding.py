@@ -359,9 +359,9 @@ def explain_sliding_window_methods(
         plan, target_list, chosen, sets_fixed=not any(uses_logits(t) for t in target_list)
     )
     store = KeptWindows(KeepBudget(int(keep_bytes)))
-    if not run.sets_fixed:  # the prediction first, its forwards recorded and kept (a budget)
-        run.blended = _predict_keeping(model, inputs, plan, layer, output, store)
-    try:
+    try:  # kept forwards are freed however the run ends
+        if not run.sets_fixed:  # the prediction first, its forwards recorded and kept (a budget)
+            run.blended = _predict_keeping(model, inputs, plan, layer, output, store)
         for done, group in enumerate(plan.groups, 1):
             kept = store.forwards.pop(done - 1, None)
             _run_group(run, model, inputs, group, layer, output, kept)
