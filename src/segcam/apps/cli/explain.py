@@ -201,6 +201,15 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
     )
 
 
+def _require_gradient_methods(methods: list[str], flag: str) -> None:
+    """Windows take gradient methods only: another is one line naming ``flag``, no traceback."""
+    for method in methods:
+        try:
+            get_method(method).require_sliding_window()
+        except MethodNotSupportedError as error:
+            raise UsageError(f"{flag}: {error}") from None
+
+
 def _bundle_job(args: argparse.Namespace, methods: list[str], method_options: Any) -> BatchJob:
     """``--bundle``: the bundle's config gives the model, its pipeline and its windows."""
     from segcam.apps.batch.bundle_inputs import bundle_classes
@@ -222,11 +231,7 @@ def _bundle_job(args: argparse.Namespace, methods: list[str], method_options: An
     classes = list(args.classes) or list(bundle_classes(args.bundle))
     for spec in args.target:
         parse_target(spec, classes)
-    for method in methods:
-        try:
-            get_method(method).require_sliding_window()
-        except MethodNotSupportedError as error:
-            raise UsageError(f"--bundle: {error}") from None
+    _require_gradient_methods(methods, "--bundle")
     check_device(args.device)
     return BatchJob(
         model=None,
@@ -263,11 +268,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         return _bundle_job(args, methods, method_options)
     refuse_nnunet_only(args)
     if args.sliding_window:
-        for method in methods:
-            try:
-                get_method(method).require_sliding_window()
-            except MethodNotSupportedError as error:
-                raise UsageError(f"--sliding-window: {error}") from None  # one line, no traceback
+        _require_gradient_methods(methods, "--sliding-window")
     for spec in args.target:  # parse once here: a bad target is one clear line, before any work
         parse_target(spec, args.classes)
     check_device(args.device)
