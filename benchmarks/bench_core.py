@@ -1,6 +1,7 @@
 """Speed and peak memory of segcam vs the physical limit and vs peers, side by side in one run.
 
     .venv/bin/python benchmarks/bench_core.py [--quick] [--only NAME...] [--repeats 9]
+                                              [--device cuda]
 
 The limit: one forward with hooks, one torch.autograd.grad per target to the layers, the map in
 one line (gradient recording on for the whole forward, as a user would write it). Each
@@ -39,7 +40,11 @@ CONFIGS = {
     "unet3d-128-K1": {"dims": 3, "size": 128, "batch": 1, "targets": 1},
     "unet3d-128-K3": {"dims": 3, "size": 128, "batch": 1, "targets": 3},
     "segresnet3d-64-K3": {"dims": 3, "size": 64, "batch": 1, "targets": 3, "net": "segresnet"},
+    "segresnet3d-96-K3": {"dims": 3, "size": 96, "batch": 1, "targets": 3, "net": "segresnet"},
+    "segresnet3d-128-K1": {"dims": 3, "size": 128, "batch": 1, "targets": 1, "net": "segresnet"},
 }
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))  # set by --device
+SUFFIX = "" if DEVICE.type == "cpu" else f"_{DEVICE.type}"
 IMPLEMENTATIONS = [
     "limit",
     "segcam-hires",
@@ -90,7 +95,14 @@ def build(config):
         (torch.rand(config["batch"], *([size] * dims)) > 0.5) for _ in range(config["targets"])
     ]
     classes = [k % 4 for k in range(config["targets"])]
+    model, x = model.to(DEVICE), x.to(DEVICE)
+    masks = [mask.to(DEVICE) for mask in masks]
     return model, x, list(zip(classes, masks, strict=True))
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def limit(model, x, targets, layers):
@@ -115,7 +127,17 @@ def limit(model, x, targets, layers):
     return maps
 
 
-def segcam_runner(method):
+def limit_channels_last(model, x, targets, layers):
+    # the limit as a user would write it channels-last: the model's weights and the input in
+    # that layout (every convolution), the same loop
+    layout = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    if not getattr(model, "_bench_channels_last", False):
+        model.to(memory_format=layout)
+        model._bench_channels_last = True
+    return limit(model, x.contiguous(memory_format=layout), targets, layers)
+
+
+def segcam_runner(method, memory_format="auto"):
     import segcam
 
     def run(model, x, targets, layers):
@@ -127,6 +149,7 @@ def segcam_runner(method):
             method,
             relu=False,
             upsample=False,
+            memory_format=memory_format,
         ).layer_maps
 
     return run
@@ -213,6 +236,8 @@ def torchcam_gradcam(model, x, targets, layers):
 
 RUNNERS = {
     "limit": lambda: limit,
+    "limit-channels-last": lambda: limit_channels_last,
+    "segcam-hires-contiguous": lambda: segcam_runner("seg-hires-grad-cam", "contiguous"),
     "segcam-hires": lambda: segcam_runner("seg-hires-grad-cam"),
     "segcam-grad": lambda: segcam_runner("seg-grad-cam"),
     "pytorch-grad-cam": lambda: pytorch_grad_cam,
@@ -236,12 +261,20 @@ def child(config_name, implementation, repeats):
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run(model, x, targets, layers)  # warm-up at full size (allocator caches)
     times = []
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline_cuda = torch.cuda.memory_allocated()
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         run(model, x, targets, layers)
+        synchronize()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"times": times, "peak_extra_mib": (peak - baseline) / 1024}))
+    extra = (peak - baseline) / 1024
+    if DEVICE.type == "cuda":  # the device's memory, not the host's
+        extra = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+    print(json.dumps({"times": times, "peak_extra_mib": extra}))
 
 
 def interleaved(config_name, repeats):
@@ -249,14 +282,23 @@ def interleaved(config_name, repeats):
     config = CONFIGS[config_name]
     layers = layers_of(config)
     model, x, targets = build(config)
-    runners = {name: RUNNERS[name]() for name in ("limit", "segcam-hires", "segcam-grad")}
-    for run in runners.values():
-        run(model, x, targets, layers)
+    # the channels-last limit on its own copy (its weights are converted in place)
+    import copy
+
+    converted = copy.deepcopy(model)
+    names = ("limit", "limit-channels-last", "segcam-hires", "segcam-grad")
+    names += ("segcam-hires-contiguous",)
+    runners = {name: RUNNERS[name]() for name in names}
+    models = {name: converted if name == "limit-channels-last" else model for name in names}
+    for name, run in runners.items():
+        run(models[name], x, targets, layers)
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            synchronize()
             start = time.perf_counter()
-            run(model, x, targets, layers)
+            run(models[name], x, targets, layers)
+            synchronize()
             times[name].append(time.perf_counter() - start)
     print(json.dumps({name: statistics.median(values) for name, values in times.items()}))
 
@@ -316,6 +358,9 @@ def plot(results, path):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (results beside the CPU's: core_cuda.json)"
+    )
     parser.add_argument("--quick", action="store_true", help="first two configurations only")
     parser.add_argument("--only", nargs="+", help="configurations whose name contains these")
     parser.add_argument(
@@ -333,6 +378,10 @@ def main():
         help="only the in-process segcam/limit time ratios",
     )
     args = parser.parse_args()
+    global DEVICE, SUFFIX
+    os.environ["BENCH_DEVICE"] = args.device  # the children read it
+    DEVICE = torch.device(args.device)
+    SUFFIX = "" if DEVICE.type == "cpu" else f"_{DEVICE.type}"
     if args.child:
         child(*args.child, args.repeats)
         return
@@ -355,11 +404,14 @@ def main():
         ratios[name] = {key: medians[key] / medians["limit"] for key in medians}
         print(
             f"  {name:18s} seg-hires {ratios[name]['segcam-hires']:.2f}x, "
-            f"seg-grad {ratios[name]['segcam-grad']:.2f}x (limit {medians['limit'] * 1e3:.0f} ms)",
+            f"seg-grad {ratios[name]['segcam-grad']:.2f}x, "
+            f"seg-hires contiguous {ratios[name]['segcam-hires-contiguous']:.2f}x, "
+            f"limit channels-last {ratios[name]['limit-channels-last']:.2f}x "
+            f"(limit {medians['limit'] * 1e3:.0f} ms)",
             flush=True,
         )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "core_interleaved.json").write_text(json.dumps(ratios, indent=1))
+    (RESULTS / f"core_interleaved{SUFFIX}.json").write_text(json.dumps(ratios, indent=1))
     if args.interleaved_only:
         return
     results = {}
@@ -418,7 +470,7 @@ def main():
         + ", ".join(f"{layer}: {ratio:.2f}" for layer, ratio in retarget.items())
     )
     RESULTS.mkdir(exist_ok=True)
-    output = RESULTS / "core.json"
+    output = RESULTS / f"core{SUFFIX}.json"
     output.write_text(
         json.dumps(
             {
@@ -436,8 +488,8 @@ def main():
             indent=1,
         )
     )
-    plot(results, RESULTS / "core.png")
-    print(f"wrote {output} and {RESULTS / 'core.png'}")
+    plot(results, RESULTS / f"core{SUFFIX}.png")
+    print(f"wrote {output} and {RESULTS / f'core{SUFFIX}.png'}")
 
 
 if __name__ == "__main__":

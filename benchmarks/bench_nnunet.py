@@ -5,7 +5,8 @@
 Setups (same folds, mirroring and step size 0.5 for every contender):
 
 - ``demo``: the committed nnU-Net model (``segcam/apps/demo/nnunet_model``, fold ``all``, patch
-  24x64x64) on the demo CT's held-out slab (24x128x128; ``make data``);
+  24x64x64) on the demo CT's held-out slab (24x128x128; ``make data``), 9 windows;
+- ``demo27``: the same model on 48 slices of the demo CT (48x128x128), 27 windows;
 - ``tiny``: a random-weight model folder of ``segcam.testing.nnunet`` (two folds, patch 32^3) on
   a random CT-like case of 48x96x96.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -45,7 +47,15 @@ import warnings
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ("nnunet", "segcam static", "segcam predicted", "nnunetv2-cam")
+KINDS = (
+    "nnunet",
+    "segcam static",
+    "segcam predicted",
+    "segcam static contiguous",
+    "segcam predicted contiguous",
+    "nnunetv2-cam",
+)
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # set by --device
 
 
 def _rss_now() -> int:
@@ -72,12 +82,13 @@ def prepare(setup: str, work: Path) -> dict:
     import numpy as np
     import SimpleITK as sitk  # noqa: N813
 
-    if setup == "demo":
+    if setup in ("demo", "demo27"):
         from segcam.apps.demo.data import load_case
         from segcam.apps.demo.models import NNUNET_MODEL
 
         case = load_case()
-        volume = case.image[:, :, 56:80].astype(np.float32).transpose(2, 1, 0)
+        slab = slice(56, 80) if setup == "demo" else slice(44, 92)  # 9 or 27 windows
+        volume = case.image[:, :, slab].astype(np.float32).transpose(2, 1, 0)
         folder, folds, layer = NNUNET_MODEL, ["all"], "decoder.stages.2"
     else:
         from segcam.testing.nnunet import make_model_folder
@@ -118,7 +129,7 @@ def _contender(kind: str, spec: dict):
         predictor = nnUNetPredictor(
             tile_step_size=0.5,
             use_mirroring=True,
-            device=torch.device("cpu"),
+            device=torch.device(DEVICE),
             perform_everything_on_device=False,
             allow_tqdm=False,
         )
@@ -138,18 +149,19 @@ def _contender(kind: str, spec: dict):
             target_class=1,
             method="gradcam",
             cam_type="3d",
-            device=torch.device("cpu"),
+            device=torch.device(DEVICE),
             save_slices=False,
         )
     import segcam
     from segcam import nnunet
 
-    model = nnunet.load(spec["folder"], folds=folds)
+    model = nnunet.load(spec["folder"], folds=folds, device=torch.device(DEVICE))
     case = nnunet.read_case(model, [spec["case"]])
     shape = case.original_shape
     box = [(s // 2 - max(s // 8, 1), s // 2 + max(s // 8, 1)) for s in shape]
-    target = segcam.Box(1, box) if kind == "segcam static" else segcam.Predicted(1)
-    return lambda: nnunet.explain(model, case, target, spec["layer"])
+    target = segcam.Box(1, box) if kind.startswith("segcam static") else segcam.Predicted(1)
+    layout = "contiguous" if kind.endswith("contiguous") else "auto"
+    return lambda: nnunet.explain(model, case, target, spec["layer"], memory_format=layout)
 
 
 def child(kind: str, spec: dict) -> dict:
@@ -218,9 +230,13 @@ def available(kind: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--setups", nargs="+", default=["demo", "tiny"])
+    parser.add_argument("--setups", nargs="+", default=["demo", "demo27", "tiny"])
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (results: nnunet_cuda.json)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = os.environ["BENCH_DEVICE"] = args.device  # the children read it
     if args.child:
         print(json.dumps(child(args.child[0], json.loads(args.child[1]))))
         return
@@ -238,7 +254,7 @@ def main() -> None:
         for setup in args.setups:
             spec = prepare(setup, work)
             rows = {}
-            for kind in KINDS:
+            for kind in args.kinds:
                 if not available(kind):
                     rows[kind] = {"skipped": "nnunetv2-cam not installed (make bench-nnunet)"}
                     continue
@@ -267,10 +283,10 @@ def main() -> None:
                     "time": rows[kind]["median_seconds"] / base["median_seconds"],
                     "memory": rows[kind]["peak_growth_mib"] / max(base["peak_growth_mib"], 1e-9),
                 }
-                for kind in KINDS[1:]
-                if "median_seconds" in rows[kind]
+                for kind in args.kinds
+                if kind != "nnunet" and "median_seconds" in rows[kind]
             }
-            if "median_seconds" in rows["nnunetv2-cam"]:
+            if "median_seconds" in rows.get("nnunetv2-cam", {}):
                 ratios["nnunetv2-cam / segcam predicted"] = {
                     "time": rows["nnunetv2-cam"]["median_seconds"]
                     / rows["segcam predicted"]["median_seconds"]
@@ -286,8 +302,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "nnunet.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS / 'nnunet.json'}")
+    name = "nnunet.json" if args.device == "cpu" else "nnunet_cuda.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {RESULTS / name}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, UNet
 
 import segcam
+from segcam.memory_format import convolution_layout
 from references import REFERENCES, assert_close_scaled, reference_maps
 
 # Untrained nets may predict no pixel of a class: empty pixel sets are part of what is compared.
@@ -85,7 +86,11 @@ def test_fast_equals_reference(name, spatial_dims, seed):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, 1, *spatial), generator=generator)
     targets = _targets(batch, spatial, generator)
-    reference = reference_maps(model, x, targets, layers)
+    # the reference's forwards in the layout segcam's default gives them (channels-last 3D
+    # convolutions on the CPU): the equations are checked here, the layout against float64 in
+    # tests/test_memory_format.py
+    with convolution_layout(model, x, "auto"):
+        reference = reference_maps(model, x, targets, layers)
     # Three methods magnify float32 rounding, so they are compared in float64, where they are
     # well posed: XGrad-CAM divides by sum_p A_k, near 0 for signed (normalised) activations;
     # Grad-CAM++ divides by 2 G^2 + G^3 sum_p A_k, which cancels; Score-CAM's softmax turns an

@@ -8,13 +8,14 @@ it computed with :func:`all_finite`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from segcam.errors import InputError, LayerError, ModelError, NonFiniteError, SegCamError
+from segcam.memory_format import forward_in_layout
 
 __all__ = [
     "all_finite",
@@ -109,12 +110,27 @@ def check_model_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
             )
 
 
-def run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] = ()) -> Any:
+def run_model(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layers: Sequence[str] = (),
+    *,
+    before_retry: Callable[[], None] | None = None,
+) -> Any:
     """``model(inputs)``, with an error from the model wrapped in :class:`ModelError`.
 
     The message names the input, the hooked ``layers`` (if any) and what the model's first
-    layer takes; segcam's own errors (raised by its hooks) pass through unchanged.
+    layer takes; segcam's own errors (raised by its hooks) pass through unchanged. The forward
+    runs in the active memory layout (:func:`segcam.memory_format.forward_in_layout`: a model
+    that fails on channels-last tensors runs again in the plain layout, after
+    ``before_retry``).
     """
+    return forward_in_layout(
+        model, lambda: _run_model(model, inputs, layers), before_retry=before_retry
+    )
+
+
+def _run_model(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str]) -> Any:
     kept = _scratch_statistics(model)
     try:
         return model(inputs)

@@ -18,6 +18,7 @@ from torch import nn
 from segcam.errors import OptionError
 from segcam.explanation import Explanation, assemble
 from segcam.layers import LayerSpec
+from segcam.memory_format import MemoryFormat, check_memory_format, convolution_layout
 from segcam.methods import Method, MethodContext, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec
 from segcam.postprocess import Normalization, PostProcessing, check_postprocess
@@ -190,6 +191,7 @@ def explain_methods(
     output: OutputSpec = None,
     method_options: MethodOptions | None = None,
     progress: Progress | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> dict[str, Explanation]:
     r"""Explain with several methods at once: method name -> :class:`Explanation`.
 
@@ -198,6 +200,7 @@ def explain_methods(
     not two. Arguments as for :func:`explain`; ``method_options`` maps a method name to its
     options. Methods, options and ``normalize`` are checked before the forward pass.
     ``progress`` is called with (targets done, targets with a backward pass) after each one.
+    ``memory_format``: the convolutions' memory layout (:mod:`segcam.memory_format`).
 
     Example:
         >>> import segcam, torch
@@ -211,8 +214,11 @@ def explain_methods(
     chosen = resolve_methods(methods, method_options)
     target_list = as_target_list(targets)
     check_postprocess(normalize)
-    recorded = record_forward(model, inputs, layer, output)
-    with recorded:
+    layout = check_memory_format(memory_format)
+    with (
+        convolution_layout(model, inputs, layout),
+        record_forward(model, inputs, layer, output) as recorded,
+    ):
         return explain_recorded(
             recorded,
             target_list,
@@ -237,6 +243,7 @@ def explain(
     normalize: Normalization | None = None,
     output: OutputSpec = None,
     method_options: Mapping[str, Any] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> Explanation:
     r"""Explain a segmentation network's prediction for each target with a CAM method.
 
@@ -273,6 +280,9 @@ def explain(
             :func:`segcam.outputs.select_logits`).
         method_options: the method's options (e.g. ``{"pool_size": 4}`` for seg-xres-cam);
             ``segcam methods`` lists them. Checked before the forward pass.
+        memory_format: ``"auto"`` (channels-last 3D convolutions for a float32 volume on the
+            CPU: oneDNN's fast kernels, the same maps to float32 rounding), ``"channels-last"``
+            or ``"contiguous"`` (the plain layout); see :mod:`segcam.memory_format`.
 
     Returns:
         An :class:`Explanation`; ``.maps`` is (N, T, *S) for a single layer, ``.layer_maps``
@@ -311,4 +321,5 @@ def explain(
         normalize=normalize,
         output=output,
         method_options=options,
+        memory_format=memory_format,
     )[method]

@@ -27,6 +27,7 @@ from segcam.core import explain_recorded
 from segcam.errors import ForwardReleasedError, GraphTooLargeError, OptionError
 from segcam.explanation import Explanation
 from segcam.layers import LayerSpec
+from segcam.memory_format import MemoryFormat, check_memory_format, convolution_layout
 from segcam.methods import MethodOptions, get_method, resolve_methods
 from segcam.outputs import OutputSpec
 from segcam.postprocess import Normalization, check_postprocess
@@ -43,6 +44,8 @@ class Explainer:
         model, layer, output: as for :func:`segcam.explain`.
         method, relu, upsample, normalize: defaults for :meth:`explain` (each call may override).
         max_graph_bytes: refuse (and free) a forward whose tensors saved for backward exceed this.
+        memory_format: the convolutions' memory layout for the forward and for gradient-free
+            methods' forwards (:mod:`segcam.memory_format`).
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class Explainer:
         normalize: Normalization | None = None,
         output: OutputSpec = None,
         max_graph_bytes: int | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         get_method(method)
+        self.memory_format = check_memory_format(memory_format)
         check_postprocess(normalize)
         if max_graph_bytes is not None and (
             isinstance(max_graph_bytes, bool)
@@ -91,7 +96,9 @@ class Explainer:
         # in-place changes to x
         snapshot = inputs.detach().clone() if isinstance(inputs, torch.Tensor) else inputs
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            recorded = record_forward(self.model, snapshot, self.layer, self.output)
+            recorded = record_forward(
+                self.model, snapshot, self.layer, self.output, self.memory_format
+            )
         self.graph_bytes = sum(storages.values())
         if self.max_graph_bytes is not None and self.graph_bytes > self.max_graph_bytes:
             recorded.release()
@@ -161,15 +168,17 @@ class Explainer:
         norm: Any = self.normalize if normalize == "default" else normalize
         check_postprocess(norm)
         target_list = as_target_list(targets)
-        return explain_recorded(
-            self._current(),
-            target_list,
-            chosen,
-            relu=self.relu if relu is None else relu,
-            upsample=self.upsample if upsample is None else upsample,
-            normalize=norm,
-            keep_graph=True,
-        )
+        recorded = self._current()
+        with convolution_layout(self.model, recorded.inputs, self.memory_format):
+            return explain_recorded(
+                recorded,
+                target_list,
+                chosen,
+                relu=self.relu if relu is None else relu,
+                upsample=self.upsample if upsample is None else upsample,
+                normalize=norm,
+                keep_graph=True,
+            )
 
     def close(self) -> None:
         """Free the kept graph; the explainer can run a new forward afterwards."""

@@ -44,6 +44,7 @@ from segcam.errors import (
     user_stacklevel,
 )
 from segcam.layers import LayerSpec, depends_on, layer_list, reachable_nodes, resolve_layers
+from segcam.memory_format import MemoryFormat, convolution_layout
 from segcam.outputs import OutputSpec, select_logits, warn_if_probabilities
 from segcam.tokens import Layout, TokenLayer, infer_layout, to_channels_first
 
@@ -94,6 +95,12 @@ class LayerRecorder:
             return activation.clone()
 
         return hook
+
+    def reset(self) -> None:
+        """Forget what a failed forward recorded (before it runs again); gradients off."""
+        for slot in self.slots:
+            slot.activation, slot.calls = None, 0
+        torch.set_grad_enabled(False)
 
     @contextmanager
     def record(self) -> Iterator[list[_Slot]]:
@@ -217,7 +224,7 @@ class RecordedForward:
         model, output = self.model, self.output
 
         def score(n: int, batch: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), convolution_layout(model, batch):
                 logits = select_logits(run_model(model, batch), output, batch.ndim)
             return torch.einsum("bk...,tk...->bt", logits, weights[n].to(logits.dtype))
 
@@ -240,11 +247,14 @@ def record_forward(
     inputs: torch.Tensor,
     layer: LayerSpec | Sequence[LayerSpec],
     output: OutputSpec = None,
+    layout: MemoryFormat | None = None,
 ) -> RecordedForward:
     """Run the model once with the layers hooked; keep the graph from them to the logits.
 
     Checks the input and the logits, warns about training-mode BatchNorm/Dropout, and raises
     when a layer did not run or the output does not depend on it. Hooks are removed on exit.
+    ``layout``: the convolutions' memory format (:mod:`segcam.memory_format`); ``None``, that
+    of the enclosing driver's run, else ``"auto"``.
     """
     check_inputs(inputs)
     layers = resolve_layers(model, layer)
@@ -259,8 +269,10 @@ def record_forward(
         )
     check_model_inputs(model, inputs)
     recorder = LayerRecorder(layers)
-    with recorder.record():
-        raw_output = run_model(model, inputs, [name for name, _ in layers])
+    with convolution_layout(model, inputs, layout), recorder.record():
+        raw_output = run_model(
+            model, inputs, [name for name, _ in layers], before_retry=recorder.reset
+        )
     logits = select_logits(raw_output, output, inputs.ndim)
     del raw_output
     warn_if_probabilities(logits)

@@ -52,6 +52,7 @@ from segcam.errors import OptionError
 from segcam.explanation import Explanation, assemble
 from segcam.kept import KEEP_BYTES, KeepBudget, KeptWindows
 from segcam.layers import LayerSpec
+from segcam.memory_format import MemoryFormat, check_memory_format, convolution_layout
 from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.outputs import OutputSpec, select_logits
 from segcam.postprocess import Normalization, PostProcessing
@@ -337,6 +338,7 @@ def explain_sliding_window_methods(
     method_options: MethodOptions | None = None,
     progress: Progress | None = None,
     keep_bytes: int = KEEP_BYTES,
+    memory_format: MemoryFormat = "auto",
 ) -> dict[str, Explanation]:
     """:func:`explain_sliding_window` for several gradient methods: method name -> explanation.
 
@@ -347,8 +349,10 @@ def explain_sliding_window_methods(
     ``keep_bytes`` (:class:`segcam.kept.KeptWindows`), so the windows kept take their backward
     passes without a second forward; ``keep_bytes=0``: a prediction pass without gradients, then
     a recorded forward per window met, one group's graph at a time (the benchmarks page has the
-    trade).
+    trade). ``memory_format``: the convolutions' layout in every window's forward, the
+    prediction's included (:mod:`segcam.memory_format`).
     """
+    layout = check_memory_format(memory_format)
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
         method.require_sliding_window()
@@ -359,16 +363,17 @@ def explain_sliding_window_methods(
         plan, target_list, chosen, sets_fixed=not any(uses_logits(t) for t in target_list)
     )
     store = KeptWindows(KeepBudget(int(keep_bytes)))
-    try:  # kept forwards are freed however the run ends
-        if not run.sets_fixed:  # the prediction first, its forwards recorded and kept (a budget)
-            run.blended = _predict_keeping(model, inputs, plan, layer, output, store)
-        for done, group in enumerate(plan.groups, 1):
-            kept = store.forwards.pop(done - 1, None)
-            _run_group(run, model, inputs, group, layer, output, kept)
-            if progress is not None:
-                progress(done, len(plan.groups))
-    finally:
-        store.close()
+    with convolution_layout(model, inputs, layout):
+        try:  # kept forwards are freed however the run ends
+            if not run.sets_fixed:  # the prediction first, its forwards recorded and kept
+                run.blended = _predict_keeping(model, inputs, plan, layer, output, store)
+            for done, group in enumerate(plan.groups, 1):
+                kept = store.forwards.pop(done - 1, None)
+                _run_group(run, model, inputs, group, layer, output, kept)
+                if progress is not None:
+                    progress(done, len(plan.groups))
+        finally:
+            store.close()
     return _finish(run, inputs, post)
 
 
@@ -390,6 +395,7 @@ def explain_sliding_window(
     output: OutputSpec = None,
     method_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> Explanation:
     r"""Explain the blended whole-volume prediction of sliding-window inference, exactly.
 
@@ -420,6 +426,7 @@ def explain_sliding_window(
         output: how to find the logits in the model's output.
         method_options: the method's options.
         progress: called with (groups of windows done, groups) after each group.
+        memory_format: the convolutions' memory layout (:mod:`segcam.memory_format`).
 
     Returns:
         An :class:`Explanation` of the whole input; ``logits`` are the blended logits and
@@ -451,4 +458,5 @@ def explain_sliding_window(
         output=output,
         method_options={method: method_options} if method_options is not None else None,
         progress=progress,
+        memory_format=memory_format,
     )[method]

@@ -38,6 +38,7 @@ from segcam.errors import OptionError, SegCamWarning, TargetError
 from segcam.explanation import Explanation, assemble
 from segcam.kept import KEEP_BYTES
 from segcam.layers import LayerSpec
+from segcam.memory_format import MemoryFormat, check_memory_format
 from segcam.methods import MethodOptions, resolve_methods
 from segcam.monai.bundle import MonaiBundle
 from segcam.monai.pipeline import (
@@ -238,6 +239,7 @@ def explain_and_predict(
     progress: Callable[[int, int], None] | None = None,
     prediction: BundlePrediction | None = None,
     keep_bytes: int = KEEP_BYTES,
+    memory_format: MemoryFormat = "auto",
 ) -> tuple[dict[str, Explanation], BundlePrediction]:
     """:func:`explain_methods` and the bundle's prediction of the image (its segmentation).
 
@@ -246,8 +248,10 @@ def explain_and_predict(
     ``keep_bytes``: without ``prediction``, targets that read it (``Predicted``) are resolved
     once every window has run; the prediction's forwards are kept for their backward passes
     within this budget (:class:`segcam.kept.KeptWindows`; 0: a prediction pass, then a forward
-    per window met, one window group's graph at a time).
+    per window met, one window group's graph at a time). ``memory_format``: the convolutions'
+    memory layout in every forward (:mod:`segcam.memory_format`).
     """
+    layout = check_memory_format(memory_format)
     chosen = resolve_methods(methods, method_options)
     for method, _ in chosen:
         method.require_sliding_window()  # gradient methods: the score is a weighted sum
@@ -278,6 +282,7 @@ def explain_and_predict(
             inner_explanations = explain_whole(
                 bundle.network, inputs, inner, layer, [m.name for m, _ in chosen],
                 relu=False, upsample=True, method_options=method_options, progress=progress,
+                memory_format=layout,
             )  # fmt: skip
         else:
             inner_explanations = explain_sliding_window_methods(
@@ -285,7 +290,7 @@ def explain_and_predict(
                 [m.name for m, _ in chosen], overlap=window["overlap"], mode=window["mode"],
                 sigma_scale=window["sigma_scale"], sw_batch_size=window["sw_batch_size"],
                 relu=False, upsample=True, method_options=method_options, progress=progress,
-                keep_bytes=keep_bytes,
+                keep_bytes=keep_bytes, memory_format=layout,
             )  # fmt: skip
     first = next(iter(inner_explanations.values()))
     with torch.no_grad():
@@ -343,11 +348,12 @@ def explain_methods(
     normalize: Normalization | None = None,
     method_options: MethodOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> dict[str, Explanation]:
     """Several gradient methods from the same forward and backward passes (see :func:`explain`)."""
     return explain_and_predict(
         bundle, image, targets, layer, methods, relu=relu, normalize=normalize,
-        method_options=method_options, progress=progress,
+        method_options=method_options, progress=progress, memory_format=memory_format,
     )[0]  # fmt: skip
 
 
@@ -362,6 +368,7 @@ def explain(
     normalize: Normalization | None = None,
     method_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> Explanation:
     r"""Explain a MONAI bundle's prediction of one image exactly, on the original image's grid.
 
@@ -382,6 +389,7 @@ def explain(
         normalize: ``"max"`` or ``"minmax"`` per map, last.
         method_options: the method's options.
         progress: called with (groups of windows done, groups).
+        memory_format: the convolutions' memory layout (:mod:`segcam.memory_format`).
 
     Raises:
         BundleError: the image cannot go through the bundle's pipeline, or the pipeline has a
@@ -394,4 +402,5 @@ def explain(
     return explain_methods(
         bundle, image, targets, layer, [method], relu=relu, normalize=normalize,
         method_options={method: method_options} if method_options else None, progress=progress,
+        memory_format=memory_format,
     )[method]  # fmt: skip

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from segcam.checks import run_model
 from segcam.core import MapRecord, method_maps
 from segcam.explanation import Explanation, assemble
 from segcam.kept import KEEP_BYTES, KeepBudget, KeptWindows
 from segcam.layers import LayerSpec, resolve_layers
+from segcam.memory_format import MemoryFormat
 from segcam.methods import Method
 from segcam.metrics import fold_agreement
 from segcam.nnunet.case import NnUNetCase
@@ -82,8 +84,10 @@ class CaseExplanation:
         layer: LayerSpec | Sequence[LayerSpec],
         per_fold: bool,
         kept: KeptWindows | None = None,
+        layout: MemoryFormat = "auto",
     ) -> None:
         self.model, self.case, self.plan, self.kept = model, case, plan, kept
+        self.layout = layout
         self.targets, self.methods, self.layer, self.per_fold = targets, methods, layer, per_fold
         self.dtype, self.device = network_dtype_device(model.networks[0])
         heads = model.label_manager.num_segmentation_heads
@@ -139,6 +143,7 @@ class CaseExplanation:
             blend=blend,
             end_fold=self._end_fold,
             progress=progress,
+            layout=self.layout,
         )
 
     def _gradient_output(self, t: int, window: Window) -> torch.Tensor:
@@ -173,7 +178,7 @@ class CaseExplanation:
             if not active:
                 self.forwards += len(group)
                 with torch.no_grad():
-                    logits = network(inputs())
+                    logits = run_model(network, inputs())
                 outputs.extend(logits[k : k + 1] for k in range(len(group)))
                 continue
             recorded, keep = self._recorded(network, inputs, (window, first), len(group))

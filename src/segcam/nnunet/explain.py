@@ -48,6 +48,7 @@ from typing import Any
 from segcam.errors import OptionError
 from segcam.explanation import Explanation
 from segcam.layers import LayerSpec
+from segcam.memory_format import MemoryFormat, check_memory_format
 from segcam.methods import Method, MethodOptions, resolve_methods
 from segcam.nnunet.case import CaseLike, read_case
 from segcam.nnunet.case_explanation import (
@@ -86,8 +87,10 @@ def explain_and_predict(
     method_options: MethodOptions | None = None,
     per_fold: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> tuple[dict[str, Explanation], NnUNetPrediction]:
     """:func:`explain_methods` and nnU-Net's prediction of the case (for its segmentation)."""
+    layout = check_memory_format(memory_format)
     chosen = resolve_methods(methods, method_options)
     _refuse_gradient_free(chosen)
     post = PostProcessing(relu, upsample, normalize)
@@ -96,9 +99,13 @@ def explain_and_predict(
     target_list = resolve_targets(model, targets)
     # Sets fixed beforehand: one pass predicts and explains. Else nnU-Net's prediction first.
     sets_fixed = not any(uses_logits(t) for t in target_list)
-    prediction = None if sets_fixed else export(model, read, predict_logits(model, read, plan))
+    prediction = (
+        None if sets_fixed else export(model, read, predict_logits(model, read, plan, layout))
+    )
     target_list = predicted_sets(model, target_list, prediction)
-    explanation = CaseExplanation(model, read, plan, target_list, chosen, layer, per_fold)
+    explanation = CaseExplanation(
+        model, read, plan, target_list, chosen, layer, per_fold, layout=layout
+    )
     if prediction is not None:  # the prediction pass ran every forward once without gradients
         explanation.forwards = len(model.networks) * len(plan.windows) * len(plan.mirrors)
     blended = explanation.run(blend=sets_fixed, progress=progress)
@@ -125,6 +132,7 @@ class CaseExplainer:
         case: as for :func:`explain`.
         step_size, mirroring: nnU-Net's inference settings.
         keep_bytes: the budget of kept forwards (estimated from the tensors they hold).
+        memory_format: the convolutions' memory layout (:mod:`segcam.memory_format`).
     """
 
     def __init__(
@@ -135,12 +143,16 @@ class CaseExplainer:
         step_size: float = 0.5,
         mirroring: bool = True,
         keep_bytes: int = KEEP_BYTES,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         self.model = model
+        self.layout = check_memory_format(memory_format)
         self.case = read_case(model, case)
         self.step_size, self.mirroring = float(step_size), bool(mirroring)
         self.plan = plan_case(model, self.case, step_size, mirroring)
-        self.prediction = export(model, self.case, predict_logits(model, self.case, self.plan))
+        self.prediction = export(
+            model, self.case, predict_logits(model, self.case, self.plan, self.layout)
+        )
         self._budget = KeepBudget(int(keep_bytes))
         self._kept: OrderedDict[str, KeptWindows] = OrderedDict()
 
@@ -183,7 +195,15 @@ class CaseExplainer:
             self.model, resolve_targets(self.model, targets), self.prediction
         )
         explanation = CaseExplanation(
-            self.model, self.case, self.plan, target_list, chosen, layer, per_fold, store
+            self.model,
+            self.case,
+            self.plan,
+            target_list,
+            chosen,
+            layer,
+            per_fold,
+            store,
+            layout=self.layout,
         )
         explanation.run(blend=False)
         facts = case_facts(
@@ -224,6 +244,7 @@ def explain_methods(
     method_options: MethodOptions | None = None,
     per_fold: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> dict[str, Explanation]:
     """Several gradient methods from the same forward and backward passes (see :func:`explain`)."""
     return explain_and_predict(
@@ -240,6 +261,7 @@ def explain_methods(
         method_options=method_options,
         per_fold=per_fold,
         progress=progress,
+        memory_format=memory_format,
     )[0]
 
 
@@ -258,6 +280,7 @@ def explain(
     method_options: Mapping[str, Any] | None = None,
     per_fold: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> Explanation:
     r"""Explain nnU-Net's prediction of one case exactly, on the original image's grid.
 
@@ -286,6 +309,10 @@ def explain(
         per_fold: also give each fold's own maps (:attr:`Explanation.members`, ``fold_<f>``)
             and the folds' agreement (``info["nnunet"]["fold_agreement"]``).
         progress: called with (done, total) forwards.
+        memory_format: the convolutions' memory layout in every forward
+            (:mod:`segcam.memory_format`): ``"auto"`` runs channels-last 3D convolutions for
+            a float32 network on the CPU, its logits nnU-Net's to float32 rounding;
+            ``"contiguous"`` runs nnU-Net's own forwards, its logits nnU-Net's bit for bit.
 
     Raises:
         NnUNetError: the case cannot be read or used with the model.
@@ -306,4 +333,5 @@ def explain(
         method_options={method: method_options} if method_options else None,
         per_fold=per_fold,
         progress=progress,
+        memory_format=memory_format,
     )[method]

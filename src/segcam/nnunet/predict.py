@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from segcam.checks import run_model
+from segcam.memory_format import MemoryFormat, convolution_layout
 from segcam.nnunet.case import CaseLike, NnUNetCase, read_case
 from segcam.nnunet.model import NnUNetModel
 from segcam.nnunet.windows import (
@@ -77,7 +79,9 @@ def predict_window(
 ) -> list[torch.Tensor]:
     """nnU-Net's forwards of one window, one per mirroring, without gradients."""
     with torch.no_grad():
-        return [network(window_input(padded, plan, window, axes)) for axes in plan.mirrors]
+        return [
+            run_model(network, window_input(padded, plan, window, axes)) for axes in plan.mirrors
+        ]
 
 
 def run_folds(
@@ -89,8 +93,12 @@ def run_folds(
     blend: bool = True,
     end_fold: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    layout: MemoryFormat = "auto",
 ) -> torch.Tensor | None:
     """Every fold's network over every window: ``step`` runs a window's forwards.
+
+    Each fold's forwards run in the memory layout ``layout`` gives its network
+    (:mod:`segcam.memory_format`; ``"contiguous"``: nnU-Net's own forwards, bit for bit).
 
     With ``blend``, the logits ``step`` returns are blended as nnU-Net blends them and the
     fold-averaged logits (K, *S_pre), float16, are returned (``step`` must return them for every
@@ -104,14 +112,15 @@ def run_folds(
         dtype, device = network_dtype_device(network)
         padded = pad_case(case, plan, dtype, device)
         fold = FoldBlend(plan, heads) if blend else None
-        for window in plan.windows:
-            outputs = step(network, padded, window)
-            if fold is not None:
-                assert outputs is not None, "a blended run needs every window's logits"
-                fold.add(window, outputs)
-            done += 1
-            if progress is not None:
-                progress(done, steps)
+        with convolution_layout(network, padded, layout):
+            for window in plan.windows:
+                outputs = step(network, padded, window)
+                if fold is not None:
+                    assert outputs is not None, "a blended run needs every window's logits"
+                    fold.add(window, outputs)
+                done += 1
+                if progress is not None:
+                    progress(done, steps)
         if end_fold is not None:
             end_fold()
         if fold is not None:
@@ -122,13 +131,19 @@ def run_folds(
     return total
 
 
-def predict_logits(model: NnUNetModel, case: NnUNetCase, plan: WindowPlan) -> torch.Tensor:
-    """nnU-Net's fold-averaged blended logits (K, *S_pre), float16, without gradients."""
+def predict_logits(
+    model: NnUNetModel, case: NnUNetCase, plan: WindowPlan, layout: MemoryFormat = "auto"
+) -> torch.Tensor:
+    """nnU-Net's fold-averaged blended logits (K, *S_pre), float16, without gradients.
+
+    With ``layout="contiguous"``, nnU-Net's own numbers bit for bit; else to float32 rounding.
+    """
     logits = run_folds(
         model,
         case,
         plan,
         lambda network, padded, window: predict_window(network, padded, plan, window),
+        layout=layout,
     )
     assert logits is not None
     return logits

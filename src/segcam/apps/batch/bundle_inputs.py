@@ -230,7 +230,7 @@ class BundleImageJob:
             self.targets,
             list(job.layers),
             list(job.methods),
-            **{k: v for k, v in explain.items() if k in ("relu", "normalize")},
+            **{k: v for k, v in explain.items() if k in ("relu", "normalize", "memory_format")},
             method_options={
                 m: job.method_options[m] for m in job.methods if m in job.method_options
             },

@@ -276,7 +276,11 @@ class NnUNetCaseJob:
             list(job.methods),
             step_size=float(spec.get("step_size", 0.5)),
             mirroring=bool(spec.get("mirroring", True)),
-            **{k: v for k, v in explain.items() if k in ("relu", "upsample", "normalize")},
+            **{
+                k: v
+                for k, v in explain.items()
+                if k in ("relu", "upsample", "normalize", "memory_format")
+            },
             method_options={
                 m: job.method_options[m] for m in job.methods if m in job.method_options
             },

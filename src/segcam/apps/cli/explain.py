@@ -16,6 +16,7 @@ from segcam.apps.cli.options import (
     add_bundle_option,
     add_classes_option,
     add_intensity_options,
+    add_memory_format_option,
     add_model_options,
     add_nnunet_options,
     add_output_option,
@@ -102,6 +103,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--device", "-device", default="cpu", help="cpu, cuda, cuda:1, mps ... (-device too)"
     )
+    add_memory_format_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo finished inputs")
     parser.add_argument(
         "--quiet",
@@ -184,6 +186,7 @@ def _nnunet_job(args: argparse.Namespace, methods: list[str], method_options: An
         method_options=method_options,
         explain={
             "relu": not args.no_relu,
+            "memory_format": args.memory_format,
             "upsample": not args.no_upsample,
             "normalize": None if args.normalize == "none" else args.normalize,
         },
@@ -243,6 +246,7 @@ def _bundle_job(args: argparse.Namespace, methods: list[str], method_options: An
         method_options=method_options,
         explain={
             "relu": not args.no_relu,
+            "memory_format": args.memory_format,
             "normalize": None if args.normalize == "none" else args.normalize,
         },
         device=args.device,
@@ -286,6 +290,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         intensity=intensity(args),
         explain={
             "relu": not args.no_relu,
+            "memory_format": args.memory_format,
             "upsample": not args.no_upsample,
             "normalize": None if args.normalize == "none" else args.normalize,
             "output": args.output,

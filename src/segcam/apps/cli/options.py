@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from segcam.errors import SegCamError
+from segcam.memory_format import MEMORY_FORMATS
 from segcam.methods import resolve_methods
 from segcam.outputs import FromProbabilities, OutputSpec
 
@@ -445,6 +446,18 @@ def output_spec(output: str | int | None, logits_from: str) -> OutputSpec:
 def logits_output(text: str) -> str | int:
     """An index when the text is an integer, else a key."""
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def add_memory_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--memory-format auto|channels-last|contiguous`` (:mod:`segcam.memory_format`)."""
+    parser.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="auto",
+        help="the convolutions' memory layout: auto = channels-last 3D convolutions for a "
+        "float32 volume on the CPU (oneDNN's fast kernels, the same maps to float32 rounding), "
+        "contiguous = the plain layout (an nnU-Net model's logits bit for bit nnU-Net's)",
+    )
 
 
 def add_sliding_window_option(parser: argparse.ArgumentParser, help_text: str) -> None:

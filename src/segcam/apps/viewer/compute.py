@@ -4,7 +4,8 @@
   graph kept), so a new pixel set costs one backward pass; the oldest is freed beyond
   :data:`MAX_EXPLAINERS`.
 - On the CPU, a float32 volume's 3D convolutions get channels-last inputs (oneDNN's fast
-  kernels; the same maps to float32 rounding), unless the model needs contiguous tensors.
+  kernels; the same maps to float32 rounding), unless the model needs contiguous tensors
+  (:mod:`segcam.memory_format`, the choice every driver makes).
 - :class:`RequestGate`: requests run one at a time under a lock; a newer request of the same
   page cancels an older one still waiting or computing, at the next forward of a module,
   unless it asks for the same work (the same maps on another slice: it waits for them).
@@ -24,50 +25,15 @@ from torch import nn
 
 from segcam import Explainer
 from segcam.apps.viewer.requests import SupersededError
-from segcam.errors import ModelError
+from segcam.memory_format import MemoryFormat
 
 __all__ = [
     "MAX_EXPLAINERS",
     "KeptForwards",
     "RequestGate",
-    "channels_last_convolutions",
-    "channels_last_helps",
 ]
 
 MAX_EXPLAINERS = 3  # kept forwards (one per recently used layer)
-
-
-def channels_last_helps(inputs: torch.Tensor) -> bool:
-    """Whether the fast channels-last forward applies: a float32 volume on the CPU."""
-    return inputs.ndim == 5 and inputs.device.type == "cpu" and inputs.dtype == torch.float32
-
-
-@contextmanager
-def channels_last_convolutions(model: nn.Module) -> Iterator[None]:
-    """Feed every 3D (transposed) convolution a channels-last input while the block runs.
-
-    The recorded graph keeps the channels-last tensors, so its backward passes run the fast
-    kernels too. The values are the same up to float32 summation order. Hooks are removed on
-    exit, exceptions included; the model's parameters are not touched.
-    """
-
-    def to_channels_last(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        first = args[0] if args else None
-        if isinstance(first, torch.Tensor) and first.ndim == 5 and first.dtype == torch.float32:
-            return (first.contiguous(memory_format=torch.channels_last_3d), *args[1:])
-        return None
-
-    kinds = (nn.Conv3d, nn.ConvTranspose3d)
-    handles = [
-        m.register_forward_pre_hook(to_channels_last)
-        for m in model.modules()
-        if isinstance(m, kinds)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -77,6 +43,7 @@ class KeptForwards:
     model: nn.Module
     inputs: torch.Tensor  # (1, C, *S)
     output: Any = None
+    memory_format: MemoryFormat = "auto"  # channels-last 3D convolutions on the CPU
     explainers: OrderedDict[str, Explainer] = field(default_factory=OrderedDict, repr=False)
 
     def get(self, layer: str) -> Explainer:
@@ -84,15 +51,15 @@ class KeptForwards:
         if layer in self.explainers:
             self.explainers.move_to_end(layer)
             return self.explainers[layer]
-        explainer = Explainer(self.model, layer, relu=True, upsample=True, output=self.output)
-        if channels_last_helps(self.inputs):
-            try:
-                with channels_last_convolutions(self.model):
-                    explainer.forward(self.inputs)
-            except ModelError:  # a model that needs contiguous tensors (e.g. .view): as is
-                explainer.forward(self.inputs)
-        else:
-            explainer.forward(self.inputs)
+        explainer = Explainer(
+            self.model,
+            layer,
+            relu=True,
+            upsample=True,
+            output=self.output,
+            memory_format=self.memory_format,
+        )
+        explainer.forward(self.inputs)
         self.explainers[layer] = explainer
         while len(self.explainers) > MAX_EXPLAINERS:
             _, old = self.explainers.popitem(last=False)
