@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -345,3 +346,51 @@ def test_ctrl_c_while_the_workers_start_is_one_line_too(tmp_path):
     rest = parent.stderr.read()
     assert parent.wait(timeout=60) == 130, rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+
+
+def test_one_process_writes_an_input_while_the_next_computes(dataset, tmp_path, monkeypatch):
+    from segcam.apps.batch import backends, inputs
+
+    files = sorted(dataset.iterdir())[:4]
+    (dataset / "scan01.npy").write_bytes(b"not an array")  # the second input fails to read
+    prepare = inputs.FileExplainer.prepare
+    events, next_computes, overlapped = [], threading.Event(), []
+
+    def traced_prepare(self, path, out, progress=None, run=None):
+        events.append(("compute", path.name))
+        if path.name == "scan01.npy":
+            next_computes.set()
+        finish = prepare(self, path, out, progress, run)
+
+        def traced_finish():
+            events.append(("write", path.name, threading.current_thread().name))
+            if path.name == "scan00.npy":  # held until the next input computes: a pipeline
+                overlapped.append(next_computes.wait(timeout=60))
+            if path.name == "scan02.npy":  # the third input's write fails (a full disk)
+                raise OSError(28, "No space left on device")
+            return finish()
+
+        return traced_finish
+
+    monkeypatch.setattr(inputs.FileExplainer, "prepare", traced_prepare)
+    out = tmp_path / "out"
+    outcomes = list(backends.run_here(JOB, list(enumerate(files, 1)), out, None))
+    assert overlapped == [True]
+    # in the inputs' order, each failure its own input's, the others done
+    assert [(o.position, o.ok) for o in outcomes] == [(1, True), (2, False), (3, False), (4, True)]
+    assert outcomes[2].message == "OSError: [Errno 28] No space left on device"
+    writes = [e for e in events if e[0] == "write"]
+    assert [w[1] for w in writes] == ["scan00.npy", "scan02.npy", "scan03.npy"]
+    assert all(w[2].startswith("segcam-writer") for w in writes)
+    assert (out / "scan00" / "manifest.json").is_file()
+    assert (out / "scan03" / "manifest.json").is_file()
+    assert not (out / "scan02" / "manifest.json").exists()  # its write failed: not done
+    # the same files as the input explained alone (no pipeline)
+    monkeypatch.setattr(inputs.FileExplainer, "prepare", prepare)
+    alone = tmp_path / "alone"
+    assert explain_files([files[0]], JOB, alone).done
+    names = sorted(p.name for p in (alone / "scan00").iterdir() if p.name != "manifest.json")
+    assert names == sorted(p.name for p in (out / "scan00").iterdir() if p.name != "manifest.json")
+    for name in names:
+        if not name.endswith(".npz"):
+            assert (out / "scan00" / name).read_bytes() == (alone / "scan00" / name).read_bytes()

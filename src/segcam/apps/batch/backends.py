@@ -26,7 +26,8 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,12 +68,9 @@ def run_one(
     started = time.perf_counter()
     try:
         written = explainer.explain(path, out, within, run)
-    except SegCamError as error:
-        return False, _without_path(str(error), path), 0, time.perf_counter() - started
     except Exception as error:  # any failure of one input is reported; the others go on
-        message = f"{type(error).__name__}: {error}"
-        return False, message, 0, time.perf_counter() - started
-    return True, "", len(written), time.perf_counter() - started
+        return False, _message(error, path), 0, _since(started)
+    return True, "", len(written), _since(started)
 
 
 def _without_path(message: str, path: Path) -> str:
@@ -92,17 +90,70 @@ def run_here(
 ) -> Generator[Outcome, None, None]:
     """In this process: the job built once, the inputs in order.
 
-    With ``raise_errors`` an input's error is raised, not reported (a single input's error is
-    the command's).
+    Each input's files are written on a writer thread while the next input computes (at most
+    one write waits; the outcomes come in the inputs' order). With ``raise_errors`` an input's
+    error is raised, not reported (a single input's error is the command's).
     """
     explainer = job.build()
-    for index, path in todo:
-        if raise_errors:
-            started = time.perf_counter()
-            written = explainer.explain(path, out, within, run)
-            yield Outcome(index, path, True, "", len(written), time.perf_counter() - started)
-        else:
-            yield Outcome(index, path, *run_one(explainer, path, out, within, run))
+    if raise_errors or len(todo) == 1:
+        for index, path in todo:
+            if raise_errors:
+                started = time.perf_counter()
+                written = explainer.explain(path, out, within, run)
+                yield Outcome(index, path, True, "", len(written), time.perf_counter() - started)
+            else:
+                yield Outcome(index, path, *run_one(explainer, path, out, within, run))
+        return
+    # the next input computes while the previous one's files are compressed and written, on
+    # one writer thread; one write waits at most (the queue is bounded: two inputs' maps)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segcam-writer") as writer:
+        pending: tuple[int, Path, float, Future[tuple[list[Path], float]]] | None = None
+        try:
+            for index, path in todo:
+                started = time.perf_counter()
+                try:
+                    finish = explainer.prepare(path, out, within, run)
+                except Exception as error:  # this input's failure; the others go on
+                    if pending is not None:
+                        yield _written(*pending)
+                        pending = None
+                    yield Outcome(index, path, False, _message(error, path), 0, _since(started))
+                    continue
+                if pending is not None:
+                    yield _written(*pending)
+                pending = (index, path, started, writer.submit(_timed, finish))
+            if pending is not None:
+                yield _written(*pending)
+                pending = None
+        finally:  # an interrupted run still lets the write in flight end (atomic, manifest last)
+            if pending is not None:
+                wait([pending[3]])
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def _message(error: Exception, path: Path) -> str:
+    if isinstance(error, SegCamError):
+        return _without_path(str(error), path)
+    return f"{type(error).__name__}: {error}"
+
+
+def _timed(finish: Callable[[], list[Path]]) -> tuple[list[Path], float]:
+    """Run a write step; return its files and when it ended."""
+    return finish(), time.perf_counter()
+
+
+def _written(
+    index: int, path: Path, started: float, write: Future[tuple[list[Path], float]]
+) -> Outcome:
+    """The outcome of an input whose write step ran on the writer thread."""
+    try:
+        written, ended = write.result()
+    except Exception as error:  # a full disk, a changed input: this input's failure
+        return Outcome(index, path, False, _message(error, path), 0, _since(started))
+    return Outcome(index, path, True, "", len(written), ended - started)
 
 
 def _death(exitcode: int | None) -> str:

@@ -193,7 +193,17 @@ class BundleImageJob:
         progress: Progress | None = None,
         run: RunClaim | None = None,
     ) -> list[Path]:
-        """Explain one image through the bundle; its files, the manifest last."""
+        """Explain ``path`` and write its files: :meth:`prepare`, then its write step."""
+        return self.prepare(path, out, progress, run)()
+
+    def prepare(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> Callable[[], list[Path]]:
+        """Explain one image through the bundle; return the step writing its files."""
         from segcam import monai
 
         started = time.perf_counter()
@@ -258,18 +268,24 @@ class BundleImageJob:
         if self.spec.get("save_seg"):
             extra.append(_segmentation_writer(prediction, folder, output_name(path), affine, flip))
         names = [spec_class_name(spec, job.classes) for spec in job.targets]
-        written = write_outputs(explanations, folder, names, grid, write_map, extra)
-        check_unchanged(path, before, file_sha256(path), written)
-        info = next(iter(explanations.values())).info["monai_bundle"]
-        record = {
-            "path": str(path),
-            "sha256": before,
-            "shape": [int(case.image.shape[0]), *grid],
-            "preprocessed_shape": info["preprocessed_shape"],
-            "inverse": info["inverse"],
-            "axes": "MONAI reader's array order",
-        }
-        return write_manifest(written, record, self.settings, folder, started, run)
+
+        def finish() -> list[Path]:
+            # the input's files, compressed and written (the manifest last); the caller
+            # may run it while the next input computes
+            written = write_outputs(explanations, folder, names, grid, write_map, extra)
+            check_unchanged(path, before, file_sha256(path), written)
+            info = next(iter(explanations.values())).info["monai_bundle"]
+            record = {
+                "path": str(path),
+                "sha256": before,
+                "shape": [int(case.image.shape[0]), *grid],
+                "preprocessed_shape": info["preprocessed_shape"],
+                "inverse": info["inverse"],
+                "axes": "MONAI reader's array order",
+            }
+            return write_manifest(written, record, self.settings, folder, started, run)
+
+        return finish
 
 
 register_input_kind("bundle", lambda job: BundleInputs(dict(job.bundle or {})))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +197,17 @@ class FileExplainer:
         progress: Progress | None = None,
         run: RunClaim | None = None,
     ) -> list[Path]:
-        """Read, explain (whole or by windows: every method from each pass), write, manifest."""
+        """Explain ``path`` and write its files: :meth:`prepare`, then its write step."""
+        return self.prepare(path, out, progress, run)()
+
+    def prepare(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> Callable[[], list[Path]]:
+        """Read and explain (whole or by windows); return the step writing its files."""
         started = time.perf_counter()
         job = self.job
         before = file_sha256(path)  # the digest of what is read, checked again at the end
@@ -236,17 +246,23 @@ class FileExplainer:
         if map_format == "dicom":  # the pixel sets as a Segmentation beside the maps
             segmentation = pixel_set_writer(explanations, names, data, folder)
             extra = [segmentation] if segmentation is not None else []
-        written = write_outputs(
-            explanations, folder, names, tuple(array.shape[1:]), write_map, extra
-        )
-        check_unchanged(path, before, file_sha256(path), written)
-        record = {
-            "path": str(path),
-            "sha256": before,
-            "shape": list(array.shape),
-            **({"map_format": map_format} if data.spatial_dims == 3 else {}),
-        }
-        return write_manifest(written, record, self.settings, folder, started, run)
+
+        def finish() -> list[Path]:
+            # the input's files, compressed and written (the manifest last); the caller
+            # may run it while the next input computes
+            written = write_outputs(
+                explanations, folder, names, tuple(array.shape[1:]), write_map, extra
+            )
+            check_unchanged(path, before, file_sha256(path), written)
+            record = {
+                "path": str(path),
+                "sha256": before,
+                "shape": list(array.shape),
+                **({"map_format": map_format} if data.spatial_dims == 3 else {}),
+            }
+            return write_manifest(written, record, self.settings, folder, started, run)
+
+        return finish
 
 
 def write_overlay_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:

@@ -44,6 +44,20 @@ class InputExplainer(Protocol):
         """
         ...
 
+    def prepare(
+        self,
+        path: Path,
+        out: Path,
+        progress: Progress | None = None,
+        run: RunClaim | None = None,
+    ) -> Callable[[], list[Path]]:
+        """Read and explain ``path``; return the step that writes its files (manifest last).
+
+        ``explain`` is ``prepare(...)()``; a caller may run the step while the next input
+        computes (:func:`segcam.apps.batch.backends.run_here`). Nothing is written before it.
+        """
+        ...
+
 
 class InputKind(Protocol):
     """One kind of input of a batch: plain files, or nnU-Net cases."""

@@ -255,7 +255,17 @@ class NnUNetCaseJob:
         progress: Callable[[int, int], None] | None = None,
         run: RunClaim | None = None,
     ) -> list[Path]:
-        """Explain one case (nnU-Net's whole inference); its files, the manifest last."""
+        """Explain ``path`` and write its files: :meth:`prepare`, then its write step."""
+        return self.prepare(path, out, progress, run)()
+
+    def prepare(
+        self,
+        path: Path,
+        out: Path,
+        progress: Callable[[int, int], None] | None = None,
+        run: RunClaim | None = None,
+    ) -> Callable[[], list[Path]]:
+        """Explain one case (nnU-Net's whole inference); return the step writing its files."""
         from segcam import nnunet
         from segcam.nnunet.files import write_map, write_segmentation
 
@@ -303,29 +313,35 @@ class NnUNetCaseJob:
             )
         names = [spec_class_name(spec, facts["classes"]) for spec in job.targets]
         grid = tuple(case.original_shape)
-        written = write_outputs(explanations, out / name, names, grid, map_writer, extra)
-        agreement: dict[str, Any] = {}
-        if spec.get("per_fold"):  # each fold's own maps, named __fold_<f>, and their agreement
-            first = next(iter(explanations.values()))
-            for member in first.members:
-                folds = {m: e.members[member] for m, e in explanations.items()}
-                written += write_outputs(
-                    folds, out / name, names, grid, map_writer, suffix=f"__{member}"
-                )
-            agreement = {
-                m: e.info["nnunet"].get("fold_agreement", {}) for m, e in explanations.items()
+
+        def finish() -> list[Path]:
+            # the input's files, compressed and written (the manifest last); the caller
+            # may run it while the next input computes
+            written = write_outputs(explanations, out / name, names, grid, map_writer, extra)
+            agreement: dict[str, Any] = {}
+            if spec.get("per_fold"):  # each fold's own maps, named __fold_<f>, and their agreement
+                first = next(iter(explanations.values()))
+                for member in first.members:
+                    folds = {m: e.members[member] for m, e in explanations.items()}
+                    written += write_outputs(
+                        folds, out / name, names, grid, map_writer, suffix=f"__{member}"
+                    )
+                agreement = {
+                    m: e.info["nnunet"].get("fold_agreement", {}) for m, e in explanations.items()
+                }
+            check_unchanged(path, before, case_digest(path, spec), written)
+            record: dict[str, Any] = {
+                "path": str(path),
+                "files": [str(f) for f in files],
+                "sha256": before,
+                "shape": [len(files), *case.original_shape],
+                "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
             }
-        check_unchanged(path, before, case_digest(path, spec), written)
-        record: dict[str, Any] = {
-            "path": str(path),
-            "files": [str(f) for f in files],
-            "sha256": before,
-            "shape": [len(files), *case.original_shape],
-            "axes": "nnU-Net reader's array order" + (" (k, j, i)" if _reverses(facts) else ""),
-        }
-        if agreement:  # per method, layer and target: the folds' mean Spearman correlation
-            record["fold_agreement"] = agreement
-        return write_manifest(written, record, self.settings, out / name, started, run)
+            if agreement:  # per method, layer and target: the folds' mean Spearman correlation
+                record["fold_agreement"] = agreement
+            return write_manifest(written, record, self.settings, out / name, started, run)
+
+        return finish
 
 
 def _reverses(facts: dict[str, Any]) -> bool:
