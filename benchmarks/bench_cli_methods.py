@@ -8,7 +8,10 @@ process, so interpreter start-up and imports are excluded; everything else a use
 included (building the model and loading its weights, reading the input, the passes, writing
 NIfTI heatmaps, .npz maps and the manifest). Runs are interleaved (one warm-up each), medians of
 ``--repeats``. Also timed: the same two methods as two separate runs (what the command line
-cost before methods shared their passes). Writes benchmarks/results/cli_methods.json.
+cost before methods shared their passes), and a folder of 4 such volumes with 2 x 2, each
+input's files written on the writer thread while the next computes against each written before
+the next starts (the writer replaced by an inline one). Writes
+benchmarks/results/cli_methods.json.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,40 @@ def command(volume: Path, out: Path, methods: list[str], layers: list[str]) -> l
     ]
 
 
+@contextmanager
+def _writes_inline(inline: bool) -> Iterator[None]:
+    """With ``inline``, the batch's writer thread replaced by running each write at once."""
+    from concurrent.futures import Future
+
+    from segcam.apps.batch import backends
+
+    class Inline:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> Inline:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+        def submit(self, function, *arguments):
+            future: Future = Future()
+            try:
+                future.set_result(function(*arguments))
+            except Exception as error:
+                future.set_exception(error)
+            return future
+
+    original = backends.ThreadPoolExecutor
+    if inline:
+        backends.ThreadPoolExecutor = Inline
+    try:
+        yield
+    finally:
+        backends.ThreadPoolExecutor = original
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -67,16 +106,31 @@ def main():
             ([method], LAYERS) for method in METHODS
         ],
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    folders = {
+        "4 volumes, 2 x 2, each written while the next computes": False,
+        "4 volumes, 2 x 2, one after the other (written before the next)": True,
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*runs, *folders]}
     with tempfile.TemporaryDirectory() as folder:
         volume = Path(folder) / "ct.npy"
         np.save(volume, data.window(case.image))
+        volumes = Path(folder) / "volumes"
+        volumes.mkdir()
+        for k in range(4):
+            np.save(volumes / f"ct{k}.npy", data.window(case.image))
         for repeat in range(args.repeats + 1):  # the first round warms up
             for name, calls in runs.items():
                 started = time.perf_counter()
                 for methods, layers in calls:
                     out = Path(folder) / name.replace(" ", "_")
                     assert cli(command(volume, out, methods, layers)) == 0
+                if repeat:
+                    times[name].append(time.perf_counter() - started)
+            for name, inline in folders.items():
+                out = Path(folder) / ("inline" if inline else "behind")
+                started = time.perf_counter()
+                with _writes_inline(inline):
+                    assert cli([*command(volumes, out, METHODS, LAYERS), "--quiet"]) == 0
                 if repeat:
                     times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -86,6 +140,9 @@ def main():
         print(f"  {name:52s} {median:6.2f} s   {median / base:5.2f}x")
     ratio = medians["2 methods x 2 layers"] / base
     print(f"2 methods x 2 layers / 1 method x 1 layer = {ratio:.2f} (goal <= 1.2)")
+    names = list(folders)
+    behind = medians[names[0]] / medians[names[1]]
+    print(f"4 volumes: written while the next computes / one after the other = {behind:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cli_methods.json").write_text(
         json.dumps(
@@ -98,6 +155,7 @@ def main():
                 "seconds": times,
                 "median_seconds": medians,
                 "ratio_2x2_over_1x1": ratio,
+                "ratio_write_behind_over_inline": behind,
             },
             indent=1,
         )

@@ -1,6 +1,6 @@
 """Sliding-window explanations: time and peak memory against sliding-window inference itself.
 
-    .venv/bin/python benchmarks/bench_sliding.py [--sizes 64 128 256 512x512x300] [--quick]
+    .venv/bin/python benchmarks/bench_sliding.py [--sizes 96 128 256 512x512x300] [--quick]
                                                  [--device cuda]
 
 A 3D MONAI UNet (the demo's architecture: channels 8-16-32-64, strides 2) on a random volume,
@@ -143,7 +143,7 @@ def run(size, kind, device="cpu"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["64", "128", "256", "512x512x300"])
+    parser.add_argument("--sizes", nargs="+", default=["96", "128", "256", "512x512x300"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a 160^3 volume only")

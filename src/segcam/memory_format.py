@@ -2,7 +2,7 @@
 
 On the CPU, PyTorch's plain-layout kernels are slowest, by far, on convolutions with few
 channels at a high resolution (a network's last layers: 4 -> 4 channels at 96³, the input
-gradient 96 ms plain, 12 ms channels-last), and the explanation's backward passes go through
+gradient 92 ms plain, 13 ms channels-last), and the explanation's backward passes go through
 exactly these gradients. :func:`convolution_layout` puts such convolutions on channels-last
 inputs (N, *S, C in memory) for a block of code (forward pre-hooks, removed on exit,
 exceptions included; the model's parameters, flags and hooks are left as they were). The

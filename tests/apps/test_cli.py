@@ -493,3 +493,34 @@ def test_nnunet_options_without_an_nnunet_model_are_refused(scenes, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "nnU-Net's options, for an nnU-Net model" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_format_reaches_the_maps_and_the_record(tmp_path, capsys):
+    # a volume: the default lays its few-channel 3D convolutions out channels-last; contiguous
+    # is the plain layout; both give the same maps to float32 rounding and say which they used
+    volume = np.random.default_rng(1).normal(size=(2, 24, 24, 24)).astype(np.float32)
+    np.save(tmp_path / "volume.npy", volume)
+    common = [
+        tmp_path / "volume.npy", "--model", "monai:UNet", "--model-kwargs",
+        '{"spatial_dims": 3, "in_channels": 2, "out_channels": 2, "channels": [4, 8], '
+        '"strides": [2]}', "--target", "all:1", "--layer", "model.1", "--no-relu",
+    ]  # fmt: skip
+    maps = {}
+    for memory_format in ("auto", "contiguous", "channels-last"):
+        out = tmp_path / memory_format
+        assert run("explain", *common, "--out", out, "--memory-format", memory_format) == 0
+        manifest = json.loads((out / "volume" / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["options"]["memory_format"] == memory_format
+        maps[memory_format] = segcam.load(out / "volume" / "seg-hires-grad-cam.npz").maps
+    scale = float(maps["contiguous"].abs().max())
+    for memory_format in ("auto", "channels-last"):
+        torch.testing.assert_close(
+            maps[memory_format], maps["contiguous"], rtol=0, atol=1e-5 * scale
+        )
+    capsys.readouterr()
+    for command in ("explain", "view"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(command, *(common if command == "explain" else []), "--out", tmp_path / "x",
+                "--memory-format", "channels_last")  # fmt: skip
+        assert exit_info.value.code == 2
+        assert "--memory-format: invalid choice: 'channels_last'" in capsys.readouterr().err

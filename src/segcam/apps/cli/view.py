@@ -15,6 +15,7 @@ from segcam.apps.cli.options import (
     add_bundle_option,
     add_classes_option,
     add_intensity_options,
+    add_memory_format_option,
     add_model_options,
     add_nnunet_options,
     add_output_option,
@@ -70,6 +71,7 @@ def add_parser(commands: Any) -> None:
         "a MONAI bundle folder: view INPUT through the bundle's own pipeline (its "
         "segmentation, maps on the image's grid)",
     )
+    add_memory_format_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--ground-truth needs an INPUT (the demo shows its own labels)")
         if args.model:
             raise UsageError("--model needs an INPUT to view (without both: the demo CT)")
-        session = demo_session(args.demo, args.sliding_window)
+        session = demo_session(args.demo, args.sliding_window, args.memory_format)
     else:
         if not (args.input.is_file() or is_dicom_folder(args.input)):
             raise UsageError(f"{args.input}: no such file (or a folder without DICOM files)")
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 "weights": str(args.weights.resolve()) if args.weights else None,
                 "weights_sha256": file_sha256(args.weights) if args.weights else None,
             },
+            memory_format=args.memory_format,
         )
     try:
         serve(session, host=args.host, port=args.port, browser=not args.no_browser)
@@ -219,6 +222,7 @@ def _nnunet_session(args: argparse.Namespace) -> Any:
         trust_checkpoint=args.trust_checkpoint,
         layers=args.layer or None,
         ground_truth=None if args.ground_truth is None else str(args.ground_truth),
+        memory_format=args.memory_format,
     )
 
 
@@ -246,6 +250,7 @@ def _bundle_session(args: argparse.Namespace) -> Any:
         args.input,
         layers=args.layer or None,
         ground_truth=args.ground_truth,
+        memory_format=args.memory_format,
     )
     if args.classes:
         if len(args.classes) != max(session.classes, 2):

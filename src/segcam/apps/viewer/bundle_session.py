@@ -26,6 +26,7 @@ from segcam.apps.viewer.layers import LayerMenu
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
 from segcam.layers import describe_layers
+from segcam.memory_format import MemoryFormat
 from segcam.methods import get_method
 from segcam.targets import ResolvedTargets
 
@@ -119,7 +120,7 @@ class BundleViewerSession(ViewerSession):
             pixel_set = ResolvedTargets.resolve([target], stand_in).pixel_sets[0][0]
         explanations, _ = monai.explain_and_predict(
             self.bundle, self.case, segcam.Mask(c, pixel_set), layer, methods, relu=False,
-            prediction=self._prediction,
+            prediction=self._prediction, memory_format=self.memory_format,
         )  # fmt: skip  # raw on the original grid: ReLU follows there
         return list(explanations.items())
 
@@ -148,6 +149,7 @@ def bundle_session(
     layers: list[str] | None = None,
     device: str = "cpu",
     ground_truth: str | Path | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> BundleViewerSession:
     """A viewer session on a MONAI bundle folder and one image.
 
@@ -191,4 +193,5 @@ def bundle_session(
             "source": str(Path(image).resolve()),
             "bundle": str(Path(folder).resolve()),
         },
+        memory_format=memory_format,
     )

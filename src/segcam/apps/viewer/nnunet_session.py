@@ -28,6 +28,7 @@ from segcam.apps.viewer.layers import LayerMenu, on_path_shapes
 from segcam.apps.viewer.session import RequestError, ViewerSession
 from segcam.errors import InputFileError, OptionError
 from segcam.layers import describe_layers
+from segcam.memory_format import MemoryFormat
 from segcam.methods import get_method
 from segcam.nnunet import KEEP_BYTES
 from segcam.targets import ResolvedTargets
@@ -98,7 +99,7 @@ class NnUNetViewerSession(ViewerSession):
         self.spatial = tuple(int(case.original_shape[a]) for a in self.order)
         self._case = nnunet.CaseExplainer(
             model, case, step_size=self.step_size, mirroring=self.mirroring,
-            keep_bytes=self.keep_bytes,
+            keep_bytes=self.keep_bytes, memory_format=self.memory_format,
         )  # fmt: skip
         prediction = self._case.prediction
         heads = int(model.label_manager.num_segmentation_heads)
@@ -200,6 +201,7 @@ def nnunet_session(
     layers: list[str] | None = None,
     device: str = "cpu",
     ground_truth: str | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> NnUNetViewerSession:
     """A viewer session on an nnU-Net model folder and one case's channel files.
 
@@ -241,4 +243,5 @@ def nnunet_session(
         ground_truth=None if truth is None else np.ascontiguousarray(np.transpose(truth, order)),
         order=order,
         title=f"{files[0]} with nnU-Net {model.configuration}",
+        memory_format=memory_format,
     )

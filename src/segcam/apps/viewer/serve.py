@@ -15,6 +15,7 @@ import torch
 
 from segcam.apps.viewer.session import ViewerSession
 from segcam.errors import OptionError, SegCamError
+from segcam.memory_format import MemoryFormat
 
 __all__ = [
     "RunningViewer",
@@ -28,7 +29,11 @@ __all__ = [
 LOCAL = "127.0.0.1"
 
 
-def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None) -> ViewerSession:
+def demo_session(
+    which: str = "3d",
+    sliding_window: dict[str, Any] | None = None,
+    memory_format: MemoryFormat = "auto",
+) -> ViewerSession:
     """The demo CT (held-out slice 68 in 2D, the whole volume in 3D) with its trained network.
 
     ``nnunet``: the held-out slab (axial slices 56-79) as an nnU-Net case with the committed
@@ -39,7 +44,7 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
 
     case = liver.load_case()
     if which == "nnunet":
-        return _nnunet_demo(case)
+        return _nnunet_demo(case, memory_format)
     windowed = liver.window(case.image)
     model = load_liver_model(which)
     if which == "2d":
@@ -69,10 +74,11 @@ def demo_session(which: str = "3d", sliding_window: dict[str, Any] | None = None
         intensity=np.ascontiguousarray(hounsfield, dtype=np.float32),
         intensity_unit="HU",
         ground_truth=np.ascontiguousarray(labels, dtype=np.uint8),
+        memory_format=memory_format,
     )
 
 
-def _nnunet_demo(case: Any) -> ViewerSession:
+def _nnunet_demo(case: Any, memory_format: MemoryFormat = "auto") -> ViewerSession:
     import tempfile
     from pathlib import Path
 
@@ -82,7 +88,9 @@ def _nnunet_demo(case: Any) -> ViewerSession:
 
     with tempfile.TemporaryDirectory(prefix="segcam-demo-") as folder:  # read at start only
         image, truth = write_heldout_case(case, Path(folder), labels=True)
-        session = nnunet_session(str(NNUNET_MODEL), [str(image)], ground_truth=str(truth))
+        session = nnunet_session(
+            str(NNUNET_MODEL), [str(image)], ground_truth=str(truth), memory_format=memory_format
+        )
     session.title = "demo CT, held-out slab (axial slices 56-79), nnU-Net 3d_fullres"
     return session
 
@@ -100,6 +108,7 @@ def file_session(
     intensity: np.ndarray | None = None,
     ground_truth: np.ndarray | None = None,
     provenance: dict[str, Any] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> ViewerSession:
     """A session for one input array (C, *S) read and intensity-processed by the CLI.
 
@@ -128,6 +137,7 @@ def file_session(
         output=output,
         sliding_window=sliding_window,
         provenance=provenance or {},
+        memory_format=memory_format,
     )
 
 

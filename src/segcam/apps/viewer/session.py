@@ -49,6 +49,7 @@ from segcam.apps.viewer.uploads import read_mask
 from segcam.checks import check_model_inputs, run_model
 from segcam.errors import InputError, MethodNotSupportedError, OptionError
 from segcam.layers import describe_layers
+from segcam.memory_format import MemoryFormat
 from segcam.methods import REGISTRY, get_method
 from segcam.outputs import select_logits
 from segcam.postprocess import relu, upsample
@@ -106,6 +107,7 @@ class ViewerSession:
     intensity_unit: str = ""
     ground_truth: np.ndarray | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    memory_format: MemoryFormat = "auto"  # the convolutions' layout (segcam.memory_format)
     _uploads: OrderedDict[str, Upload] = field(default_factory=OrderedDict, repr=False)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _cache: OrderedDict[Any, dict[str, Any]] = field(default_factory=OrderedDict, repr=False)
@@ -171,7 +173,9 @@ class ViewerSession:
             menu.default,
             dict(menu.labels),
         )
-        self._forwards = KeptForwards(self.model, self.inputs[None], self.output)
+        self._forwards = KeptForwards(
+            self.model, self.inputs[None], self.output, memory_format=self.memory_format
+        )
         self._gate = RequestGate(self.model)
 
     def _arrays(self, values: np.ndarray) -> None:
@@ -306,6 +310,7 @@ class ViewerSession:
                 output=self.output,
                 relu=False,
                 upsample=False,
+                memory_format=self.memory_format,
                 **self.sliding_window,
             ).items()
         )
