@@ -9,8 +9,8 @@ import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, UNet
 
 import segcam
-from segcam.memory_format import convolution_layout
 from references import REFERENCES, assert_close_scaled, reference_maps
+from segcam.memory_format import convolution_layout
 
 # Untrained nets may predict no pixel of a class: empty pixel sets are part of what is compared.
 pytestmark = pytest.mark.filterwarnings("ignore::segcam.errors.SegCamWarning")
