@@ -13,6 +13,7 @@ Grad-CAM++, Score-CAM) differ by chance in either layout: within 4x there.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -253,3 +254,76 @@ def test_drivers_take_the_choice():
         segcam.Explainer(model, "model.1", memory_format="nhwc")
     with pytest.raises(OptionError, match="memory_format"):
         segcam.explain_sliding_window(model, x, target, "model.1", 16, memory_format="x")
+
+
+class _Picky(nn.Module):
+    """Refuses an odd last axis (a bad input, in either layout); counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+        self.head = nn.Conv3d(4, 2, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if x.shape[-1] % 2:
+            raise ValueError("the last axis must be even")
+        return self.head(self.conv(x))
+
+
+def test_a_bad_input_is_one_error_and_keeps_the_fast_layout():
+    model = _Picky().eval()
+    good, bad = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 4, 8, 8, 7)
+    with pytest.raises(ModelError, match="the last axis must be even") as raised:
+        segcam.explain(model, bad, segcam.AllPixels(1), "conv")
+    # run once more plainly (the layout could have been the cause), then its own error, once:
+    # not chained to the first attempt's, and the model keeps the fast layout for good inputs
+    assert model.calls == 2
+    assert raised.value.__context__ is None or not isinstance(raised.value.__context__, ModelError)
+    assert chosen_layout(model, good) == "channels-last"
+    with pytest.raises(ModelError, match="--memory-format contiguous"):
+        segcam.explain(model, bad, segcam.AllPixels(1), "conv", memory_format="channels-last")
+
+
+def test_the_innermost_block_decides_for_its_modules_in_its_thread():
+    torch.manual_seed(0)
+    model = _NeedsContiguous().eval()
+    wide = UNet(3, 1, 3, channels=(8, 16), strides=(2,)).eval()
+    x, y = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 1, 16, 16, 16)
+    plain = segcam.explain(wide, y, segcam.Predicted(1), "model.1", memory_format="contiguous")
+    spy = _ChannelsLastSpy(wide)
+    try:
+        # an explicit contiguous run inside a channels-last block: the plain forward, bit for bit
+        with convolution_layout(wide, y, "channels-last"):
+            inner = segcam.explain(
+                wide, y, segcam.Predicted(1), "model.1", memory_format="contiguous"
+            )
+            assert spy.count == 0
+            # another thread's forwards are not this block's
+            thread = threading.Thread(target=lambda: wide(y))
+            thread.start()
+            thread.join()
+            assert spy.count == 0
+            wide(y)
+            assert spy.count > 0
+    finally:
+        spy.remove()
+    assert torch.equal(inner.logits, plain.logits) and torch.equal(inner.maps, plain.maps)
+    # auto inside a contiguous block, for a model that needs the fall back: it works
+    reference = segcam.explain(model, x, segcam.AllPixels(1), "conv", memory_format="contiguous")
+    with convolution_layout(model, x, "contiguous"):
+        auto = segcam.explain(model, x, segcam.AllPixels(1), "conv", memory_format="auto")
+    assert torch.equal(auto.logits, reference.logits)
+    # a submodule's own block inside its parent's: the submodule's choice holds
+    parent = nn.Sequential(_NeedsContiguous()).eval()
+    with convolution_layout(parent, x, "channels-last"):
+        inner_plain = segcam.explain(
+            parent[0], x, segcam.AllPixels(1), "conv", memory_format="contiguous"
+        )
+    assert torch.equal(
+        inner_plain.logits,
+        segcam.explain(
+            parent[0], x, segcam.AllPixels(1), "conv", memory_format="contiguous"
+        ).logits,
+    )

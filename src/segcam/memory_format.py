@@ -21,6 +21,12 @@ The choice (:data:`MemoryFormat`):
   any device; a model that fails on it raises :class:`~segcam.errors.ModelError`.
 - ``"contiguous"``: the plain layout (bit-identical to the model's own plain forward).
 
+A model whose code reads a tensor's memory by its strides (``torch.as_strided`` with
+contiguous strides, a C++ or Triton kernel that assumes contiguous input without calling
+``.contiguous()``, a custom autograd function whose backward ``.view``s its gradient) can give
+wrong values or fail in its backward pass on channels-last tensors without its forward failing:
+run such a model with ``"contiguous"``.
+
 Group norms get their input contiguous: the channels-last CPU kernel is slower and rounds
 coarser (a SegResNet's maps 2-15 times farther from float64). A convolution that PyTorch runs
 in its reference CPU kernel (batch 1, a kernel of at most 3 per axis and ``N*C*D*H <= 20480``)
@@ -143,27 +149,49 @@ def _few_channels(module: nn.Module) -> bool:
 
 @dataclass(eq=False)
 class _Layout:
-    """The channels-last hooks on one model's convolutions for the block that opened them."""
+    """One block's layout for one model.
+
+    Its hooks act only while it is on and the innermost block covering the module, in this
+    thread (a context variable).
+    """
 
     model: nn.Module
     asked: bool  # the user asked for channels-last (no silent fall back)
+    on: bool = False
+    covered: frozenset[int] = frozenset()  # ids of the model's convolutions and group norms
     handles: list[RemovableHandle] = field(default_factory=list)
 
-    @property
-    def on(self) -> bool:
-        return bool(self.handles)
-
     def off(self) -> None:
+        self.on = False
+
+    def remove(self) -> None:
+        self.on = False
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+    def hook(self, convert: Callable[[nn.Module, tuple[Any, ...]], Any]) -> Any:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not self.on or _innermost(module) is not self:
+                return None
+            result: tuple[Any, ...] | None = convert(module, args)
+            return result
+
+        return pre_hook
 
 
 _ACTIVE: ContextVar[tuple[_Layout, ...]] = ContextVar("segcam_memory_format", default=())
 
 
 def _active_for(model: nn.Module) -> _Layout | None:
-    return next((layout for layout in _ACTIVE.get() if layout.model is model), None)
+    """The innermost block open for ``model`` in this thread."""
+    return next((layout for layout in reversed(_ACTIVE.get()) if layout.model is model), None)
+
+
+def _innermost(module: nn.Module) -> _Layout | None:
+    """The innermost block in this thread whose model holds ``module``."""
+    key = id(module)
+    return next((layout for layout in reversed(_ACTIVE.get()) if key in layout.covered), None)
 
 
 @contextmanager
@@ -173,26 +201,35 @@ def convolution_layout(
     """Run the block's forwards of ``model`` in the layout ``choice`` gives; yield the layout.
 
     ``None``: the choice of an enclosing block for the same model (a driver's), else
-    ``"auto"``. The hooks are removed on exit, exceptions included.
+    ``"auto"``. The innermost block decides, for the modules of its model and in its own thread
+    only (a block for a submodule inside one for the whole model decides for the submodule).
+    The hooks are removed on exit, exceptions included.
     """
     enclosing = _active_for(model)
     if choice is None and enclosing is not None:
         yield "channels-last" if enclosing.on else "contiguous"
         return
     layout = chosen_layout(model, inputs, choice or "auto")
-    active = _Layout(model, asked=choice == "channels-last")
+    convolutions = _convolutions(model, inputs.ndim)
+    norms = _group_norms(model)
+    active = _Layout(
+        model,
+        asked=choice == "channels-last",
+        covered=frozenset(id(m) for m in [*convolutions, *norms]),
+    )
     if layout == "channels-last":
-        convolutions = [
-            m for m in _convolutions(model, inputs.ndim) if active.asked or _few_channels(m)
+        chosen = [m for m in convolutions if active.asked or _few_channels(m)]
+        active.handles = [
+            m.register_forward_pre_hook(active.hook(_to_channels_last)) for m in chosen
         ]
-        active.handles = [m.register_forward_pre_hook(_to_channels_last) for m in convolutions]
-        active.handles += [m.register_forward_pre_hook(_to_contiguous) for m in _group_norms(model)]
+        active.handles += [m.register_forward_pre_hook(active.hook(_to_contiguous)) for m in norms]
+        active.on = True
     token = _ACTIVE.set((*_ACTIVE.get(), active))
     try:
         yield layout
     finally:
         _ACTIVE.reset(token)
-        active.off()
+        active.remove()
 
 
 def forward_in_layout(
@@ -201,9 +238,10 @@ def forward_in_layout(
     """``call()`` (a forward of ``model``) in the active layout; falls back to the plain one.
 
     Under ``"auto"``, a :class:`~segcam.errors.ModelError` on channels-last tensors turns the
-    hooks off, marks the model, calls ``before_retry`` (if given: to reset what the failed
-    forward left) and runs ``call`` again. Asked for explicitly, the error is raised with the
-    way out named.
+    block's layout off, calls ``before_retry`` (if given: to reset what the failed forward left)
+    and runs ``call`` again plainly; the model is remembered as needing the plain layout only
+    when that run succeeds (a model that fails either way, on a bad input, raises its plain
+    error, once). Asked for explicitly, the error is raised with the way out named.
     """
     layout = _active_for(model)
     if layout is None or not layout.on:
@@ -216,8 +254,9 @@ def forward_in_layout(
                 f"{error} (with memory_format 'channels-last'; a model that needs contiguous "
                 f"tensors runs with memory_format 'contiguous', --memory-format contiguous)"
             ) from error
-        layout.off()
-        _NEEDS_CONTIGUOUS.add(model)
-        if before_retry is not None:
-            before_retry()
-        return call()
+    layout.off()  # outside the except block: the plain run's error comes without this one
+    if before_retry is not None:
+        before_retry()
+    result = call()
+    _NEEDS_CONTIGUOUS.add(model)
+    return result

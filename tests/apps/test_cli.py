@@ -495,20 +495,39 @@ def test_nnunet_options_without_an_nnunet_model_are_refused(scenes, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_memory_format_reaches_the_maps_and_the_record(tmp_path, capsys):
+def test_memory_format_reaches_the_maps_and_the_record(tmp_path, capsys, monkeypatch):
     # a volume: the default lays its few-channel 3D convolutions out channels-last; contiguous
     # is the plain layout; both give the same maps to float32 rounding and say which they used
-    volume = np.random.default_rng(1).normal(size=(2, 24, 24, 24)).astype(np.float32)
+    from monai.networks.nets import UNet
+
+    from segcam import memory_format as layouts
+
+    # 16 channels at 40²: past PyTorch's threshold for its reference kernel (batch 1)
+    volume = np.random.default_rng(1).normal(size=(16, 40, 40, 40)).astype(np.float32)
     np.save(tmp_path / "volume.npy", volume)
+    torch.manual_seed(0)  # one set of weights for every run
+    torch.save(UNet(3, 16, 2, channels=(4, 8), strides=(2,)).state_dict(), tmp_path / "unet.pt")
     common = [
         tmp_path / "volume.npy", "--model", "monai:UNet", "--model-kwargs",
-        '{"spatial_dims": 3, "in_channels": 2, "out_channels": 2, "channels": [4, 8], '
-        '"strides": [2]}', "--target", "all:1", "--layer", "model.1", "--no-relu",
+        '{"spatial_dims": 3, "in_channels": 16, "out_channels": 2, "channels": [4, 8], '
+        '"strides": [2]}', "--weights", tmp_path / "unet.pt", "--target", "all:1",
+        "--layer", "model.1", "--no-relu",
     ]  # fmt: skip
+    converted = []
+    convert = layouts._to_channels_last
+
+    def counted(module, args):
+        result = convert(module, args)
+        converted.append(result is not None)
+        return result
+
+    monkeypatch.setattr(layouts, "_to_channels_last", counted)
     maps = {}
     for memory_format in ("auto", "contiguous", "channels-last"):
         out = tmp_path / memory_format
+        converted.clear()
         assert run("explain", *common, "--out", out, "--memory-format", memory_format) == 0
+        assert any(converted) == (memory_format != "contiguous"), memory_format
         manifest = json.loads((out / "volume" / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["options"]["memory_format"] == memory_format
         maps[memory_format] = segcam.load(out / "volume" / "seg-hires-grad-cam.npz").maps

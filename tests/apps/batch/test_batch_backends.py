@@ -394,3 +394,24 @@ def test_one_process_writes_an_input_while_the_next_computes(dataset, tmp_path, 
     for name in names:
         if not name.endswith(".npz"):
             assert (out / "scan00" / name).read_bytes() == (alone / "scan00" / name).read_bytes()
+
+
+def test_ctrl_c_in_the_next_compute_reports_the_write_in_flight(dataset, tmp_path, monkeypatch):
+    from segcam.apps.batch import backends, inputs
+
+    files = sorted(dataset.iterdir())[:3]
+    prepare = inputs.FileExplainer.prepare
+
+    def interrupted(self, path, out, progress=None, run=None):
+        if path.name == "scan01.npy":
+            raise KeyboardInterrupt
+        return prepare(self, path, out, progress, run)
+
+    monkeypatch.setattr(inputs.FileExplainer, "prepare", interrupted)
+    out, outcomes = tmp_path / "out", []
+    with pytest.raises(KeyboardInterrupt):
+        for outcome in backends.run_here(JOB, list(enumerate(files, 1)), out, None):
+            outcomes.append(outcome)
+    assert [(o.position, o.ok) for o in outcomes] == [(1, True)]  # written, and reported
+    assert (out / "scan00" / "manifest.json").is_file()
+    assert not (out / "scan02").exists()  # never started

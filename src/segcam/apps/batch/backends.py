@@ -113,6 +113,11 @@ def run_here(
                 started = time.perf_counter()
                 try:
                     finish = explainer.prepare(path, out, within, run)
+                except KeyboardInterrupt:  # the write in flight ends and is reported first
+                    if pending is not None:
+                        done, pending = pending, None
+                        yield _written(*done)
+                    raise
                 except Exception as error:  # this input's failure; the others go on
                     if pending is not None:
                         yield _written(*pending)
